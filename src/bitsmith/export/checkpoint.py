@@ -1,0 +1,173 @@
+"""Checkpoints: safetensors state + JSON map of compressed layers + format version.
+
+``save(model, path)`` packs every quantized weight to its integer codes at its storage width (so a
+4-bit model is about 1/8 of FP32 plus scales) and masks to one bit per weight. ``load(path, model)``
+re-swaps the plain ``model`` from the layer map, unpacks and decodes the weights, and loads the
+rest: outputs are identical to the saved model's. Writes are atomic; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from bitsmith.export.pack import pack, unpack
+from bitsmith.nn import QuantizedMixin, compressed_layers
+from bitsmith.quant.base import Encoded
+from bitsmith.swap import rebuild
+
+FORMAT = "bitsmith"
+FORMAT_VERSION = 1
+CODES = ".codes"
+PARAM = ".codes_param."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded; the message names the file and the problem."""
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _packed_layers(model: nn.Module) -> dict[str, QuantizedMixin]:
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, QuantizedMixin) and m.weight_q is not None and m.weight_q.ready
+    }  # fmt: skip
+
+
+@torch.no_grad()
+def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict with quantized weights replaced by packed codes, and the packing table."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    table: dict[str, Any] = {}
+    for name, layer in _packed_layers(model).items():
+        wq = layer.weight_q
+        enc = wq.encode(layer.weight if layer.mask is None else layer.weight * layer.mask)  # type: ignore[union-attr]
+        del state[f"{name}.weight"]
+        for key in wq.packed_exclude:  # type: ignore[union-attr]
+            del state[f"{name}.weight_q.{key}"]
+        state[f"{name}.weight{CODES}"] = pack(enc.codes - enc.code_min, enc.code_bits)
+        for key, value in enc.params.items():
+            state[f"{name}.weight{PARAM}{key}"] = value.detach().cpu().clone()
+        table[name] = {"bits": enc.code_bits, "min": enc.code_min, "shape": list(enc.codes.shape)}
+    for key, value in list(state.items()):
+        if value.dtype == torch.bool:
+            state[key] = pack(value.to(torch.int32), 1)
+            table.setdefault("__bool__", {})[key] = list(value.shape)
+    # tied or aliased tensors are written once per name (safetensors refuses shared storage)
+    return {k: v.contiguous().clone() for k, v in state.items()}, table
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` (compressed or not) to ``path`` atomically; returns the path."""
+    path = Path(path)
+    tensors, table = pack_state(model)
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "layers": json.dumps(compressed_layers(model)),
+        "packed": json.dumps(table),
+        "meta": json.dumps(meta or {}),
+        "sha256": _digest(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a bitsmith checkpoint, verified; raises ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as exc:  # safetensors raises its own error types for truncation and bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors file, it may be truncated or corrupt ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a bitsmith checkpoint (no 'format: {FORMAT}' in its metadata)")
+    version = metadata.get("format_version", "?")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(f"{path}: checkpoint format version {version}; this bitsmith reads version {FORMAT_VERSION}")
+    if metadata.get("sha256") != _digest(tensors):
+        raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt; re-create or re-download it")
+    return tensors, metadata
+
+
+@torch.no_grad()
+def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
+    """Rebuild the compressed layers on the plain ``model`` and load the checkpoint into it."""
+    tensors, metadata = read(path)
+    try:
+        layers = json.loads(metadata["layers"])
+        table = json.loads(metadata["packed"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: damaged metadata ({exc})") from None
+    try:
+        rebuild(model, layers)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: does not fit this model: {exc}") from None
+    state, decoded = _unpack_state(path, model, tensors, table)
+    excluded = {f"{n}.weight_q.{k}" for n in decoded for k in model.get_submodule(n).weight_q.packed_exclude}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not fit this model: {exc}") from None
+    missing = set(result.missing_keys) - excluded
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: does not fit this model; missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(result.unexpected_keys)[:5]}"
+        )
+    for name, weight in decoded.items():
+        model.get_submodule(name).weight_q.restore(weight)
+    return model
+
+
+def _unpack_state(
+    path: str | os.PathLike[str], model: nn.Module, tensors: dict[str, torch.Tensor], table: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    state = dict(tensors)
+    for key, shape in table.pop("__bool__", {}).items():
+        numel = int(torch.Size(shape).numel())
+        state[key] = unpack(state[key], 1, numel).reshape(shape).to(torch.bool)
+    decoded: dict[str, torch.Tensor] = {}
+    for name, info in table.items():
+        try:
+            layer = model.get_submodule(name)
+            numel = int(torch.Size(info["shape"]).numel())
+            codes = unpack(state.pop(f"{name}.weight{CODES}"), info["bits"], numel).reshape(info["shape"])
+            prefix = f"{name}.weight{PARAM}"
+            params = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+            weight = layer.weight_q.decode(Encoded(codes + info["min"], params, info["bits"], info["min"]))
+        except (AttributeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: packed weight of layer {name!r} cannot be decoded: {exc}") from None
+        state[f"{name}.weight"] = weight.to(layer.weight.dtype)
+        decoded[name] = weight
+    return state, decoded

@@ -1,0 +1,126 @@
+"""The Method base dataclass (hooks ``prepare``, ``calibrate``, ``perturb``, ``penalty``, ``finalize``),
+its registry, and ``compress()`` which runs a list of methods on a model."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from bitsmith.registry import Registry
+from bitsmith.select import Selection, as_selection
+
+METHODS: Registry[Method] = Registry("method", entry_point_group="bitsmith.methods")
+register_method = METHODS.register
+HOOKS = ("prepare", "calibrate", "perturb", "penalty", "finalize")
+
+
+@dataclass
+class Method:
+    """Base of every method. The dataclass fields are its configuration (one recipe entry).
+
+    ``where`` selects the layers; ``where.overrides`` sets fields per layer (``layer_config``).
+    Subclasses override only the hooks they need.
+    """
+
+    description: ClassVar[str] = ""
+    registered_name: ClassVar[str] = ""
+    where: Selection = field(default_factory=Selection)
+
+    def __post_init__(self) -> None:
+        self.where = as_selection(self.where)
+        field_names = {f.name for f in dataclasses.fields(self)} - {"where"}
+        for pattern, fields in self.where.overrides.items():
+            unknown = set(fields) - field_names
+            if unknown:
+                raise ValueError(
+                    f"{self.registered_name or type(self).__name__}: override {pattern!r} sets unknown "
+                    f"field(s) {sorted(unknown)}; fields are {sorted(field_names)}"
+                )
+
+    # -- hooks ----------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        """Swap or attach modules; return the ``{layer name: spec}`` map of what changed."""
+        return {}
+
+    def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
+        """Collect statistics or run searches on calibration batches."""
+
+    def perturb(self, model: nn.Module, batch: Any) -> Any:
+        """Return a perturbed (e.g. adversarial) version of a training batch."""
+        return batch
+
+    def penalty(self, model: nn.Module, batch: Any) -> Tensor:
+        """A regulariser added to the task loss."""
+        return torch.zeros(())
+
+    def finalize(self, model: nn.Module) -> None:
+        """Make the result hard: quantize, cut ranks, remove channels."""
+
+    # -- helpers --------------------------------------------------------------------------
+    def layer_config(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """This method's fields with a layer's overrides applied."""
+        config = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "where"}
+        config.update(overrides)
+        return config
+
+    def config(self) -> dict[str, Any]:
+        """The recipe entry that reconstructs this method."""
+        out = {"name": self.registered_name, **dataclasses.asdict(self)}
+        return out
+
+    @classmethod
+    def uses(cls, hook: str) -> bool:
+        """Whether this method overrides ``hook``."""
+        return getattr(cls, hook) is not getattr(Method, hook)
+
+
+def build_method(entry: dict[str, Any]) -> Method:
+    """Construct a method from a recipe entry ``{"name": ..., field: value, ...}``."""
+    entry = dict(entry)
+    name = entry.pop("name", None)
+    if name is None:
+        raise ValueError(f"method entry {entry} has no 'name'; registered methods: {METHODS.names()}")
+    cls = METHODS.get(name)
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(entry) - allowed
+    if unknown:
+        raise ValueError(f"method {name!r} has no field(s) {sorted(unknown)}; fields are {sorted(allowed)}")
+    return cls(**entry)
+
+
+def run_forward(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on a batch: a dict is passed as keywords, a (inputs, targets) pair by inputs."""
+    if isinstance(batch, dict):
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def compress(
+    model: nn.Module,
+    methods: Method | list[Method],
+    calib_data: Iterable[Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Run ``prepare`` of every method, then ``calibrate`` on ``calib_data``, then ``finalize``.
+
+    Returns the combined ``{layer name: spec}`` map. ``calib_data`` must be re-iterable (a list or a
+    DataLoader) when several methods calibrate.
+    """
+    methods = [methods] if isinstance(methods, Method) else list(methods)
+    specs: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        specs.update(method.prepare(model))
+    for method in methods:
+        if method.uses("calibrate"):
+            if calib_data is None:
+                raise ValueError(f"method {method.registered_name!r} needs calibration data (calib_data=...)")
+            method.calibrate(model, calib_data)
+    for method in methods:
+        method.finalize(model)
+    return specs

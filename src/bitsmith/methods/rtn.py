@@ -1,0 +1,34 @@
+"""Round-to-nearest weight-only quantization per group: the floor every weight-only method must beat.
+
+No calibration data; scales from each group's min/max (spec: ``shared/methods/ptq-baselines.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from bitsmith.method import Method, register_method
+from bitsmith.quant.layers import attach, uniform_weight_quantizer
+from bitsmith.quant.uniform import UniformQuantizer
+
+
+@register_method("rtn")
+@dataclass
+class RTN(Method):
+    """Weight-only round-to-nearest with per-group scales (asymmetric by default)."""
+
+    description = "weight-only round-to-nearest per group, no calibration data"
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def _weight_q(self, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
+        c = self.layer_config(overrides)
+        return uniform_weight_quantizer(layer, c["bits"], "group", c["group_size"], c["symmetric"], "minmax")
+
+    def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        return attach(model, self.where, self._weight_q, None)

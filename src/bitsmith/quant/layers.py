@@ -1,0 +1,106 @@
+"""Attach quantizers to layers: the shared step of every PTQ-style method."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitsmith.method import run_forward
+from bitsmith.nn import QConv2d, QLinear, QuantizedMixin, as_linear
+from bitsmith.quant.base import Quantizer
+from bitsmith.quant.uniform import UniformQuantizer
+from bitsmith.select import Selection
+from bitsmith.swap import swap
+
+QuantizerFactory = Callable[[nn.Module, dict[str, Any]], Quantizer | None]
+
+
+def to_quantized(module: nn.Module) -> QuantizedMixin:
+    """``module`` as a ``QLinear`` / ``QConv2d`` (unchanged if it already is one)."""
+    if isinstance(module, QuantizedMixin):
+        return module
+    if isinstance(module, nn.Conv2d):
+        return QConv2d.from_float(module)
+    try:
+        return QLinear.from_float(as_linear(module))
+    except TypeError:
+        raise ValueError(
+            f"cannot quantize a {type(module).__name__}: supported layers are Linear, Conv2d and HF Conv1D; "
+            "narrow the selection's 'types' or 'include'"
+        ) from None
+
+
+def input_channel_axis(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.Conv2d) else -1
+
+
+def weight_input_size(module: nn.Module) -> int:
+    """Number of input elements per output row of the weight (in_features or in/groups * kh * kw)."""
+    weight = module.weight
+    return weight[0].numel()
+
+
+def uniform_weight_quantizer(
+    module: nn.Module, bits: int, granularity: str, group_size: int | None, symmetric: bool, observer: str
+) -> UniformQuantizer:
+    """A weight quantizer calibrated on ``module``'s weight. Groups that do not divide the layer's
+    input size fall back to per-channel scales, with a warning naming the layer."""
+    if granularity == "group" and weight_input_size(module) % (group_size or 1):
+        warnings.warn(
+            f"group_size {group_size} does not divide the {weight_input_size(module)} inputs of a "
+            f"{type(module).__name__}; using per-channel scales for it",
+            stacklevel=2,
+        )
+        granularity = "channel"
+    q = UniformQuantizer(bits, symmetric, granularity, ch_axis=0, group_size=group_size, observer=observer)
+    with torch.no_grad():
+        weight = module.weight if module.mask is None else module.weight * module.mask  # type: ignore[operator]
+        q.calibrate_(weight)
+    return q
+
+
+def attach(
+    model: nn.Module,
+    where: Selection,
+    weight_q: QuantizerFactory | None,
+    input_q: QuantizerFactory | None,
+) -> dict[str, dict[str, Any]]:
+    """Swap the selected layers to quantized layers and set their quantizers from the factories.
+
+    Each factory gets the (quantized) layer and its per-layer config, and returns a quantizer or
+    ``None`` to leave that side unquantized.
+    """
+
+    def replace(name: str, module: nn.Module, overrides: dict[str, Any]) -> nn.Module:
+        layer = to_quantized(module)
+        if weight_q is not None:
+            layer.weight_q = weight_q(layer, overrides)
+        if input_q is not None:
+            layer.input_q = input_q(layer, overrides)
+        return layer
+
+    return swap(model, where, replace)
+
+
+@torch.no_grad()
+def observe_inputs(model: nn.Module, layers: Iterable[str], batches: Iterable[Any]) -> None:
+    """Calibrate the input quantizers of ``layers`` on ``batches`` (float inputs while observing)."""
+    found = [model.get_submodule(n).input_q for n in layers]
+    observed = [q for q in found if q is not None and not getattr(q, "dynamic", False)]
+    if not observed:
+        return
+    was_training = model.training
+    model.eval()
+    for q in observed:
+        q.start_observing()
+    try:
+        for batch in batches:
+            run_forward(model, batch)
+    finally:
+        for q in observed:
+            q.stop_observing()
+        model.train(was_training)
