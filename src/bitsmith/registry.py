@@ -24,8 +24,7 @@ class Registry(Generic[T]):
         def add(cls: type[T]) -> type[T]:
             if name in self._items and self._items[name] is not cls:
                 raise ValueError(
-                    f"{self.kind} {name!r} is already registered by {self._items[name].__module__}; "
-                    "pick another name"
+                    f"{self.kind} {name!r} is already registered by {self._items[name].__module__}; pick another name"
                 )
             self._items[name] = cls
             cls.registered_name = name  # type: ignore[attr-defined]

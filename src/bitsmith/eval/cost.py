@@ -47,7 +47,13 @@ class CostReport:
 
 
 def _dtype_bits(t: torch.Tensor) -> int:
-    return torch.finfo(t.dtype).bits if t.is_floating_point() else torch.iinfo(t.dtype).bits if t.dtype != torch.bool else 1
+    return (
+        torch.finfo(t.dtype).bits
+        if t.is_floating_point()
+        else torch.iinfo(t.dtype).bits
+        if t.dtype != torch.bool
+        else 1
+    )
 
 
 def _is_weight_layer(module: nn.Module) -> bool:

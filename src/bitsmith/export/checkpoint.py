@@ -38,7 +38,7 @@ class CheckpointError(ValueError):
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
-        t = tensors[key].contiguous()
+        t = tensors[key].contiguous().reshape(-1)
         h.update(key.encode())
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -109,12 +109,16 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[st
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:  # safetensors raises its own error types for truncation and bad headers
-        raise CheckpointError(f"{path}: not a readable safetensors file, it may be truncated or corrupt ({exc})") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file, it may be truncated or corrupt ({exc})"
+        ) from None
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a bitsmith checkpoint (no 'format: {FORMAT}' in its metadata)")
     version = metadata.get("format_version", "?")
     if version != str(FORMAT_VERSION):
-        raise CheckpointError(f"{path}: checkpoint format version {version}; this bitsmith reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version}; this bitsmith reads version {FORMAT_VERSION}"
+        )
     if metadata.get("sha256") != _digest(tensors):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt; re-create or re-download it")
     return tensors, metadata
@@ -164,7 +168,7 @@ def _unpack_state(
             numel = int(torch.Size(info["shape"]).numel())
             codes = unpack(state.pop(f"{name}.weight{CODES}"), info["bits"], numel).reshape(info["shape"])
             prefix = f"{name}.weight{PARAM}"
-            params = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+            params = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
             weight = layer.weight_q.decode(Encoded(codes + info["min"], params, info["bits"], info["min"]))
         except (AttributeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: packed weight of layer {name!r} cannot be decoded: {exc}") from None

@@ -40,15 +40,15 @@ class PTQ(Method):
         super().__post_init__()
         self._layers: list[str] = []
 
-    def _weight_q(self, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer | None:
+    def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer | None:
         c = self.layer_config(overrides)
         if c["w_bits"] is None:
             return None
         return uniform_weight_quantizer(
-            layer, c["w_bits"], c["w_granularity"], c["w_group_size"], c["w_symmetric"], c["w_observer"]
+            name, layer, c["w_bits"], c["w_granularity"], c["w_group_size"], c["w_symmetric"], c["w_observer"]
         )
 
-    def _input_q(self, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer | None:
+    def _input_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer | None:
         c = self.layer_config(overrides)
         if c["a_bits"] is None:
             return None

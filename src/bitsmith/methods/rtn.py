@@ -26,9 +26,9 @@ class RTN(Method):
     group_size: int = 128
     symmetric: bool = False
 
-    def _weight_q(self, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
+    def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
         c = self.layer_config(overrides)
-        return uniform_weight_quantizer(layer, c["bits"], "group", c["group_size"], c["symmetric"], "minmax")
+        return uniform_weight_quantizer(name, layer, c["bits"], "group", c["group_size"], c["symmetric"], "minmax")
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         return attach(model, self.where, self._weight_q, None)

@@ -16,7 +16,7 @@ from bitsmith.quant.uniform import UniformQuantizer
 from bitsmith.select import Selection
 from bitsmith.swap import swap
 
-QuantizerFactory = Callable[[nn.Module, dict[str, Any]], Quantizer | None]
+QuantizerFactory = Callable[[str, nn.Module, dict[str, Any]], Quantizer | None]
 
 
 def to_quantized(module: nn.Module) -> QuantizedMixin:
@@ -45,14 +45,14 @@ def weight_input_size(module: nn.Module) -> int:
 
 
 def uniform_weight_quantizer(
-    module: nn.Module, bits: int, granularity: str, group_size: int | None, symmetric: bool, observer: str
+    name: str, module: nn.Module, bits: int, granularity: str, group_size: int | None, symmetric: bool, observer: str
 ) -> UniformQuantizer:
     """A weight quantizer calibrated on ``module``'s weight. Groups that do not divide the layer's
     input size fall back to per-channel scales, with a warning naming the layer."""
     if granularity == "group" and weight_input_size(module) % (group_size or 1):
         warnings.warn(
-            f"group_size {group_size} does not divide the {weight_input_size(module)} inputs of a "
-            f"{type(module).__name__}; using per-channel scales for it",
+            f"group_size {group_size} does not divide the {weight_input_size(module)} inputs of layer "
+            f"{name!r}; using per-channel scales for it",
             stacklevel=2,
         )
         granularity = "channel"
@@ -71,16 +71,16 @@ def attach(
 ) -> dict[str, dict[str, Any]]:
     """Swap the selected layers to quantized layers and set their quantizers from the factories.
 
-    Each factory gets the (quantized) layer and its per-layer config, and returns a quantizer or
+    Each factory gets the layer's name, the (quantized) layer and its per-layer overrides, and returns a quantizer or
     ``None`` to leave that side unquantized.
     """
 
     def replace(name: str, module: nn.Module, overrides: dict[str, Any]) -> nn.Module:
         layer = to_quantized(module)
         if weight_q is not None:
-            layer.weight_q = weight_q(layer, overrides)
+            layer.weight_q = weight_q(name, layer, overrides)
         if input_q is not None:
-            layer.input_q = input_q(layer, overrides)
+            layer.input_q = input_q(name, layer, overrides)
         return layer
 
     return swap(model, where, replace)

@@ -1,0 +1,72 @@
+"""Contract: every registered method runs its hooks on tiny models, and its config round-trips.
+
+A new method is covered by registering it. ``TINY_CONFIG`` may give fields that keep a method fast.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitsmith import METHODS, build_method, compress, load, model_cost, run_forward, save, strip
+from bitsmith.method import HOOKS
+from conftest import make_cnn
+
+TINY_CONFIG: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_contract(name: str, tmp_path: Path, images: torch.Tensor, calib: list) -> None:
+    cls = METHODS.get(name)
+    assert cls.description, f"method {name!r} needs a one-line description"
+    assert any(cls.uses(h) for h in HOOKS), f"method {name!r} implements no hook"
+    method = build_method({"name": name, **TINY_CONFIG.get(name, {})})
+    assert build_method(copy.deepcopy(method.config())).config() == method.config()
+
+    model = make_cnn()
+    reference = model(images)
+    compress(model, method, calib)
+    if cls.uses("penalty") or cls.uses("perturb"):
+        batch = method.perturb(model, calib[0])
+        loss = torch.nn.functional.cross_entropy(run_forward(model, batch), batch[1]) + method.penalty(model, batch)
+        loss.backward()
+    out = model(images)
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    assert model_cost(model, images).totals["size_bits"] > 0
+
+    reloaded = load(save(model, tmp_path / f"{name}.safetensors"), make_cnn())
+    assert torch.equal(reloaded(images), out)
+    assert strip(model)(images).shape == reference.shape
+
+
+def test_registry_rejects_duplicates_and_names_options() -> None:
+    from bitsmith.methods.ptq import PTQ
+
+    with pytest.raises(ValueError, match="already registered"):
+        METHODS.register("ptq")(type("Other", (PTQ,), {}))
+    with pytest.raises(KeyError, match="registered: .*ptq"):
+        METHODS.get("nope")
+    with pytest.raises(ValueError, match="no field"):
+        build_method({"name": "ptq", "bitz": 3})
+
+
+def test_plugins_register_through_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import dataclass
+
+    from bitsmith.method import Method
+    from bitsmith.registry import Registry
+
+    registry: Registry = Registry("method", entry_point_group="bitsmith.methods")
+
+    class FakeEntryPoint:
+        def load(self) -> None:
+            @registry.register("plugin-method")
+            @dataclass
+            class Plugin(Method):
+                description = "a third-party method"
+
+    monkeypatch.setattr("bitsmith.registry.entry_points", lambda group: [FakeEntryPoint()] if group == "bitsmith.methods" else [])
+    assert registry.names() == ["plugin-method"]
