@@ -5,7 +5,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+FMNIST := /usr/share/datasets/fashion-mnist
+RUNS   := runs
+
+.PHONY: install data demo test lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,10 +18,20 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(PY) examples/quickstart.py
+# Fashion-MNIST from Debian's package: installed when missing and we are root, else the command is printed.
+data:
+	@if [ -n "$$BITSMITH_DATA" ] || [ -d $(FMNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST is missing; install it with: sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"; fi
 
-test: $(STAMP)
+# The main job: train (or reuse) the zoo CNN, PTQ W8A8 and W4A8, compare.
+demo: $(STAMP) data
+	$(VENV)/bin/bitsmith train cnn --if-missing
+	$(VENV)/bin/bitsmith run recipes/cnn-ptq-w8a8.yaml --out $(RUNS)/cnn-ptq-w8a8
+	$(VENV)/bin/bitsmith run recipes/cnn-ptq-w4a8.yaml --out $(RUNS)/cnn-ptq-w4a8
+	$(VENV)/bin/bitsmith report $(RUNS)/cnn-ptq-w8a8 $(RUNS)/cnn-ptq-w4a8 --out $(RUNS)/demo
+
+test: $(STAMP) data
 	$(PY) -m ruff check src tests examples
 	$(PY) -m pytest -q -n 2 --durations=10
 

@@ -68,5 +68,7 @@ def test_plugins_register_through_entry_points(monkeypatch: pytest.MonkeyPatch) 
             class Plugin(Method):
                 description = "a third-party method"
 
-    monkeypatch.setattr("bitsmith.registry.entry_points", lambda group: [FakeEntryPoint()] if group == "bitsmith.methods" else [])
+    monkeypatch.setattr(
+        "bitsmith.registry.entry_points", lambda group: [FakeEntryPoint()] if group == "bitsmith.methods" else []
+    )
     assert registry.names() == ["plugin-method"]

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ConfigDict
 from torch import nn
 
 DEFAULT_TYPES = ("Linear", "Conv2d", "Conv1D")
@@ -31,6 +32,8 @@ class Selection:
         types: class names accepted (a subclass of a named class is accepted too).
         overrides: ``{pattern: {field: value}}`` applied to the selected layers that match, in order.
     """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # recipes: a misspelt key is an error
 
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)

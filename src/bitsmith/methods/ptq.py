@@ -15,7 +15,7 @@ from torch import nn
 
 from bitsmith.method import Method, register_method
 from bitsmith.quant.layers import attach, input_channel_axis, observe_inputs, uniform_weight_quantizer
-from bitsmith.quant.uniform import UniformQuantizer
+from bitsmith.quant.uniform import Bits, Granularity, GroupSize, ObserverName, UniformQuantizer
 
 
 @register_method("ptq")
@@ -25,15 +25,15 @@ class PTQ(Method):
 
     description = "post-training uniform quantization of weights and activations (any observer, any granularity)"
 
-    w_bits: int | None = 8
-    a_bits: int | None = 8
-    w_granularity: str = "channel"
-    w_group_size: int | None = 128
+    w_bits: Bits | None = 8
+    a_bits: Bits | None = 8
+    w_granularity: Granularity = "channel"
+    w_group_size: GroupSize | None = 128
     w_symmetric: bool = True
-    w_observer: str = "minmax"
-    a_granularity: str = "tensor"
+    w_observer: ObserverName = "minmax"
+    a_granularity: Granularity = "tensor"
     a_symmetric: bool = False
-    a_observer: str = "minmax"
+    a_observer: ObserverName = "minmax"
     a_dynamic: bool = False
 
     def __post_init__(self) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 
 from bitsmith.method import Method, register_method
 from bitsmith.quant.layers import attach, uniform_weight_quantizer
-from bitsmith.quant.uniform import UniformQuantizer
+from bitsmith.quant.uniform import Bits, GroupSize, UniformQuantizer
 
 
 @register_method("rtn")
@@ -22,8 +22,8 @@ class RTN(Method):
 
     description = "weight-only round-to-nearest per group, no calibration data"
 
-    bits: int = 4
-    group_size: int = 128
+    bits: Bits = 4
+    group_size: GroupSize = 128
     symmetric: bool = False
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.quant.base import QUANTIZERS, Encoded, Quantizer
@@ -23,6 +24,11 @@ from bitsmith.quant.observers import OBSERVERS, Observer, build_observer
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
 STEPS = ("calibrated", "learned", "fixed")
+# field types for method dataclasses: recipes are validated against them
+Bits = Annotated[int, Field(ge=1, le=16)]
+Granularity = Literal["tensor", "channel", "group", "token"]
+ObserverName = Literal["minmax", "ema", "percentile", "mse", "kl"]
+GroupSize = Annotated[int, Field(ge=1)]
 
 
 def storage_bits(bits: int) -> int:

@@ -1,0 +1,135 @@
+"""Reports: ``report.json`` / ``report.md`` for one run, plots, and comparison across runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRIC_COLUMNS = [
+    ("accuracy", "top-1 %", lambda v: f"{100 * v:.2f}"),
+    ("size_bytes", "size (KB)", lambda v: f"{v / 1024:.1f}"),
+    ("avg_weight_bits", "avg w bits", lambda v: f"{v:.2f}"),
+    ("bops", "GBOPs", lambda v: f"{v / 1e9:.2f}"),
+    ("latency_ms", "latency ms", lambda v: f"{v:.2f}"),
+]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def metrics_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown table of named metric dicts (missing values shown as -)."""
+    header = "| run | " + " | ".join(title for _, title, _ in METRIC_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(METRIC_COLUMNS) + 1)]
+    for name, metrics in rows:
+        cells = [fmt(metrics[key]) if metrics.get(key) is not None else "-" for key, _, fmt in METRIC_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def layers_table(layers: list[dict[str, Any]]) -> str:
+    lines = ["| layer | type | w bits | a bits | params | sparsity |", "|---|---|---|---|---|---|"]
+    for layer in layers:
+        lines.append(
+            f"| {layer['name']} | {layer['type']} | {layer['weight_bits']:g} | {layer['act_bits']} | "
+            f"{layer['params']:,} | {100 * layer['sparsity']:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
+def plot_layers(layers: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Per-layer weight bit-width and size bars."""
+    names = [layer["name"] for layer in layers]
+    fig, (ax_bits, ax_size) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(names)), 6), sharex=True)
+    ax_bits.bar(names, [layer["weight_bits"] for layer in layers], color="tab:blue")
+    ax_bits.set_ylabel("weight bits")
+    ax_bits.set_title(title)
+    ax_size.bar(names, [layer["size_bits"] / 8 / 1024 for layer in layers], color="tab:orange")
+    ax_size.set_ylabel("size (KB)")
+    ax_size.tick_params(axis="x", rotation=75)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_size(points: list[tuple[str, float, float]], path: Path, title: str) -> Path:
+    """Scatter of (name, size in KB, accuracy %) points."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, size_kb, acc in points:
+        ax.scatter(size_kb, acc, s=40)
+        ax.annotate(name, (size_kb, acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("model size (KB, log scale)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_run_report(out: Path, report: dict[str, Any]) -> list[Path]:
+    """Write report.json, report.md and the per-layer plot of one run."""
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    plot = plot_layers(
+        report["compressed"]["layers"], out / "layers.png", f"{report['name']}: per-layer weight bits and size"
+    )
+    rows = [("FP32 baseline", report["baseline"]["metrics"]), (report["name"], report["compressed"]["metrics"])]
+    md = [
+        f"# {report['name']}",
+        "",
+        f"Model `{report['model']}`, {report['data']['eval_examples']} test examples, "
+        f"{report['data']['calib_examples']} calibration examples{' (smoke run)' if report['smoke'] else ''}.",
+        "",
+        metrics_table(rows),
+        "",
+        "Latency is the median of repeated forward passes of the fake-quantized PyTorch model (simulated",
+        "quantization); real integer speed comes from `bitsmith deploy`.",
+        "",
+        "## Layers",
+        "",
+        layers_table(report["compressed"]["layers"]),
+        "",
+        f"![per-layer bits]({plot.name})",
+        "",
+    ]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    return [out / "report.json", out / "report.md", plot]
+
+
+def compare_runs(dirs: list[Path], out: Path | None = None) -> str:
+    """A markdown table (and, with ``out``, a plot) comparing several run directories."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    points = []
+    for directory in dirs:
+        path = Path(directory) / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a run directory (no report.json); run `bitsmith run` first")
+        report = json.loads(path.read_text())
+        if not rows:
+            rows.append(("FP32 baseline", report["baseline"]["metrics"]))
+        rows.append((report["name"], report["compressed"]["metrics"]))
+    for name, metrics in rows:
+        if metrics.get("accuracy") is not None:
+            points.append((name, metrics["size_bytes"] / 1024, 100 * metrics["accuracy"]))
+    table = metrics_table(rows)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        plot = plot_accuracy_vs_size(points, out / "accuracy_vs_size.png", "accuracy vs size")
+        atomic_write_text(out / "comparison.md", f"# Comparison\n\n{table}\n\n![accuracy vs size]({plot.name})\n")
+    return table

@@ -1,0 +1,156 @@
+"""Recipes: YAML with ``model``, ``data``, ``methods``, ``train``, ``eval``, ``export``, validated with
+pydantic. Errors name the field path, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from bitsmith.method import METHODS, Method
+from bitsmith.train import TrainConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the field path, the value and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    name: str | None = Field(None, description="zoo model name (see `bitsmith zoo`)")
+    path: str | None = Field(None, description="a Hugging Face model directory (local files only)")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).exists():
+            raise ValueError(f"no such file or directory: {value}")
+        return value
+
+
+class DataSpec(_Strict):
+    name: Literal["fashion-mnist"] = "fashion-mnist"
+    root: str | None = None
+    calib_size: int = Field(512, ge=1)
+    calib_batch_size: int = Field(128, ge=1)
+    eval_size: int | None = Field(None, ge=1, description="test examples to evaluate on (all when null)")
+    seed: int = 0
+
+
+class EvalSpec(_Strict):
+    latency: bool = True
+    latency_batch: int = Field(256, ge=1)
+    latency_runs: int = Field(10, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
+class ExportSpec(_Strict):
+    checkpoint: bool = True
+
+
+class Recipe(_Strict):
+    model: ModelSpec
+    data: DataSpec = DataSpec()
+    methods: list[dict[str, Any]] = Field(default_factory=list)
+    train: dict[str, Any] | None = None
+    eval: EvalSpec = EvalSpec()
+    export: ExportSpec = ExportSpec()
+
+    def build_methods(self) -> list[Method]:
+        return [validate_method(entry, f"methods.{i}") for i, entry in enumerate(self.methods)]
+
+    def train_config(self) -> TrainConfig | None:
+        if self.train is None:
+            return None
+        return _validate(TrainConfig, self.train, "train")
+
+
+def _format(err: dict[str, Any], prefix: str) -> str:
+    loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    message = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    return f"{loc}: {message}" if isinstance(value, dict) else f"{loc}: {message} (got {value!r})"
+
+
+def _validate(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix}: expected a mapping of fields, got {data!r}")
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RecipeError(f"{prefix}.{unknown[0]}: unknown field; allowed: {', '.join(sorted(allowed))}")
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        raise RecipeError("; ".join(_format(e, prefix) for e in exc.errors())) from None
+    except ValueError as exc:
+        raise RecipeError(f"{prefix}: {exc}") from None
+
+
+def validate_method(entry: dict[str, Any], prefix: str = "method") -> Method:
+    """A method instance from a recipe entry, with errors naming ``prefix.field``."""
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise RecipeError(f"{prefix}: each method needs a 'name'; registered: {', '.join(METHODS.names())}")
+    name = entry["name"]
+    if name not in METHODS:
+        raise RecipeError(f"{prefix}.name: unknown method {name!r}; registered: {', '.join(METHODS.names())}")
+    fields = {k: v for k, v in entry.items() if k != "name"}
+    return _validate(METHODS.get(name), fields, prefix)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides (``methods.0.w_bits=4``); values are parsed as YAML."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override {item!r}: expected key=value, e.g. methods.0.w_bits=4")
+        parts, node = key.split("."), data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError(f"override {key}: {'.'.join(parts[:depth])} has no item {part}")
+                index: int | str = int(part)
+            else:
+                index = part
+            if last:
+                node[index] = yaml.safe_load(raw)
+            else:
+                if isinstance(node, dict) and part not in node:
+                    node[part] = {}
+                node = node[index]
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, dict[str, Any]]:
+    """Read, override and validate a recipe; returns the recipe and the resolved raw mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path}: not valid YAML ({exc})") from None
+    return parse_recipe(apply_overrides(raw, overrides or [])), raw
+
+
+def parse_recipe(raw: dict[str, Any]) -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError("recipe: expected a mapping with model, data, methods, train, eval, export")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError("; ".join(_format(e, "") for e in exc.errors())) from None
+    if recipe.model.name is None and recipe.model.path is None:
+        raise RecipeError("model: give a zoo model 'name' (see `bitsmith zoo`) or a Hugging Face directory 'path'")
+    recipe.build_methods()
+    recipe.train_config()
+    return recipe

@@ -1,0 +1,94 @@
+"""Model and dataset zoo: small models trained reproducibly on Fashion-MNIST, cached on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitsmith.train import TrainConfig, accuracy, fit
+from bitsmith.zoo.data import load_fashion_mnist
+from bitsmith.zoo.vision import ResNetCNN, ViT
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    train: TrainConfig
+    dataset: str = "fashion-mnist"
+
+
+ZOO: dict[str, ZooModel] = {
+    "cnn": ZooModel(
+        "cnn", "ResNet-style CNN (3 residual stages, 16/32/64 channels, 78k params) for 28x28 images",
+        ResNetCNN, TrainConfig(epochs=7, lr=0.1, weight_decay=5e-4, warmup_epochs=0.3),
+    ),
+    "vit": ZooModel(
+        "vit", "ViT (patch 4, dim 64, depth 4, 4 heads, MLP 128, class token; 139k params) for 28x28 images",
+        ViT, TrainConfig(epochs=15, optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=1, label_smoothing=0.1),
+    ),
+}  # fmt: skip
+
+DATASETS = {
+    "fashion-mnist": "Fashion-MNIST (60k train / 10k test, 28x28 grey, 10 classes), Debian dataset-fashion-mnist"
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BITSMITH_CACHE", Path.home() / ".cache" / "bitsmith"))
+
+
+def _fingerprint(entry: ZooModel) -> str:
+    blob = json.dumps({"name": entry.name, "train": dataclasses.asdict(entry.train)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def checkpoint_path(name: str) -> Path:
+    entry = get_zoo_model(name)
+    return cache_dir() / "zoo" / f"{name}-{_fingerprint(entry)}.safetensors"
+
+
+def get_zoo_model(name: str) -> ZooModel:
+    if name not in ZOO:
+        raise ValueError(f"unknown zoo model {name!r}; available: {sorted(ZOO)} (or a Hugging Face directory path)")
+    return ZOO[name]
+
+
+def train_zoo_model(name: str, data_root: str | None = None) -> tuple[nn.Module, dict]:
+    """Train a zoo model from scratch with its fixed seed and cache it; returns (model, info)."""
+    from bitsmith.export.checkpoint import save
+
+    entry = get_zoo_model(name)
+    torch.manual_seed(entry.train.seed)
+    model = entry.build()
+    images, labels = load_fashion_mnist("train", data_root)
+    start = time.perf_counter()
+    history = fit(model, images, labels, entry.train)
+    seconds = time.perf_counter() - start
+    test_images, test_labels = load_fashion_mnist("test", data_root)
+    info = {"model": name, "test_accuracy": accuracy(model, test_images, test_labels),
+            "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "history": history}  # fmt: skip
+    save(model, checkpoint_path(name), meta=info)
+    return model, info
+
+
+def pretrained(name: str, data_root: str | None = None, train_if_missing: bool = True) -> nn.Module:
+    """The trained zoo model, from the cache or (once) trained now."""
+    from bitsmith.export.checkpoint import load
+
+    path = checkpoint_path(name)
+    if path.is_file():
+        return load(path, get_zoo_model(name).build()).eval()
+    if not train_if_missing:
+        raise FileNotFoundError(f"{path}: no cached checkpoint; run `bitsmith train {name}` first")
+    return train_zoo_model(name, data_root)[0].eval()

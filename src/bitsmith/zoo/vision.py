@@ -1,0 +1,108 @@
+"""Small vision models for 28x28 grey images: a ResNet-style CNN and a ViT. Inputs are in [0, 1];
+normalisation is the model's first step, so attacks and quantizers see the same input range."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean: float = FASHION_MEAN, std: float = FASHION_STD) -> None:
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNetCNN(nn.Module):
+    """Stem conv + three residual stages (28 -> 14 -> 7) + global pool + linear classifier."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 32, 64), classes: int = 10) -> None:
+        super().__init__()
+        w1, w2, w3 = widths
+        self.normalize = Normalize()
+        self.stem = nn.Sequential(nn.Conv2d(1, w1, 3, 1, 1, bias=False), nn.BatchNorm2d(w1), nn.ReLU())
+        self.layer1 = BasicBlock(w1, w1)
+        self.layer2 = BasicBlock(w1, w2, stride=2)
+        self.layer3 = BasicBlock(w2, w3, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(w3, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(self.normalize(x))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)  # (b, heads, n, d/heads)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)); x + fc2(GELU(fc1(LN(x))))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """Patch embedding (conv), class token, learned positions, pre-norm blocks, LN + linear head."""
+
+    def __init__(
+        self, patch: int = 4, dim: int = 64, depth: int = 4, heads: int = 4, mlp_dim: int = 128, classes: int = 10
+    ) -> None:
+        super().__init__()
+        tokens = (28 // patch) ** 2
+        self.normalize = Normalize()
+        self.patch_embed = nn.Conv2d(1, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2)  # (b, tokens, dim)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])

@@ -1,0 +1,140 @@
+"""Recipes and the CLI: validation errors, overrides, every recipe under --smoke on real data, reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bitsmith.cli import main
+from bitsmith.recipe import RecipeError, apply_overrides, parse_recipe
+from bitsmith.zoo.data import fashion_mnist_dir
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+def _has_data() -> bool:
+    try:
+        fashion_mnist_dir()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_data = pytest.mark.skipif(not _has_data(), reason="Fashion-MNIST not installed (make data)")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BITSMITH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BITSMITH_QUIET", "1")
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            {"model": {"name": "cnn"}, "methods": [{"name": "nope"}]},
+            "methods.0.name: unknown method 'nope'; registered: ptq, rtn",
+        ),
+        (
+            {"model": {"name": "cnn"}, "methods": [{"name": "ptq", "w_bits": 32}]},
+            "methods.0.w_bits: Input should be less than or equal to 16 (got 32)",
+        ),
+        ({"model": {"name": "cnn"}, "methods": [{"name": "ptq", "w_bits": "four"}]}, "methods.0.w_bits"),
+        (
+            {"model": {"name": "cnn"}, "methods": [{"name": "ptq", "a_observer": "max"}]},
+            "'minmax', 'ema', 'percentile', 'mse' or 'kl'",
+        ),
+        ({"model": {"name": "cnn"}, "methods": [{"name": "ptq", "bitz": 4}]}, "methods.0.bitz: unknown field"),
+        (
+            {"model": {"name": "cnn"}, "methods": [{"name": "ptq", "where": {"inclde": ["a"]}}]},
+            "methods.0.where.inclde",
+        ),
+        ({"model": {"path": "/no/such/model"}}, "model.path: no such file or directory: /no/such/model"),
+        ({"model": {"name": "cnn"}, "dta": {}}, "dta: Extra inputs are not permitted"),
+        ({"model": {"name": "cnn"}, "train": {"epochs": -1.5}}, "train.epochs"),
+        ({"model": {}}, "give a zoo model 'name'"),
+    ],
+)
+def test_bad_recipes_name_field_value_and_allowed(raw: dict, message: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(raw)
+    assert message in str(err.value)
+
+
+def test_dotted_overrides() -> None:
+    raw = {"model": {"name": "cnn"}, "methods": [{"name": "ptq", "w_bits": 8}]}
+    out = apply_overrides(raw, ["methods.0.w_bits=4", "data.calib_size=64", "methods.0.where.exclude=['@last']"])
+    assert out["methods"][0]["w_bits"] == 4 and out["data"]["calib_size"] == 64
+    assert parse_recipe(out).build_methods()[0].where.exclude == ["@last"]
+    assert raw["methods"][0]["w_bits"] == 8
+    with pytest.raises(RecipeError, match="no item 3"):
+        apply_overrides(raw, ["methods.3.w_bits=4"])
+    with pytest.raises(RecipeError, match="key=value"):
+        apply_overrides(raw, ["methods.0.w_bits"])
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"name": "cnn"}, "methods": [{"name": "ptq", "w_bits": 0}]}))
+    assert main(["run", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "methods.0.w_bits: Input should be greater than or equal to 1 (got 0)" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["run", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.yaml: no such file" in capsys.readouterr().err
+    with pytest.raises(RecipeError):
+        main(["--debug", "run", str(bad), "--out", str(tmp_path / "out")])
+
+
+def test_methods_and_zoo_listings(capsys: pytest.CaptureFixture) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "ptq" in out and "rtn" in out and "round-to-nearest" in out
+    assert main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    assert "cnn" in out and "vit" in out and "fashion-mnist" in out
+
+
+@needs_data
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
+    out = tmp_path / recipe.stem
+    assert main(["run", str(recipe), "--out", str(out), "--smoke"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for side in ("baseline", "compressed"):
+        metrics = report[side]["metrics"]
+        assert set(metrics) >= {"accuracy", "size_bytes", "avg_weight_bits", "bops", "latency_ms"}
+        assert report[side]["layers"] and {"name", "type", "weight_bits", "act_bits", "params", "sparsity"} <= set(
+            report[side]["layers"][0]
+        )
+    assert report["compressed"]["metrics"]["size_bytes"] < report["baseline"]["metrics"]["size_bytes"]
+    assert report["recipe"]["methods"][0]["name"]
+    for name in ("report.md", "layers.png", "recipe.resolved.yaml", "model.safetensors"):
+        assert (out / name).is_file(), name
+
+
+@needs_data
+def test_end_to_end_real_subset_w8a8_keeps_accuracy_then_eval_and_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = Path(__file__).parent.parent / "recipes" / "cnn-ptq-w8a8.yaml"
+    w8 = tmp_path / "w8"
+    assert main(["run", str(recipe), "--out", str(w8), "--smoke"]) == 0
+    report = json.loads((w8 / "report.json").read_text())
+    base, comp = report["baseline"]["metrics"], report["compressed"]["metrics"]
+    assert base["accuracy"] > 0.2  # one tiny epoch on 1000 real images is well above chance (0.1)
+    assert abs(comp["accuracy"] - base["accuracy"]) <= 0.03
+    assert comp["avg_weight_bits"] == 8.0 and comp["size_bytes"] < 0.3 * base["size_bytes"]
+    w4 = tmp_path / "w4"
+    assert main(["run", str(recipe), "--out", str(w4), "--smoke", "methods.0.w_bits=4"]) == 0
+    assert json.loads((w4 / "report.json").read_text())["recipe"]["methods"][0]["w_bits"] == 4
+    capsys.readouterr()
+    assert main(["eval", str(w8 / "model.safetensors")]) == 0
+    assert "test top-1" in capsys.readouterr().out
+    assert main(["report", str(w8), str(w4), "--out", str(tmp_path / "cmp")]) == 0
+    assert "| w4 |" in capsys.readouterr().out
+    assert (tmp_path / "cmp" / "accuracy_vs_size.png").is_file()
