@@ -13,7 +13,7 @@ RUNS   := runs
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,hf]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,3 +41,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+
+# Benchmarks: long measurements that regenerate docs/results/ (not part of `make test`).
+bench: $(STAMP) data
+	$(PY) benchmarks/ptq_baselines.py
