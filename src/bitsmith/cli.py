@@ -19,7 +19,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bitsmith.recipe import load_recipe
     from bitsmith.run import run_recipe
 
-    recipe, raw = load_recipe(args.recipe, args.overrides)
+    recipe, _ = load_recipe(args.recipe, args.overrides)
     resolved = recipe.model_dump(mode="json")
     report = run_recipe(recipe, resolved, Path(args.out), smoke=args.smoke)
     base, comp = report["baseline"]["metrics"], report["compressed"]["metrics"]
@@ -32,11 +32,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from bitsmith.method import METHODS
+    from bitsmith.method import HOOKS, METHODS
 
     table = Table("method", "description", "hooks")
     for name, cls in METHODS.items():
-        hooks = ", ".join(h for h in ("prepare", "calibrate", "perturb", "penalty", "finalize") if cls.uses(h))
+        hooks = ", ".join(h for h in HOOKS if cls.uses(h))
         table.add_row(name, cls.description, hooks)
     console.print(table)
     return 0
@@ -74,12 +74,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from bitsmith.eval.cost import model_cost
-    from bitsmith.export.checkpoint import load, read
+    from bitsmith.export.checkpoint import load, read_metadata
     from bitsmith.train import accuracy
     from bitsmith.zoo import get_zoo_model
     from bitsmith.zoo.data import load_fashion_mnist
 
-    _, metadata = read(args.checkpoint)
+    metadata = read_metadata(args.checkpoint)
     name = args.model or json.loads(metadata.get("meta", "{}")).get("model")
     if name is None:
         raise ValueError(f"{args.checkpoint}: the checkpoint does not name its model; pass --model NAME")

@@ -56,11 +56,13 @@ class QuantizedMixin:
             raise ValueError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(self.weight.shape)}")
         self.mask = None if mask is None else mask.to(device=self.weight.device, dtype=torch.bool)
 
+    def masked_weight(self) -> Tensor:
+        """The float weight with pruned entries zeroed (what the weight quantizer sees)."""
+        return self.weight if self.mask is None else self.weight * self.mask
+
     def effective_weight(self) -> Tensor:
         """The weight the layer computes with: masked, then fake-quantized."""
-        w = self.weight
-        if self.mask is not None:
-            w = w * self.mask
+        w = self.masked_weight()
         if self.weight_q is not None:
             w = self.weight_q(w)
         return w

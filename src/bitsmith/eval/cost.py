@@ -119,7 +119,6 @@ def model_cost(model: nn.Module, example: Any | None = None) -> CostReport:
     for name, module in model.named_modules():
         if name and _is_weight_layer(module):
             layers.append(layer_cost(name, module))
-            owned.update(id(p) for p in module.parameters(recurse=False))
             owned.update(id(b) for b in module.buffers(recurse=True))
             owned.update(id(p) for p in module.parameters(recurse=True))
     seen: set[int] = set()

@@ -59,7 +59,7 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
     table: dict[str, Any] = {}
     for name, layer in _packed_layers(model).items():
         wq = layer.weight_q
-        enc = wq.encode(layer.weight if layer.mask is None else layer.weight * layer.mask)  # type: ignore[union-attr]
+        enc = wq.encode(layer.masked_weight())  # type: ignore[union-attr]
         del state[f"{name}.weight"]
         for key in wq.packed_exclude:  # type: ignore[union-attr]
             del state[f"{name}.weight_q.{key}"]
@@ -99,15 +99,15 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
     return path
 
 
-def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a bitsmith checkpoint, verified; raises ``CheckpointError``."""
-    path = Path(path)
+def _read_file(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Open a checkpoint, check its format and version; read the tensors only when asked."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+            keys = f.keys() if with_tensors else []
+            tensors = {key: f.get_tensor(key) for key in keys}
     except Exception as exc:  # safetensors raises its own error types for truncation and bad headers
         raise CheckpointError(
             f"{path}: not a readable safetensors file, it may be truncated or corrupt ({exc})"
@@ -119,6 +119,18 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[st
         raise CheckpointError(
             f"{path}: checkpoint format version {version}; this bitsmith reads version {FORMAT_VERSION}"
         )
+    return tensors, metadata
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The header metadata of a bitsmith checkpoint (format checked, tensors not read)."""
+    return _read_file(Path(path), with_tensors=False)[1]
+
+
+def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a bitsmith checkpoint, verified; raises ``CheckpointError``."""
+    path = Path(path)
+    tensors, metadata = _read_file(path, with_tensors=True)
     if metadata.get("sha256") != _digest(tensors):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt; re-create or re-download it")
     return tensors, metadata

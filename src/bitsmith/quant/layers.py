@@ -58,8 +58,7 @@ def uniform_weight_quantizer(
         granularity = "channel"
     q = UniformQuantizer(bits, symmetric, granularity, ch_axis=0, group_size=group_size, observer=observer)
     with torch.no_grad():
-        weight = module.weight if module.mask is None else module.weight * module.mask  # type: ignore[operator]
-        q.calibrate_(weight)
+        q.calibrate_(module.masked_weight())  # type: ignore[operator]
     return q
 
 
