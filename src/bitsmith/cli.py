@@ -16,18 +16,15 @@ errors = Console(stderr=True, soft_wrap=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bitsmith.eval.report import headline
     from bitsmith.recipe import load_recipe
     from bitsmith.run import run_recipe
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
     resolved = recipe.model_dump(mode="json")
     report = run_recipe(recipe, resolved, Path(args.out), smoke=args.smoke)
-    base, comp = report["baseline"]["metrics"], report["compressed"]["metrics"]
-    console.print(
-        f"[bold]{report['name']}[/]: top-1 {100 * base['accuracy']:.2f}% -> {100 * comp['accuracy']:.2f}%, "
-        f"size {base['size_bytes'] / 1024:.1f} KB -> {comp['size_bytes'] / 1024:.1f} KB, "
-        f"avg weight bits {comp['avg_weight_bits']:.2f}; report: {Path(args.out) / 'report.md'}"
-    )
+    line = headline(report["baseline"]["metrics"], report["compressed"]["metrics"])
+    console.print(f"[bold]{report['name']}[/]: {line}; report: {Path(args.out) / 'report.md'}", highlight=False)
     return 0
 
 
@@ -43,12 +40,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from bitsmith.zoo import DATASETS, ZOO, checkpoint_path
+    from bitsmith.zoo import DATASETS, HF_MODELS, ZOO, checkpoint_path
 
     table = Table("model", "description", "cached checkpoint")
     for name, entry in ZOO.items():
         path = checkpoint_path(name)
         table.add_row(name, entry.description, str(path) if path.is_file() else "(trains on first use)")
+    for name, description in HF_MODELS.items():
+        table.add_row(name, description, "(pretrained, local package)")
     console.print(table)
     datasets = Table("dataset", "description")
     for name, description in DATASETS.items():
@@ -74,22 +73,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from bitsmith.eval.cost import model_cost
+    from bitsmith.eval.tasks import classification_task, embedding_task
     from bitsmith.export.checkpoint import load, read_metadata
-    from bitsmith.train import accuracy
-    from bitsmith.zoo import get_zoo_model
-    from bitsmith.zoo.data import load_fashion_mnist
+    from bitsmith.zoo import ZOO
 
-    metadata = read_metadata(args.checkpoint)
-    name = args.model or json.loads(metadata.get("meta", "{}")).get("model")
+    meta = json.loads(read_metadata(args.checkpoint).get("meta", "{}"))
+    name = args.model or meta.get("model")
     if name is None:
         raise ValueError(f"{args.checkpoint}: the checkpoint does not name its model; pass --model NAME")
-    model = load(args.checkpoint, get_zoo_model(name).build()).eval()
-    images, labels = load_fashion_mnist("test", args.data)
-    cost = model_cost(model, images[:1]).totals
+    seed = meta.get("recipe", {}).get("data", {}).get("seed", 0)
+    if name in ZOO:
+        model = load(args.checkpoint, ZOO[name].build())
+        task = classification_task(args.data, None, 1, 1, seed)
+    else:
+        from bitsmith.zoo.minilm import load_hf_encoder
+
+        model, tokenizer = load_hf_encoder(meta.get("source") if args.model is None else args.model)
+        task = embedding_task(tokenizer, None, 1, 1, seed)
+        task.evaluate(model)  # the FP32 model is the cosine reference
+        model = load(args.checkpoint, model)
+    metrics = task.evaluate(model.eval())
+    cost = model_cost(model, task.first(task.example(1))).totals
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     console.print(
-        f"{args.checkpoint}: model {name}, test top-1 {100 * accuracy(model, images, labels):.2f}%, "
+        f"{args.checkpoint}: model {name}, {scores} on {task.eval_examples} examples, "
         f"size {cost['size_bytes'] / 1024:.1f} KB, avg weight bits {cost['avg_weight_bits']:.2f}, "
-        f"GBOPs {cost['bops'] / 1e9:.3f}"
+        f"GBOPs {cost['bops'] / 1e9:.3f}",
+        highlight=False,
     )
     return 0
 
@@ -127,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint")
     evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--model", help="zoo model name (default: from the checkpoint)")
+    evaluate.add_argument("--model", help="zoo model name or HF directory (default: from the checkpoint)")
     evaluate.add_argument("--data", help="Fashion-MNIST directory")
     evaluate.set_defaults(func=cmd_eval)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,3 +26,19 @@ def batches(
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         yield images[idx], labels[idx]
+
+
+def concat_batches(items: list[Any]) -> Any:
+    """One batch from several: tensors are concatenated on dim 0 (right-padded with zeros on dim 1 when
+    sequence lengths differ, as for tokenized text), dicts key by key, tuples item by item."""
+    first = items[0]
+    if isinstance(first, Tensor):
+        if first.dim() >= 2 and len({t.shape[1] for t in items}) > 1:
+            length = max(t.shape[1] for t in items)
+            items = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1])) for t in items]
+        return torch.cat(items)
+    if isinstance(first, dict):
+        return {key: concat_batches([item[key] for item in items]) for key in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat_batches(list(parts)) for parts in zip(*items, strict=True))
+    raise TypeError(f"cannot concatenate calibration batches of type {type(first).__name__}")

@@ -107,7 +107,9 @@ def compress(
     methods: Method | list[Method],
     calib_data: Iterable[Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Run ``prepare`` of every method, then ``calibrate`` on ``calib_data``, then ``finalize``.
+    """Apply the methods in order: each one's ``prepare`` then ``calibrate`` on ``calib_data`` (so a later
+    method sees the earlier ones' result, e.g. SmoothQuant's rescaled weights before PTQ, or PTQ's
+    quantizers before NoisyQuant); then ``finalize`` of every method.
 
     Returns the combined ``{layer name: spec}`` map. ``calib_data`` must be re-iterable (a list or a
     DataLoader) when several methods calibrate.
@@ -116,7 +118,6 @@ def compress(
     specs: dict[str, dict[str, Any]] = {}
     for method in methods:
         specs.update(method.prepare(model))
-    for method in methods:
         if method.uses("calibrate"):
             if calib_data is None:
                 raise ValueError(f"method {method.registered_name!r} needs calibration data (calib_data=...)")

@@ -44,12 +44,14 @@ class QuantizedMixin:
     weight_q: Quantizer | None
     input_q: Quantizer | None
     mask: Tensor | None
+    smooth: Tensor | None
     base: ClassVar[type[nn.Module]]
 
     def _init_compression(self, weight_q: Quantizer | None, input_q: Quantizer | None, mask: Tensor | None) -> None:
         self.weight_q = weight_q
         self.input_q = input_q
         self.register_buffer("mask", None if mask is None else mask.to(torch.bool))  # type: ignore[attr-defined]
+        self.register_buffer("smooth", None)  # type: ignore[attr-defined]
 
     def set_mask(self, mask: Tensor | None) -> None:
         if mask is not None and mask.shape != self.weight.shape:
@@ -67,7 +69,20 @@ class QuantizedMixin:
             w = self.weight_q(w)
         return w
 
+    @torch.no_grad()
+    def set_smooth(self, scale: Tensor) -> None:
+        """SmoothQuant: divide the input by ``scale`` (per input channel) and multiply the weight's input
+        columns by it, so the float function is unchanged and the outliers move into the weight."""
+        if not isinstance(self, QLinear):
+            raise TypeError(f"input smoothing is defined for Linear layers, not {type(self).__name__}")
+        if self.smooth is not None:
+            raise ValueError("layer is already smoothed; apply smoothquant once")
+        self.weight.mul_(scale.to(self.weight)[None, :])
+        self.smooth = scale.to(self.weight).clone()
+
     def quantize_input(self, x: Tensor) -> Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth
         return x if self.input_q is None else self.input_q(x)
 
     def spec(self) -> dict[str, Any]:
@@ -76,20 +91,33 @@ class QuantizedMixin:
             "weight_q": None if self.weight_q is None else self.weight_q.config(),
             "input_q": None if self.input_q is None else self.input_q.config(),
             "mask": self.mask is not None,
+            "smooth": self.smooth is not None,
         }
 
     @classmethod
     def from_spec(cls, module: nn.Module, spec: dict[str, Any]) -> nn.Module:
         weight = as_linear(module).weight if cls is QLinear else module.weight
         mask = torch.ones_like(weight, dtype=torch.bool) if spec.get("mask") else None
-        return cls.from_float(module, build_quantizer(spec.get("weight_q")), build_quantizer(spec.get("input_q")), mask)
+        layer = cls.from_float(
+            module, build_quantizer(spec.get("weight_q")), build_quantizer(spec.get("input_q")), mask
+        )
+        if spec.get("smooth"):
+            layer.smooth = torch.ones(weight.shape[1], dtype=weight.dtype)  # values come with the state dict
+        return layer
 
     @torch.no_grad()
     def to_float(self) -> nn.Module:
-        """A plain torch layer computing with the hard-quantized, masked weight (input quantizer dropped)."""
+        """A plain torch layer computing with the hard-quantized, masked weight (input quantizer dropped;
+        a smoothing scale goes back into the weight, a bias folded by the input quantizer is unfolded)."""
         plain = self._empty_base()
-        plain.weight = nn.Parameter(self.effective_weight().detach().clone())
-        plain.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())  # type: ignore[attr-defined]
+        weight = self.effective_weight().detach()
+        bias = self.bias  # type: ignore[attr-defined]
+        if self.input_q is not None:
+            bias = self.input_q.float_bias(weight, bias)
+        if self.smooth is not None:
+            weight = weight / self.smooth[None, :]
+        plain.weight = nn.Parameter(weight.clone())
+        plain.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         return plain.train(self.training)  # type: ignore[attr-defined]
 
 

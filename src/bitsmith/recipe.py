@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from bitsmith.method import METHODS, Method
 from bitsmith.train import TrainConfig
+from bitsmith.zoo import HF_MODELS, ZOO
 
 
 class RecipeError(ValueError):
@@ -36,11 +37,14 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    name: Literal["fashion-mnist"] = "fashion-mnist"
-    root: str | None = None
-    calib_size: int = Field(512, ge=1)
+    name: Literal["fashion-mnist", "docstrings"] | None = Field(
+        None,
+        description="fashion-mnist for zoo classifiers, docstrings (text pairs) for HF encoders; default: by model",
+    )
+    root: str | None = Field(None, description="Fashion-MNIST directory (default: BITSMITH_DATA or the Debian path)")
+    calib_size: int = Field(512, ge=1, description="calibration images or sentences")
     calib_batch_size: int = Field(128, ge=1)
-    eval_size: int | None = Field(None, ge=1, description="test examples to evaluate on (all when null)")
+    eval_size: int | None = Field(None, ge=1, description="test images or text pairs to evaluate (all when null)")
     seed: int = 0
 
 
@@ -149,8 +153,20 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError("; ".join(_format(e, "") for e in exc.errors())) from None
-    if recipe.model.name is None and recipe.model.path is None:
-        raise RecipeError("model: give a zoo model 'name' (see `bitsmith zoo`) or a Hugging Face directory 'path'")
+    if (recipe.model.name is None) == (recipe.model.path is None):
+        raise RecipeError(
+            "model: give either a zoo model 'name' (see `bitsmith zoo`) or a Hugging Face directory 'path'"
+        )
+    if recipe.model.name is not None and recipe.model.name not in ZOO and recipe.model.name not in HF_MODELS:
+        allowed = ", ".join([*ZOO, *HF_MODELS])
+        raise RecipeError(f"model.name: unknown model {recipe.model.name!r}; zoo models: {allowed} (or give 'path')")
+    expected = "fashion-mnist" if recipe.model.name in ZOO else "docstrings"
+    if recipe.data.name not in (None, expected):
+        raise RecipeError(f"data.name: {recipe.model.name or recipe.model.path} is evaluated on {expected!r} "
+                          f"(got {recipe.data.name!r})")  # fmt: skip
+    recipe.data.name = expected
+    if expected == "docstrings" and recipe.train is not None:
+        raise RecipeError("train: training needs a labelled classification task; HF encoders are post-training only")
     recipe.build_methods()
     recipe.train_config()
     return recipe

@@ -11,42 +11,65 @@ import torch
 import yaml
 from torch import nn
 
-from bitsmith.data import batches, subset
+from bitsmith.data import subset
 from bitsmith.eval.cost import model_cost
 from bitsmith.eval.latency import measure_latency
 from bitsmith.eval.report import atomic_write_text, write_run_report
+from bitsmith.eval.tasks import ClassificationTask, Task, classification_task, embedding_task
 from bitsmith.export.checkpoint import save
 from bitsmith.method import compress
-from bitsmith.recipe import Recipe, RecipeError
-from bitsmith.train import TrainConfig, accuracy, fit
-from bitsmith.zoo import checkpoint_path, get_zoo_model, pretrained
+from bitsmith.recipe import Recipe
+from bitsmith.train import TrainConfig, fit
+from bitsmith.zoo import HF_MODELS, checkpoint_path, get_zoo_model, pretrained
 from bitsmith.zoo.data import load_fashion_mnist
 
-SMOKE = {"eval_size": 200, "calib_size": 32, "latency_runs": 2, "latency_batch": 16, "train_examples": 256}
+SMOKE = {"eval_size": 200, "text_eval_size": 32, "calib_size": 32, "latency_runs": 2, "latency_batch": 16,
+         "train_examples": 256}  # fmt: skip
 
 
-def load_model(recipe: Recipe, smoke: bool) -> nn.Module:
-    """The recipe's model. A smoke run without a cached checkpoint trains one tiny epoch instead."""
+def model_source(recipe: Recipe) -> str:
+    """The zoo name or the HF directory the recipe's model comes from (``minilm`` resolves to its package)."""
     if recipe.model.path is not None:
-        raise RecipeError(
-            "model.path: `bitsmith run` evaluates zoo classifiers for now; use the Python API for HF models"
-        )
-    name = recipe.model.name
-    entry = get_zoo_model(name)  # type: ignore[arg-type]
-    if checkpoint_path(name).is_file() or not smoke:  # type: ignore[arg-type]
-        return pretrained(name, recipe.data.root)  # type: ignore[arg-type]
+        return str(Path(recipe.model.path).resolve())
+    if recipe.model.name in HF_MODELS:
+        from bitsmith.zoo.minilm import minilm_dir
+
+        return str(minilm_dir())
+    return str(recipe.model.name)
+
+
+def load_classifier(name: str, root: str | None, smoke: bool) -> nn.Module:
+    """A zoo classifier. A smoke run without a cached checkpoint trains one tiny epoch instead."""
+    entry = get_zoo_model(name)
+    if checkpoint_path(name).is_file() or not smoke:
+        return pretrained(name, root)
     torch.manual_seed(0)
     model = entry.build()
-    images, labels = subset(*load_fashion_mnist("train", recipe.data.root), 1000, seed=0)
+    images, labels = subset(*load_fashion_mnist("train", root), 1000, seed=0)
     fit(model, images, labels, TrainConfig(epochs=1, batch_size=64, optimizer="adamw", lr=2e-3))
     return model.eval()
 
 
-def measure(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], recipe: Recipe, smoke: bool) -> dict[str, Any]:
-    example = test[0][: SMOKE["latency_batch"] if smoke else recipe.eval.latency_batch]
-    cost = model_cost(model, example[:1])
+def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
+    """The recipe's model and the task it is calibrated and evaluated on."""
+    data = recipe.data
+    calib_size = min(data.calib_size, SMOKE["calib_size"]) if smoke else data.calib_size
+    if recipe.data.name == "fashion-mnist":
+        model = load_classifier(str(recipe.model.name), data.root, smoke)
+        eval_size = SMOKE["eval_size"] if smoke else data.eval_size
+        return model, classification_task(data.root, eval_size, calib_size, data.calib_batch_size, data.seed)
+    from bitsmith.zoo.minilm import load_hf_encoder
+
+    model, tokenizer = load_hf_encoder(model_source(recipe))
+    eval_size = SMOKE["text_eval_size"] if smoke else data.eval_size
+    return model, embedding_task(tokenizer, eval_size, calib_size, data.calib_batch_size, data.seed)
+
+
+def measure(model: nn.Module, task: Task, recipe: Recipe, smoke: bool) -> dict[str, Any]:
+    example = task.example(SMOKE["latency_batch"] if smoke else recipe.eval.latency_batch)
+    cost = model_cost(model, task.first(example))
     metrics: dict[str, Any] = {
-        "accuracy": accuracy(model, *test),
+        **task.evaluate(model),
         "size_bytes": cost.totals["size_bytes"],
         "avg_weight_bits": cost.totals["avg_weight_bits"],
         "bops": cost.totals["bops"],
@@ -63,39 +86,32 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run ``recipe`` and write report.json, report.md, plots, the resolved recipe and the checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
-    data = recipe.data
-    test = load_fashion_mnist("test", data.root)
-    test = subset(*test, SMOKE["eval_size"] if smoke else data.eval_size, seed=data.seed)
-    train_images, train_labels = load_fashion_mnist("train", data.root)
-    calib_size = SMOKE["calib_size"] if smoke else data.calib_size
-    calib_images, calib_labels = subset(train_images, train_labels, calib_size, seed=data.seed + 1)
-    calib = [x for x, _ in batches(calib_images, calib_labels, data.calib_batch_size)]
-
-    model = load_model(recipe, smoke)
-    baseline = measure(model, test, recipe, smoke)
+    model, task = load_task(recipe, smoke)
+    baseline = measure(model, task, recipe, smoke)
     methods = recipe.build_methods()
     start = time.perf_counter()
-    layer_map = compress(model, methods, calib) if methods else {}
+    layer_map = compress(model, methods, task.calibration) if methods else {}
     train_cfg = recipe.train_config()
-    if train_cfg is not None:
-        images, labels = train_images, train_labels
+    if train_cfg is not None and isinstance(task, ClassificationTask):
+        images, labels = task.train
         if smoke:
-            images, labels = subset(images, labels, SMOKE["train_examples"], seed=data.seed)
+            images, labels = subset(images, labels, SMOKE["train_examples"], seed=recipe.data.seed)
             train_cfg = TrainConfig(**{**train_cfg.__dict__, "epochs": 1})
         fit(model, images, labels, train_cfg, methods)
         for method in methods:
             method.finalize(model)
     compress_seconds = time.perf_counter() - start
-    compressed = measure(model, test, recipe, smoke)
+    compressed = measure(model, task, recipe, smoke)
     compressed["metrics"]["compress_seconds"] = round(compress_seconds, 3)
 
     resolved = copy.deepcopy(resolved)
     resolved["methods"] = [m.config() for m in methods]  # solved allocations re-run without re-solving
+    source = model_source(recipe)
     report = {
         "name": name or out.name,
-        "model": recipe.model.name,
+        "model": recipe.model.name or source,
         "smoke": smoke,
-        "data": {"eval_examples": int(test[0].shape[0]), "calib_examples": int(calib_images.shape[0])},
+        "data": {"name": recipe.data.name, "eval_examples": task.eval_examples, "calib_examples": task.calib_examples},
         "baseline": baseline,
         "compressed": compressed,
         "compressed_layers": layer_map,
@@ -104,5 +120,6 @@ def run_recipe(
     atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
     write_run_report(out, report)
     if recipe.export.checkpoint:
-        save(model, out / "model.safetensors", meta={"model": recipe.model.name, "recipe": resolved})
+        meta = {"model": report["model"], "source": source, "task": task.kind, "recipe": resolved}
+        save(model, out / "model.safetensors", meta=meta)
     return report

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 METRIC_COLUMNS = [
     ("accuracy", "top-1 %", lambda v: f"{100 * v:.2f}"),
+    ("cosine", "cosine to FP32", lambda v: f"{v:.4f}"),
+    ("retrieval", "recall@1 %", lambda v: f"{100 * v:.2f}"),
     ("size_bytes", "size (KB)", lambda v: f"{v / 1024:.1f}"),
     ("avg_weight_bits", "avg w bits", lambda v: f"{v:.2f}"),
     ("bops", "GBOPs", lambda v: f"{v / 1e9:.2f}"),
@@ -30,12 +32,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def quality(metrics: dict[str, Any]) -> tuple[str, float]:
+    """The headline quality metric of a run, as (label, percent): top-1, else retrieval recall@1."""
+    if metrics.get("accuracy") is not None:
+        return "top-1 %", 100 * metrics["accuracy"]
+    return "recall@1 %", 100 * metrics["retrieval"]
+
+
+def headline(base: dict[str, Any], comp: dict[str, Any]) -> str:
+    """One line: quality, size and bits before -> after."""
+    parts = [f"{title} {fmt(base[key])} -> {fmt(comp[key])}" for key, title, fmt in METRIC_COLUMNS[:3] if key in comp]
+    parts.append(f"size {base['size_bytes'] / 1024:.1f} KB -> {comp['size_bytes'] / 1024:.1f} KB")
+    parts.append(f"avg weight bits {comp['avg_weight_bits']:.2f}")
+    return ", ".join(parts)
+
+
 def metrics_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    """Markdown table of named metric dicts (missing values shown as -)."""
-    header = "| run | " + " | ".join(title for _, title, _ in METRIC_COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(METRIC_COLUMNS) + 1)]
+    """Markdown table of named metric dicts: the columns any row has (missing values shown as -)."""
+    columns = [c for c in METRIC_COLUMNS if any(metrics.get(c[0]) is not None for _, metrics in rows)]
+    header = "| run | " + " | ".join(title for _, title, _ in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
     for name, metrics in rows:
-        cells = [fmt(metrics[key]) if metrics.get(key) is not None else "-" for key, _, fmt in METRIC_COLUMNS]
+        cells = [fmt(metrics[key]) if metrics.get(key) is not None else "-" for key, _, fmt in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -66,15 +84,17 @@ def plot_layers(layers: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def plot_accuracy_vs_size(points: list[tuple[str, float, float]], path: Path, title: str) -> Path:
-    """Scatter of (name, size in KB, accuracy %) points."""
+def plot_accuracy_vs_size(
+    points: list[tuple[str, float, float]], path: Path, title: str, ylabel: str = "top-1 accuracy (%)"
+) -> Path:
+    """Scatter of (name, size in KB, quality %) points."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name, size_kb, acc in points:
         ax.scatter(size_kb, acc, s=40)
         ax.annotate(name, (size_kb, acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("model size (KB, log scale)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -93,7 +113,7 @@ def write_run_report(out: Path, report: dict[str, Any]) -> list[Path]:
     md = [
         f"# {report['name']}",
         "",
-        f"Model `{report['model']}`, {report['data']['eval_examples']} test examples, "
+        f"Model `{report['model']}`, {report['data']['eval_examples']} test examples of {report['data'].get('name')}, "
         f"{report['data']['calib_examples']} calibration examples{' (smoke run)' if report['smoke'] else ''}.",
         "",
         metrics_table(rows),
@@ -124,12 +144,13 @@ def compare_runs(dirs: list[Path], out: Path | None = None) -> str:
         if not rows:
             rows.append(("FP32 baseline", report["baseline"]["metrics"]))
         rows.append((report["name"], report["compressed"]["metrics"]))
+    label = "top-1 %"
     for name, metrics in rows:
-        if metrics.get("accuracy") is not None:
-            points.append((name, metrics["size_bytes"] / 1024, 100 * metrics["accuracy"]))
+        label, value = quality(metrics)
+        points.append((name, metrics["size_bytes"] / 1024, value))
     table = metrics_table(rows)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        plot = plot_accuracy_vs_size(points, out / "accuracy_vs_size.png", "accuracy vs size")
+        plot = plot_accuracy_vs_size(points, out / "accuracy_vs_size.png", f"{label} vs size", label)
         atomic_write_text(out / "comparison.md", f"# Comparison\n\n{table}\n\n![accuracy vs size]({plot.name})\n")
     return table

@@ -71,6 +71,11 @@ class Quantizer(nn.Module):
         """Bits needed to store the quantizer's own parameters (scales, zero points, levels)."""
         return 0
 
+    def float_bias(self, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+        """The bias a float layer needs when this (input) quantizer is dropped; unchanged unless the
+        quantizer folded a correction into its layer's bias (NoisyQuant's denoising bias)."""
+        return bias
+
     def restore(self, decoded: Tensor) -> None:
         """Re-derive ``packed_exclude`` state from decoded values after loading a packed checkpoint."""
 

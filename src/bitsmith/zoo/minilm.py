@@ -28,7 +28,9 @@ def load_hf_encoder(path: str | os.PathLike[str] | None = None) -> tuple[nn.Modu
     """(model, tokenizer) from a local directory (default: MiniLM); never touches a model hub."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     directory = Path(path) if path is not None else minilm_dir()
     model = AutoModel.from_pretrained(directory, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)

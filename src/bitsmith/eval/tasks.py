@@ -1,0 +1,138 @@
+"""Evaluation tasks: the data a model is calibrated on and the metrics it is measured with.
+
+* :class:`ClassificationTask` — Fashion-MNIST top-1 ``accuracy`` for the zoo classifiers.
+* :class:`EmbeddingTask` — for sentence encoders (MiniLM or any local HF encoder): ``cosine``, the
+  mean cosine similarity of the model's embeddings to the FP32 model's, and ``retrieval``, recall@1
+  of each docstring summary retrieving its own docstring body among all evaluated pairs.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from bitsmith.data import batches, subset
+from bitsmith.train import accuracy
+
+
+@dataclass
+class ClassificationTask:
+    """Top-1 accuracy on ``test``; calibration batches of images; ``train`` for training methods."""
+
+    test: tuple[Tensor, Tensor]
+    train: tuple[Tensor, Tensor]
+    calibration: list[Tensor]
+    kind: str = "classification"
+
+    @property
+    def eval_examples(self) -> int:
+        return int(self.test[0].shape[0])
+
+    @property
+    def calib_examples(self) -> int:
+        return sum(int(x.shape[0]) for x in self.calibration)
+
+    def example(self, batch_size: int) -> Tensor:
+        return self.test[0][:batch_size]
+
+    def first(self, batch: Tensor) -> Tensor:
+        return batch[:1]
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return {"accuracy": accuracy(model, *self.test)}
+
+
+@dataclass
+class EmbeddingTask:
+    """Cosine to the FP32 embeddings and retrieval recall@1 on (query, passage) text pairs."""
+
+    tokenizer: Any
+    pairs: list[tuple[str, str]]
+    calib_texts: list[str]
+    calib_batch_size: int = 32
+    reference: Tensor | None = field(default=None, repr=False)
+    kind: str = "embedding"
+
+    @property
+    def eval_examples(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def calib_examples(self) -> int:
+        return len(self.calib_texts)
+
+    @property
+    def calibration(self) -> list[dict[str, Tensor]]:
+        from bitsmith.zoo.minilm import tokenize
+
+        size = self.calib_batch_size
+        return [tokenize(self.tokenizer, self.calib_texts[i : i + size]) for i in range(0, len(self.calib_texts), size)]
+
+    def example(self, batch_size: int) -> dict[str, Tensor]:
+        from bitsmith.zoo.minilm import tokenize
+
+        texts = [text for pair in self.pairs for text in pair]
+        return tokenize(self.tokenizer, (texts * (1 + batch_size // max(len(texts), 1)))[:batch_size])
+
+    def first(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {key: value[:1] for key, value in batch.items()}
+
+    def embeddings(self, model: nn.Module) -> Tensor:
+        """Embeddings of all queries, then all passages ``(2 * pairs, dim)``."""
+        from bitsmith.zoo.minilm import embed_texts
+
+        texts = [q for q, _ in self.pairs] + [p for _, p in self.pairs]
+        was_training = model.training
+        model.eval()
+        out = embed_texts(model, self.tokenizer, texts)
+        model.train(was_training)
+        return out
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        from bitsmith.zoo.minilm import mean_cosine, retrieval_recall_at_1
+
+        out = self.embeddings(model)
+        if self.reference is None:  # the first model evaluated is the FP32 reference
+            self.reference = out
+        n = len(self.pairs)
+        return {
+            "cosine": mean_cosine(out, self.reference),
+            "retrieval": retrieval_recall_at_1(out[:n], out[n:]),
+        }
+
+
+def classification_task(
+    root: str | None, eval_size: int | None, calib_size: int, calib_batch_size: int, seed: int
+) -> ClassificationTask:
+    """Fashion-MNIST: ``eval_size`` test images (all when None), ``calib_size`` training images."""
+    from bitsmith.zoo.data import load_fashion_mnist
+
+    test = load_fashion_mnist("test", root)
+    test = subset(*test, eval_size, seed=seed)
+    train = load_fashion_mnist("train", root)
+    calib_images, calib_labels = subset(*train, calib_size, seed=seed + 1)
+    calib = [x for x, _ in batches(calib_images, calib_labels, calib_batch_size)]
+    return ClassificationTask(test=test, train=train, calibration=calib)
+
+
+CALIB_PAIRS = 100  # docstring pairs held out for calibration; the rest are evaluated
+
+
+def embedding_task(
+    tokenizer: Any, eval_size: int | None, calib_size: int, calib_batch_size: int, seed: int
+) -> EmbeddingTask:
+    """Docstring pairs shuffled with ``seed``: 100 pairs (200 sentences) are the calibration pool,
+    up to ``eval_size`` of the rest are evaluated."""
+    from bitsmith.zoo.text import docstring_pairs
+
+    pairs = docstring_pairs()
+    random.Random(seed).shuffle(pairs)
+    calib_pairs, eval_pairs = pairs[:CALIB_PAIRS], pairs[CALIB_PAIRS:]
+    calib_texts = [text for pair in calib_pairs for text in pair][:calib_size]
+    return EmbeddingTask(tokenizer, eval_pairs[:eval_size] if eval_size else eval_pairs, calib_texts, calib_batch_size)
+
+
+Task = ClassificationTask | EmbeddingTask

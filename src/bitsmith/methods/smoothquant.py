@@ -1,0 +1,202 @@
+"""SmoothQuant (Xiao et al., ICML 2023): move activation outliers into the weights.
+
+Spec: ``shared/methods/ptq-baselines.md``. For the Linear layers fed by one tensor ``x`` (q/k/v share
+one), ``s_j = max|x_j|^alpha / max|W_j|^(1-alpha)`` per input channel; the layers compute
+``(x / s) (diag(s) W)``, the same function in floating point, with flatter activations. Put it
+*before* the quantizing method in ``methods`` (e.g. ``[smoothquant, ptq]``).
+
+Where ``x`` is a LayerNorm's output consumed only by those layers, ``1/s`` is folded into the norm's
+weight and bias (no run-time cost). Whether that is safe is checked, not assumed: a fold that changes
+the model's output (post-LN BERT/MiniLM, where the norm's output also feeds a residual) is undone and
+the division stays in the layer, where a deployed model fuses it into the activation quantize step
+(a per-channel activation scale). ``layers: all`` also smooths layers not fed by a norm (attention
+output, fc2) that way — an extension; the paper smooths only norm-fed layers (the default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from bitsmith.method import Method, register_method, run_forward
+from bitsmith.nn import QLinear, QuantizedMixin
+from bitsmith.quant.layers import to_quantized
+from bitsmith.swap import swap
+
+Key = tuple[int, tuple[int, ...], tuple[int, ...]]
+
+
+def tensor_key(x: Tensor) -> Key:
+    """Identity of a tensor's values in memory: two modules fed by the same tensor see the same key."""
+    return x.data_ptr(), tuple(x.shape), tuple(x.stride())
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm / RMSNorm-like modules with a per-channel affine weight."""
+    is_named = type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+    return (isinstance(module, nn.LayerNorm) or is_named) and isinstance(getattr(module, "weight", None), Tensor)
+
+
+def output_tensors(out: Any) -> list[Tensor]:
+    """The tensors of a model output (tensor, tuple, dict or HF ModelOutput), in order."""
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in output_tensors(item)]
+    return []
+
+
+def same_output(a: Any, b: Any, rtol: float = 1e-3) -> bool:
+    """Whether two model outputs agree to float rounding (relative to each tensor's scale)."""
+    ta, tb = output_tensors(a), output_tensors(b)
+    return len(ta) == len(tb) and all(
+        x.shape == y.shape and float((x - y).abs().max()) <= rtol * float(x.abs().max()) + 1e-6
+        for x, y in zip(ta, tb, strict=True)
+    )
+
+
+@register_method("smoothquant")
+@dataclass
+class SmoothQuant(Method):
+    """Per-channel smoothing scales from calibration data; list it before ``ptq`` / ``noisyquant``."""
+
+    description = "SmoothQuant: migrate activation outliers into the weights (folded into LayerNorm when exact)"
+
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    layers: Literal["norm-fed", "all"] = "norm-fed"
+    fold: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._layers: list[str] = []
+        self.report: dict[str, dict[str, Any]] = {}
+
+    def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        def linear_only(name: str, module: nn.Module, overrides: dict[str, Any]) -> nn.Module:
+            if isinstance(module, nn.Conv2d):
+                return module
+            if isinstance(module, QuantizedMixin) and module.weight_q is not None:
+                raise ValueError(
+                    f"smoothquant: layer {name!r} already has a weight quantizer; list smoothquant before "
+                    "the quantizing method in `methods` (e.g. [smoothquant, ptq])"
+                )
+            return to_quantized(module)
+
+        specs = swap(model, self.where, linear_only)
+        self._layers = [n for n in specs if isinstance(model.get_submodule(n), QLinear)]
+        return {n: specs[n] for n in self._layers}
+
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
+        batches = list(batches)
+        keys, act_max, norm_of = self._observe(model, batches)
+        probe = _probe(batches[0])
+        was_training = model.training
+        model.eval()
+        reference = run_forward(model, probe)
+        groups: dict[Key, list[str]] = {}
+        for name in self._layers:
+            groups.setdefault(keys[name], []).append(name)
+        for key, names in groups.items():
+            norm_name = norm_of.get(key)
+            if norm_name is None and self.layers == "norm-fed":
+                continue
+            layers = [model.get_submodule(n) for n in names]
+            w_max = torch.stack([layer.weight.abs().amax(dim=0) for layer in layers]).amax(dim=0)
+            a_max = act_max[names[0]]
+            scale = (a_max.clamp(min=1e-5).pow(self.alpha) / w_max.clamp(min=1e-5).pow(1 - self.alpha)).clamp(min=1e-5)
+            scale = torch.where(a_max > 0, scale, torch.ones_like(scale))
+            folded = (
+                norm_name is not None
+                and self.fold
+                and self._try_fold(model, norm_name, layers, scale, probe, reference)
+            )
+            if not folded:
+                for layer in layers:
+                    layer.set_smooth(scale)
+            for name in names:
+                self.report[name] = {"norm": norm_name, "folded": folded, "max_scale": float(scale.max())}
+        model.train(was_training)
+
+    def _observe(
+        self, model: nn.Module, batches: list[Any]
+    ) -> tuple[dict[str, Key], dict[str, Tensor], dict[Key, str]]:
+        """Input keys (first batch), per-channel max |input| of each layer, and which norm made which key."""
+        keys: dict[str, Key] = {}
+        act_max: dict[str, Tensor] = {}
+        norm_of: dict[Key, str] = {}
+        alive: list[Tensor] = []  # keeps first-batch tensors alive so their addresses are not reused
+        first = [True]
+
+        def on_input(name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            if first[0]:
+                keys[name] = tensor_key(x)
+                alive.append(x)
+            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
+
+        def on_norm(name: str, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
+            if first[0] and isinstance(out, Tensor):
+                norm_of[tensor_key(out)] = name
+                alive.append(out)
+
+        handles = [
+            model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: on_input(n, m, a)) for n in self._layers
+        ]
+        handles += [
+            m.register_forward_hook(lambda mod, a, o, n=n: on_norm(n, mod, a, o))
+            for n, m in model.named_modules()
+            if is_norm(m)
+        ]
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in batches:
+                run_forward(model, batch)
+                first[0] = False
+                alive.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        return keys, act_max, norm_of
+
+    def _try_fold(
+        self, model: nn.Module, norm_name: str, layers: list[nn.Module], scale: Tensor, probe: Any, reference: Any
+    ) -> bool:
+        """Fold ``1/scale`` into the norm and ``scale`` into the weights; undo when the output changes."""
+        norm = model.get_submodule(norm_name)
+        saved = [norm.weight.detach().clone(), None if norm.bias is None else norm.bias.detach().clone()]
+        weights = [layer.weight.detach().clone() for layer in layers]
+        norm.weight.div_(scale.to(norm.weight))
+        if norm.bias is not None:
+            norm.bias.div_(scale.to(norm.bias))
+        for layer in layers:
+            layer.weight.mul_(scale.to(layer.weight)[None, :])
+        if same_output(reference, run_forward(model, probe)):
+            return True
+        norm.weight.copy_(saved[0])
+        if norm.bias is not None:
+            norm.bias.copy_(saved[1])
+        for layer, weight in zip(layers, weights, strict=True):
+            layer.weight.copy_(weight)
+        return False
+
+
+def _probe(batch: Any, size: int = 4) -> Any:
+    """The first few examples of a batch, for cheap function-preservation checks."""
+    if isinstance(batch, Tensor):
+        return batch[:size]
+    if isinstance(batch, dict):
+        return {k: _probe(v, size) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_probe(v, size) for v in batch)
+    return batch
