@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install data demo test lint bench clean
+.PHONY: install data demo test lint bench bench-ptq bench-noisyquant clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,5 +43,10 @@ clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
 
 # Benchmarks: long measurements that regenerate docs/results/ (not part of `make test`).
-bench: $(STAMP) data
+bench: bench-ptq bench-noisyquant
+
+bench-ptq: $(STAMP) data
 	$(PY) benchmarks/ptq_baselines.py
+
+bench-noisyquant: $(STAMP) data
+	$(PY) benchmarks/noisyquant.py

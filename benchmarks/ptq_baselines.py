@@ -4,17 +4,15 @@ and the pretrained all-MiniLM-L6-v2 (cosine to FP32 and retrieval recall@1 on 40
 
 Regenerate: ``make bench`` (or ``python benchmarks/ptq_baselines.py [cnn vit minilm]``). Writes
 ``docs/results/ptq-baselines.md`` and ``docs/results/ptq-baselines.png``; finished rows are kept in
-``docs/results/ptq-baselines.json`` so an interrupted run resumes where it stopped.
+``docs/results/ptq-baselines.json`` (an interrupted run resumes; delete it to re-measure everything).
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -22,46 +20,32 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from common import RESULTS, Rows, load  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
 from bitsmith.eval.report import atomic_write_text  # noqa: E402
-from bitsmith.eval.tasks import Task, classification_task, embedding_task  # noqa: E402
 from bitsmith.methods.ptq import PTQ  # noqa: E402
-from bitsmith.zoo import pretrained  # noqa: E402
 
 SETTINGS = [(8, 8), (6, 6), (4, 8), (4, 4)]
 OBSERVERS = ["minmax", "percentile", "mse"]
 GRANULARITIES = ["tensor", "channel"]
-OUT = Path(__file__).parent.parent / "docs" / "results"
-ROWS = OUT / "ptq-baselines.json"
 WHERE = {"minilm": {"exclude": ["pooler*"]}}  # the pooler is not part of the mean-pooled embedding
-
-
-def load(name: str) -> tuple[nn.Module, Task]:
-    if name == "minilm":
-        from bitsmith.zoo.minilm import load_hf_encoder
-
-        model, tokenizer = load_hf_encoder()
-        return model, embedding_task(tokenizer, None, 128, 32, seed=0)
-    return pretrained(name), classification_task(None, None, 512, 128, seed=0)
 
 
 def run(models: list[str]) -> list[dict[str, Any]]:
     torch.set_num_threads(2)
-    done = json.loads(ROWS.read_text()) if ROWS.is_file() else []
-    keep = [r for r in done if r["model"] not in models]
-    rows = [r for r in done if r["model"] in models]
-    key = {(r["model"], r["setting"], r["observer"], r["weights"]) for r in rows}
+    rows = Rows(RESULTS / "ptq-baselines.json")
     for name in models:
         base, task = load(name)
-        fp32 = {**task.evaluate(base), "size": model_cost(base).totals["size_bytes"], "seconds": 0.0}
-        if (name, "FP32", "-", "-") not in key:
-            rows.append({"model": name, "setting": "FP32", "observer": "-", "weights": "-", **fp32})
-        print(f"{name} FP32 {fp32}", flush=True)
+        if not rows.done(model=name, setting="FP32"):
+            fp32 = {**task.evaluate(base), "size": model_cost(base).totals["size_bytes"], "seconds": 0.0}
+            rows.add({"model": name, "setting": "FP32", "observer": "-", "weights": "-", **fp32})
+        else:
+            task.evaluate(base)  # the FP32 embeddings are the cosine reference
         for (w, a), observer, granularity in itertools.product(SETTINGS, OBSERVERS, GRANULARITIES):
-            if (name, f"W{w}A{a}", observer, f"per-{granularity}") in key:
+            key = {"model": name, "setting": f"W{w}A{a}", "observer": observer, "weights": f"per-{granularity}"}
+            if rows.done(**key):
                 continue
             model = copy.deepcopy(base)
             start = time.perf_counter()
@@ -69,12 +53,11 @@ def run(models: list[str]) -> list[dict[str, Any]]:
                          where=WHERE.get(name, {}))  # fmt: skip
             compress(model, method, task.calibration)
             seconds = time.perf_counter() - start
-            row = {"model": name, "setting": f"W{w}A{a}", "observer": observer, "weights": f"per-{granularity}",
-                   **task.evaluate(model), "size": model_cost(model).totals["size_bytes"], "seconds": seconds}  # fmt: skip
-            rows.append(row)
-            print(row, flush=True)
-            atomic_write_text(ROWS, json.dumps(keep + rows, indent=1))
-    return keep + rows
+            rows.add(
+                {**key, **task.evaluate(model), "size": model_cost(model).totals["size_bytes"], "seconds": seconds}
+            )
+            print(rows.rows[-1], flush=True)
+    return [r for r in rows.rows if r["model"] in models]
 
 
 def table(rows: list[dict[str, Any]], metrics: list[tuple[str, str]]) -> list[str]:
@@ -95,7 +78,7 @@ def table(rows: list[dict[str, Any]], metrics: list[tuple[str, str]]) -> list[st
 
 
 def write(rows: list[dict[str, Any]]) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     vision = [r for r in rows if "accuracy" in r]
     text = [r for r in rows if "retrieval" in r]
     lines = [
@@ -122,7 +105,7 @@ def write(rows: list[dict[str, Any]]) -> None:
         "![PTQ baselines](ptq-baselines.png)",
         "",
     ]
-    atomic_write_text(OUT / "ptq-baselines.md", "\n".join(lines))
+    atomic_write_text(RESULTS / "ptq-baselines.md", "\n".join(lines))
     plot(rows)
 
 
@@ -143,7 +126,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT / "ptq-baselines.png", dpi=110)
+    fig.savefig(RESULTS / "ptq-baselines.png", dpi=110)
     plt.close(fig)
 
 

@@ -1,0 +1,41 @@
+"""Shared benchmark helpers: the zoo models with their evaluation tasks, and resumable result rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from bitsmith.eval.report import atomic_write_text
+from bitsmith.eval.tasks import Task, classification_task, embedding_task
+from bitsmith.zoo import pretrained
+
+RESULTS = Path(__file__).parent.parent / "docs" / "results"
+
+
+def load(name: str, calib_size: int | None = None) -> tuple[nn.Module, Task]:
+    """A zoo model (``cnn``, ``vit``) on Fashion-MNIST or ``minilm`` on the docstring pairs, in eval mode."""
+    if name == "minilm":
+        from bitsmith.zoo.minilm import load_hf_encoder
+
+        model, tokenizer = load_hf_encoder()
+        return model, embedding_task(tokenizer, None, calib_size or 128, 32, seed=0)
+    return pretrained(name), classification_task(None, None, calib_size or 512, 128, seed=0)
+
+
+class Rows:
+    """Result rows saved to a JSON file after each one: an interrupted benchmark resumes where it
+    stopped, and rows already there are not re-measured (delete the file to measure everything again)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
+
+    def done(self, **key: Any) -> bool:
+        return any(all(r.get(k) == v for k, v in key.items()) for r in self.rows)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        atomic_write_text(self.path, json.dumps(self.rows, indent=1))
