@@ -97,7 +97,9 @@ def run_recipe(
         if smoke:
             images, labels = subset(images, labels, SMOKE["train_examples"], seed=recipe.data.seed)
             train_cfg = TrainConfig(**{**train_cfg.__dict__, "epochs": 1})
-        fit(model, images, labels, train_cfg, methods)
+        state = out / "train_state.pt"  # a killed run resumes from its last finished epoch
+        fit(model, images, labels, train_cfg, methods, checkpoint=state)
+        state.unlink()
         for method in methods:
             method.finalize(model)
     compress_seconds = time.perf_counter() - start

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,27 +49,87 @@ def lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass
+class TrainState:
+    """What an epoch callback sees: the epoch just finished (1-based), the global step, the history."""
+
+    epoch: int
+    step: int
+    history: list[dict[str, Any]]
+
+
+EpochCallback = Callable[[nn.Module, TrainState], None]
+
+
+def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    """Atomically write model, optimizer, progress and RNG state (a kill mid-write keeps the old file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "history": state.history,
+        "rng": torch.get_rng_state(),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+    """Restore what ``save_training_state`` wrote (tensors and plain data only: ``weights_only=True``)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+    except Exception as exc:  # a corrupt or foreign file: say which and how to recover
+        first_line = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"{path}: cannot resume training from this file (corrupt, or not a bitsmith training state: "
+            f"{first_line}); delete it to start from scratch"
+        ) from None
+    torch.set_rng_state(payload["rng"])
+    return TrainState(payload["epoch"], payload["step"], payload["history"])
+
+
 def fit(
     model: nn.Module,
     images: Tensor,
     labels: Tensor,
     cfg: TrainConfig,
     methods: list[Method] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    callbacks: list[EpochCallback] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` on in-memory data; methods' ``perturb`` and ``penalty`` hooks join every step."""
+    """Train ``model`` on in-memory data; methods' ``perturb`` and ``penalty`` hooks join every step.
+
+    With ``checkpoint``, the training state is written there atomically after every epoch, and a run
+    that finds the file resumes after its last finished epoch and ends where an uninterrupted run
+    ends (the shuffling is seeded per epoch; the RNG state is saved). ``callbacks`` run after each
+    epoch (before the checkpoint), e.g. for schedules.
+    """
     methods = methods or []
     torch.manual_seed(cfg.seed)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(images.shape[0] / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    history, step = [], 0
+    state = TrainState(0, 0, [])
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.is_file():
+        state = load_training_state(path, model, optimizer)
     model.train()
-    for epoch in range(cfg.epochs):
+    for epoch in range(state.epoch, cfg.epochs):
         loss_sum, correct, seen = 0.0, 0, 0
         epoch_batches = batches(images, labels, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
         for batch in track(epoch_batches, f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, cfg.lr)
+                group["lr"] = lr_at(state.step, total, warmup, cfg.lr)
             for method in methods:
                 batch = method.perturb(model, batch)
             x, y = batch
@@ -74,17 +138,25 @@ def fit(
             for method in methods:
                 loss = loss + method.penalty(model, batch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower the lr")
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step}; "
+                    "check the data for NaN/inf, or lower the lr"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            step += 1
+            state.step += 1
             loss_sum += loss.item() * y.shape[0]
             correct += int((logits.argmax(1) == y).sum())
             seen += y.shape[0]
-        history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
+        state.epoch = epoch + 1
+        state.history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
+        for callback in callbacks or []:
+            callback(model, state)
+        if path is not None:
+            save_training_state(path, model, optimizer, state)
     model.eval()
-    return history
+    return state.history
 
 
 @torch.no_grad()
