@@ -192,4 +192,7 @@ def plot(summary: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    write(run(sys.argv[1:] or ["vit", "minilm"]))
+    if sys.argv[1:] == ["--write-only"]:  # re-render the tables and plot from the saved rows
+        write(Rows(RESULTS / "noisyquant.json").rows)
+    else:
+        write(run(sys.argv[1:] or ["vit", "minilm"]))
