@@ -1,0 +1,98 @@
+"""Training-time quantization on the zoo CNN: top-1 vs average weight bits.
+
+So far: uniform QAT (STE and LSQ) at 2 / 3 / 4 weight bits with 8-bit activations, stem and classifier
+at 8 bits, fine-tuned from the FP32 checkpoint. BSQ, CSQ, MSQ and HERO rows join as they land (issue 6).
+
+Regenerate: ``make bench-bit-level`` (``python benchmarks/bit_level.py [--epochs N]``). Writes
+``docs/results/bit-level.{md,png,json}``; the JSON keeps finished rows (delete it to re-measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from common import RESULTS, Rows, load  # noqa: E402
+
+from bitsmith import compress  # noqa: E402
+from bitsmith.eval.cost import model_cost  # noqa: E402
+from bitsmith.eval.report import atomic_write_text  # noqa: E402
+from bitsmith.methods.qat import QAT  # noqa: E402
+from bitsmith.train import TrainConfig, fit  # noqa: E402
+from bitsmith.zoo import cache_dir  # noqa: E402
+
+BITS = [4, 3, 2]
+ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
+
+
+def run(epochs: int) -> list[dict[str, Any]]:
+    torch.set_num_threads(2)
+    rows = Rows(RESULTS / "bit-level.json")
+    base, task = load("cnn", calib_size=256)
+    if not rows.done(run="FP32"):
+        rows.add({"run": "FP32", **task.evaluate(base), "avg_bits": 32.0, "seconds": 0.0})
+    config = TrainConfig(epochs=epochs, optimizer="adamw", lr=5e-4, weight_decay=0.0)
+    for bits in BITS:
+        for step in ("ste", "lsq"):
+            label = f"QAT {step.upper()} W{bits}A8"
+            if rows.done(run=label, epochs=epochs):
+                continue
+            model = copy.deepcopy(base)
+            method = QAT(w_bits=bits, a_bits=8, step=step, where=ENDS_AT_8)
+            start = time.perf_counter()
+            compress(model, method, task.calibration)
+            state = cache_dir() / "bench" / f"bit-level-{step}-w{bits}-e{epochs}.pt"  # resumes if killed
+            fit(model, *task.train, config, [method], checkpoint=state)
+            state.unlink()
+            seconds = time.perf_counter() - start
+            avg_bits = model_cost(model).totals["avg_weight_bits"]
+            rows.add({"run": label, "epochs": epochs, **task.evaluate(model), "avg_bits": avg_bits, "seconds": seconds})
+            print(rows.rows[-1], flush=True)
+    return rows.rows
+
+
+def write(rows: list[dict[str, Any]]) -> None:
+    lines = [
+        "# Training-time quantization (zoo CNN, Fashion-MNIST)",
+        "",
+        "Fine-tuned from the FP32 checkpoint with AdamW (lr 5e-4, cosine), 8-bit activations, stem and",
+        "classifier weights at 8 bits; top-1 on the 10,000 test images; seconds on 2 threads including",
+        "training. Regenerate: `make bench-bit-level`.",
+        "",
+        "| run | epochs | avg weight bits | top-1 % | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r.get('epochs', '-')} | {r['avg_bits']:.2f} | {100 * r['accuracy']:.2f} | "
+                     f"{r['seconds']:.0f} |")  # fmt: skip
+    lines += ["", "![accuracy vs bits](bit-level.png)", ""]
+    atomic_write_text(RESULTS / "bit-level.md", "\n".join(lines))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fp32 = next(r for r in rows if r["run"] == "FP32")
+    ax.axhline(100 * fp32["accuracy"], color="black", linewidth=1, label="FP32")
+    for family in ("QAT STE", "QAT LSQ"):
+        pts = sorted((r for r in rows if r["run"].startswith(family)), key=lambda r: r["avg_bits"])
+        ax.plot([r["avg_bits"] for r in pts], [100 * r["accuracy"] for r in pts], marker="o", label=family)
+    ax.set_xlabel("average weight bits")
+    ax.set_ylabel("top-1 %")
+    ax.set_title("zoo CNN: accuracy vs average weight bits")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bit-level.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--write-only", action="store_true", help="re-render from the saved rows")
+    args = parser.parse_args()
+    write(Rows(RESULTS / "bit-level.json").rows if args.write_only else run(args.epochs))
