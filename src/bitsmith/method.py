@@ -1,4 +1,5 @@
-"""The Method base dataclass (hooks ``prepare``, ``calibrate``, ``perturb``, ``penalty``, ``finalize``),
+"""The Method base dataclass (hooks ``prepare``, ``calibrate``, ``perturb``, ``penalty``, ``schedule``,
+``finalize``),
 its registry, and ``compress()`` which runs a list of methods on a model."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from bitsmith.select import Selection, as_selection
 
 METHODS: Registry[Method] = Registry("method", entry_point_group="bitsmith.methods")
 register_method = METHODS.register
-HOOKS = ("prepare", "calibrate", "perturb", "penalty", "finalize")
+HOOKS = ("prepare", "calibrate", "perturb", "penalty", "schedule", "finalize")
 
 
 @dataclass
@@ -57,6 +58,12 @@ class Method:
     def penalty(self, model: nn.Module, batch: Any) -> Tensor:
         """A regulariser added to the task loss."""
         return torch.zeros(())
+
+    def schedule(self, model: nn.Module, epoch: int, epochs: int) -> bool:
+        """Called by the training loop after epoch ``epoch`` (1-based) of ``epochs``, e.g. for periodic
+        re-quantization or annealing. Return True when parameters were replaced (the loop then
+        rebuilds its optimizer)."""
+        return False
 
     def finalize(self, model: nn.Module) -> None:
         """Make the result hard: quantize, cut ranks, remove channels."""

@@ -82,11 +82,13 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
             os.remove(tmp)
 
 
-def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
-    """Restore what ``save_training_state`` wrote (tensors and plain data only: ``weights_only=True``)."""
+def load_training_state(path: Path, model: nn.Module, cfg: TrainConfig) -> tuple[TrainState, torch.optim.Optimizer]:
+    """Restore what ``save_training_state`` wrote (tensors and plain data only: ``weights_only=True``);
+    the optimizer is built after the model's state is loaded, so it holds resized parameters too."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["model"])
+        optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict(payload["optimizer"])
     except Exception as exc:  # a corrupt or foreign file: say which and how to recover
         first_line = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
@@ -95,7 +97,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
             f"{first_line}); delete it to start from scratch"
         ) from None
     torch.set_rng_state(payload["rng"])
-    return TrainState(payload["epoch"], payload["step"], payload["history"])
+    return TrainState(payload["epoch"], payload["step"], payload["history"]), optimizer
 
 
 def fit(
@@ -107,7 +109,8 @@ def fit(
     checkpoint: str | os.PathLike[str] | None = None,
     callbacks: list[EpochCallback] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` on in-memory data; methods' ``perturb`` and ``penalty`` hooks join every step.
+    """Train ``model`` on in-memory data; methods' ``perturb`` and ``penalty`` hooks join every step,
+    their ``schedule`` hook every epoch.
 
     With ``checkpoint``, the training state is written there atomically after every epoch, and a run
     that finds the file resumes after its last finished epoch and ends where an uninterrupted run
@@ -116,13 +119,14 @@ def fit(
     """
     methods = methods or []
     torch.manual_seed(cfg.seed)
-    optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(images.shape[0] / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     state = TrainState(0, 0, [])
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
-        state = load_training_state(path, model, optimizer)
+        state, optimizer = load_training_state(path, model, cfg)
+    else:
+        optimizer = make_optimizer(model, cfg)
     model.train()
     for epoch in range(state.epoch, cfg.epochs):
         loss_sum, correct, seen = 0.0, 0, 0
@@ -151,6 +155,9 @@ def fit(
             seen += y.shape[0]
         state.epoch = epoch + 1
         state.history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
+        replaced = [method.schedule(model, state.epoch, cfg.epochs) for method in methods]
+        if any(replaced):  # parameters changed shape or identity: a fresh optimizer sees the new ones
+            optimizer = make_optimizer(model, cfg)
         for callback in callbacks or []:
             callback(model, state)
         if path is not None:

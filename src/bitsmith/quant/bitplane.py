@@ -122,7 +122,10 @@ class BitPlaneQuantizer(Quantizer):
 
     @torch.no_grad()
     def add_msb_(self) -> None:
-        self._set(self._integers(), self.step.detach(), self.bits + 1)
+        """One more bit on top; relaxed values that overflowed the old range keep up to the new one."""
+        levels = 2 ** (self.bits + 1) - 1
+        integers = torch.round(self.integer_value().detach().clamp(-levels, levels))
+        self._set(integers, self.step.detach(), self.bits + 1)
 
     def plane_density(self) -> Tensor:
         """Fraction of weights whose rounded magnitude has bit b set, ``(bits,)`` (b = 0 is the LSB)."""
@@ -150,6 +153,11 @@ class BitPlaneQuantizer(Quantizer):
     @torch.no_grad()
     def decode(self, enc: Encoded) -> Tensor:
         return enc.params["step"] * enc.codes.to(torch.float32)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.pos.numel():  # planes may have been resized by a precision change: bits follow them
+            self._bits = self.pos.shape[0]
 
     @torch.no_grad()
     def restore(self, decoded: Tensor) -> None:

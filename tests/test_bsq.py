@@ -1,0 +1,80 @@
+"""BSQ: the group Lasso removes bit planes, layers end at their own exact precision, training resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitsmith import compress, load, model_cost, save
+from bitsmith.methods.bsq import BSQ, adjust_precision
+from bitsmith.quant.bitplane import BitPlaneQuantizer
+from bitsmith.train import TrainConfig, TrainState, accuracy, fit
+from conftest import make_cnn
+from test_qat import toy_data
+
+
+def test_precision_adjustment_is_exact_and_drops_empty_planes() -> None:
+    q = BitPlaneQuantizer(8)
+    q.calibrate_(torch.randn(16, 16))
+    with torch.no_grad():  # make the weight use only bits 2..5 of 8
+        q._set((q._integers() / 8).round().clamp(-15, 15) * 4, q.step.detach(), 8)
+    before = q(torch.empty(0)).detach()
+    adjust_precision(q, max_bits=8)
+    assert q.bits == 4 and torch.equal(q(torch.empty(0)).detach(), before)
+    with torch.no_grad():  # planes drifted above 1: the MSB grows back, values kept
+        q.pos.mul_(1.9)
+    grown = torch.round(q.integer_value().detach())
+    adjust_precision(q, max_bits=8)
+    assert q.bits == 5 and torch.equal(torch.round(q.integer_value().detach()), grown.clamp(-31, 31))
+
+
+def test_bsq_lowers_average_bits_with_exact_planes_and_round_trips(tmp_path: Path) -> None:
+    model = make_cnn()
+    x, y = toy_data(512)
+    fit(model, x, y, TrainConfig(epochs=4, batch_size=32, optimizer="adamw", lr=1e-2, weight_decay=0))
+    method = BSQ(alpha=2.0, start_bits=8, a_bits=8, finetune_epochs=1)
+    compress(model, method, [x[:64]])
+    assert model_cost(model).totals["avg_weight_bits"] == 8.0
+    fit(model, x, y, TrainConfig(epochs=4, batch_size=32, optimizer="sgd", lr=0.05, weight_decay=0), [method])
+    method.finalize(model)  # exact {0, 1} planes
+    bits = method.precision(model)
+    assert model_cost(model).totals["avg_weight_bits"] < 4 and len(set(bits.values())) > 1, bits
+    assert bits["fc1"] < bits["stem"]  # the largest layer ends lowest, the 72-weight stem highest
+    assert accuracy(model, x, y) > 0.9
+    for name in bits:
+        q = model.get_submodule(name).weight_q
+        assert set(q.pos.unique().tolist()) <= {0.0, 1.0} and set(q.neg.unique().tolist()) <= {0.0, 1.0}
+    reloaded = load(save(model, tmp_path / "bsq.safetensors"), make_cnn())
+    assert torch.equal(reloaded(x[:8]), model.eval()(x[:8]))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_bsq_training_resumes_across_precision_changes(tmp_path: Path) -> None:
+    x, y = toy_data(256)
+    cfg = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=0.05, weight_decay=0)
+
+    def prepared() -> tuple[torch.nn.Module, BSQ]:
+        model, method = make_cnn(), BSQ(alpha=2.0)
+        compress(model, method, [x[:64]])
+        return model, method
+
+    reference, method = prepared()
+    fit(reference, x, y, cfg, [method])
+
+    def kill_after_epoch_2(model: torch.nn.Module, state: TrainState) -> None:
+        if state.epoch == 2:
+            raise Interrupt
+
+    model, method = prepared()
+    with pytest.raises(Interrupt):
+        fit(model, x, y, cfg, [method], checkpoint=tmp_path / "s.pt", callbacks=[kill_after_epoch_2])
+    resumed, method = prepared()
+    fit(resumed, x, y, cfg, [method], checkpoint=tmp_path / "s.pt")
+    assert method.precision(resumed) == BSQ.precision(method, reference)
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
