@@ -1,7 +1,9 @@
 """Training-time quantization on the zoo CNN: top-1 vs average weight bits.
 
 So far: uniform QAT (STE and LSQ) at 2 / 3 / 4 weight bits with 8-bit activations, stem and classifier
-at 8 bits, fine-tuned from the FP32 checkpoint. BSQ, CSQ, MSQ and HERO rows join as they land (issue 6).
+at 8 bits, fine-tuned from the FP32 checkpoint; BSQ at three alphas from an 8-bit start (stem and
+classifier at 8 bits by STE QAT, 1 extra fine-tune epoch at the found precision). CSQ, MSQ and HERO join as they
+land (issue 6).
 
 Regenerate: ``make bench-bit-level`` (``python benchmarks/bit_level.py [--epochs N]``). Writes
 ``docs/results/bit-level.{md,png,json}``; the JSON keeps finished rows (delete it to re-measure).
@@ -24,11 +26,13 @@ from common import RESULTS, Rows, load  # noqa: E402
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
 from bitsmith.eval.report import atomic_write_text  # noqa: E402
+from bitsmith.methods.bsq import BSQ  # noqa: E402
 from bitsmith.methods.qat import QAT  # noqa: E402
 from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import cache_dir  # noqa: E402
 
 BITS = [4, 3, 2]
+BSQ_ALPHAS = [0.5, 1.0, 2.0]
 ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
 
 
@@ -48,14 +52,36 @@ def run(epochs: int) -> list[dict[str, Any]]:
             method = QAT(w_bits=bits, a_bits=8, step=step, where=ENDS_AT_8)
             start = time.perf_counter()
             compress(model, method, task.calibration)
-            state = cache_dir() / "bench" / f"bit-level-{step}-w{bits}-e{epochs}.pt"  # resumes if killed
-            fit(model, *task.train, config, [method], checkpoint=state)
-            state.unlink()
+            train(model, task, config, [method], label)
             seconds = time.perf_counter() - start
             avg_bits = model_cost(model).totals["avg_weight_bits"]
             rows.add({"run": label, "epochs": epochs, **task.evaluate(model), "avg_bits": avg_bits, "seconds": seconds})
             print(rows.rows[-1], flush=True)
+    for alpha in BSQ_ALPHAS:
+        label = f"BSQ alpha={alpha:g}"
+        if rows.done(run=label, epochs=epochs):
+            continue
+        model = copy.deepcopy(base)
+        method = BSQ(alpha=alpha, start_bits=8, a_bits=8, finetune_epochs=1, where={"exclude": ["@first", "@last"]})
+        ends = QAT(w_bits=8, a_bits=8, step="ste", where={"include": ["@first", "@last"]})
+        start = time.perf_counter()
+        compress(model, [method, ends], task.calibration)
+        config = TrainConfig(epochs=epochs + 1, optimizer="sgd", lr=0.01, weight_decay=0.0)
+        train(model, task, config, [method, ends], label)
+        method.finalize(model)
+        seconds = time.perf_counter() - start
+        avg_bits = model_cost(model).totals["avg_weight_bits"]
+        rows.add({"run": label, "epochs": epochs + 1, **task.evaluate(model), "avg_bits": avg_bits,
+                  "seconds": seconds, "layer_bits": method.precision(model)})  # fmt: skip
+        print(rows.rows[-1], flush=True)
     return rows.rows
+
+
+def train(model: torch.nn.Module, task: Any, config: TrainConfig, methods: list[Any], label: str) -> None:
+    """``fit`` with a per-run resume file in the cache (a killed benchmark continues the run)."""
+    state = cache_dir() / "bench" / f"bit-level-{label.replace(' ', '_')}-e{config.epochs}.pt"
+    fit(model, *task.train, config, methods, checkpoint=state)
+    state.unlink()
 
 
 def write(rows: list[dict[str, Any]]) -> None:
@@ -77,7 +103,7 @@ def write(rows: list[dict[str, Any]]) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     fp32 = next(r for r in rows if r["run"] == "FP32")
     ax.axhline(100 * fp32["accuracy"], color="black", linewidth=1, label="FP32")
-    for family in ("QAT STE", "QAT LSQ"):
+    for family in ("QAT STE", "QAT LSQ", "BSQ"):
         pts = sorted((r for r in rows if r["run"].startswith(family)), key=lambda r: r["avg_bits"])
         ax.plot([r["avg_bits"] for r in pts], [100 * r["accuracy"] for r in pts], marker="o", label=family)
     ax.set_xlabel("average weight bits")
