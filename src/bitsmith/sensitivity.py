@@ -7,13 +7,26 @@ and the names of the layers whose ``weight`` is measured; results are per parame
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[nn.Module], Tensor]
+
+
+@contextlib.contextmanager
+def double_backward_attention() -> Iterator[None]:
+    """Use the math attention kernel, the one with a second derivative (the fused CPU kernel has none)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the math kernel is what CPU runs anyway
+        yield
+        return
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def _weights(model: nn.Module, names: list[str]) -> list[Tensor]:
@@ -27,7 +40,8 @@ def hutchinson_traces(
     every layer's running estimate has relative standard error < ``rel_se`` (at least 4 probes) or
     ``max_probes`` probes were used."""
     params = _weights(model, names)
-    grads = torch.autograd.grad(loss_fn(model), params, create_graph=True)
+    with double_backward_attention():
+        grads = torch.autograd.grad(loss_fn(model), params, create_graph=True)
     generator = torch.Generator().manual_seed(seed)
     samples: list[list[float]] = [[] for _ in names]
     for probe in range(max_probes):
@@ -51,7 +65,8 @@ def top_eigenvalues(
 ) -> dict[str, float]:
     """``lambda_max(H_l)`` per layer by power iteration on the layer's own Hessian block."""
     params = _weights(model, names)
-    grads = torch.autograd.grad(loss_fn(model), params, create_graph=True)
+    with double_backward_attention():
+        grads = torch.autograd.grad(loss_fn(model), params, create_graph=True)
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, float] = {}
     for name, p, g in zip(names, params, grads, strict=True):
