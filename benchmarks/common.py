@@ -37,5 +37,7 @@ class Rows:
         return any(all(r.get(k) == v for k, v in key.items()) for r in self.rows)
 
     def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
+        """Append ``row`` to the file as it is now (another benchmark process may have added rows)."""
+        on_disk = json.loads(self.path.read_text()) if self.path.is_file() else []
+        self.rows = [*on_disk, row]
         atomic_write_text(self.path, json.dumps(self.rows, indent=1))
