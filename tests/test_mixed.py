@@ -9,8 +9,12 @@ import torch
 from torch import nn
 
 from bitsmith import compress, model_cost
-from bitsmith.alloc import allocate
+from bitsmith.alloc import Budget, allocate
+from bitsmith.critical import critical_loss, critical_targets, merge_noncritical
+from bitsmith.eval.tasks import ClassificationTask
+from bitsmith.methods.fisher_reg import FisherTraceRegularizer
 from bitsmith.methods.mixed import MixedPrecision
+from bitsmith.methods.qat import QAT
 from bitsmith.sensitivity import fisher_traces, hutchinson_traces, top_eigenvalues
 from conftest import make_cnn
 
@@ -49,27 +53,125 @@ def test_fisher_trace_is_the_mean_squared_per_example_gradient() -> None:
 def test_integer_program_respects_the_budget_and_names_the_smallest_feasible_one() -> None:
     cost = {"a": {2: 10.0, 4: 1.0, 8: 0.0}, "b": {2: 1.0, 4: 0.5, 8: 0.0}}
     size = {"a": {2: 20.0, 4: 40.0, 8: 80.0}, "b": {2: 20.0, 4: 40.0, 8: 80.0}}
-    assert allocate(cost, size, 60.0) == {"a": 4, "b": 2}  # the sensitive layer gets the bits
-    assert allocate(cost, size, 160.0) == {"a": 8, "b": 8}
-    with pytest.raises(ValueError, match="smallest feasible budget is 40"):
-        allocate(cost, size, 30.0)
+    assert allocate(cost, [Budget("size", size, 60.0)]) == {"a": 4, "b": 2}  # the sensitive layer gets the bits
+    assert allocate(cost, [Budget("size", size, 160.0)]) == {"a": 8, "b": 8}
+    with pytest.raises(ValueError, match="smallest feasible size budget is 40"):
+        allocate(cost, [Budget("size", size, 30.0)])
     layers = {f"l{i}": {b: float((i % 7 + 1) * (9 - b) ** 2) for b in (2, 3, 4, 6, 8)} for i in range(100)}
     sizes = {name: {b: 1000.0 * b for b in (2, 3, 4, 6, 8)} for name in layers}
     start = time.perf_counter()
-    picked = allocate(layers, sizes, 100 * 1000 * 4)
+    picked = allocate(layers, [Budget("size", sizes, 100 * 1000 * 4)])
     assert time.perf_counter() - start < 1.0  # 100 layers x 5 candidates
     assert sum(sizes[n][b] for n, b in picked.items()) <= 400_000
 
 
-@pytest.mark.parametrize("sensitivity", ["hessian", "eigen", "fisher", "error"])
+def test_integer_program_with_a_second_budget_on_weight_activation_pairs() -> None:
+    pairs = [(w, a) for w in (4, 8) for a in (4, 8)]
+    cost = {
+        "a": {(w, a): (8 - w) * 3.0 + (8 - a) for w, a in pairs},
+        "b": {(w, a): (8 - w) + (8 - a) * 3.0 for w, a in pairs},
+    }
+    size = {n: {(w, a): 10.0 * w for w, a in pairs} for n in cost}
+    bops = {n: {(w, a): float(w * a) for w, a in pairs} for n in cost}
+    assert allocate(cost, [Budget("size", size, 160.0), Budget("BOPs", bops, 64.0)]) == {"a": (8, 4), "b": (4, 8)}
+    with pytest.raises(ValueError, match="smallest feasible BOPs budget is 32"):
+        allocate(cost, [Budget("size", size, 160.0), Budget("BOPs", bops, 20.0)])
+    either = {"a": {"x": 1.0, "y": 2.0}}  # each budget alone is met, not both at once
+    other = {"a": {"x": 2.0, "y": 1.0}}
+    with pytest.raises(ValueError, match="size and BOPs budgets together"):
+        allocate({"a": {"x": 0.0, "y": 0.0}}, [Budget("size", either, 1.0), Budget("BOPs", other, 1.0)])
+
+
+@pytest.mark.parametrize("sensitivity", ["hessian", "eigen", "fisher", "error", "loss"])
 def test_mixed_method_meets_the_budget_and_records_its_allocation(sensitivity: str, calib: list) -> None:
     model = make_cnn()
     method = MixedPrecision(sensitivity=sensitivity, avg_bits=3.0, a_bits=None, max_probes=8)
     compress(model, method, calib)
-    assert method.allocation is not None and set(method.allocation.values()) <= {2, 3, 4, 6, 8}
+    assert method.allocation is not None
+    assert {entry["w_bits"] for entry in method.allocation.values()} <= {2, 3, 4, 6, 8}
     assert model_cost(model).totals["avg_weight_bits"] <= 3.0 + 1e-9
     rerun = MixedPrecision(**{k: v for k, v in method.config().items() if k != "name"})
     model2 = make_cnn()
     compress(model2, rerun, calib)  # re-runs from the stored allocation without re-solving
     assert not hasattr(rerun, "sensitivities")
     assert torch.equal(model2(calib[0][0]), model(calib[0][0]))
+
+
+def test_input_sensitivities_match_the_closed_form() -> None:
+    """loss = 0.5 mean((w . x)^2): the Hessian in the batch's inputs is w w^T / N per example, so the
+    per-element trace is ||w||^2 / (N * d); the Fisher of the mean loss has the same scale."""
+    model, x = quadratic()
+    x = x[:64]
+    w = model[0].weight.detach()
+    expected = float(w.pow(2).sum()) / (x.shape[0] * x.shape[1])
+
+    def loss(m: nn.Module) -> torch.Tensor:
+        return 0.5 * m(x).pow(2).mean()
+
+    assert hutchinson_traces(model, loss, ["0"], max_probes=400, rel_se=0.01, target="input")["0"] == pytest.approx(
+        expected, rel=0.05
+    )
+    per_example = (x @ w.T) * w  # d/dx 0.5 (w.x)^2 = (w.x) w
+    fisher = fisher_traces(model, lambda m: 0.5 * m(x).pow(2).squeeze(1), ["0"], target="input")["0"]
+    assert fisher == pytest.approx(float(per_example.pow(2).sum()) / x.shape[0] / x.numel(), rel=1e-5)
+
+
+def test_critical_loss_merges_the_other_classes() -> None:
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.5, 3.0, 0.0, 0.0]])
+    merged = merge_noncritical(logits, [2, 0])
+    assert torch.allclose(merged[:, :2], logits[:, [2, 0]])
+    assert torch.allclose(merged[:, 2], logits[:, [1, 3]].logsumexp(-1))
+    labels = torch.tensor([0, 3])
+    assert critical_targets(labels, [2, 0], 4).tolist() == [1, 2]
+    assert float(critical_loss(logits, labels, [2, 0])) == pytest.approx(
+        float(nn.functional.cross_entropy(merged, torch.tensor([1, 2])))
+    )
+    with pytest.raises(ValueError, match="subset of 0..3"):
+        critical_loss(logits, labels, [7])
+
+
+@pytest.mark.parametrize("sensitivity", ["hessian", "fisher", "loss"])
+def test_mixed_allocates_activation_bits_under_a_bops_budget(sensitivity: str, calib: list) -> None:
+    model = make_cnn()
+    method = MixedPrecision(
+        sensitivity=sensitivity, max_probes=8, avg_bits=None, bops=0.375, a_candidates=[4, 8], critical=[1, 3]
+    )
+    compress(model, method, calib)
+    assert method.allocation is not None and all(set(e) == {"w_bits", "a_bits"} for e in method.allocation.values())
+    cost = model_cost(model, calib[0][0][:1])
+    assert cost.totals["bops"] <= 0.375 * 64 * cost.totals["macs"] + 1e-6
+    assert {e["a_bits"] for e in method.allocation.values()} <= {4, 8}
+
+
+def test_mixed_rejects_a_missing_budget() -> None:
+    with pytest.raises(ValueError, match="set a budget"):
+        MixedPrecision(avg_bits=None)
+    with pytest.raises(ValueError, match="BOPs budget needs quantized activations"):
+        MixedPrecision(bops=0.5, a_bits=None)
+
+
+def test_fisher_regulariser_is_the_squared_critical_gradient_and_training_on_it_lowers_it(calib: list) -> None:
+    model = make_cnn()
+    reg = FisherTraceRegularizer(critical=[1, 3], lam=100.0)
+    compress(model, [QAT(w_bits=4, a_bits=8), reg], calib)
+    batch = calib[0]
+    weights = [model.get_submodule(n).weight for n in reg._layers]
+    grads = torch.autograd.grad(critical_loss(model(batch[0]), batch[1], [1, 3]), weights)
+    first = reg.penalty(model, batch)
+    assert float(first.detach()) == pytest.approx(100 * sum(float(g.pow(2).sum()) for g in grads), rel=1e-5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(20):  # descend the penalty alone: the double backward reaches the weights through QAT
+        optimizer.zero_grad()
+        reg.penalty(model, batch).backward()
+        optimizer.step()
+    assert float(reg.penalty(model, batch).detach()) < 0.5 * float(first.detach())
+
+
+def test_classification_task_reports_critical_accuracy(cnn: nn.Module) -> None:
+    images = torch.randn(40, 1, 12, 12)
+    labels = torch.arange(40) % 10
+    task = ClassificationTask(test=(images, labels), train=(images, labels), calibration=[images], critical=[2, 5])
+    predictions = cnn(images).argmax(1)
+    mask = (labels == 2) | (labels == 5)
+    metrics = task.evaluate(cnn)
+    assert metrics["critical_accuracy"] == pytest.approx(float((predictions == labels)[mask].float().mean()))

@@ -53,6 +53,9 @@ class EvalSpec(_Strict):
     latency_batch: int = Field(256, ge=1)
     latency_runs: int = Field(10, ge=1)
     threads: int | None = Field(None, ge=1)
+    critical_classes: list[int] | None = Field(
+        None, description="classes whose top-1 is reported on its own (critical_accuracy), e.g. [0, 2, 4, 6]"
+    )
 
 
 class ExportSpec(_Strict):
@@ -165,6 +168,11 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         raise RecipeError(f"data.name: {recipe.model.name or recipe.model.path} is evaluated on {expected!r} "
                           f"(got {recipe.data.name!r})")  # fmt: skip
     recipe.data.name = expected
+    bad = [c for c in recipe.eval.critical_classes or [] if not 0 <= c < 10]
+    if expected == "docstrings" and recipe.eval.critical_classes:
+        raise RecipeError("eval.critical_classes: only classification tasks have classes (remove it for HF encoders)")
+    if bad:
+        raise RecipeError(f"eval.critical_classes: {bad} are not Fashion-MNIST classes (0..9)")
     if expected == "docstrings" and recipe.train is not None:
         raise RecipeError("train: training needs a labelled classification task; HF encoders are post-training only")
     recipe.build_methods()

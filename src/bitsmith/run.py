@@ -57,7 +57,8 @@ def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
     if recipe.data.name == "fashion-mnist":
         model = load_classifier(str(recipe.model.name), data.root, smoke)
         eval_size = SMOKE["eval_size"] if smoke else data.eval_size
-        return model, classification_task(data.root, eval_size, calib_size, data.calib_batch_size, data.seed)
+        critical = recipe.eval.critical_classes
+        return model, classification_task(data.root, eval_size, calib_size, data.calib_batch_size, data.seed, critical)
     from bitsmith.zoo.minilm import load_hf_encoder
 
     model, tokenizer = load_hf_encoder(model_source(recipe))

@@ -2,19 +2,25 @@
 iteration), empirical Fisher trace, and the plain quantization-error proxy.
 
 Each function takes ``loss_fn(model) -> scalar`` (the loss on calibration data) or per-example losses,
-and the names of the layers whose ``weight`` is measured; results are per parameter (trace / n_l).
+the names of the layers, and ``target``: ``"weight"`` measures the curvature in the layer's weight,
+``"input"`` in the layer's input activation on the calibration batch (the tensor its activation
+quantizer sees). Results are per element (trace / n_l), so ``S_l * ||Q_b(t) - t||^2`` estimates the
+loss increase of quantizing ``t`` (the weight, or the batch's inputs) for either target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[nn.Module], Tensor]
+Target = Literal["weight", "input"]
 
 
 @contextlib.contextmanager
@@ -29,19 +35,58 @@ def double_backward_attention() -> Iterator[None]:
         yield
 
 
-def _weights(model: nn.Module, names: list[str]) -> list[Tensor]:
-    return [model.get_submodule(n).weight for n in names]
+@contextlib.contextmanager
+def captured_inputs(model: nn.Module, names: list[str]) -> Iterator[dict[str, Tensor]]:
+    """Record each named layer's first input during the forward passes run inside the block; inputs
+    that do not already require grad (the model's own input) are replaced by ones that do."""
+    inputs: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...], name: str) -> tuple[Any, ...] | None:
+        if name in inputs:
+            raise ValueError(f"layer {name!r} runs more than once per forward; its input sensitivity is ambiguous")
+        x = args[0]
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        inputs[name] = x
+        return (x, *args[1:])
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(functools.partial(hook, name=n)) for n in names]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _loss_and_targets(
+    model: nn.Module, loss_fn: Callable[[nn.Module], Tensor], names: list[str], target: Target
+) -> tuple[Tensor, list[Tensor]]:
+    """The loss and the tensors it is differentiated by: the layers' weights or their inputs."""
+    if target == "weight":
+        return loss_fn(model), [model.get_submodule(n).weight for n in names]
+    with captured_inputs(model, names) as inputs:
+        loss = loss_fn(model)
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise ValueError(f"layers {missing} did not run on the calibration batch")
+    return loss, [inputs[n] for n in names]
 
 
 def hutchinson_traces(
-    model: nn.Module, loss_fn: LossFn, names: list[str], max_probes: int = 64, rel_se: float = 0.05, seed: int = 0
+    model: nn.Module,
+    loss_fn: LossFn,
+    names: list[str],
+    max_probes: int = 64,
+    rel_se: float = 0.05,
+    seed: int = 0,
+    target: Target = "weight",
 ) -> dict[str, float]:
     """``tr(H_l) / n_l`` per layer: Rademacher probes ``v``, ``v_l^T (H v)_l`` by double backward, until
     every layer's running estimate has relative standard error < ``rel_se`` (at least 4 probes) or
     ``max_probes`` probes were used."""
-    params = _weights(model, names)
     with double_backward_attention():
-        grads = torch.autograd.grad(loss_fn(model), params, create_graph=True)
+        loss, params = _loss_and_targets(model, loss_fn, names, target)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
     generator = torch.Generator().manual_seed(seed)
     samples: list[list[float]] = [[] for _ in names]
     for probe in range(max_probes):
@@ -61,12 +106,18 @@ def _rel_se(values: list[float]) -> float:
 
 
 def top_eigenvalues(
-    model: nn.Module, loss_fn: LossFn, names: list[str], iterations: int = 20, tol: float = 1e-3, seed: int = 0
+    model: nn.Module,
+    loss_fn: LossFn,
+    names: list[str],
+    iterations: int = 20,
+    tol: float = 1e-3,
+    seed: int = 0,
+    target: Target = "weight",
 ) -> dict[str, float]:
     """``lambda_max(H_l)`` per layer by power iteration on the layer's own Hessian block."""
-    params = _weights(model, names)
     with double_backward_attention():
-        grads = torch.autograd.grad(loss_fn(model), params, create_graph=True)
+        loss, params = _loss_and_targets(model, loss_fn, names, target)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, float] = {}
     for name, p, g in zip(names, params, grads, strict=True):
@@ -86,15 +137,23 @@ def top_eigenvalues(
 
 
 def fisher_traces(
-    model: nn.Module, example_losses: Callable[[nn.Module], Tensor], names: list[str]
+    model: nn.Module, example_losses: Callable[[nn.Module], Tensor], names: list[str], target: Target = "weight"
 ) -> dict[str, float]:
-    """Empirical Fisher ``mean_i ||grad_l loss_i||^2 / n_l`` from per-example gradients (exact, one
-    backward per example of ``example_losses(model)``, a vector of losses)."""
-    params = _weights(model, names)
-    losses = example_losses(model)
+    """Empirical Fisher ``mean_i ||grad_l loss_i||^2`` per element, from exact per-example gradients
+    (``example_losses(model)`` is a vector of losses).
+
+    Weights: one backward per example, divided by ``n_l``. Inputs: example ``i``'s input only affects
+    ``loss_i`` (eval mode), so one backward of the sum gives every per-example gradient; divided by the
+    batch's input elements and by the batch size, the scale of the Hessian of the *mean* loss that
+    ``hutchinson_traces`` measures."""
+    losses, params = _loss_and_targets(model, example_losses, names, target)
+    count = losses.shape[0]
+    if target == "input":
+        grads = torch.autograd.grad(losses.sum(), params)
+        return {n: float(g.pow(2).sum()) / count / p.numel() for n, g, p in zip(names, grads, params, strict=True)}
     sums = [0.0] * len(params)
-    for i in range(losses.shape[0]):
-        grads = torch.autograd.grad(losses[i], params, retain_graph=i < losses.shape[0] - 1)
+    for i in range(count):
+        grads = torch.autograd.grad(losses[i], params, retain_graph=i < count - 1)
         for j, g in enumerate(grads):
             sums[j] += float(g.pow(2).sum())
-    return {name: s / losses.shape[0] / p.numel() for name, s, p in zip(names, sums, params, strict=True)}
+    return {name: s / count / p.numel() for name, s, p in zip(names, sums, params, strict=True)}

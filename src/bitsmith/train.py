@@ -167,13 +167,17 @@ def fit(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in [0, 1]."""
+def predict(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
+    """Top-1 class of every image."""
     was_training = model.training
     model.eval()
-    correct = 0
     n_batches = math.ceil(images.shape[0] / batch_size)
-    for x, y in track(batches(images, labels, batch_size), "evaluating", n_batches):
-        correct += int((model(x).argmax(1) == y).sum())
+    chunks = images.split(batch_size)
+    out = torch.cat([model(x).argmax(1) for x in track(chunks, "evaluating", n_batches)])
     model.train(was_training)
-    return correct / images.shape[0]
+    return out
+
+
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    return float((predict(model, images, batch_size) == labels).float().mean())

@@ -17,6 +17,7 @@ METRIC_COLUMNS = [
     ("accuracy", "top-1 %", lambda v: f"{100 * v:.2f}"),
     ("cosine", "cosine to FP32", lambda v: f"{v:.4f}"),
     ("retrieval", "recall@1 %", lambda v: f"{100 * v:.2f}"),
+    ("critical_accuracy", "critical top-1 %", lambda v: f"{100 * v:.2f}"),
     ("size_bytes", "size (KB)", lambda v: f"{v / 1024:.1f}"),
     ("avg_weight_bits", "avg w bits", lambda v: f"{v:.2f}"),
     ("bops", "GBOPs", lambda v: f"{v / 1e9:.2f}"),
@@ -69,11 +70,15 @@ def layers_table(layers: list[dict[str, Any]]) -> str:
 
 
 def plot_layers(layers: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Per-layer weight bit-width and size bars."""
+    """Per-layer weight bit-width bars (quantized activations' bits as dots) and size bars."""
     names = [layer["name"] for layer in layers]
     fig, (ax_bits, ax_size) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(names)), 6), sharex=True)
-    ax_bits.bar(names, [layer["weight_bits"] for layer in layers], color="tab:blue")
-    ax_bits.set_ylabel("weight bits")
+    ax_bits.bar(names, [layer["weight_bits"] for layer in layers], color="tab:blue", label="weights")
+    quantized = [(layer["name"], layer["act_bits"]) for layer in layers if layer["act_bits"] < 32]
+    if quantized:
+        ax_bits.plot(*zip(*quantized, strict=True), "o", color="black", label="activations")
+        ax_bits.legend(fontsize=8)
+    ax_bits.set_ylabel("bits")
     ax_bits.set_title(title)
     ax_size.bar(names, [layer["size_bits"] / 8 / 1024 for layer in layers], color="tab:orange")
     ax_size.set_ylabel("size (KB)")

@@ -1,6 +1,7 @@
 """Evaluation tasks: the data a model is calibrated on and the metrics it is measured with.
 
-* :class:`ClassificationTask` — Fashion-MNIST top-1 ``accuracy`` for the zoo classifiers.
+* :class:`ClassificationTask` — Fashion-MNIST top-1 ``accuracy`` for the zoo classifiers, and
+  ``critical_accuracy`` (top-1 on the test images of the critical classes) when some are named.
 * :class:`EmbeddingTask` — for sentence encoders (MiniLM or any local HF encoder): ``cosine``, the
   mean cosine similarity of the model's embeddings to the FP32 model's, and ``retrieval``, recall@1
   of each docstring summary retrieving its own docstring body among all evaluated pairs.
@@ -14,8 +15,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from bitsmith.critical import critical_mask
 from bitsmith.data import batches, subset
-from bitsmith.train import accuracy
+from bitsmith.train import predict
 
 
 @dataclass
@@ -25,6 +27,7 @@ class ClassificationTask:
     test: tuple[Tensor, Tensor]
     train: tuple[Tensor, Tensor]
     calibration: list[Tensor]
+    critical: list[int] | None = None
     kind: str = "classification"
 
     @property
@@ -42,7 +45,12 @@ class ClassificationTask:
         return batch[:1]
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return {"accuracy": accuracy(model, *self.test)}
+        images, labels = self.test
+        correct = (predict(model, images) == labels).float()
+        out = {"accuracy": float(correct.mean())}
+        if self.critical:
+            out["critical_accuracy"] = float(correct[critical_mask(labels, self.critical)].mean())
+        return out
 
 
 @dataclass
@@ -105,9 +113,15 @@ class EmbeddingTask:
 
 
 def classification_task(
-    root: str | None, eval_size: int | None, calib_size: int, calib_batch_size: int, seed: int
+    root: str | None,
+    eval_size: int | None,
+    calib_size: int,
+    calib_batch_size: int,
+    seed: int,
+    critical: list[int] | None = None,
 ) -> ClassificationTask:
-    """Fashion-MNIST: ``eval_size`` test images (all when None), ``calib_size`` training images."""
+    """Fashion-MNIST: ``eval_size`` test images (all when None), ``calib_size`` training images;
+    ``critical`` classes get their own accuracy."""
     from bitsmith.zoo.data import load_fashion_mnist
 
     test = load_fashion_mnist("test", root)
@@ -115,7 +129,7 @@ def classification_task(
     train = load_fashion_mnist("train", root)
     calib_images, calib_labels = subset(*train, calib_size, seed=seed + 1)
     calib = [x for x, _ in batches(calib_images, calib_labels, calib_batch_size)]
-    return ClassificationTask(test=test, train=train, calibration=calib)
+    return ClassificationTask(test=test, train=train, calibration=calib, critical=critical)
 
 
 CALIB_PAIRS = 100  # docstring pairs held out for calibration; the rest are evaluated

@@ -1,15 +1,27 @@
 """Mixed-precision PTQ (HAWQ-v2/v3 style): per-layer sensitivity, integer-program bit allocation.
 
-Spec: ``shared/methods/mixed-precision.md``. On the calibration data, each selected layer gets a
-sensitivity ``S_l`` (``hessian``: Hutchinson trace / n_l; ``eigen``: top Hessian eigenvalue;
-``fisher``: empirical Fisher trace / n_l; ``error``: 1), and each candidate bit-width the perturbation
-``S_l * ||Q_b(W_l) - W_l||^2`` (per-channel symmetric min-max ``Q_b``). ``scipy.optimize.milp`` picks
-one width per layer minimising the sum under the weight-size budget ``avg_bits`` (average weight bits
-over the selected layers). The solved ``allocation`` is part of the method's config, so the resolved
-recipe re-runs without re-solving. Then the layers are quantized like ``ptq`` at their widths.
+Spec: ``shared/methods/mixed-precision.md`` and ``fisher-aware.md``. On the calibration data, each
+selected layer gets a weight sensitivity ``S_l`` (``hessian``: Hutchinson trace / n_l; ``eigen``: top
+Hessian eigenvalue; ``fisher``: empirical Fisher trace / n_l; ``error``: 1), and each candidate
+bit-width the perturbation ``S_l * ||Q_b(W_l) - W_l||^2`` with the method's own weight quantizer.
+``loss`` uses the spec's other direct proxy instead: the measured increase of the calibration loss
+when only layer ``l`` is quantized at ``b`` bits (one forward pass per layer and candidate).
+With ``a_candidates`` the activations are allocated too: ``S^a_l`` is the same measure taken in the
+layer's input on the calibration batch and the perturbation ``S^a_l * ||Q_a(x_l) - x_l||^2``, so each
+layer picks a (weight bits, activation bits) pair.
 
-Labels: the loss is cross-entropy on the calibration batches' labels when they carry them, otherwise
-on the float model's own predictions (stated deviation: label-free calibration).
+``scipy.optimize.milp`` minimises the summed perturbation under the budgets: ``avg_bits`` (average
+weight bits over the selected layers, i.e. their weight size) and/or ``bops`` (bit operations
+``MACs * w_bits * a_bits`` relative to the same layers at W8A8, HAWQ-v3). The solved ``allocation``
+(``{layer: {w_bits, a_bits}}``) is part of the method's config, so the resolved recipe re-runs without
+re-solving. Then the layers are quantized like ``ptq`` at their widths.
+
+Critical classes (Fisher-aware quantization): with ``critical``, the loss whose curvature is measured
+is ``L_F + critical_weight * L_A``, ``L_A`` the cross-entropy with the non-critical classes merged
+into one (``bitsmith.critical``).
+
+Labels: the calibration batches' labels when they carry them, otherwise the float model's own
+predictions (stated deviation: label-free calibration).
 """
 
 from __future__ import annotations
@@ -22,87 +34,216 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bitsmith.alloc import allocate
+from bitsmith.alloc import Budget, allocate
+from bitsmith.critical import critical_loss
 from bitsmith.data import concat_batches
+from bitsmith.eval.cost import measure_macs
 from bitsmith.method import register_method, run_forward
 from bitsmith.methods.ptq import PTQ
 from bitsmith.quant.layers import attach, observe_inputs
-from bitsmith.quant.uniform import UniformQuantizer
-from bitsmith.sensitivity import fisher_traces, hutchinson_traces, top_eigenvalues
+from bitsmith.sensitivity import Target, captured_inputs, fisher_traces, hutchinson_traces, top_eigenvalues
 
-
-def quantization_error(weight: Tensor, bits: int) -> float:
-    """``||Q_b(W) - W||^2`` with per-output-channel symmetric min-max scales."""
-    q = UniformQuantizer(bits, True, "channel", ch_axis=0).calibrate_(weight.detach())
-    with torch.no_grad():
-        return float((q(weight) - weight).pow(2).sum())
+Bits = Annotated[int, Field(ge=1, le=16)]
+FISHER_EXAMPLES = 128  # per-example weight gradients are one backward each
 
 
 @register_method("mixed")
 @dataclass
 class MixedPrecision(PTQ):
-    """PTQ with per-layer weight bits from a sensitivity-weighted integer program under a size budget."""
+    """PTQ with per-layer bits from a sensitivity-weighted integer program under size / BOPs budgets."""
 
     description = "mixed-precision PTQ: Hessian / Fisher / error sensitivity, HiGHS integer-program bit allocation"
 
-    sensitivity: Literal["hessian", "eigen", "fisher", "error"] = "hessian"
-    candidates: list[Annotated[int, Field(ge=1, le=16)]] = field(default_factory=lambda: [2, 3, 4, 6, 8])
-    avg_bits: Annotated[float, Field(gt=0.0, le=16.0)] = 4.0
-    allocation: dict[str, int] | None = None
+    sensitivity: Literal["hessian", "eigen", "fisher", "error", "loss"] = "hessian"
+    candidates: list[Bits] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    a_candidates: list[Bits] | None = None
+    avg_bits: Annotated[float, Field(gt=0.0, le=16.0)] | None = 4.0
+    bops: Annotated[float, Field(gt=0.0)] | None = None
+    critical: list[Annotated[int, Field(ge=0)]] | None = None
+    critical_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    allocation: dict[str, dict[Literal["w_bits", "a_bits"], Bits]] | None = None
     max_probes: Annotated[int, Field(ge=4)] = 64
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.avg_bits is None and self.bops is None and self.allocation is None:
+            raise ValueError("mixed: set a budget, avg_bits (weight size) and/or bops (relative to W8A8)")
+        if self.bops is not None and self.a_bits is None and not self.a_candidates:
+            raise ValueError("mixed: a BOPs budget needs quantized activations (a_bits or a_candidates)")
+
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
-        self._layers = list(self.where.resolve(model))
+        self._overrides = self.where.resolve(model)
+        self._layers = list(self._overrides)
         return {}
 
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
         batches = list(batches)
         if self.allocation is None:
-            self.sensitivities = self.measure(model, batches)
-            self.allocation = self.solve(model, self.sensitivities)
+            self.allocation = self.solve(model, batches)
         allocation = self.allocation
 
         def weight_q(name: str, layer: nn.Module, overrides: dict[str, Any]) -> Any:
-            return self._weight_q(name, layer, {**overrides, "w_bits": allocation[name]})
+            return self._weight_q(name, layer, {**overrides, **allocation[name]})
+
+        def input_q(name: str, layer: nn.Module, overrides: dict[str, Any]) -> Any:
+            return self._input_q(name, layer, {**overrides, **allocation[name]})
 
         where = type(self.where)(include=self._layers, types=self.where.types, overrides=self.where.overrides)
-        attach(model, where, weight_q, self._input_q)
+        attach(model, where, weight_q, input_q)
         observe_inputs(model, self._layers, batches)
 
-    def measure(self, model: nn.Module, batches: list[Any]) -> dict[str, float]:
-        """``S_l`` per selected layer."""
-        if self.sensitivity == "error":
-            return dict.fromkeys(self._layers, 1.0)
-        batch = concat_batches(batches)
+    # -- sensitivities ----------------------------------------------------------------------------
+    def _inputs_and_labels(self, model: nn.Module, batch: Any) -> tuple[Any, Tensor]:
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(batch, (tuple, list)):
+            return inputs, batch[1]
+        with torch.no_grad():
+            return inputs, run_forward(model, inputs).argmax(-1)
+
+    def measure(self, model: nn.Module, batch: Any, target: Target = "weight") -> dict[str, float]:
+        """``S_l`` per selected layer, in its weight or its input (1 for ``error``)."""
+        if self.sensitivity in ("error", "loss"):
+            return dict.fromkeys(self._layers, 1.0)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            labels = batch[1] if isinstance(batch, (tuple, list)) else run_forward(model, inputs).argmax(-1)
+        inputs, labels = self._inputs_and_labels(model, batch)
 
-        def loss(m: nn.Module) -> Tensor:
-            return nn.functional.cross_entropy(run_forward(m, inputs), labels)
+        def loss(m: nn.Module, n: int | None = None, reduction: str = "mean") -> Tensor:
+            logits = run_forward(m, inputs if n is None else inputs[:n])
+            return self.objective(logits, labels if n is None else labels[:n], reduction)
 
         try:
             if self.sensitivity == "hessian":
-                return hutchinson_traces(model, loss, self._layers, self.max_probes, seed=self.seed)
+                return hutchinson_traces(model, loss, self._layers, self.max_probes, seed=self.seed, target=target)
             if self.sensitivity == "eigen":
-                return top_eigenvalues(model, loss, self._layers, seed=self.seed)
-            n = min(128, inputs.shape[0])
-            return fisher_traces(
-                model, lambda m: nn.functional.cross_entropy(m(inputs[:n]), labels[:n], reduction="none"), self._layers
-            )
+                return top_eigenvalues(model, loss, self._layers, seed=self.seed, target=target)
+            n = FISHER_EXAMPLES if target == "weight" else None
+            return fisher_traces(model, lambda m: loss(m, n, "none"), self._layers, target=target)
         finally:
             model.train(was_training)
 
-    def solve(self, model: nn.Module, sensitivities: dict[str, float]) -> dict[str, int]:
-        """The integer program over ``candidates`` under ``avg_bits`` (weight bits of the selected layers)."""
-        cost: dict[str, dict[int, float]] = {}
-        size: dict[str, dict[int, float]] = {}
+    def objective(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+        """``L_F`` (cross-entropy), plus ``critical_weight * L_A`` with critical classes."""
+        loss = nn.functional.cross_entropy(logits, labels, reduction=reduction)
+        if self.critical:
+            loss = loss + self.critical_weight * critical_loss(logits, labels, self.critical, reduction)
+        return loss
+
+    # -- the integer program ----------------------------------------------------------------------
+    def solve(self, model: nn.Module, batches: list[Any]) -> dict[str, dict[str, int]]:
+        """Measure the sensitivities, then the integer program over the candidate (w, a) pairs."""
+        batch = concat_batches(batches)
+        w_cost, a_cost = self.perturbations(model, batch)
+        a_bits = self.a_candidates or [self.a_bits]
+        cost = {
+            name: {(w, a): w_cost[name][w] + a_cost[name].get(a, 0.0) for w in self.candidates for a in a_bits}
+            for name in self._layers
+        }
+        numel = {name: model.get_submodule(name).weight.numel() for name in self._layers}
+        budgets = []
+        if self.avg_bits is not None:
+            size = {name: {(w, a): float(numel[name] * w) for w, a in cost[name]} for name in self._layers}
+            budgets.append(Budget("model size (weight bits)", size, self.avg_bits * sum(numel.values())))
+        if self.bops is not None:
+            macs = measure_macs(model, _first_example(batch), self._layers)
+            use = {name: {(w, a): float(macs[name] * w * a) for w, a in cost[name]} for name in self._layers}
+            budgets.append(Budget("BOPs", use, self.bops * 64 * sum(macs.values())))
+        picked = allocate(cost, budgets)
+        return {name: _bits_entry(w, a) for name, (w, a) in picked.items()}
+
+    def perturbations(self, model: nn.Module, batch: Any) -> tuple[PerLayer, PerLayer]:
+        """``Omega_l(b)`` for the weight and (with ``a_candidates``) the input of every layer."""
+        w_q = {name: self._weight_quantizers(model, name) for name in self._layers}
+        a_q = self._input_quantizers(model, batch) if self.a_candidates else {n: {} for n in self._layers}
+        if self.sensitivity == "loss":
+            return self._loss_increase(model, batch, w_q, a_q)
+        self.sensitivities = self.measure(model, batch)
+        w_cost = {
+            name: {
+                b: abs(self.sensitivities[name]) * _error(q, model.get_submodule(name).weight) for b, q in qs.items()
+            }
+            for name, qs in w_q.items()
+        }
+        if not self.a_candidates:
+            return w_cost, {name: {} for name in self._layers}
+        self.input_sensitivities = self.measure(model, batch, target="input")
+        a_cost = {
+            name: {b: abs(self.input_sensitivities[name]) * _error(q, self._inputs[name]) for b, q in qs.items()}
+            for name, qs in a_q.items()
+        }
+        return w_cost, a_cost
+
+    def _weight_quantizers(self, model: nn.Module, name: str) -> dict[int, Any]:
+        """Weight quantizers per candidate, calibrated on the layer's weight."""
+        layer = model.get_submodule(name)
+        return {b: self._weight_q(name, layer, {**self._overrides[name], "w_bits": b}) for b in self.candidates}
+
+    def _input_quantizers(self, model: nn.Module, batch: Any) -> dict[str, dict[int, Any]]:
+        """Activation quantizers per candidate, calibrated on each layer's inputs from the batch."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), captured_inputs(model, self._layers) as inputs:
+            run_forward(model, batch)
+        model.train(was_training)
+        self._inputs = {name: x.detach() for name, x in inputs.items()}
+        return {
+            name: {
+                a: self._input_q(name, model.get_submodule(name), {**self._overrides[name], "a_bits": a}).calibrate_(x)
+                for a in self.a_candidates or []
+            }
+            for name, x in self._inputs.items()
+        }
+
+    @torch.no_grad()
+    def _loss_increase(
+        self, model: nn.Module, batch: Any, w_q: dict[str, dict[int, Any]], a_q: dict[str, dict[int, Any]]
+    ) -> tuple[PerLayer, PerLayer]:
+        """The measured loss increase when only layer ``l``'s weight (or input) is quantized at ``b``."""
+        was_training = model.training
+        model.eval()
+        inputs, labels = self._inputs_and_labels(model, batch)
+
+        def loss() -> float:
+            return float(self.objective(run_forward(model, inputs), labels))
+
+        base = loss()
+        w_cost: PerLayer = {}
+        a_cost: PerLayer = {}
         for name in self._layers:
-            weight = model.get_submodule(name).weight
-            cost[name] = {b: abs(sensitivities[name]) * quantization_error(weight, b) for b in self.candidates}
-            size[name] = {b: float(weight.numel() * b) for b in self.candidates}
-        budget = self.avg_bits * sum(model.get_submodule(n).weight.numel() for n in self._layers)
-        return allocate(cost, size, budget)
+            layer = model.get_submodule(name)
+            original = layer.weight.detach().clone()
+            w_cost[name] = {}
+            for bits, q in w_q[name].items():
+                layer.weight.copy_(q(original))
+                w_cost[name][bits] = loss() - base
+            layer.weight.copy_(original)
+            a_cost[name] = {}
+            for bits, q in a_q[name].items():
+                handle = layer.register_forward_pre_hook(lambda m, args, q=q: (q(args[0]), *args[1:]))
+                a_cost[name][bits] = loss() - base
+                handle.remove()
+        model.train(was_training)
+        return w_cost, a_cost
+
+
+PerLayer = dict[str, dict[int, float]]
+
+
+def _error(q: Any, x: Tensor) -> float:
+    """``||Q(x) - x||^2``."""
+    with torch.no_grad():
+        return float((q(x) - x).pow(2).sum())
+
+
+def _bits_entry(w_bits: int, a_bits: int | None) -> dict[str, int]:
+    return {"w_bits": w_bits} if a_bits is None else {"w_bits": w_bits, "a_bits": a_bits}
+
+
+def _first_example(batch: Any) -> Any:
+    """One example of a batch (tensor, (inputs, labels) pair or dict of tensors), for MAC counting."""
+    if isinstance(batch, dict):
+        return {key: value[:1] for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return batch[0][:1]
+    return batch[:1]

@@ -57,8 +57,9 @@ def uniform_weight_quantizer(
         )
         granularity = "channel"
     q = UniformQuantizer(bits, symmetric, granularity, ch_axis=0, group_size=group_size, observer=observer)
+    masked = getattr(module, "masked_weight", None)  # a swapped layer's weight with its sparsity mask
     with torch.no_grad():
-        q.calibrate_(module.masked_weight())  # type: ignore[operator]
+        q.calibrate_(masked() if callable(masked) else module.weight)
     return q
 
 
