@@ -1,9 +1,14 @@
 """Mixed precision vs uniform precision at equal weight size (PTQ, A8), zoo CNN and ViT on Fashion-MNIST.
 
-Uniform W2/W3/W4/W8 per-channel min-max PTQ vs ``mixed`` allocations (Hessian trace, top Hessian
-eigenvalue, empirical Fisher trace, error proxy) from {2, 3, 4, 6, 8} bits at the average weight bits
-of uniform W3 and W4. Regenerate: ``make bench-mixed`` (``python benchmarks/mixed_precision.py
-[cnn vit]``). Writes ``docs/results/mixed-precision.{md,png,json}``.
+1. Uniform W2/W3/W4/W8 per-channel min-max PTQ vs ``mixed`` allocations (Hessian trace, top Hessian
+   eigenvalue, empirical Fisher trace, error proxy, measured loss increase) from {2, 3, 4, 6, 8} bits
+   at the average weight bits of uniform W3 and W4.
+2. Critical classes (Fisher-aware, CNN): critical = {T-shirt, Pullover, Coat, Shirt}; critical-class
+   top-1 of plain Hessian / overall-Fisher allocations vs the critical-class objective, at equal size,
+   with true-label calibration; then 4-bit QAT fine-tuning with and without the Fisher-trace term.
+
+Regenerate: ``make bench-mixed`` (``python benchmarks/mixed_precision.py [cnn vit critical]``).
+Writes ``docs/results/mixed-precision.{md,png,json}``.
 """
 
 from __future__ import annotations
@@ -24,18 +29,23 @@ from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
 from bitsmith.eval.report import atomic_write_text  # noqa: E402
 from bitsmith.method import Method  # noqa: E402
+from bitsmith.methods.fisher_reg import FisherTraceRegularizer, critical_gradient_norm  # noqa: E402
 from bitsmith.methods.mixed import MixedPrecision  # noqa: E402
 from bitsmith.methods.ptq import PTQ  # noqa: E402
+from bitsmith.methods.qat import QAT  # noqa: E402
+from bitsmith.train import TrainConfig, fit  # noqa: E402
 
 UNIFORM = [8, 4, 3, 2]
 BUDGETS = [4.0, 3.0]
-SENSITIVITIES = ["hessian", "eigen", "fisher", "error"]
+SENSITIVITIES = ["hessian", "eigen", "fisher", "error", "loss"]
+CRITICAL = [0, 2, 4, 6]  # T-shirt/top, Pullover, Coat, Shirt: the most confused classes
+QAT_TRAIN = 12_000  # fine-tuning images for the Fisher-trace QAT rows
 
 
 def run(models: list[str]) -> list[dict[str, Any]]:
     torch.set_num_threads(2)
     rows = Rows(RESULTS / "mixed-precision.json")
-    for name in models:
+    for name in [m for m in models if m != "critical"]:
         base, task = load(name, calib_size=256)
         if not rows.done(model=name, run="FP32"):
             size = model_cost(base).totals["size_bytes"]
@@ -57,7 +67,72 @@ def run(models: list[str]) -> list[dict[str, Any]]:
             rows.add({"model": name, "run": label, **task.evaluate(model), "avg_bits": cost["avg_weight_bits"],
                       "size": cost["size_bytes"], "seconds": seconds, **extra})  # fmt: skip
             print({k: v for k, v in rows.rows[-1].items() if k != "allocation"}, flush=True)
-    return [r for r in rows.rows if r["model"] in models]
+    if "critical" in models:
+        critical_rows(rows)
+    return rows.rows
+
+
+def critical_rows(rows: Rows) -> None:
+    """Critical-class top-1 at equal size: uniform, plain Hessian / Fisher, critical-class objectives;
+    then QAT W4A8 with and without the Fisher-trace regulariser."""
+    base, task = load("cnn", calib_size=256)
+    task.critical = CRITICAL
+    calib = task.labelled_calibration
+    key = {"model": "cnn", "section": "critical"}
+    runs: dict[str, Method] = {}
+    for budget in BUDGETS:
+        runs[f"uniform W{budget:g}"] = PTQ(w_bits=int(budget), a_bits=8)
+        for kind in ("hessian", "fisher"):
+            runs[f"{kind} {budget:g} bits"] = MixedPrecision(sensitivity=kind, avg_bits=budget, a_bits=8)
+            runs[f"{kind} critical {budget:g} bits"] = MixedPrecision(
+                sensitivity=kind, avg_bits=budget, a_bits=8, critical=CRITICAL
+            )
+    for label, method in runs.items():
+        if rows.done(**key, run=label):
+            continue
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        compress(model, method, calib)
+        seconds = time.perf_counter() - start
+        rows.add({**key, "run": label, **task.evaluate(model), "avg_bits": model_cost(model).totals["avg_weight_bits"],
+                  "seconds": seconds})  # fmt: skip
+        print(rows.rows[-1], flush=True)
+    images, labels = task.train
+    pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:QAT_TRAIN]
+    train = (images[pick], labels[pick])
+    for lam in (0.0, 0.1, 1.0):
+        label = f"QAT LSQ W4A8, Fisher-trace lam={lam:g}"
+        if rows.done(**key, run=label):
+            continue
+        model = copy.deepcopy(base)
+        methods: list[Method] = [
+            QAT(w_bits=4, a_bits=8, step="lsq"),
+            FisherTraceRegularizer(critical=CRITICAL, lam=lam),
+        ]
+        start = time.perf_counter()
+        compress(model, methods, task.calibration)
+        fit(model, *train, TrainConfig(epochs=2, optimizer="adamw", lr=5e-4, weight_decay=0.0), methods)
+        seconds = time.perf_counter() - start
+        train_task = copy.copy(task)
+        train_task.test = train
+        critical_train = train_task.evaluate(model)["critical_accuracy"]
+        metrics = task.evaluate(model)
+        rows.add({**key, "run": label, **metrics, "critical_train": critical_train,
+                  "critical_gap": critical_train - metrics["critical_accuracy"],
+                  "fisher_critical": critical_fisher(model, task), "avg_bits": 4.0, "seconds": seconds})  # fmt: skip
+        print(rows.rows[-1], flush=True)
+
+
+def critical_fisher(model: torch.nn.Module, task: Any, examples: int = 256, chunk: int = 32) -> float:
+    """``tr(F_A)`` on test images: mean over chunks of ``||grad_W L_A||^2`` (all weight layers)."""
+    images, labels = task.test
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    model.eval()
+    values = [
+        float(critical_gradient_norm(model, weights, (images[i : i + chunk], labels[i : i + chunk]), CRITICAL).detach())
+        for i in range(0, examples, chunk)
+    ]
+    return sum(values) / len(values)
 
 
 def write(rows: list[dict[str, Any]]) -> None:
@@ -73,11 +148,14 @@ def write(rows: list[dict[str, Any]]) -> None:
         "| model | run | avg weight bits | size (KB) | top-1 % | seconds |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    main = [r for r in rows if "section" not in r]
+    for r in main:
         lines.append(f"| {r['model']} | {r['run']} | {r['avg_bits']:.2f} | {r['size'] / 1024:.1f} | "
                      f"{100 * r['accuracy']:.2f} | {r['seconds']:.1f} |")  # fmt: skip
     lines += ["", "![mixed precision](mixed-precision.png)", ""]
+    lines += critical_table([r for r in rows if r.get("section") == "critical"])
     atomic_write_text(RESULTS / "mixed-precision.md", "\n".join(lines))
+    rows = main
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
@@ -98,9 +176,32 @@ def write(rows: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def critical_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## Critical classes (CNN)",
+        "",
+        f"Critical classes {CRITICAL} (T-shirt, Pullover, Coat, Shirt). PTQ rows: 256 calibration images",
+        "with their true labels; `critical` rows measure the curvature of `L_F + L_A` (`L_A`: cross-entropy",
+        "with the other classes merged into one). QAT rows: LSQ W4A8 fine-tuned 2 epochs on 12,000 training",
+        "images with `lam * ||grad_W L_A||^2` added; *train - test* is the critical-class top-1 gap; `tr(F_A)`",
+        "is `||grad_W L_A||^2` averaged over 8 test chunks of 32 images.",
+        "",
+        "| run | avg weight bits | top-1 % | critical top-1 % | critical train - test | tr(F_A) | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gap = f"{100 * r['critical_gap']:.2f}" if "critical_gap" in r else "-"
+        fisher = f"{r['fisher_critical']:.3f}" if "fisher_critical" in r else "-"
+        lines.append(f"| {r['run']} | {r['avg_bits']:.2f} | {100 * r['accuracy']:.2f} | "
+                     f"{100 * r['critical_accuracy']:.2f} | {gap} | {fisher} | {r['seconds']:.0f} |")  # fmt: skip
+    return [*lines, ""]
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write-only"]:
         write(Rows(RESULTS / "mixed-precision.json").rows)
     else:
-        run(sys.argv[1:] or ["cnn", "vit"])
+        run(sys.argv[1:] or ["cnn", "vit", "critical"])
         write(Rows(RESULTS / "mixed-precision.json").rows)  # every model's rows, not only the ones just measured

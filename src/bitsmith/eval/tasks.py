@@ -28,7 +28,15 @@ class ClassificationTask:
     train: tuple[Tensor, Tensor]
     calibration: list[Tensor]
     critical: list[int] | None = None
+    calib_labels: Tensor | None = field(default=None, repr=False)
     kind: str = "classification"
+
+    @property
+    def labelled_calibration(self) -> list[tuple[Tensor, Tensor]]:
+        """The calibration batches with their true labels (for label-aware sensitivities)."""
+        if self.calib_labels is None:
+            raise ValueError("this task was built without calibration labels")
+        return list(zip(self.calibration, self.calib_labels.split([x.shape[0] for x in self.calibration]), strict=True))
 
     @property
     def eval_examples(self) -> int:
@@ -129,7 +137,7 @@ def classification_task(
     train = load_fashion_mnist("train", root)
     calib_images, calib_labels = subset(*train, calib_size, seed=seed + 1)
     calib = [x for x, _ in batches(calib_images, calib_labels, calib_batch_size)]
-    return ClassificationTask(test=test, train=train, calibration=calib, critical=critical)
+    return ClassificationTask(test=test, train=train, calibration=calib, critical=critical, calib_labels=calib_labels)
 
 
 CALIB_PAIRS = 100  # docstring pairs held out for calibration; the rest are evaluated
