@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install data demo test lint bench bench-ptq bench-noisyquant bench-mixed bench-bit-level clean
+.PHONY: install data demo test lint bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
 
 # Benchmarks: long measurements that regenerate docs/results/ (not part of `make test`).
-bench: bench-ptq bench-noisyquant bench-mixed bench-bit-level
+bench: bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero
 
 bench-ptq: $(STAMP) data
 	$(PY) benchmarks/ptq_baselines.py
@@ -56,3 +56,6 @@ bench-mixed: $(STAMP) data
 
 bench-bit-level: $(STAMP) data
 	$(PY) benchmarks/bit_level.py
+
+bench-hero: $(STAMP) data
+	$(PY) benchmarks/hero.py
