@@ -110,8 +110,10 @@ def critical_rows(rows: Rows) -> None:
             FisherTraceRegularizer(critical=CRITICAL, lam=lam),
         ]
         start = time.perf_counter()
-        compress(model, methods, task.calibration)
+        compress(model, methods, task.calibration, finalize=False)
         fit(model, *train, TrainConfig(epochs=2, optimizer="adamw", lr=5e-4, weight_decay=0.0), methods)
+        for method in methods:
+            method.finalize(model)
         seconds = time.perf_counter() - start
         train_task = copy.copy(task)
         train_task.test = train

@@ -9,6 +9,7 @@ import torch
 
 from bitsmith import compress, load, save
 from bitsmith.methods.qat import QAT
+from bitsmith.quant.bnfold import BatchNormFolded, conv_bn_pairs
 from bitsmith.train import TrainConfig, accuracy, fit
 from conftest import make_cnn
 
@@ -25,15 +26,42 @@ def test_qat_trains_through_the_quantizers_and_stays_on_the_grid(step: str, tmp_
     model = make_cnn()
     x, y = toy_data(512)
     method = QAT(w_bits=3, a_bits=8, step=step)
-    compress(model, method, [x[:64]])
+    compress(model, method, [x[:64]], finalize=False)
+    assert isinstance(model.stem.weight_q, BatchNormFolded)  # stem -> bn is folded while training
     assert model.stem.input_q.symmetric is False  # images are non-negative: unsigned codes
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("scale")}
     assert (len(before) > 0) == (step == "lsq")
     fit(model, x, y, TrainConfig(epochs=6, batch_size=32, optimizer="adamw", lr=1e-2, weight_decay=0), [method])
-    assert accuracy(model, x, y) > 0.9
     for name, value in before.items():  # LSQ learned its steps
         assert not torch.equal(value, dict(model.named_parameters())[name]), name
+    method.finalize(model)
+    assert accuracy(model, x, y) > 0.9
     weight = model.fc1.effective_weight().detach()
     assert all(len(row.unique()) <= 8 for row in weight)  # 3 bits per output channel
     reloaded = load(save(model, tmp_path / "qat.safetensors"), make_cnn())
     assert torch.equal(reloaded(x[:8]), model.eval()(x[:8]))
+
+
+def test_batchnorm_folding_is_exact_once_the_statistics_are_frozen() -> None:
+    model = make_cnn()
+    assert conv_bn_pairs(model, ["stem", "conv"]) == {"stem": "bn"}  # conv feeds a ReLU, not a BN
+    x, y = toy_data(128)
+    method = QAT(w_bits=4, a_bits=None, step="lsq")
+    compress(model, method, [x[:64]], finalize=False)
+    fit(model, x, y, TrainConfig(epochs=3, batch_size=32, optimizer="adamw", lr=1e-2, weight_decay=0), [method])
+    frozen = model.bn.running_mean.clone()
+    model.train()(x[:32])  # frozen after round(0.7 * 3) = 2 epochs: training mode leaves the statistics alone
+    assert torch.equal(model.bn.running_mean, frozen)
+    before = model.eval()(x)
+    method.finalize(model)
+    assert not isinstance(model.stem.weight_q, BatchNormFolded)
+    assert torch.allclose(model(x), before, atol=1e-5)
+    weight = model.stem.effective_weight().detach()  # the folded weight itself is on a 4-bit grid
+    assert all(len(row.unique()) <= 16 for row in weight)
+    assert torch.allclose(model.bn(torch.zeros(1, 8, 2, 2)).mean((0, 2, 3)), model.bn.bias.detach())
+
+
+def test_batchnorm_folding_can_be_turned_off() -> None:
+    model = make_cnn()
+    compress(model, QAT(w_bits=4, a_bits=None, fold_bn=False), [toy_data(64)[0]], finalize=False)
+    assert not isinstance(model.stem.weight_q, BatchNormFolded)

@@ -113,13 +113,15 @@ def compress(
     model: nn.Module,
     methods: Method | list[Method],
     calib_data: Iterable[Any] | None = None,
+    finalize: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Apply the methods in order: each one's ``prepare`` then ``calibrate`` on ``calib_data`` (so a later
     method sees the earlier ones' result, e.g. SmoothQuant's rescaled weights before PTQ, or PTQ's
     quantizers before NoisyQuant); then ``finalize`` of every method.
 
     Returns the combined ``{layer name: spec}`` map. ``calib_data`` must be re-iterable (a list or a
-    DataLoader) when several methods calibrate.
+    DataLoader) when several methods calibrate. With training to follow, pass ``finalize=False`` and
+    call each method's ``finalize`` after it (as ``bitsmith run`` does).
     """
     methods = [methods] if isinstance(methods, Method) else list(methods)
     specs: dict[str, dict[str, Any]] = {}
@@ -129,6 +131,7 @@ def compress(
             if calib_data is None:
                 raise ValueError(f"method {method.registered_name!r} needs calibration data (calib_data=...)")
             method.calibrate(model, calib_data)
-    for method in methods:
-        method.finalize(model)
+    if finalize:
+        for method in methods:
+            method.finalize(model)
     return specs

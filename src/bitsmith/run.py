@@ -91,9 +91,10 @@ def run_recipe(
     baseline = measure(model, task, recipe, smoke)
     methods = recipe.build_methods()
     start = time.perf_counter()
-    layer_map = compress(model, methods, task.calibration) if methods else {}
     train_cfg = recipe.train_config()
-    if train_cfg is not None and isinstance(task, ClassificationTask):
+    trains = train_cfg is not None and isinstance(task, ClassificationTask)
+    layer_map = compress(model, methods, task.calibration, finalize=not trains) if methods else {}
+    if trains:
         images, labels = task.train
         if smoke:
             images, labels = subset(images, labels, SMOKE["train_examples"], seed=recipe.data.seed)
