@@ -87,6 +87,9 @@ def critical_rows(rows: Rows) -> None:
             runs[f"{kind} critical {budget:g} bits"] = MixedPrecision(
                 sensitivity=kind, avg_bits=budget, a_bits=8, critical=CRITICAL
             )
+        runs[f"fisher critical x10 {budget:g} bits"] = MixedPrecision(
+            sensitivity="fisher", avg_bits=budget, a_bits=8, critical=CRITICAL, critical_weight=10.0
+        )
     for label, method in runs.items():
         if rows.done(**key, run=label):
             continue
@@ -186,7 +189,7 @@ def critical_table(rows: list[dict[str, Any]]) -> list[str]:
         "",
         f"Critical classes {CRITICAL} (T-shirt, Pullover, Coat, Shirt). PTQ rows: 256 calibration images",
         "with their true labels; `critical` rows measure the curvature of `L_F + L_A` (`L_A`: cross-entropy",
-        "with the other classes merged into one). QAT rows: LSQ W4A8 fine-tuned 2 epochs on 12,000 training",
+        "with the other classes merged into one), `critical x10` that of `L_F + 10 L_A`. QAT rows: LSQ W4A8 fine-tuned 2 epochs on 12,000 training",
         "images with `lam * ||grad_W L_A||^2` added; *train - test* is the critical-class top-1 gap; `tr(F_A)`",
         "is `||grad_W L_A||^2` averaged over 8 test chunks of 32 images.",
         "",
