@@ -1,9 +1,11 @@
 """Training-time quantization on the zoo CNN: top-1 vs average weight bits.
 
-So far: uniform QAT (STE and LSQ) at 2 / 3 / 4 weight bits with 8-bit activations, stem and classifier
-at 8 bits, fine-tuned from the FP32 checkpoint; BSQ at three alphas from an 8-bit start (stem and
-classifier at 8 bits by STE QAT, 1 extra fine-tune epoch at the found precision). CSQ, MSQ and HERO join as they
-land (issue 6).
+Uniform QAT (STE and LSQ) at 2 / 3 / 4 weight bits with 8-bit activations, stem and classifier at 8
+bits, fine-tuned from the FP32 checkpoint; BSQ and MSQ at three strengths each from an 8-bit start
+(stem and classifier at 8 bits by STE QAT, 1 extra fine-tune epoch at the found precision). BSQ and
+MSQ rows run in a fresh process each, so their peak resident memory (``ru_maxrss``) is their own;
+they also report the trainable values of the quantized layers and the seconds per epoch. CSQ joins
+when it lands; HERO has its own benchmark (``benchmarks/hero.py``).
 
 Regenerate: ``make bench-bit-level`` (``python benchmarks/bit_level.py [--epochs N]``). Writes
 ``docs/results/bit-level.{md,png,json}``; the JSON keeps finished rows (delete it to re-measure).
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
+import resource
 import time
 from typing import Any
 
@@ -27,12 +31,13 @@ from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
 from bitsmith.eval.report import atomic_write_text  # noqa: E402
 from bitsmith.methods.bsq import BSQ  # noqa: E402
+from bitsmith.methods.msq import MSQ  # noqa: E402
 from bitsmith.methods.qat import QAT  # noqa: E402
 from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import cache_dir  # noqa: E402
 
 BITS = [4, 3, 2]
-BSQ_ALPHAS = [0.5, 1.0, 2.0]
+BIT_LEVEL = {"BSQ": [0.5, 1.0, 2.0], "MSQ": [2.0, 5.0, 10.0]}
 ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
 
 
@@ -58,25 +63,38 @@ def run(epochs: int) -> list[dict[str, Any]]:
             avg_bits = model_cost(model).totals["avg_weight_bits"]
             rows.add({"run": label, "epochs": epochs, **task.evaluate(model), "avg_bits": avg_bits, "seconds": seconds})
             print(rows.rows[-1], flush=True)
-    for alpha in BSQ_ALPHAS:
-        label = f"BSQ alpha={alpha:g}"
-        if rows.done(run=label, epochs=epochs):
-            continue
-        model = copy.deepcopy(base)
-        method = BSQ(alpha=alpha, start_bits=8, a_bits=8, finetune_epochs=1, where={"exclude": ["@first", "@last"]})
-        ends = QAT(w_bits=8, a_bits=8, step="ste", where={"include": ["@first", "@last"]})
-        start = time.perf_counter()
-        compress(model, [method, ends], task.calibration, finalize=False)
-        config = TrainConfig(epochs=epochs + 1, optimizer="sgd", lr=0.01, weight_decay=0.0)
-        train(model, task, config, [method, ends], label)
-        method.finalize(model)
-        ends.finalize(model)
-        seconds = time.perf_counter() - start
-        avg_bits = model_cost(model).totals["avg_weight_bits"]
-        rows.add({"run": label, "epochs": epochs + 1, **task.evaluate(model), "avg_bits": avg_bits,
-                  "seconds": seconds, "layer_bits": method.precision(model)})  # fmt: skip
-        print(rows.rows[-1], flush=True)
+    for family, alphas in BIT_LEVEL.items():
+        for alpha in alphas:
+            label = f"{family} alpha={alpha:g}"
+            if rows.done(run=label, epochs=epochs + 1):
+                continue
+            with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak memory
+                rows.add(pool.apply(bit_level_row, (family, alpha, epochs)))
+            print(rows.rows[-1], flush=True)
     return rows.rows
+
+
+def bit_level_row(family: str, alpha: float, epochs: int) -> dict[str, Any]:
+    """Train one BSQ / MSQ model (8-bit start, ends at 8 bits by STE QAT) and measure it."""
+    torch.set_num_threads(2)
+    base, task = load("cnn", calib_size=256)
+    model = copy.deepcopy(base)
+    cls = BSQ if family == "BSQ" else MSQ
+    method = cls(alpha=alpha, start_bits=8, a_bits=8, finetune_epochs=1, where={"exclude": ["@first", "@last"]})
+    ends = QAT(w_bits=8, a_bits=8, step="ste", where={"include": ["@first", "@last"]})
+    start = time.perf_counter()
+    compress(model, [method, ends], task.calibration, finalize=False)
+    layers = [model.get_submodule(n) for n in method.precision(model)]
+    trainable = sum(p.numel() for layer in layers for p in layer.parameters() if p.requires_grad)
+    config = TrainConfig(epochs=epochs + 1, optimizer="sgd", lr=0.01, weight_decay=0.0)
+    train(model, task, config, [method, ends], f"{family} alpha={alpha:g}")
+    method.finalize(model)
+    ends.finalize(model)
+    seconds = time.perf_counter() - start
+    return {"run": f"{family} alpha={alpha:g}", "epochs": epochs + 1, **task.evaluate(model),
+            "avg_bits": model_cost(model).totals["avg_weight_bits"], "seconds": seconds,
+            "seconds_per_epoch": seconds / (epochs + 1), "trainable": trainable,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "layer_bits": method.precision(model)}  # fmt: skip
 
 
 def train(model: torch.nn.Module, task: Any, config: TrainConfig, methods: list[Any], label: str) -> None:
@@ -94,18 +112,30 @@ def write(rows: list[dict[str, Any]]) -> None:
         "classifier weights at 8 bits, batch norms folded into the quantized convolutions (QAT rows); top-1 on the 10,000 test images; seconds on 2 threads including",
         "training. Regenerate: `make bench-bit-level`.",
         "",
-        "| run | epochs | avg weight bits | top-1 % | seconds |",
-        "|---|---|---|---|---|",
+        "BSQ / MSQ: *trainable* counts the trainable values of their quantized layers (weights or bit",
+        "planes, steps, biases), *peak MB* the resident memory of the process that trained the row.",
+        "",
+        "| run | epochs | avg weight bits | top-1 % | seconds | s / epoch | trainable | peak MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        extra = " | ".join(f"{r[k]:,.0f}" if k in r else "-" for k in ("seconds_per_epoch", "trainable", "peak_mb"))
         lines.append(f"| {r['run']} | {r.get('epochs', '-')} | {r['avg_bits']:.2f} | {100 * r['accuracy']:.2f} | "
-                     f"{r['seconds']:.0f} |")  # fmt: skip
+                     f"{r['seconds']:.0f} | {extra} |")  # fmt: skip
+    bit_rows = [r for r in rows if "layer_bits" in r]
+    if bit_rows:
+        names = list(bit_rows[0]["layer_bits"])
+        lines += ["", "Per-layer weight bits found:", "", "| run | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]  # fmt: skip
+        lines += [
+            f"| {r['run']} | " + " | ".join(str(r["layer_bits"].get(n, "-")) for n in names) + " |" for r in bit_rows
+        ]
     lines += ["", "![accuracy vs bits](bit-level.png)", ""]
     atomic_write_text(RESULTS / "bit-level.md", "\n".join(lines))
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     fp32 = next(r for r in rows if r["run"] == "FP32")
     ax.axhline(100 * fp32["accuracy"], color="black", linewidth=1, label="FP32")
-    for family in ("QAT STE", "QAT LSQ", "BSQ"):
+    for family in ("QAT STE", "QAT LSQ", "BSQ", "MSQ"):
         pts = sorted((r for r in rows if r["run"].startswith(family)), key=lambda r: r["avg_bits"])
         ax.plot([r["avg_bits"] for r in pts], [100 * r["accuracy"] for r in pts], marker="o", label=family)
     ax.set_xlabel("average weight bits")

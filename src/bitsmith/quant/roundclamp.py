@@ -1,0 +1,103 @@
+"""Round-clamp quantizer (MSQ): sign-magnitude codes of a float weight, with its least significant bit
+available to autograd.
+
+``Q(w) = sign(w) * clamp(round(|w| / step), 0, 2^n - 1) * step`` with a clipped straight-through
+gradient (zero beyond the range, so clipped weights do not drift); the float weight is the only
+trainable tensor, ``step`` a buffer set from ``max|W|`` at initialisation. ``lsb(w)`` is the magnitude code's LSB as
+``|k - 2 round(k / 2)|`` with the gradient through ``k`` only, so its L1 pushes each code to the
+nearest even value. ``drop_lsb_`` doubles the step (lossless when every code is even), ``drop_msb_``
+lowers the top when no code uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bitsmith.quant.base import QUANTIZERS, Encoded, Quantizer
+
+
+@QUANTIZERS.register("roundclamp")
+class RoundClampQuantizer(Quantizer):
+    """``n``-bit sign-magnitude weight quantizer with a fixed per-layer LSB ``step``."""
+
+    kind = "roundclamp"
+
+    def __init__(self, bits: int = 8) -> None:
+        super().__init__()
+        if not 1 <= bits <= 16:
+            raise ValueError(f"round-clamp bits must be between 1 and 16, got {bits}")
+        self.register_buffer("nbits", torch.tensor(bits))  # in the state dict: precision survives a resume
+        self.register_buffer("step", torch.empty(0))
+
+    @property
+    def bits(self) -> int:
+        return int(self.nbits)
+
+    @property
+    def code_bits(self) -> int:
+        return self.bits + 1  # sign + magnitude
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def ready(self) -> bool:
+        return self.step.numel() > 0
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "bits": self.bits}
+
+    def overhead_bits(self) -> int:
+        return 32
+
+    @torch.no_grad()
+    def init_from(self, weight: Tensor) -> None:
+        self.step = (weight.detach().abs().max().float().clamp(min=1e-8) / self.levels).reshape(1)
+
+    def codes(self, weight: Tensor) -> Tensor:
+        """Magnitude codes ``k`` (exact integers forward, clipped straight-through backward)."""
+        scaled = weight.abs() / self.step
+        hard = torch.round(scaled.detach()).clamp(0, self.levels)
+        inside = (scaled.detach() <= self.levels).to(scaled.dtype)
+        return hard + (scaled - scaled.detach()) * inside
+
+    def lsb(self, weight: Tensor) -> Tensor:
+        """The least significant bit of every magnitude code, differentiable through the code."""
+        k = self.codes(weight)
+        return (k - 2 * torch.round(k.detach() / 2)).abs()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.ready:
+            self.init_from(x)
+        if self.observing:
+            return x
+        return (torch.sign(x.detach()) * self.codes(x) * self.step).to(x.dtype)
+
+    @torch.no_grad()
+    def integers(self, weight: Tensor) -> Tensor:
+        return torch.sign(weight) * torch.round(weight.abs() / self.step).clamp(0, self.levels)
+
+    @torch.no_grad()
+    def drop_lsb_(self) -> None:
+        self.step.mul_(2)
+        self.nbits.sub_(1)
+
+    @torch.no_grad()
+    def drop_msb_(self) -> None:
+        self.nbits.sub_(1)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Encoded:
+        if not self.ready:
+            self.init_from(x)
+        return Encoded(
+            self.integers(x).to(torch.int32), {"step": self.step.detach().clone()}, self.code_bits, -self.levels
+        )
+
+    @torch.no_grad()
+    def decode(self, enc: Encoded) -> Tensor:
+        return enc.params["step"] * enc.codes.to(torch.float32)
