@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import torch
 from pydantic import Field
@@ -35,15 +35,22 @@ from bitsmith.quant.bitplane import BitPlaneQuantizer
 from bitsmith.quant.layers import attach, input_channel_axis
 from bitsmith.quant.uniform import Bits, UniformQuantizer
 
+Q = TypeVar("Q")
 
-def bitplane_layers(model: nn.Module, names: Iterable[str]) -> list[tuple[str, QuantizedMixin, BitPlaneQuantizer]]:
-    """``(name, layer, quantizer)`` of the named layers whose weight quantizer is a bit-plane one."""
+
+def layers_with(model: nn.Module, names: Iterable[str], kind: type[Q]) -> list[tuple[str, QuantizedMixin, Q]]:
+    """``(name, layer, quantizer)`` of the named layers whose weight quantizer is a ``kind``."""
     out = []
     for name in names:
         layer = model.get_submodule(name)
-        if isinstance(layer, QuantizedMixin) and isinstance(layer.weight_q, BitPlaneQuantizer):
+        if isinstance(layer, QuantizedMixin) and isinstance(layer.weight_q, kind):
             out.append((name, layer, layer.weight_q))
     return out
+
+
+def bitplane_layers(model: nn.Module, names: Iterable[str]) -> list[tuple[str, QuantizedMixin, BitPlaneQuantizer]]:
+    """The named layers with a bit-plane weight quantizer."""
+    return layers_with(model, names, BitPlaneQuantizer)
 
 
 def group_lasso(q: BitPlaneQuantizer) -> Tensor:

@@ -32,19 +32,15 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.method import register_method
-from bitsmith.methods.bsq import BSQ
+from bitsmith.methods.bsq import BSQ, layers_with
 from bitsmith.nn import QuantizedMixin
 from bitsmith.quant.roundclamp import RoundClampQuantizer
 from bitsmith.sensitivity import hutchinson_traces
 
 
 def roundclamp_layers(model: nn.Module, names: list[str]) -> list[tuple[str, QuantizedMixin, RoundClampQuantizer]]:
-    out = []
-    for name in names:
-        layer = model.get_submodule(name)
-        if isinstance(layer, QuantizedMixin) and isinstance(layer.weight_q, RoundClampQuantizer):
-            out.append((name, layer, layer.weight_q))
-    return out
+    """The named layers with a round-clamp weight quantizer."""
+    return layers_with(model, names, RoundClampQuantizer)
 
 
 @register_method("msq")

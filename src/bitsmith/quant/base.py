@@ -124,3 +124,21 @@ def build_quantizer(config: dict[str, Any] | None) -> Quantizer | None:
 def quantizers(module: nn.Module) -> list[Quantizer]:
     """All quantizers inside ``module``."""
     return [m for m in module.modules() if isinstance(m, Quantizer)]
+
+
+class WrappedQuantizer(Quantizer):
+    """A quantizer around ``self.inner`` (set by the subclass): bits, readiness and overhead are the
+    inner one's unless overridden."""
+
+    inner: Quantizer
+
+    @property
+    def bits(self) -> int:
+        return self.inner.bits
+
+    @property
+    def ready(self) -> bool:
+        return self.inner.ready
+
+    def overhead_bits(self) -> int:
+        return self.inner.overhead_bits()

@@ -30,8 +30,35 @@ def to_planes(magnitude: Tensor, bits: int) -> Tensor:
     return ((m.unsqueeze(0) >> shifts) & 1).float()
 
 
+class SignMagnitude(Quantizer):
+    """Shared by the per-layer-step sign-magnitude quantizers: codes in ``[-(2^n - 1), 2^n - 1]``."""
+
+    @property
+    def code_bits(self) -> int:
+        return self.bits + 1  # sign + magnitude
+
+    @property
+    def levels(self) -> int:
+        """Largest integer magnitude, ``2^bits - 1``."""
+        return 2**self.bits - 1
+
+    @property
+    def ready(self) -> bool:
+        return self.step.numel() > 0
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "bits": self.bits}
+
+    def overhead_bits(self) -> int:
+        return 32  # the step
+
+    @torch.no_grad()
+    def decode(self, enc: Encoded) -> Tensor:
+        return enc.params["step"] * enc.codes.to(torch.float32)
+
+
 @QUANTIZERS.register("bitplane")
-class BitPlaneQuantizer(Quantizer):
+class BitPlaneQuantizer(SignMagnitude):
     """Weight quantizer that owns the weight as ``bits`` positive and negative bit planes.
 
     It is initialised from the float weight on its first call (or by ``calibrate_``); after that its
@@ -53,25 +80,6 @@ class BitPlaneQuantizer(Quantizer):
     @property
     def bits(self) -> int:
         return self._bits
-
-    @property
-    def code_bits(self) -> int:
-        return self.bits + 1  # sign + magnitude
-
-    @property
-    def levels(self) -> int:
-        """Largest integer magnitude, ``2^bits - 1``."""
-        return 2**self.bits - 1
-
-    @property
-    def ready(self) -> bool:
-        return self.step.numel() > 0
-
-    def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "bits": self.bits}
-
-    def overhead_bits(self) -> int:
-        return 32
 
     # -- construction and exact re-quantization ---------------------------------------------
     @torch.no_grad()
@@ -149,10 +157,6 @@ class BitPlaneQuantizer(Quantizer):
             self.init_from(x)
         codes = self._integers().to(torch.int32)
         return Encoded(codes, {"step": self.step.detach().clone()}, self.code_bits, -self.levels)
-
-    @torch.no_grad()
-    def decode(self, enc: Encoded) -> Tensor:
-        return enc.params["step"] * enc.codes.to(torch.float32)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

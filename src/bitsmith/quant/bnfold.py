@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bitsmith.quant.base import Quantizer
+from bitsmith.quant.base import Quantizer, WrappedQuantizer
 
 
 def _bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
@@ -28,7 +28,7 @@ def _bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
     return torch.where(scale >= 0, scale.clamp(min=1e-8), scale.clamp(max=-1e-8))
 
 
-class BatchNormFolded(Quantizer):
+class BatchNormFolded(WrappedQuantizer):
     """``Q(W * s) / s`` for the weight of a convolution whose output feeds ``bn``; transient (training only)."""
 
     kind = "bn-folded"
@@ -54,17 +54,6 @@ class BatchNormFolded(Quantizer):
     def forward(self, weight: Tensor) -> Tensor:
         s = self.scale(weight)
         return self.inner(weight * s) / s
-
-    @property
-    def bits(self) -> int:
-        return self.inner.bits
-
-    @property
-    def ready(self) -> bool:
-        return self.inner.ready
-
-    def overhead_bits(self) -> int:
-        return self.inner.overhead_bits()
 
     def _not_folded(self, *_: Any) -> Any:
         raise RuntimeError("batch-norm folding is still in training: finalize the qat method (or call "

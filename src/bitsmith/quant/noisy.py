@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bitsmith.quant.base import QUANTIZERS, Encoded, Quantizer, build_quantizer
+from bitsmith.quant.base import QUANTIZERS, Encoded, Quantizer, WrappedQuantizer, build_quantizer
 
 
 @QUANTIZERS.register("noisy")
-class NoisyBias(Quantizer):
+class NoisyBias(WrappedQuantizer):
     """Wraps ``inner``: ``inner(x + noise) - noise`` (``inner(x + noise)`` once folded into a bias)."""
 
     kind = "noisy"
@@ -27,14 +27,6 @@ class NoisyBias(Quantizer):
             raise ValueError("NoisyBias needs an inner quantizer")
         self.channels, self.folded = channels, folded
         self.register_buffer("noise", torch.zeros(channels))
-
-    @property
-    def bits(self) -> int:
-        return self.inner.bits
-
-    @property
-    def ready(self) -> bool:
-        return self.inner.ready
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "inner": self.inner.config(), "channels": self.channels, "folded": self.folded}

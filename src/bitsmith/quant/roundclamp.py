@@ -11,16 +11,15 @@ lowers the top when no code uses it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from bitsmith.quant.base import QUANTIZERS, Encoded, Quantizer
+from bitsmith.quant.base import QUANTIZERS, Encoded
+from bitsmith.quant.bitplane import SignMagnitude
 
 
 @QUANTIZERS.register("roundclamp")
-class RoundClampQuantizer(Quantizer):
+class RoundClampQuantizer(SignMagnitude):
     """``n``-bit sign-magnitude weight quantizer with a fixed per-layer LSB ``step``."""
 
     kind = "roundclamp"
@@ -35,24 +34,6 @@ class RoundClampQuantizer(Quantizer):
     @property
     def bits(self) -> int:
         return int(self.nbits)
-
-    @property
-    def code_bits(self) -> int:
-        return self.bits + 1  # sign + magnitude
-
-    @property
-    def levels(self) -> int:
-        return 2**self.bits - 1
-
-    @property
-    def ready(self) -> bool:
-        return self.step.numel() > 0
-
-    def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "bits": self.bits}
-
-    def overhead_bits(self) -> int:
-        return 32
 
     @torch.no_grad()
     def init_from(self, weight: Tensor) -> None:
@@ -97,7 +78,3 @@ class RoundClampQuantizer(Quantizer):
         return Encoded(
             self.integers(x).to(torch.int32), {"step": self.step.detach().clone()}, self.code_bits, -self.levels
         )
-
-    @torch.no_grad()
-    def decode(self, enc: Encoded) -> Tensor:
-        return enc.params["step"] * enc.codes.to(torch.float32)
