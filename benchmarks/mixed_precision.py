@@ -38,6 +38,7 @@ from bitsmith.train import TrainConfig, fit  # noqa: E402
 UNIFORM = [8, 4, 3, 2]
 BUDGETS = [4.0, 3.0]
 SENSITIVITIES = ["hessian", "eigen", "fisher", "error", "loss"]
+BOPS_KINDS = ["hessian", "fisher", "loss"]  # weights and activations under the BOPs of W4A4
 CRITICAL = [0, 2, 4, 6]  # T-shirt/top, Pullover, Coat, Shirt: the most confused classes
 QAT_TRAIN = 12_000  # fine-tuning images for the Fisher-trace QAT rows
 
@@ -55,6 +56,11 @@ def run(models: list[str]) -> list[dict[str, Any]]:
         for budget in BUDGETS:
             for kind in SENSITIVITIES:
                 runs[f"mixed {kind} {budget:g} bits"] = MixedPrecision(sensitivity=kind, avg_bits=budget, a_bits=8)
+        runs["uniform W4A4"] = PTQ(w_bits=4, a_bits=4)
+        for kind in BOPS_KINDS:
+            runs[f"mixed W+A {kind}, BOPs of W4A4"] = MixedPrecision(
+                sensitivity=kind, avg_bits=None, bops=0.25, a_candidates=[4, 6, 8]
+            )
         for label, method in runs.items():
             if rows.done(model=name, run=label):
                 continue
@@ -62,10 +68,12 @@ def run(models: list[str]) -> list[dict[str, Any]]:
             start = time.perf_counter()
             compress(model, method, task.calibration)
             seconds = time.perf_counter() - start
-            cost = model_cost(model).totals
+            cost = model_cost(model, task.first(task.example(1))).totals
             extra = {"allocation": method.allocation} if isinstance(method, MixedPrecision) else {}
+            if "A4" in label:
+                extra["section"] = "bops"
             rows.add({"model": name, "run": label, **task.evaluate(model), "avg_bits": cost["avg_weight_bits"],
-                      "size": cost["size_bytes"], "seconds": seconds, **extra})  # fmt: skip
+                      "size": cost["size_bytes"], "bops": cost["bops"], "seconds": seconds, **extra})  # fmt: skip
             print({k: v for k, v in rows.rows[-1].items() if k != "allocation"}, flush=True)
     if "critical" in models:
         critical_rows(rows)
@@ -158,6 +166,7 @@ def write(rows: list[dict[str, Any]]) -> None:
         lines.append(f"| {r['model']} | {r['run']} | {r['avg_bits']:.2f} | {r['size'] / 1024:.1f} | "
                      f"{100 * r['accuracy']:.2f} | {r['seconds']:.1f} |")  # fmt: skip
     lines += ["", "![mixed precision](mixed-precision.png)", ""]
+    lines += bops_table([r for r in rows if r.get("section") == "bops"])
     lines += critical_table([r for r in rows if r.get("section") == "critical"])
     atomic_write_text(RESULTS / "mixed-precision.md", "\n".join(lines))
     rows = main
@@ -179,6 +188,25 @@ def write(rows: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "mixed-precision.png", dpi=110)
     plt.close(fig)
+
+
+def bops_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "## Weights and activations under a BOPs budget",
+        "",
+        "Each layer picks (weight bits, activation bits) from {2, 3, 4, 6, 8} x {4, 6, 8} with BOPs",
+        "(MACs x w bits x a bits, per image) at most those of uniform W4A4; the activation sensitivity is",
+        "measured in each layer's input on the calibration batch.",
+        "",
+        "| model | run | avg weight bits | MBOPs | top-1 % | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['run']} | {r['avg_bits']:.2f} | {r['bops'] / 1e6:.1f} | "
+                     f"{100 * r['accuracy']:.2f} | {r['seconds']:.1f} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def critical_table(rows: list[dict[str, Any]]) -> list[str]:
