@@ -69,8 +69,9 @@ def layer_cost(name: str, module: nn.Module) -> LayerCost:
         wq, iq = module.weight_q, module.input_q
         w_bits = wq.bits if wq is not None else _dtype_bits(weight)
         code_bits = wq.code_bits if wq is not None else _dtype_bits(weight)
-        size = params * code_bits + (wq.overhead_bits() if wq is not None else 0)
-        size += params if module.mask is not None else 0
+        kept = params if module.mask is None else int(module.mask.sum())  # pruned entries are not stored
+        size = kept * code_bits + (wq.overhead_bits() if wq is not None else 0)
+        size += params if module.mask is not None else 0  # the mask, one bit per weight
         size += iq.overhead_bits() if iq is not None else 0
         a_bits = iq.bits if iq is not None else 32
         sparsity = float((module.effective_weight() == 0).float().mean())

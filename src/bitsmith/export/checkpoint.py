@@ -29,6 +29,7 @@ FORMAT = "bitsmith"
 FORMAT_VERSION = 1
 CODES = ".codes"
 PARAM = ".codes_param."
+KEPT = ".kept"  # the unpruned entries of a masked float weight
 
 
 class CheckpointError(ValueError):
@@ -52,6 +53,14 @@ def _packed_layers(model: nn.Module) -> dict[str, QuantizedMixin]:
     }  # fmt: skip
 
 
+def _masked_float_layers(model: nn.Module) -> dict[str, QuantizedMixin]:
+    packed = _packed_layers(model)
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, QuantizedMixin) and m.mask is not None and name not in packed
+    }  # fmt: skip
+
+
 @torch.no_grad()
 def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """State dict with quantized weights replaced by packed codes, and the packing table."""
@@ -63,10 +72,17 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         del state[f"{name}.weight"]
         for key in wq.packed_exclude:  # type: ignore[union-attr]
             del state[f"{name}.weight_q.{key}"]
-        state[f"{name}.weight{CODES}"] = pack(enc.codes - enc.code_min, enc.code_bits)
+        codes = enc.codes - enc.code_min
+        if layer.mask is not None:  # pruned entries are not stored: the mask says where the codes go
+            codes = codes[layer.mask.cpu()]
+        state[f"{name}.weight{CODES}"] = pack(codes, enc.code_bits)
         for key, value in enc.params.items():
             state[f"{name}.weight{PARAM}{key}"] = value.detach().cpu().clone()
-        table[name] = {"bits": enc.code_bits, "min": enc.code_min, "shape": list(enc.codes.shape)}
+        table[name] = {"bits": enc.code_bits, "min": enc.code_min, "shape": list(enc.codes.shape),
+                       "sparse": layer.mask is not None}  # fmt: skip
+    for name, layer in _masked_float_layers(model).items():
+        state[f"{name}.weight{KEPT}"] = state.pop(f"{name}.weight")[layer.mask.cpu()]
+        table.setdefault("__sparse__", {})[name] = list(layer.weight.shape)
     for key, value in list(state.items()):
         if value.dtype == torch.bool:
             state[key] = pack(value.to(torch.int32), 1)
@@ -166,6 +182,17 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     return model
 
 
+def _codes(state: dict[str, torch.Tensor], name: str, info: dict[str, Any]) -> torch.Tensor:
+    """A layer's unpacked codes in its weight's shape (pruned entries of a sparse layer get code 0)."""
+    packed = state.pop(f"{name}.weight{CODES}")
+    if not info.get("sparse"):
+        return unpack(packed, info["bits"], int(torch.Size(info["shape"]).numel())).reshape(info["shape"])
+    mask = state[f"{name}.mask"]
+    codes = torch.full(info["shape"], -info["min"], dtype=torch.int32).clamp(0, 2 ** info["bits"] - 1)
+    codes[mask] = unpack(packed, info["bits"], int(mask.sum()))
+    return codes
+
+
 def _unpack_state(
     path: str | os.PathLike[str], model: nn.Module, tensors: dict[str, torch.Tensor], table: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -173,12 +200,18 @@ def _unpack_state(
     for key, shape in table.pop("__bool__", {}).items():
         numel = int(torch.Size(shape).numel())
         state[key] = unpack(state[key], 1, numel).reshape(shape).to(torch.bool)
+    for name, shape in table.pop("__sparse__", {}).items():
+        try:
+            weight = torch.zeros(shape, dtype=state[f"{name}.weight{KEPT}"].dtype)
+            weight[state[f"{name}.mask"]] = state.pop(f"{name}.weight{KEPT}")
+        except (KeyError, RuntimeError, IndexError) as exc:
+            raise CheckpointError(f"{path}: sparse weight of layer {name!r} cannot be restored: {exc}") from None
+        state[f"{name}.weight"] = weight
     decoded: dict[str, torch.Tensor] = {}
     for name, info in table.items():
         try:
             layer = model.get_submodule(name)
-            numel = int(torch.Size(info["shape"]).numel())
-            codes = unpack(state.pop(f"{name}.weight{CODES}"), info["bits"], numel).reshape(info["shape"])
+            codes = _codes(state, name, info)
             prefix = f"{name}.weight{PARAM}"
             params = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
             weight = layer.weight_q.decode(Encoded(codes + info["min"], params, info["bits"], info["min"]))
