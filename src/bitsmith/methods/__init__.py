@@ -1,3 +1,17 @@
 """Methods, one file per paper or baseline. Importing this package registers them all."""
 
-from bitsmith.methods import bsq, deephoyer, fisher_reg, hero, mixed, msq, noisyquant, prune, ptq, qat, rtn, smoothquant  # noqa: F401
+from bitsmith.methods import (  # noqa: F401  (imported to register)
+    bsq,
+    deephoyer,
+    fisher_reg,
+    hero,
+    mixed,
+    msq,
+    noisyquant,
+    prune,
+    ptq,
+    qat,
+    rtn,
+    smoothquant,
+    svd_train,
+)
