@@ -47,7 +47,7 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (
             {"model": {"name": "cnn"}, "methods": [{"name": "nope"}]},
-            "methods.0.name: unknown method 'nope'; registered: bsq, deephoyer, fisher-reg, hero, mixed, msq, noisyquant, prune, ptq, qat, rtn, sam, smoothquant, svd-train",
+            "methods.0.name: unknown method 'nope'; registered: bitslice, bsq, deephoyer, fisher-reg, hero, mixed, msq, noisyquant, prune, ptq, qat, rtn, sam, smoothquant, svd-train",
         ),
         (
             {"model": {"name": "cnn"}, "methods": [{"name": "ptq", "w_bits": 32}]},

@@ -1,6 +1,7 @@
 """Methods, one file per paper or baseline. Importing this package registers them all."""
 
 from bitsmith.methods import (  # noqa: F401  (imported to register)
+    bitslice,
     bsq,
     deephoyer,
     fisher_reg,
