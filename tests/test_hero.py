@@ -58,3 +58,12 @@ def test_extra_passes_leave_weights_and_batchnorm_statistics_as_they_were() -> N
     HERO().penalty(model, batch)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_penalty_after_the_loss_forward_keeps_its_graph_valid_in_training_mode() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3)).train()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    for method in (HERO(), SAM()):
+        loss = nn.functional.cross_entropy(model(x), y)  # as in fit: the loss first, then the penalty
+        (loss + method.penalty(model, (x, y))).backward()

@@ -31,15 +31,17 @@ from bitsmith.method import Method, register_method
 
 @contextlib.contextmanager
 def restored_buffers(model: nn.Module) -> Iterator[None]:
-    """Undo any buffer updates (batch-norm statistics) made by forward passes inside the block."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    """Forward passes inside the block update copies of the buffers (batch-norm statistics); the original
+    tensors come back untouched afterwards, so a graph that saved them (the loop's own loss) stays valid."""
+    saved = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()]
+    for module, name, buffer in saved:
+        if buffer is not None:
+            module._buffers[name] = buffer.clone()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                if not torch.equal(buffer, value):  # untouched buffers keep their version (autograd)
-                    buffer.copy_(value)
+        for module, name, buffer in saved:
+            module._buffers[name] = buffer
 
 
 def finite_difference_penalty(model: nn.Module, batch: Any, gamma: float, radius: float) -> Tensor:
