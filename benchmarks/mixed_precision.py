@@ -76,17 +76,18 @@ def run(models: list[str]) -> list[dict[str, Any]]:
                       "size": cost["size_bytes"], "bops": cost["bops"], "seconds": seconds, **extra})  # fmt: skip
             print({k: v for k, v in rows.rows[-1].items() if k != "allocation"}, flush=True)
     if "critical" in models:
-        critical_rows(rows)
+        for model in ("cnn", "vit"):
+            critical_rows(rows, model)
     return rows.rows
 
 
-def critical_rows(rows: Rows) -> None:
+def critical_rows(rows: Rows, name: str) -> None:
     """Critical-class top-1 at equal size: uniform, plain Hessian / Fisher, critical-class objectives;
-    then QAT W4A8 with and without the Fisher-trace regulariser."""
-    base, task = load("cnn", calib_size=256)
+    then (CNN) QAT W4A8 with and without the Fisher-trace regulariser."""
+    base, task = load(name, calib_size=256)
     task.critical = CRITICAL
     calib = task.labelled_calibration
-    key = {"model": "cnn", "section": "critical"}
+    key = {"model": name, "section": "critical"}
     runs: dict[str, Method] = {}
     for budget in BUDGETS:
         runs[f"uniform W{budget:g}"] = PTQ(w_bits=int(budget), a_bits=8)
@@ -108,6 +109,8 @@ def critical_rows(rows: Rows) -> None:
         rows.add({**key, "run": label, **task.evaluate(model), "avg_bits": model_cost(model).totals["avg_weight_bits"],
                   "seconds": seconds})  # fmt: skip
         print(rows.rows[-1], flush=True)
+    if name != "cnn":
+        return
     images, labels = task.train
     pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:QAT_TRAIN]
     train = (images[pick], labels[pick])
@@ -213,7 +216,7 @@ def critical_table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     lines = [
-        "## Critical classes (CNN)",
+        "## Critical classes",
         "",
         f"Critical classes {CRITICAL} (T-shirt, Pullover, Coat, Shirt). PTQ rows: 256 calibration images",
         "with their true labels; `critical` rows measure the curvature of `L_F + L_A` (`L_A`: cross-entropy",
@@ -221,13 +224,13 @@ def critical_table(rows: list[dict[str, Any]]) -> list[str]:
         "images with `lam * ||grad_W L_A||^2` added; *train - test* is the critical-class top-1 gap; `tr(F_A)`",
         "is `||grad_W L_A||^2` averaged over 8 test chunks of 32 images.",
         "",
-        "| run | avg weight bits | top-1 % | critical top-1 % | critical train - test | tr(F_A) | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| model | run | avg weight bits | top-1 % | critical top-1 % | critical train - test | tr(F_A) | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gap = f"{100 * r['critical_gap']:.2f}" if "critical_gap" in r else "-"
         fisher = f"{r['fisher_critical']:.3f}" if "fisher_critical" in r else "-"
-        lines.append(f"| {r['run']} | {r['avg_bits']:.2f} | {100 * r['accuracy']:.2f} | "
+        lines.append(f"| {r['model']} | {r['run']} | {r['avg_bits']:.2f} | {100 * r['accuracy']:.2f} | "
                      f"{100 * r['critical_accuracy']:.2f} | {gap} | {fisher} | {r['seconds']:.0f} |")  # fmt: skip
     return [*lines, ""]
 
