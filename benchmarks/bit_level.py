@@ -1,7 +1,7 @@
 """Training-time quantization on the zoo CNN: top-1 vs average weight bits.
 
 Uniform QAT (STE at 4 bits, LSQ at 4 / 3 / 2 weight bits) with 8-bit activations, stem and classifier at 8
-bits, fine-tuned from the FP32 checkpoint; BSQ and MSQ at two strengths each from an 8-bit start
+bits, fine-tuned from the FP32 checkpoint; BSQ and MSQ at one strength each from an 8-bit start
 (stem and classifier at 8 bits by STE QAT, 1 extra fine-tune epoch at the found precision). BSQ and
 MSQ rows run in a fresh process each, so their peak resident memory (``ru_maxrss``) is their own;
 they also report the trainable values of the quantized layers and the seconds per epoch. CSQ joins
@@ -37,7 +37,7 @@ from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import cache_dir  # noqa: E402
 
 QAT_RUNS = [("ste", 4), ("lsq", 4), ("lsq", 3), ("lsq", 2)]
-BIT_LEVEL = {"BSQ": [1.0, 2.0], "MSQ": [5.0, 10.0]}
+BIT_LEVEL = {"BSQ": [2.0], "MSQ": [10.0]}
 ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
 
 
