@@ -65,3 +65,14 @@ def test_batchnorm_folding_can_be_turned_off() -> None:
     model = make_cnn()
     compress(model, QAT(w_bits=4, a_bits=None, fold_bn=False), [toy_data(64)[0]], finalize=False)
     assert not isinstance(model.stem.weight_q, BatchNormFolded)
+
+
+def test_batchnorm_pairs_are_found_after_another_method_swapped_the_layers() -> None:
+    from bitsmith.methods.bsq import BSQ
+
+    model = make_cnn()
+    x = toy_data(64)[0]
+    compress(
+        model, [BSQ(where={"exclude": ["@first"]}), QAT(w_bits=8, where={"include": ["@first"]})], [x], finalize=False
+    )
+    assert isinstance(model.stem.weight_q, BatchNormFolded)

@@ -64,11 +64,19 @@ class BatchNormFolded(WrappedQuantizer):
     config = _not_folded  # type: ignore[assignment]
 
 
+class _LayerTracer(torch.fx.Tracer):
+    """Keeps every layer (compressed ones too) as one node: only the wiring between layers matters."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        layer = isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))
+        return layer or super().is_leaf_module(m, module_qualified_name)
+
+
 def conv_bn_pairs(model: nn.Module, names: list[str]) -> dict[str, str]:
     """``{conv name: batch-norm name}`` for the selected convolutions whose only consumer is a batch
     norm, found by tracing the model with ``torch.fx``; ``{}`` when the model cannot be traced."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _LayerTracer().trace(model)
     except Exception:  # noqa: BLE001 - dynamic control flow: no folding, reported by the caller
         return {}
     modules = dict(model.named_modules())
