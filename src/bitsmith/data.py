@@ -28,6 +28,15 @@ def batches(
         yield images[idx], labels[idx]
 
 
+def first_example(batch: Any) -> Any:
+    """The first example of a batch, still batched: a tensor, an (inputs, labels) pair or a dict of tensors."""
+    if isinstance(batch, dict):
+        return {key: value[:1] for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(part[:1] for part in batch)
+    return batch[:1]
+
+
 def concat_batches(items: list[Any]) -> Any:
     """One batch from several: tensors are concatenated on dim 0 (right-padded with zeros on dim 1 when
     sequence lengths differ, as for tokenized text), dicts key by key, tuples item by item."""

@@ -4,8 +4,9 @@ its registry, and ``compress()`` which runs a list of methods on a model."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -98,6 +99,17 @@ def build_method(entry: dict[str, Any]) -> Method:
     if unknown:
         raise ValueError(f"method {name!r} has no field(s) {sorted(unknown)}; fields are {sorted(allowed)}")
     return cls(**entry)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, its train/eval mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def run_forward(model: nn.Module, batch: Any) -> Any:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bitsmith.data import batches
-from bitsmith.method import Method
+from bitsmith.method import Method, eval_mode
 from bitsmith.progress import track
 
 
@@ -169,13 +169,9 @@ def fit(
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 500) -> Tensor:
     """Top-1 class of every image."""
-    was_training = model.training
-    model.eval()
     n_batches = math.ceil(images.shape[0] / batch_size)
-    chunks = images.split(batch_size)
-    out = torch.cat([model(x).argmax(1) for x in track(chunks, "evaluating", n_batches)])
-    model.train(was_training)
-    return out
+    with eval_mode(model):
+        return torch.cat([model(x).argmax(1) for x in track(images.split(batch_size), "evaluating", n_batches)])
 
 
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 500) -> float:

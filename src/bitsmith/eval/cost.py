@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitsmith.method import run_forward
+from bitsmith.method import eval_mode, run_forward
 from bitsmith.nn import QuantizedMixin, is_hf_conv1d
 
 
@@ -102,14 +102,12 @@ def measure_macs(model: nn.Module, example: Any, names: list[str]) -> dict[str, 
             macs[name] = macs.get(name, 0) + output.numel() * _macs_per_output(mod)
 
         handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        run_forward(model, example)
+        with eval_mode(model):
+            run_forward(model, example)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return macs
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitsmith.method import run_forward
+from bitsmith.method import eval_mode, run_forward
 
 
 @contextmanager
@@ -30,14 +30,11 @@ def measure_latency(
     model: nn.Module, example: Any, runs: int = 10, warmup: int = 2, num_threads: int | None = None
 ) -> float:
     """Median milliseconds per forward pass of ``model`` on ``example``."""
-    was_training = model.training
-    model.eval()
     times = []
-    with threads(num_threads):
+    with threads(num_threads), eval_mode(model):
         for i in range(warmup + runs):
             start = time.perf_counter()
             run_forward(model, example)
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1000)
-    model.train(was_training)
     return statistics.median(times)

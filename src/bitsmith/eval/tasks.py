@@ -16,7 +16,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from bitsmith.critical import critical_mask
-from bitsmith.data import batches, subset
+from bitsmith.data import batches, first_example, subset
+from bitsmith.method import eval_mode
 from bitsmith.train import predict
 
 
@@ -50,7 +51,7 @@ class ClassificationTask:
         return self.test[0][:batch_size]
 
     def first(self, batch: Tensor) -> Tensor:
-        return batch[:1]
+        return first_example(batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         images, labels = self.test
@@ -94,18 +95,15 @@ class EmbeddingTask:
         return tokenize(self.tokenizer, (texts * (1 + batch_size // max(len(texts), 1)))[:batch_size])
 
     def first(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {key: value[:1] for key, value in batch.items()}
+        return first_example(batch)
 
     def embeddings(self, model: nn.Module) -> Tensor:
         """Embeddings of all queries, then all passages ``(2 * pairs, dim)``."""
         from bitsmith.zoo.minilm import embed_texts
 
         texts = [q for q, _ in self.pairs] + [p for _, p in self.pairs]
-        was_training = model.training
-        model.eval()
-        out = embed_texts(model, self.tokenizer, texts)
-        model.train(was_training)
-        return out
+        with eval_mode(model):
+            return embed_texts(model, self.tokenizer, texts)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         from bitsmith.zoo.minilm import mean_cosine, retrieval_recall_at_1

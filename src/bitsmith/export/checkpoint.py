@@ -53,8 +53,8 @@ def _packed_layers(model: nn.Module) -> dict[str, QuantizedMixin]:
     }  # fmt: skip
 
 
-def _masked_float_layers(model: nn.Module) -> dict[str, QuantizedMixin]:
-    packed = _packed_layers(model)
+def _masked_float_layers(model: nn.Module, packed: dict[str, QuantizedMixin]) -> dict[str, QuantizedMixin]:
+    """Pruned layers whose float weight is stored as its kept entries (the rest are in ``packed``)."""
     return {
         name: m for name, m in model.named_modules()
         if isinstance(m, QuantizedMixin) and m.mask is not None and name not in packed
@@ -66,7 +66,8 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
     """State dict with quantized weights replaced by packed codes, and the packing table."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     table: dict[str, Any] = {}
-    for name, layer in _packed_layers(model).items():
+    packed = _packed_layers(model)
+    for name, layer in packed.items():
         wq = layer.weight_q
         enc = wq.encode(layer.masked_weight())  # type: ignore[union-attr]
         del state[f"{name}.weight"]
@@ -80,7 +81,7 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
             state[f"{name}.weight{PARAM}{key}"] = value.detach().cpu().clone()
         table[name] = {"bits": enc.code_bits, "min": enc.code_min, "shape": list(enc.codes.shape),
                        "sparse": layer.mask is not None}  # fmt: skip
-    for name, layer in _masked_float_layers(model).items():
+    for name, layer in _masked_float_layers(model, packed).items():
         state[f"{name}.weight{KEPT}"] = state.pop(f"{name}.weight")[layer.mask.cpu()]
         table.setdefault("__sparse__", {})[name] = list(layer.weight.shape)
     for key, value in list(state.items()):

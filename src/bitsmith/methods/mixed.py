@@ -36,9 +36,9 @@ from torch import Tensor, nn
 
 from bitsmith.alloc import Budget, allocate
 from bitsmith.critical import critical_loss
-from bitsmith.data import concat_batches
+from bitsmith.data import concat_batches, first_example
 from bitsmith.eval.cost import measure_macs
-from bitsmith.method import register_method, run_forward
+from bitsmith.method import eval_mode, register_method, run_forward
 from bitsmith.methods.ptq import PTQ
 from bitsmith.quant.layers import attach, observe_inputs
 from bitsmith.sensitivity import Target, captured_inputs, fisher_traces, hutchinson_traces, top_eigenvalues
@@ -105,23 +105,19 @@ class MixedPrecision(PTQ):
         """``S_l`` per selected layer, in its weight or its input (1 for ``error``)."""
         if self.sensitivity in ("error", "loss"):
             return dict.fromkeys(self._layers, 1.0)
-        was_training = model.training
-        model.eval()
-        inputs, labels = self._inputs_and_labels(model, batch)
+        with eval_mode(model):
+            inputs, labels = self._inputs_and_labels(model, batch)
 
-        def loss(m: nn.Module, n: int | None = None, reduction: str = "mean") -> Tensor:
-            logits = run_forward(m, inputs if n is None else inputs[:n])
-            return self.objective(logits, labels if n is None else labels[:n], reduction)
+            def loss(m: nn.Module, n: int | None = None, reduction: str = "mean") -> Tensor:
+                logits = run_forward(m, inputs if n is None else inputs[:n])
+                return self.objective(logits, labels if n is None else labels[:n], reduction)
 
-        try:
             if self.sensitivity == "hessian":
                 return hutchinson_traces(model, loss, self._layers, self.max_probes, seed=self.seed, target=target)
             if self.sensitivity == "eigen":
                 return top_eigenvalues(model, loss, self._layers, seed=self.seed, target=target)
             n = FISHER_EXAMPLES if target == "weight" else None
             return fisher_traces(model, lambda m: loss(m, n, "none"), self._layers, target=target)
-        finally:
-            model.train(was_training)
 
     def objective(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
         """``L_F`` (cross-entropy), plus ``critical_weight * L_A`` with critical classes."""
@@ -146,7 +142,7 @@ class MixedPrecision(PTQ):
             size = {name: {(w, a): float(numel[name] * w) for w, a in cost[name]} for name in self._layers}
             budgets.append(Budget("model size (weight bits)", size, self.avg_bits * sum(numel.values())))
         if self.bops is not None:
-            macs = measure_macs(model, _first_example(batch), self._layers)
+            macs = measure_macs(model, first_example(batch), self._layers)
             use = {name: {(w, a): float(macs[name] * w * a) for w, a in cost[name]} for name in self._layers}
             budgets.append(Budget("BOPs", use, self.bops * 64 * sum(macs.values())))
         picked = allocate(cost, budgets)
@@ -157,7 +153,8 @@ class MixedPrecision(PTQ):
         w_q = {name: self._weight_quantizers(model, name) for name in self._layers}
         a_q = self._input_quantizers(model, batch) if self.a_candidates else {n: {} for n in self._layers}
         if self.sensitivity == "loss":
-            return self._loss_increase(model, batch, w_q, a_q)
+            with eval_mode(model):
+                return self._loss_increase(model, batch, w_q, a_q)
         self.sensitivities = self.measure(model, batch)
         w_cost = {
             name: {
@@ -181,11 +178,8 @@ class MixedPrecision(PTQ):
 
     def _input_quantizers(self, model: nn.Module, batch: Any) -> dict[str, dict[int, Any]]:
         """Activation quantizers per candidate, calibrated on each layer's inputs from the batch."""
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), captured_inputs(model, self._layers) as inputs:
+        with torch.no_grad(), eval_mode(model), captured_inputs(model, self._layers) as inputs:
             run_forward(model, batch)
-        model.train(was_training)
         self._inputs = {name: x.detach() for name, x in inputs.items()}
         return {
             name: {
@@ -200,8 +194,6 @@ class MixedPrecision(PTQ):
         self, model: nn.Module, batch: Any, w_q: dict[str, dict[int, Any]], a_q: dict[str, dict[int, Any]]
     ) -> tuple[PerLayer, PerLayer]:
         """The measured loss increase when only layer ``l``'s weight (or input) is quantized at ``b``."""
-        was_training = model.training
-        model.eval()
         inputs, labels = self._inputs_and_labels(model, batch)
 
         def loss() -> float:
@@ -223,7 +215,6 @@ class MixedPrecision(PTQ):
                 handle = layer.register_forward_pre_hook(lambda m, args, q=q: (q(args[0]), *args[1:]))
                 a_cost[name][bits] = loss() - base
                 handle.remove()
-        model.train(was_training)
         return w_cost, a_cost
 
 
@@ -238,12 +229,3 @@ def _error(q: Any, x: Tensor) -> float:
 
 def _bits_entry(w_bits: int, a_bits: int | None) -> dict[str, int]:
     return {"w_bits": w_bits} if a_bits is None else {"w_bits": w_bits, "a_bits": a_bits}
-
-
-def _first_example(batch: Any) -> Any:
-    """One example of a batch (tensor, (inputs, labels) pair or dict of tensors), for MAC counting."""
-    if isinstance(batch, dict):
-        return {key: value[:1] for key, value in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return batch[0][:1]
-    return batch[:1]

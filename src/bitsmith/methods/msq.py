@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bitsmith.method import register_method
+from bitsmith.method import eval_mode, register_method
 from bitsmith.methods.bsq import BSQ, layers_with
 from bitsmith.nn import QuantizedMixin
 from bitsmith.quant.roundclamp import RoundClampQuantizer
@@ -86,12 +86,10 @@ class MSQ(BSQ):
         if count == 0 or batch is None or self.max_drop == 1:
             return set()
         inputs, labels = batch
-        was_training = model.training
-        model.eval()
-        traces = hutchinson_traces(
-            model, lambda m: nn.functional.cross_entropy(m(inputs), labels), names, self.probes, seed=0
-        )
-        model.train(was_training)
+        with eval_mode(model):
+            traces = hutchinson_traces(
+                model, lambda m: nn.functional.cross_entropy(m(inputs), labels), names, self.probes, seed=0
+            )
         return set(sorted(names, key=lambda n: traces[n])[:count])
 
     def _adjust(self, q: RoundClampQuantizer, weight: Tensor, allowed: int) -> None:

@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.data import concat_batches
-from bitsmith.method import Method, register_method, run_forward
+from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn import QLinear
 from bitsmith.quant.base import Quantizer
 from bitsmith.quant.functional import fake_quant, params_from_range
@@ -124,14 +124,12 @@ class NoisyQuant(Method):
             model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: self._search(n, m, a[0]))
             for n in self._layers
         ]
-        was_training = model.training
-        model.eval()
         try:
-            run_forward(model, batch)
+            with eval_mode(model):
+                run_forward(model, batch)
         finally:
             for handle in handles:
                 handle.remove()
-            model.train(was_training)
 
     def _search(self, name: str, layer: QLinear, x: Tensor) -> None:
         """Set the clip, mean and noise of ``layer``'s input quantizer from its input ``x``."""

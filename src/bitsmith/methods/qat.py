@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from bitsmith.method import Method, register_method, run_forward
+from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.quant.bnfold import BatchNormFolded, conv_bn_pairs, fold_batchnorm
 from bitsmith.quant.layers import attach, input_channel_axis
 from bitsmith.quant.uniform import Bits, UniformQuantizer
@@ -104,21 +104,19 @@ class QAT(Method):
             for n, layer in layers.items()
         ]
         batches = list(batches)
-        was_training = model.training
-        model.eval()
-        try:
-            run_forward(model, batches[0])
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name, layer in layers.items():
-            c = self.layer_config(self._layers[name])
-            if c["a_bits"] is None:
-                continue
-            lsq = c["step"] == "lsq"
-            layer.input_q = UniformQuantizer(
-                c["a_bits"], signed[name], "tensor", ch_axis=input_channel_axis(layer),
-                step="learned" if lsq else "calibrated", dynamic=not lsq, lsq_batch_dim=True,
-            )  # fmt: skip
-        run_forward(model, batches[0])  # LSQ: the first pass initialises the steps
-        model.train(was_training)
+        with eval_mode(model):
+            try:
+                run_forward(model, batches[0])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, layer in layers.items():
+                c = self.layer_config(self._layers[name])
+                if c["a_bits"] is None:
+                    continue
+                lsq = c["step"] == "lsq"
+                layer.input_q = UniformQuantizer(
+                    c["a_bits"], signed[name], "tensor", ch_axis=input_channel_axis(layer),
+                    step="learned" if lsq else "calibrated", dynamic=not lsq, lsq_batch_dim=True,
+                )  # fmt: skip
+            run_forward(model, batches[0])  # LSQ: the first pass initialises the steps

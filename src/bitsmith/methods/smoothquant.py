@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bitsmith.method import Method, register_method, run_forward
+from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn import QLinear, QuantizedMixin
 from bitsmith.quant.layers import to_quantized
 from bitsmith.swap import swap
@@ -98,32 +98,32 @@ class SmoothQuant(Method):
         batches = list(batches)
         keys, act_max, norm_of = self._observe(model, batches)
         probe = _probe(batches[0])
-        was_training = model.training
-        model.eval()
-        reference = run_forward(model, probe)
-        groups: dict[Key, list[str]] = {}
-        for name in self._layers:
-            groups.setdefault(keys[name], []).append(name)
-        for key, names in groups.items():
-            norm_name = norm_of.get(key)
-            if norm_name is None and self.layers == "norm-fed":
-                continue
-            layers = [model.get_submodule(n) for n in names]
-            w_max = torch.stack([layer.weight.abs().amax(dim=0) for layer in layers]).amax(dim=0)
-            a_max = act_max[names[0]]
-            scale = (a_max.clamp(min=1e-5).pow(self.alpha) / w_max.clamp(min=1e-5).pow(1 - self.alpha)).clamp(min=1e-5)
-            scale = torch.where(a_max > 0, scale, torch.ones_like(scale))
-            folded = (
-                norm_name is not None
-                and self.fold
-                and self._try_fold(model, norm_name, layers, scale, probe, reference)
-            )
-            if not folded:
-                for layer in layers:
-                    layer.set_smooth(scale)
-            for name in names:
-                self.report[name] = {"norm": norm_name, "folded": folded, "max_scale": float(scale.max())}
-        model.train(was_training)
+        with eval_mode(model):
+            reference = run_forward(model, probe)
+            groups: dict[Key, list[str]] = {}
+            for name in self._layers:
+                groups.setdefault(keys[name], []).append(name)
+            for key, names in groups.items():
+                norm_name = norm_of.get(key)
+                if norm_name is None and self.layers == "norm-fed":
+                    continue
+                layers = [model.get_submodule(n) for n in names]
+                w_max = torch.stack([layer.weight.abs().amax(dim=0) for layer in layers]).amax(dim=0)
+                a_max = act_max[names[0]]
+                scale = (a_max.clamp(min=1e-5).pow(self.alpha) / w_max.clamp(min=1e-5).pow(1 - self.alpha)).clamp(
+                    min=1e-5
+                )
+                scale = torch.where(a_max > 0, scale, torch.ones_like(scale))
+                folded = (
+                    norm_name is not None
+                    and self.fold
+                    and self._try_fold(model, norm_name, layers, scale, probe, reference)
+                )
+                if not folded:
+                    for layer in layers:
+                        layer.set_smooth(scale)
+                for name in names:
+                    self.report[name] = {"norm": norm_name, "folded": folded, "max_scale": float(scale.max())}
 
     def _observe(
         self, model: nn.Module, batches: list[Any]
@@ -156,17 +156,15 @@ class SmoothQuant(Method):
             for n, m in model.named_modules()
             if is_norm(m)
         ]
-        was_training = model.training
-        model.eval()
         try:
-            for batch in batches:
-                run_forward(model, batch)
-                first[0] = False
-                alive.clear()
+            with eval_mode(model):
+                for batch in batches:
+                    run_forward(model, batch)
+                    first[0] = False
+                    alive.clear()
         finally:
             for handle in handles:
                 handle.remove()
-            model.train(was_training)
         return keys, act_max, norm_of
 
     def _try_fold(

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitsmith.method import run_forward
+from bitsmith.method import eval_mode, run_forward
 from bitsmith.nn import QConv2d, QLinear, QuantizedMixin, as_linear
 from bitsmith.quant.base import Quantizer
 from bitsmith.quant.uniform import UniformQuantizer
@@ -93,14 +93,12 @@ def observe_inputs(model: nn.Module, layers: Iterable[str], batches: Iterable[An
     observed = [q for q in found if q is not None and not getattr(q, "dynamic", False)]
     if not observed:
         return
-    was_training = model.training
-    model.eval()
     for q in observed:
         q.start_observing()
     try:
-        for batch in batches:
-            run_forward(model, batch)
+        with eval_mode(model):
+            for batch in batches:
+                run_forward(model, batch)
     finally:
         for q in observed:
             q.stop_observing()
-        model.train(was_training)
