@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, Rows, load  # noqa: E402
+from common import RESULTS, Rows, load, save_figure  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
@@ -142,9 +142,7 @@ def write(rows: list[dict[str, Any]]) -> None:
     ax.set_title("zoo CNN: accuracy vs average weight bits")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "bit-level.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "bit-level.png")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,15 @@ from bitsmith.zoo import pretrained
 RESULTS = Path(__file__).parent.parent / "docs" / "results"
 
 
+def save_figure(fig: Any, name: str) -> None:
+    """Lay out ``fig``, write it to ``docs/results/NAME`` and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(RESULTS / name, dpi=110)
+    plt.close(fig)
+
+
 def load(name: str, calib_size: int | None = None) -> tuple[nn.Module, Task]:
     """A zoo model (``cnn``, ``vit``) on Fashion-MNIST or ``minilm`` on the docstring pairs, in eval mode."""
     if name == "minilm":

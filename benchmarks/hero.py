@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, Rows  # noqa: E402
+from common import RESULTS, Rows, save_figure  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.report import atomic_write_text  # noqa: E402
@@ -108,9 +108,7 @@ def write(rows: list[dict[str, Any]]) -> None:
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "hero.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "hero.png")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, Rows, load  # noqa: E402
+from common import RESULTS, Rows, load, save_figure  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
@@ -188,9 +188,7 @@ def write(rows: list[dict[str, Any]]) -> None:
         ax.set_title(f"{model}: accuracy vs size")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "mixed-precision.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "mixed-precision.png")
 
 
 def bops_table(rows: list[dict[str, Any]]) -> list[str]:

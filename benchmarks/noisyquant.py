@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, Rows, load  # noqa: E402
+from common import RESULTS, Rows, load, save_figure  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.report import atomic_write_text  # noqa: E402
@@ -186,9 +186,7 @@ def plot(summary: list[dict[str, Any]]) -> None:
         ax.set_title(f"{model}: {label}")
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "noisyquant.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "noisyquant.png")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, Rows, load  # noqa: E402
+from common import RESULTS, Rows, load, save_figure  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
@@ -126,9 +126,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "ptq-baselines.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, "ptq-baselines.png")
 
 
 if __name__ == "__main__":
