@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install data demo test lint bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero clean
+.PHONY: install data demo test lint bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
 
 # Benchmarks: long measurements that regenerate docs/results/ (not part of `make test`).
-bench: bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero
+bench: bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity
 
 bench-ptq: $(STAMP) data
 	$(PY) benchmarks/ptq_baselines.py
@@ -59,3 +59,6 @@ bench-bit-level: $(STAMP) data
 
 bench-hero: $(STAMP) data
 	$(PY) benchmarks/hero.py
+
+bench-sparsity: $(STAMP) data
+	$(PY) benchmarks/sparsity.py

@@ -50,3 +50,9 @@ class Rows:
         on_disk = json.loads(self.path.read_text()) if self.path.is_file() else []
         self.rows = [*on_disk, row]
         atomic_write_text(self.path, json.dumps(self.rows, indent=1))
+
+    def put(self, row: dict[str, Any], **key: Any) -> None:
+        """Like ``add``, replacing the rows that match ``key`` (a re-measurement)."""
+        on_disk = json.loads(self.path.read_text()) if self.path.is_file() else []
+        self.rows = [r for r in on_disk if not all(r.get(k) == v for k, v in key.items())] + [row]
+        atomic_write_text(self.path, json.dumps(self.rows, indent=1))

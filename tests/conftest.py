@@ -32,6 +32,14 @@ def make_cnn(seed: int = 0) -> TinyCNN:
     return TinyCNN().eval()
 
 
+def make_vit(seed: int = 0) -> nn.Module:
+    """A two-block ViT for the 12x12 test images."""
+    from bitsmith.zoo.vision import ViT
+
+    torch.manual_seed(seed)
+    return ViT(patch=4, dim=16, depth=2, heads=2, mlp_dim=32, image=12).eval()
+
+
 @pytest.fixture
 def cnn() -> TinyCNN:
     return make_cnn()

@@ -13,9 +13,10 @@ import torch
 
 from bitsmith import METHODS, build_method, compress, load, model_cost, run_forward, save, strip
 from bitsmith.method import HOOKS
-from conftest import make_cnn
+from conftest import make_cnn, make_vit
 
 TINY_CONFIG: dict[str, dict] = {"smoothquant": {"layers": "all"}, "noisyquant": {"grid": 4, "rows": 64}}
+MODELS = {"nvit": make_vit}  # methods that need another architecture than the tiny CNN
 PRELUDE: dict[str, list[dict]] = {"noisyquant": [{"name": "ptq", "a_bits": 6, "a_symmetric": True}]}  # runs first
 
 
@@ -27,7 +28,8 @@ def test_method_contract(name: str, tmp_path: Path, images: torch.Tensor, calib:
     method = build_method({"name": name, **TINY_CONFIG.get(name, {})})
     assert build_method(copy.deepcopy(method.config())).config() == method.config()
 
-    model = make_cnn()
+    make_model = MODELS.get(name, make_cnn)
+    model = make_model()
     reference = model(images)
     compress(model, [*(build_method(entry) for entry in PRELUDE.get(name, [])), method], calib)
     if cls.uses("penalty") or cls.uses("perturb"):
@@ -38,7 +40,7 @@ def test_method_contract(name: str, tmp_path: Path, images: torch.Tensor, calib:
     assert out.shape == reference.shape and torch.isfinite(out).all()
     assert model_cost(model, images).totals["size_bits"] > 0
 
-    reloaded = load(save(model, tmp_path / f"{name}.safetensors"), make_cnn())
+    reloaded = load(save(model, tmp_path / f"{name}.safetensors"), make_model())
     assert torch.equal(reloaded(images), out)
     assert strip(model)(images).shape == reference.shape
 

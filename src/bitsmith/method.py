@@ -1,5 +1,5 @@
-"""The Method base dataclass (hooks ``prepare``, ``calibrate``, ``perturb``, ``penalty``, ``schedule``,
-``finalize``),
+"""The Method base dataclass (hooks ``prepare``, ``calibrate``, ``perturb``, ``penalty``,
+``after_backward``, ``schedule``, ``finalize``),
 its registry, and ``compress()`` which runs a list of methods on a model."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from bitsmith.select import Selection, as_selection
 
 METHODS: Registry[Method] = Registry("method", entry_point_group="bitsmith.methods")
 register_method = METHODS.register
-HOOKS = ("prepare", "calibrate", "perturb", "penalty", "schedule", "finalize")
+HOOKS = ("prepare", "calibrate", "perturb", "penalty", "after_backward", "schedule", "finalize")
 
 
 @dataclass
@@ -59,6 +59,12 @@ class Method:
     def penalty(self, model: nn.Module, batch: Any) -> Tensor:
         """A regulariser added to the task loss."""
         return torch.zeros(())
+
+    def after_backward(self, model: nn.Module) -> bool:
+        """Called after each training step's backward pass, before the optimizer step: read the gradients
+        (e.g. saliencies). Return True when parameters were replaced (the loop skips this step and
+        rebuilds its optimizer)."""
+        return False
 
     def schedule(self, model: nn.Module, epoch: int, epochs: int) -> bool:
         """Called by the training loop after epoch ``epoch`` (1-based) of ``epochs``, e.g. for periodic

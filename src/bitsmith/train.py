@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from bitsmith.data import batches
 from bitsmith.method import Method, eval_mode
 from bitsmith.progress import track
+from bitsmith.structure import is_vit, shrink_to, structure_counts
 
 
 @dataclass
@@ -72,6 +73,8 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         "history": state.history,
         "rng": torch.get_rng_state(),
     }
+    if is_vit(model):  # structured pruning may have narrowed it: the widths rebuild the shapes on resume
+        payload["structure"] = structure_counts(model)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -87,6 +90,8 @@ def load_training_state(path: Path, model: nn.Module, cfg: TrainConfig) -> tuple
     the optimizer is built after the model's state is loaded, so it holds resized parameters too."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+        if "structure" in payload:
+            shrink_to(model, payload["structure"])
         model.load_state_dict(payload["model"])
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict(payload["optimizer"])
@@ -109,8 +114,8 @@ def fit(
     checkpoint: str | os.PathLike[str] | None = None,
     callbacks: list[EpochCallback] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` on in-memory data; methods' ``perturb`` and ``penalty`` hooks join every step,
-    their ``schedule`` hook every epoch.
+    """Train ``model`` on in-memory data; methods' ``perturb``, ``penalty`` and ``after_backward`` hooks
+    join every step, their ``schedule`` hook every epoch.
 
     With ``checkpoint``, the training state is written there atomically after every epoch, and a run
     that finds the file resumes after its last finished epoch and ends where an uninterrupted run
@@ -148,7 +153,10 @@ def fit(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            if any([method.after_backward(model) for method in methods]):  # e.g. units removed
+                optimizer = make_optimizer(model, cfg)
+            else:
+                optimizer.step()
             state.step += 1
             loss_sum += loss.item() * y.shape[0]
             correct += int((logits.argmax(1) == y).sum())

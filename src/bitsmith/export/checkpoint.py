@@ -23,6 +23,7 @@ from torch import nn
 from bitsmith.export.pack import pack, unpack
 from bitsmith.nn import QuantizedMixin, compressed_layers
 from bitsmith.quant.base import Encoded
+from bitsmith.structure import is_vit, shrink_to, structure_counts
 from bitsmith.swap import rebuild
 
 FORMAT = "bitsmith"
@@ -104,6 +105,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
         "meta": json.dumps(meta or {}),
         "sha256": _digest(tensors),
     }
+    if is_vit(model):  # structured pruning changes widths: the counts rebuild the shapes on load
+        metadata["structure"] = json.dumps(structure_counts(model))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -163,6 +166,8 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     except (KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: damaged metadata ({exc})") from None
     try:
+        if "structure" in metadata:
+            shrink_to(model, json.loads(metadata["structure"]))
         rebuild(model, layers)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: does not fit this model: {exc}") from None

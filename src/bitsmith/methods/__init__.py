@@ -9,6 +9,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     mixed,
     msq,
     noisyquant,
+    nvit,
     prune,
     ptq,
     qat,

@@ -57,17 +57,27 @@ class ResNetCNN(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
+    """Multi-head self-attention; ``qkv`` rows are ``[q | k | v]``, each head-major. ``qk_dim`` and
+    ``v_dim`` (per head) default to ``dim // heads``; structured pruning may shrink them, and ``scale``
+    stays the trained ``1 / sqrt(dim // heads)``."""
+
+    def __init__(self, dim: int, heads: int, qk_dim: int | None = None, v_dim: int | None = None) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qk_dim = qk_dim or dim // heads
+        self.v_dim = v_dim or dim // heads
+        self.scale = (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, heads * (2 * self.qk_dim + self.v_dim))
+        self.proj = nn.Linear(heads * self.v_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = nn.functional.scaled_dot_product_attention(q, k, v)  # (b, heads, n, d/heads)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        b, n, _ = x.shape
+        qk_rows = self.heads * self.qk_dim
+        q, k, v = self.qkv(x).split([qk_rows, qk_rows, self.heads * self.v_dim], dim=-1)
+        q, k = (t.reshape(b, n, self.heads, self.qk_dim).transpose(1, 2) for t in (q, k))
+        v = v.reshape(b, n, self.heads, self.v_dim).transpose(1, 2)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (b, heads, n, v_dim)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * self.v_dim))
 
 
 class Block(nn.Module):
@@ -90,10 +100,17 @@ class ViT(nn.Module):
     """Patch embedding (conv), class token, learned positions, pre-norm blocks, LN + linear head."""
 
     def __init__(
-        self, patch: int = 4, dim: int = 64, depth: int = 4, heads: int = 4, mlp_dim: int = 128, classes: int = 10
+        self,
+        patch: int = 4,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_dim: int = 128,
+        classes: int = 10,
+        image: int = 28,
     ) -> None:
         super().__init__()
-        tokens = (28 // patch) ** 2
+        tokens = (image // patch) ** 2
         self.normalize = Normalize()
         self.patch_embed = nn.Conv2d(1, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))

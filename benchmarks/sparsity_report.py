@@ -1,0 +1,93 @@
+"""Tables and plots of ``docs/results/sparsity.json`` (written by ``benchmarks/sparsity.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from common import RESULTS, save_figure  # noqa: E402
+from sparsity_nvit import nvit_lines  # noqa: E402
+
+from bitsmith.eval.report import atomic_write_text  # noqa: E402
+
+WEIGHT_FAMILIES = ("magnitude", "L1", "DeepHoyer")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _fp32(rows: list[dict[str, Any]], model: str) -> float:
+    return next(r["accuracy"] for r in rows if r["model"] == model and r["family"] == "FP32")
+
+
+def weight_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Accuracy vs weight sparsity", "",
+             "| model | method | setting | weight sparsity % | top-1 % | Δ vs FP32 | seconds |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for model in ("cnn", "vit"):
+        fp32 = _fp32(rows, model)
+        lines.append(f"| {model} | FP32 | - | 0.00 | {_pct(fp32)} | - | - |")
+        for family in WEIGHT_FAMILIES:
+            for r in sorted(
+                (r for r in rows if r["model"] == model and r["family"] == family), key=lambda r: r["param"]
+            ):
+                setting = f"s={r['param']:g}" if family == "magnitude" else f"λ={r['param']:g}"
+                lines.append(f"| {model} | {family} | {setting} | {_pct(r['sparsity'])} | {_pct(r['accuracy'])} | "
+                             f"{100 * (r['accuracy'] - fp32):+.2f} | {r['seconds']:.0f} |")  # fmt: skip
+    return lines
+
+
+def svd_table(rows: list[dict[str, Any]]) -> list[str]:
+    svd = sorted((r for r in rows if r["family"] == "SVD"), key=lambda r: r["param"])
+    if not svd:
+        return []
+    fp32 = _fp32(rows, "cnn")
+    lines = ["", "## SVD training (CNN inner convolutions)", "",
+             "| energy cut | params in the layers (dense → kept) | reduction | top-1 % | Δ vs FP32 |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in svd:
+        lines.append(f"| {r['param']:g} | {r['dense_params']:,} → {r['kept_params']:,} | "
+                     f"{r['dense_params'] / r['kept_params']:.2f}x | {_pct(r['accuracy'])} | "
+                     f"{100 * (r['accuracy'] - fp32):+.2f} |")  # fmt: skip
+    return lines
+
+
+def bitslice_table(rows: list[dict[str, Any]]) -> list[str]:
+    sliced = sorted((r for r in rows if r["family"].endswith("(8-bit)")), key=lambda r: (r["param"], r["family"]))
+    if not sliced:
+        return []
+    lines = ["", "## Bit-slice sparsity (CNN, 8-bit fixed point, 2-bit slices, MSB first)", "",
+             "| regulariser | alpha | weight sparsity % | zero slices % (MSB → LSB) | top-1 % |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in sliced:
+        slices = " / ".join(f"{100 * s:.1f}" for s in r["slice_sparsity"])
+        lines.append(f"| {r['family']} | {r['param']:g} | {_pct(r['sparsity'])} | {slices} | {_pct(r['accuracy'])} |")
+    return lines
+
+
+def plot(rows: list[dict[str, Any]]) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, model in zip(axes, ("cnn", "vit"), strict=True):
+        ax.axhline(100 * _fp32(rows, model), color="black", linewidth=1, label="FP32")
+        for family in WEIGHT_FAMILIES:
+            pts = sorted(
+                (r for r in rows if r["model"] == model and r["family"] == family), key=lambda r: r["sparsity"]
+            )
+            ax.plot([100 * r["sparsity"] for r in pts], [100 * r["accuracy"] for r in pts], marker="o", label=family)
+        ax.set_xlabel("weight sparsity %")
+        ax.set_ylabel("top-1 %")
+        ax.set_title(f"zoo {model.upper()}: accuracy vs sparsity")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, "sparsity.png")
+
+
+def write(rows: list[dict[str, Any]]) -> None:
+    from sparsity import __doc__ as how
+
+    lines = ["# Sparsity and low rank (zoo CNN and ViT, Fashion-MNIST)", "", *how.split("\n\n")[1].splitlines(), ""]
+    lines += weight_table(rows) + ["", "![accuracy vs sparsity](sparsity.png)"] + svd_table(rows) + bitslice_table(rows)
+    lines += nvit_lines(rows)
+    atomic_write_text(RESULTS / "sparsity.md", "\n".join(lines) + "\n")
+    plot(rows)
