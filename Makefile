@@ -13,7 +13,7 @@ RUNS   := runs
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,hf]'
+	$(PIP) -e '.[dev,hf,deploy]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,69 @@
+"""ONNX QDQ export: ONNX Runtime computes what bitsmith's fake-quant model computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bitsmith import compress
+from bitsmith.methods.noisyquant import NoisyQuant
+from bitsmith.methods.ptq import PTQ
+from bitsmith.methods.rtn import RTN
+from bitsmith.methods.smoothquant import SmoothQuant
+from conftest import make_cnn, make_vit
+from test_noisyquant import make_model, tokens
+
+pytest.importorskip("onnxruntime")
+from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx  # noqa: E402
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def exported(model: nn.Module, example: torch.Tensor, tmp_path: Path) -> OnnxRuntimeModel:
+    export_onnx(model, example, tmp_path / "model.onnx")
+    return OnnxRuntimeModel(tmp_path / "model.onnx", threads=1)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 6)])
+def test_qdq_cnn_in_onnx_runtime_matches_the_fake_quant_model(
+    w_bits: int, a_bits: int, calib: list, images: torch.Tensor, tmp_path: Path
+) -> None:
+    model = make_cnn()
+    compress(model, PTQ(w_bits=w_bits, a_bits=a_bits), calib)
+    runtime = exported(model, images, tmp_path)
+    bigger = torch.cat([images, images.flip(0), images]).contiguous()  # the batch dimension is dynamic
+    with torch.no_grad():
+        assert cosine(runtime(bigger), model(bigger)) > 0.9999
+        assert torch.equal(runtime(bigger).argmax(1), model(bigger).argmax(1))
+
+
+def test_qdq_vit_in_onnx_runtime_matches(images: torch.Tensor, calib: list, tmp_path: Path) -> None:
+    model = make_vit()
+    compress(model, PTQ(w_bits=8, a_bits=8), calib)
+    with torch.no_grad():
+        assert cosine(exported(model, images, tmp_path)(images), model(images)) > 0.9999
+
+
+def test_smoothquant_scales_and_noisyquant_noise_are_exported(tmp_path: Path) -> None:
+    model, x = make_model(pre_norm=False), tokens()  # post-LN: one smoothing stays a runtime division
+    calib = [tokens(32, seed=s) for s in (2, 3)]
+    compress(model, [SmoothQuant(), PTQ(w_bits=6, a_bits=6, a_symmetric=True), NoisyQuant(grid=8, rows=256)], calib)
+    noisy = [m for m in model.modules() if getattr(getattr(m, "input_q", None), "noise", None) is not None]
+    assert noisy and any(float(m.input_q.noise.abs().sum()) > 0 for m in noisy)
+    with torch.no_grad():
+        assert cosine(exported(model, x, tmp_path)(x), model(x)) > 0.9999
+
+
+def test_layers_onnx_cannot_express_fall_back_to_float_with_a_warning(calib: list, images, tmp_path: Path) -> None:
+    model = make_cnn()
+    compress(model, RTN(bits=4, group_size=8, where={"include": ["fc1"]}), calib)
+    with pytest.warns(UserWarning, match="fc1 .*not uniform per-tensor / per-channel"):
+        info = export_onnx(model, images, tmp_path / "model.onnx")
+    assert list(info["fallbacks"]) == ["fc1"]
+    with torch.no_grad():
+        assert cosine(OnnxRuntimeModel(info["path"])(images), model(images)) > 0.9999  # weight-only: exact
