@@ -1,7 +1,7 @@
 """The NViT part of the sparsity benchmark: structured ViT pruning (Taylor / magnitude / uniform width)
 at several MACs targets, measured CPU latency, and the saliency's rank correlation with the loss.
 
-Each run prunes the FP32 zoo ViT while training (AdamW lr 1e-3, cosine, 4 epochs of 60,000 images:
+Each run prunes the FP32 zoo ViT while training (AdamW lr 1e-3, cosine, 3 epochs of 60,000 images:
 the Taylor and magnitude loops remove 32 units every 25 steps until the target, then fine-tune;
 uniform width is cut before the first step). Latency: batch 256, 2 threads, median of 10 runs
 after warm-up, FP32 timed in the same process (``--part nvit-latency`` re-times the saved
@@ -28,35 +28,35 @@ from bitsmith.structure import dims, macs, remove_units, shrink_to, structure_co
 from bitsmith.train import TrainConfig, fit
 from bitsmith.zoo.vision import ViT
 
-TARGETS = [0.55, 0.4]
+RUNS = [(0.5, "taylor"), (0.5, "taylor + MACs (eta 1)"), (0.5, "magnitude"), (0.5, "uniform"), (0.35, "taylor"),
+        (0.35, "uniform")]  # fmt: skip
 CRITERIA: dict[str, dict[str, Any]] = {
     "taylor": {"criterion": "taylor"},
     "taylor + MACs (eta 1)": {"criterion": "taylor", "eta": 1.0},
     "magnitude": {"criterion": "magnitude"},
     "uniform": {"criterion": "uniform"},
 }
-EPOCHS = 4
+EPOCHS = 3
 LATENCY_BATCH = 256
 
 
 def run_nvit(rows: Rows) -> None:
     base, task = load("vit", calib_size=512)
-    for target in TARGETS:
-        for criterion, settings in CRITERIA.items():
-            if rows.done(family="NViT", criterion=criterion, param=target):
-                continue
-            model = copy.deepcopy(base)
-            method = NViT(macs_target=target, per_step=32, interval=25, **settings)
-            start = time.perf_counter()
-            compress(model, method, task.calibration, finalize=False)
-            fit(model, *task.train, TrainConfig(epochs=EPOCHS, optimizer="adamw", lr=1e-3, weight_decay=0.0), [method])
-            method.finalize(model)
-            row = {"model": "vit", "family": "NViT", "criterion": criterion, "param": target,
-                   **task.evaluate(model), "seconds": time.perf_counter() - start,
-                   "macs": macs(model) / macs(base), "params": sum(p.numel() for p in model.parameters()),
-                   "counts": structure_counts(model)}  # fmt: skip
-            rows.add(row)
-            print({k: v for k, v in row.items() if k != "counts"}, flush=True)
+    for target, criterion in RUNS:
+        if rows.done(family="NViT", criterion=criterion, param=target):
+            continue
+        model = copy.deepcopy(base)
+        method = NViT(macs_target=target, per_step=32, interval=25, **CRITERIA[criterion])
+        start = time.perf_counter()
+        compress(model, method, task.calibration, finalize=False)
+        fit(model, *task.train, TrainConfig(epochs=EPOCHS, optimizer="adamw", lr=1e-3, weight_decay=0.0), [method])
+        method.finalize(model)
+        row = {"model": "vit", "family": "NViT", "criterion": criterion, "param": target,
+               **task.evaluate(model), "seconds": time.perf_counter() - start,
+               "macs": macs(model) / macs(base), "params": sum(p.numel() for p in model.parameters()),
+               "counts": structure_counts(model)}  # fmt: skip
+        rows.add(row)
+        print({k: v for k, v in row.items() if k != "counts"}, flush=True)
     if not rows.done(family="NViT criterion"):
         rows.add({"model": "vit", "family": "NViT criterion", "param": 0.0, **criterion_check(base, task)})
     time_latency(rows)

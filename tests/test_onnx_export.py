@@ -67,3 +67,21 @@ def test_layers_onnx_cannot_express_fall_back_to_float_with_a_warning(calib: lis
     assert list(info["fallbacks"]) == ["fc1"]
     with torch.no_grad():
         assert cosine(OnnxRuntimeModel(info["path"])(images), model(images)) > 0.9999  # weight-only: exact
+
+
+def test_hf_encoder_exports_with_dynamic_batch_and_sequence(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64)  # fmt: skip
+    model = transformers.BertModel(config).eval()
+
+    def batch(size: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1, 50, (size, length), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    compress(model, PTQ(w_bits=8, a_bits=8, where={"exclude": ["pooler*"]}), [batch(8, 12, s) for s in (1, 2)])
+    runtime = exported(model, batch(2, 12, 3), tmp_path)
+    longer = batch(5, 20, 4)  # another batch size and sequence length than the export example
+    with torch.no_grad():
+        expected = model(**longer).last_hidden_state
+        assert cosine(runtime(**longer).last_hidden_state, expected) > 0.999
