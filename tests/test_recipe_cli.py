@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -155,6 +156,14 @@ def test_end_to_end_real_subset_w8a8_keeps_accuracy_then_eval_and_report(
     capsys.readouterr()
     assert main(["eval", str(w8 / "model.safetensors")]) == 0
     assert "accuracy 0." in capsys.readouterr().out
+    if importlib.util.find_spec("onnxruntime"):
+        deployed = tmp_path / "deployed"
+        args = ["deploy", str(w8 / "model.safetensors"), "--backend", "onnxruntime", "--out", str(deployed)]
+        assert main([*args, "--runs", "2", "--batch", "8"]) == 0
+        printed = capsys.readouterr().out
+        assert "deployed on onnxruntime" in printed and "vs FP32" in printed and (deployed / "model.onnx").is_file()
+        agreement = float(printed.split("(cosine) ")[1].split(";")[0])
+        assert agreement > 0.9999
     assert main(["report", str(w8), str(w4), "--out", str(tmp_path / "cmp")]) == 0
     assert "| w4 |" in capsys.readouterr().out
     assert (tmp_path / "cmp" / "accuracy_vs_size.png").is_file()

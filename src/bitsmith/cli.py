@@ -1,11 +1,11 @@
-"""The ``bitsmith`` command line: run, methods, zoo, train, eval, report."""
+"""The ``bitsmith`` command line: run, methods, zoo, train, eval, deploy, report."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -71,37 +71,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from bitsmith.eval.cost import model_cost
-    from bitsmith.eval.tasks import classification_task, embedding_task
-    from bitsmith.export.checkpoint import load, read_metadata
-    from bitsmith.zoo import ZOO
+    from bitsmith.run import load_checkpoint
 
-    meta = json.loads(read_metadata(args.checkpoint).get("meta", "{}"))
-    name = args.model or meta.get("model")
-    if name is None:
-        raise ValueError(f"{args.checkpoint}: the checkpoint does not name its model; pass --model NAME")
-    seed = meta.get("recipe", {}).get("data", {}).get("seed", 0)
-    if name in ZOO:
-        model = load(args.checkpoint, ZOO[name].build())
-        task = classification_task(args.data, None, 1, 1, seed)
-    else:
-        from bitsmith.zoo.minilm import load_hf_encoder
-
-        model, tokenizer = load_hf_encoder(meta.get("source") if args.model is None else args.model)
-        task = embedding_task(tokenizer, None, 1, 1, seed)
-        task.evaluate(model)  # the FP32 model is the cosine reference
-        model = load(args.checkpoint, model)
-    metrics = task.evaluate(model.eval())
+    model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data)
+    metrics = task.evaluate(model)
     cost = model_cost(model, task.first(task.example(1))).totals
-    scores = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     console.print(
-        f"{args.checkpoint}: model {name}, {scores} on {task.eval_examples} examples, "
+        f"{args.checkpoint}: {_summary(metrics)} on {task.eval_examples} examples, "
         f"size {cost['size_bytes'] / 1024:.1f} KB, avg weight bits {cost['avg_weight_bits']:.2f}, "
         f"GBOPs {cost['bops'] / 1e9:.3f}",
         highlight=False,
     )
+    if args.backend is not None:
+        _deploy_and_time(args, model, fp32, task)
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from bitsmith.run import load_checkpoint
+
+    model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data)
+    deployed = _deploy_and_time(args, model, fp32, task)
+    if deployed["path"]:
+        console.print(f"written: {deployed['path']}")
+    return 0
+
+
+def _deploy_and_time(args: argparse.Namespace, model: Any, fp32: Any, task: Any) -> dict[str, Any]:
+    """Deploy ``model`` on ``args.backend``; print its agreement, task metrics and latency vs FP32."""
+    from bitsmith.eval.latency import measure_latency
+    from bitsmith.run import measure_deployed
+
+    example = task.example(args.batch)
+    deployed = measure_deployed(model, task, args.backend, example, args.runs, args.threads, getattr(args, "out", None))
+    fp32_ms = measure_latency(fp32, example, runs=args.runs, num_threads=args.threads)
+    scores = {k: deployed[k] for k in ("accuracy", "cosine", "retrieval") if k in deployed}
+    console.print(
+        f"deployed on {deployed['backend']} in {deployed['export_seconds']:.1f} s: agreement with the fake-quant "
+        f"model (cosine) {deployed['agreement']:.5f}; {_summary(scores)}; latency at batch {args.batch}: "
+        f"{deployed['latency_ms']:.2f} ms vs FP32 {fp32_ms:.2f} ms ({fp32_ms / deployed['latency_ms']:.2f}x)",
+        highlight=False,
+    )
+    if deployed["timings"]:
+        tried = ", ".join(f"{name} {ms:.2f} ms" for name, ms in deployed["timings"].items())
+        console.print(f"auto: timed {tried}; kept {deployed['backend']}", highlight=False)
+    if deployed["agreement"] < 0.999:
+        errors.print(f"[yellow]warning:[/] the deployed model's outputs differ (cosine {deployed['agreement']:.5f})")
+    return deployed
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -114,7 +136,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _timing_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch", type=int, default=32, help="batch size of the latency example")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs (median) after warm-up")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every timing")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from bitsmith.deploy import BACKENDS
+
     parser = argparse.ArgumentParser(prog="bitsmith", description="Compress and harden PyTorch models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,7 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--model", help="zoo model name or HF directory (default: from the checkpoint)")
     evaluate.add_argument("--data", help="Fashion-MNIST directory")
+    evaluate.add_argument("--backend", choices=["auto", *BACKENDS], help="also deploy and time it against FP32")
+    _timing_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
+
+    deploy = sub.add_parser("deploy", help="export a checkpoint to an integer backend, check and time it")
+    deploy.add_argument("checkpoint")
+    deploy.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="default: the fastest here")
+    deploy.add_argument("--out", help="directory for the exported model (ONNX)")
+    deploy.add_argument("--model", help="zoo model name or HF directory (default: from the checkpoint)")
+    deploy.add_argument("--data", help="Fashion-MNIST directory")
+    _timing_options(deploy)
+    deploy.set_defaults(func=cmd_deploy)
 
     report = sub.add_parser("report", help="compare run directories")
     report.add_argument("dirs", nargs="+")

@@ -60,6 +60,9 @@ class EvalSpec(_Strict):
 
 class ExportSpec(_Strict):
     checkpoint: bool = True
+    deploy: Literal["none", "auto", "onnxruntime", "torchao", "torch"] = Field(
+        "none", description="also deploy on this backend and report its metrics and latency next to FP32"
+    )
 
 
 class Recipe(_Strict):

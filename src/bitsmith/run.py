@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from bitsmith.export.checkpoint import save
 from bitsmith.method import compress
 from bitsmith.recipe import Recipe
 from bitsmith.train import TrainConfig, fit
-from bitsmith.zoo import HF_MODELS, checkpoint_path, get_zoo_model, pretrained
+from bitsmith.zoo import HF_MODELS, ZOO, checkpoint_path, get_zoo_model, pretrained
 from bitsmith.zoo.data import load_fashion_mnist
 
 SMOKE = {"eval_size": 200, "text_eval_size": 32, "calib_size": 32, "latency_runs": 2, "latency_batch": 16,
@@ -66,6 +67,46 @@ def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
     return model, embedding_task(tokenizer, eval_size, calib_size, data.calib_batch_size, data.seed)
 
 
+def load_checkpoint(path: str, model_name: str | None, data_root: str | None) -> tuple[nn.Module, nn.Module, Task]:
+    """(compressed model, its FP32 original for timing, task) of a checkpoint written by ``bitsmith run``;
+    ``model_name`` (zoo name or HF directory) overrides the one the checkpoint names."""
+    from bitsmith.export.checkpoint import load, read_metadata
+
+    meta = json.loads(read_metadata(path).get("meta", "{}"))
+    name = model_name or meta.get("model")
+    if name is None:
+        raise ValueError(f"{path}: the checkpoint does not name its model; pass --model NAME")
+    seed = meta.get("recipe", {}).get("data", {}).get("seed", 0)
+    if name in ZOO:  # the FP32 model is only timed: the zoo architecture, untrained, times the same
+        task = classification_task(data_root, None, 1, 1, seed)
+        return load(path, ZOO[name].build()).eval(), ZOO[name].build().eval(), task
+    from bitsmith.zoo.minilm import load_hf_encoder
+
+    fp32, tokenizer = load_hf_encoder(meta.get("source") if model_name is None else model_name)
+    task = embedding_task(tokenizer, None, 1, 1, seed)
+    task.evaluate(fp32)  # the FP32 model is the cosine reference
+    return load(path, copy.deepcopy(fp32)).eval(), fp32, task
+
+
+def measure_deployed(
+    model: nn.Module, task: Task, backend: str, example: Any, runs: int, threads: int | None, out: str | None = None
+) -> dict[str, Any]:
+    """Deploy ``model`` on ``backend``: its task metrics, latency, agreement with the fake-quant model."""
+    from bitsmith.deploy import agreement, deploy
+
+    deployment = deploy(model, example, backend, out, num_threads=threads)
+    return {
+        **task.evaluate(deployment.model),
+        "latency_ms": measure_latency(deployment.model, example, runs=runs, num_threads=threads),
+        "backend": deployment.backend,
+        "agreement": agreement(deployment.model, model, example),
+        "export_seconds": round(deployment.seconds, 3),
+        "fallbacks": deployment.fallbacks,
+        "path": deployment.path,
+        "timings": deployment.timings,
+    }
+
+
 def measure(model: nn.Module, task: Task, recipe: Recipe, smoke: bool) -> dict[str, Any]:
     example = task.example(SMOKE["latency_batch"] if smoke else recipe.eval.latency_batch)
     cost = model_cost(model, task.first(example))
@@ -107,6 +148,11 @@ def run_recipe(
     compress_seconds = time.perf_counter() - start
     compressed = measure(model, task, recipe, smoke)
     compressed["metrics"]["compress_seconds"] = round(compress_seconds, 3)
+    deployed = None
+    if recipe.export.deploy != "none":
+        example = task.example(SMOKE["latency_batch"] if smoke else recipe.eval.latency_batch)
+        runs = SMOKE["latency_runs"] if smoke else recipe.eval.latency_runs
+        deployed = measure_deployed(model, task, recipe.export.deploy, example, runs, recipe.eval.threads)
 
     resolved = copy.deepcopy(resolved)
     resolved["methods"] = [m.config() for m in methods]  # solved allocations re-run without re-solving
@@ -119,6 +165,7 @@ def run_recipe(
         "baseline": baseline,
         "compressed": compressed,
         "compressed_layers": layer_map,
+        "deployed": deployed,
         "recipe": resolved,
     }
     atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))

@@ -115,6 +115,9 @@ def write_run_report(out: Path, report: dict[str, Any]) -> list[Path]:
         report["compressed"]["layers"], out / "layers.png", f"{report['name']}: per-layer weight bits and size"
     )
     rows = [("FP32 baseline", report["baseline"]["metrics"]), (report["name"], report["compressed"]["metrics"])]
+    deployed = report.get("deployed")
+    if deployed:
+        rows.append((f"{report['name']}, deployed on {deployed['backend']}", deployed))
     md = [
         f"# {report['name']}",
         "",
@@ -123,8 +126,9 @@ def write_run_report(out: Path, report: dict[str, Any]) -> list[Path]:
         "",
         metrics_table(rows),
         "",
-        "Latency is the median of repeated forward passes of the fake-quantized PyTorch model (simulated",
-        "quantization); real integer speed comes from `bitsmith deploy`.",
+        "Latency is the median of repeated forward passes after warm-up, all timed in this run. The compressed",
+        "row is the fake-quantized PyTorch model (simulated quantization); the deployed row, when present,",
+        "runs integer kernels (`export.deploy` in the recipe, or `bitsmith deploy`).",
         "",
         "## Layers",
         "",

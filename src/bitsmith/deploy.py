@@ -1,0 +1,104 @@
+"""Deploy a compressed model on an integer backend and check it against bitsmith's fake-quant model.
+
+Backends: ``onnxruntime`` (QDQ ONNX, :mod:`bitsmith.export.onnx`), ``torchao`` (torch.export +
+Inductor with torchao's x86 int8 passes, :mod:`bitsmith.export.pt2e`) and ``torch`` (the QDQ model in
+eager PyTorch: always available, never faster). ``auto`` builds every installed integer backend,
+times each on the example and keeps the fastest.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bitsmith.eval.latency import measure_latency, threads
+from bitsmith.method import run_forward
+
+BACKENDS = ("onnxruntime", "torchao", "torch")
+
+
+@dataclass
+class Deployment:
+    backend: str
+    model: Any  # callable like the original model
+    fallbacks: dict[str, str]
+    seconds: float  # time to export / compile
+    path: str | None = None  # the ONNX file, for onnxruntime
+    timings: dict[str, float] = field(default_factory=dict)  # auto: milliseconds per backend tried
+
+
+def available_backends() -> list[str]:
+    """The backends installed here, integer ones first."""
+    from bitsmith.export.pt2e import pt2e_available
+
+    found = [] if importlib.util.find_spec("onnxruntime") is None else ["onnxruntime"]
+    return [*found, *(["torchao"] if pt2e_available() else []), "torch"]
+
+
+def _build(model: nn.Module, example: Any, backend: str, out: Path, num_threads: int | None) -> Deployment:
+    start = time.perf_counter()
+    if backend == "onnxruntime":
+        from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx
+
+        info = export_onnx(model, example, out / "model.onnx")
+        runner = OnnxRuntimeModel(info["path"], threads=num_threads)
+        return Deployment(backend, runner, info["fallbacks"], time.perf_counter() - start, info["path"])
+    if backend == "torchao":
+        from bitsmith.export.pt2e import CompiledModel
+
+        with threads(num_threads):
+            compiled = CompiledModel(model, example)
+        return Deployment(backend, compiled, compiled.fallbacks, time.perf_counter() - start)
+    from bitsmith.export.qdq import deployable
+
+    plain, fallbacks = deployable(model)
+    return Deployment(backend, plain, fallbacks, time.perf_counter() - start)
+
+
+def deploy(
+    model: nn.Module,
+    example: Tensor | dict[str, Tensor],
+    backend: str = "auto",
+    out: str | Path | None = None,
+    num_threads: int | None = None,
+) -> Deployment:
+    """``model`` (compressed by bitsmith) on ``backend``; ``out`` keeps the ONNX file (else a temp dir)."""
+    installed = available_backends()
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}")
+    if backend != "auto" and backend not in installed:
+        raise ValueError(f"backend {backend!r} is not installed here; pip install 'bitsmith[deploy]'")
+    folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="bitsmith-deploy-"))
+    if backend != "auto":
+        return _build(model, example, backend, folder, num_threads)
+    candidates = [name for name in installed if name != "torch"] or ["torch"]
+    built = [_build(model, example, name, folder, num_threads) for name in candidates]
+    timings = {d.backend: measure_latency(d.model, example, runs=3, num_threads=num_threads) for d in built}
+    best = min(built, key=lambda d: timings[d.backend])
+    best.timings = timings
+    return best
+
+
+def outputs(model: Any, example: Any) -> Tensor:
+    """The model's output tensor on ``example``; for an HF encoder the hidden states of the real
+    (not padding) tokens ``(tokens, dim)``."""
+    with torch.no_grad():
+        out = run_forward(model, example)
+    if isinstance(out, Tensor):
+        return out
+    hidden = out.last_hidden_state
+    mask = example.get("attention_mask") if isinstance(example, dict) else None
+    return hidden if mask is None else hidden[mask.bool()]
+
+
+def agreement(deployed: Any, reference: nn.Module, example: Any) -> float:
+    """Cosine between the deployed and the reference model's outputs on ``example`` (all values)."""
+    a, b = outputs(deployed, example).flatten().float(), outputs(reference.eval(), example).flatten().float()
+    return float(nn.functional.cosine_similarity(a, b, dim=0))

@@ -1,0 +1,57 @@
+"""The PyTorch integer path: the QDQ model (``quantized_decomposed`` ops, as torchao's PT2E
+``convert_pt2e`` writes them) captured with ``torch.export`` and compiled by Inductor with freezing,
+whose x86 passes (registered by torchao) fuse each QDQ pair and its layer into a oneDNN int8
+kernel (``qlinear_pointwise`` / ``qconv_pointwise``). Token models accept any batch and sequence
+length; image models are compiled again for each new batch size."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bitsmith.export.qdq import KeywordInputs, Runner, deployable
+
+
+def pt2e_available() -> bool:
+    """torchao (its x86 Inductor passes) is installed and this is an x86 CPU build."""
+    import importlib.util
+    import platform
+
+    return importlib.util.find_spec("torchao") is not None and platform.machine() in ("x86_64", "AMD64")
+
+
+def _dynamic_shapes(tensors: list[Tensor], keyed: bool) -> tuple[Any, ...]:
+    """Batch (and, for token inputs, sequence) dimensions free; keyed inputs are ``*tensors``."""
+    auto = torch.export.Dim.AUTO
+    if not keyed:
+        return ({0: auto},)
+    return (tuple({0: auto, 1: auto} if t.dim() > 1 else {0: auto} for t in tensors),)
+
+
+class CompiledModel(Runner):
+    """``model`` deployed through torch.export + Inductor (freezing); compiled on construction."""
+
+    def __init__(self, model: nn.Module, example: Tensor | dict[str, Tensor]) -> None:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers x86 passes)
+
+        deploy, self.fallbacks = deployable(model, ops="pt2e")
+        keyed = isinstance(example, dict)
+        inputs = example if isinstance(example, dict) else {"input": example}
+        if keyed:
+            deploy = KeywordInputs(deploy, list(inputs))
+        self.inputs = list(inputs)
+        tensors = list(inputs.values())
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(deploy, tuple(tensors), dynamic_shapes=_dynamic_shapes(tensors, keyed))
+            # Token models compile once for all shapes; image models once per batch size (Inductor's
+            # dynamic-shape qconv lowering asserts the wrong output strides in torch 2.13).
+            self.module = torch.compile(program.module(), dynamic=keyed)
+            self._forward(tensors)  # compile now, not on the first timed call
+
+    def _forward(self, tensors: list[Tensor]) -> Tensor:
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):  # freezing folds the weights
+            return self.module(*tensors)

@@ -1,0 +1,53 @@
+"""Deployment: the torchao (PT2E + Inductor) integer path, backend choice, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitsmith import compress
+from bitsmith.deploy import agreement, available_backends, deploy
+from bitsmith.methods.ptq import PTQ
+from bitsmith.methods.rtn import RTN
+from conftest import make_cnn
+
+pytest.importorskip("torchao")
+pytest.importorskip("onnxruntime")
+
+
+def test_torchao_backend_runs_int8_kernels_and_matches_the_fake_quant_model(calib: list, images) -> None:
+    from torch._dynamo.utils import counters
+
+    model = make_cnn()
+    compress(model, PTQ(w_bits=8, a_bits=8), calib)
+    counters.clear()
+    deployment = deploy(model, images, "torchao", num_threads=1)
+    lowered = {k: v for k, v in counters["inductor"].items() if k.endswith("_lower_count")}
+    assert lowered.get("qconv_unary_lower_count", 0) + lowered.get("qlinear_unary_lower_count", 0) >= 3
+    assert deployment.backend == "torchao" and deployment.fallbacks == {}
+    assert agreement(deployment.model, model, images) > 0.9999
+    bigger = torch.cat([images, images]).contiguous()  # another batch size compiles again, still int8
+    assert agreement(deployment.model, model, bigger) > 0.9999
+
+
+def test_auto_keeps_the_fastest_backend_it_timed(calib: list, images, tmp_path: Path) -> None:
+    model = make_cnn()
+    compress(model, PTQ(w_bits=8, a_bits=8), calib)
+    deployment = deploy(model, images, "auto", tmp_path, num_threads=1)
+    assert set(deployment.timings) == {"onnxruntime", "torchao"} == set(available_backends()) - {"torch"}
+    assert deployment.backend == min(deployment.timings, key=deployment.timings.get)
+
+
+def test_layers_without_an_integer_form_fall_back_with_a_warning(calib: list, images) -> None:
+    model = make_cnn()
+    compress(model, RTN(bits=4, group_size=8, where={"include": ["fc1"]}), calib)
+    with pytest.warns(UserWarning, match="fc1 .*not uniform per-tensor"):
+        deployment = deploy(model, images, "torch")
+    assert list(deployment.fallbacks) == ["fc1"] and agreement(deployment.model, model, images) > 0.9999
+
+
+def test_unknown_backend_is_a_clear_error(images) -> None:
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'; choose auto or one of"):
+        deploy(make_cnn(), images, "tensorrt")
