@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install data demo test lint bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity clean
+.PHONY: install data demo test lint bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
 
 # Benchmarks: long measurements that regenerate docs/results/ (not part of `make test`).
-bench: bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity
+bench: bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed
 
 bench-ptq: $(STAMP) data
 	$(PY) benchmarks/ptq_baselines.py
@@ -62,3 +62,6 @@ bench-hero: $(STAMP) data
 
 bench-sparsity: $(STAMP) data
 	$(PY) benchmarks/sparsity.py
+
+bench-speed: $(STAMP) data
+	$(PY) benchmarks/speed.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -36,6 +37,12 @@ def test_qdq_cnn_in_onnx_runtime_matches_the_fake_quant_model(
     model = make_cnn()
     compress(model, PTQ(w_bits=w_bits, a_bits=a_bits), calib)
     runtime = exported(model, images, tmp_path)
+    onnx = pytest.importorskip("onnx")
+    stored = onnx.load(str(tmp_path / "model.onnx")).graph.initializer
+    eight_bit = sum(np.prod(i.dims) for i in stored if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
+    floats = sum(np.prod(i.dims) for i in stored if i.data_type == onnx.TensorProto.FLOAT)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert eight_bit >= weights > floats  # the weights are stored as 8-bit codes, not floats
     bigger = torch.cat([images, images.flip(0), images]).contiguous()  # the batch dimension is dynamic
     with torch.no_grad():
         assert cosine(runtime(bigger), model(bigger)) > 0.9999

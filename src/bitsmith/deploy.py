@@ -54,7 +54,7 @@ def _build(model: nn.Module, example: Any, backend: str, out: Path, num_threads:
         from bitsmith.export.pt2e import CompiledModel
 
         with threads(num_threads):
-            compiled = CompiledModel(model, example)
+            compiled = CompiledModel.from_model(model, example)
         return Deployment(backend, compiled, compiled.fallbacks, time.perf_counter() - start)
     from bitsmith.export.qdq import deployable
 

@@ -33,8 +33,55 @@ def export_onnx(
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(deploy, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=["output"],
                           dynamic_axes={name: dynamic for name in [*inputs, "output"]}, opset_version=opset, dynamo=False)  # fmt: skip
+    store_int8_weights(tmp)
     os.replace(tmp, path)
     return {"path": str(path), "fallbacks": fallbacks}
+
+
+def store_int8_weights(path: str | os.PathLike[str]) -> None:
+    """Replace each QuantizeLinear of a constant (a weight) by its int8 / uint8 codes, so the file holds
+    8-bit weights (a quarter of float) feeding DequantizeLinear; unused constants are dropped."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    consts = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    consts |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+
+    def const(name: str) -> Any:
+        while name in alias:
+            name = alias[name]
+        return consts.get(name)
+
+    nodes, codes = [], []
+    for node in graph.node:
+        values = [const(name) for name in node.input[:3]] if node.op_type == "QuantizeLinear" else []
+        if len(values) == 3 and all(v is not None for v in values):
+            weight, scale, zero = values
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * weight.ndim
+            if scale.ndim:
+                shape[axis] = -1
+            info = np.iinfo(zero.dtype)
+            q = np.rint(weight / scale.reshape(shape)) + zero.reshape(shape).astype(np.int32)
+            codes.append(numpy_helper.from_array(np.clip(q, info.min, info.max).astype(zero.dtype), node.output[0]))
+        else:
+            nodes.append(node)
+    while True:  # drop nodes whose outputs nothing reads (the weights' Identity / Constant feeders)
+        used = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
+        kept = [n for n in nodes if any(out in used for out in n.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    initializers = [init for init in graph.initializer if init.name in used]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    graph.ClearField("initializer")
+    graph.initializer.extend([*initializers, *codes])
+    onnx.save(model, str(path))
 
 
 class OnnxRuntimeModel(Runner):

@@ -31,26 +31,39 @@ def _dynamic_shapes(tensors: list[Tensor], keyed: bool) -> tuple[Any, ...]:
     return (tuple({0: auto, 1: auto} if t.dim() > 1 else {0: auto} for t in tensors),)
 
 
-class CompiledModel(Runner):
-    """``model`` deployed through torch.export + Inductor (freezing); compiled on construction."""
+def export_graph(model: nn.Module, example: Tensor | dict[str, Tensor]) -> tuple[nn.Module, list[str], list[Tensor]]:
+    """``model`` captured by ``torch.export`` (positional inputs, batch / sequence dimensions free):
+    (graph module, input names, example tensors). torchao's ``prepare_pt2e`` takes this graph too."""
+    keyed = isinstance(example, dict)
+    inputs = example if isinstance(example, dict) else {"input": example}
+    if keyed:
+        model = KeywordInputs(model, list(inputs))
+    tensors = list(inputs.values())
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, tuple(tensors), dynamic_shapes=_dynamic_shapes(tensors, keyed))
+    return program.module(), list(inputs), tensors
 
-    def __init__(self, model: nn.Module, example: Tensor | dict[str, Tensor]) -> None:
+
+class CompiledModel(Runner):
+    """An exported QDQ graph compiled by Inductor with freezing; compiled on construction."""
+
+    def __init__(self, graph: nn.Module, names: list[str], tensors: list[Tensor], keyed: bool) -> None:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers x86 passes)
 
-        deploy, self.fallbacks = deployable(model, ops="pt2e")
-        keyed = isinstance(example, dict)
-        inputs = example if isinstance(example, dict) else {"input": example}
-        if keyed:
-            deploy = KeywordInputs(deploy, list(inputs))
-        self.inputs = list(inputs)
-        tensors = list(inputs.values())
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(deploy, tuple(tensors), dynamic_shapes=_dynamic_shapes(tensors, keyed))
-            # Token models compile once for all shapes; image models once per batch size (Inductor's
-            # dynamic-shape qconv lowering asserts the wrong output strides in torch 2.13).
-            self.module = torch.compile(program.module(), dynamic=keyed)
-            self._forward(tensors)  # compile now, not on the first timed call
+        self.inputs, self.fallbacks = names, {}
+        # Token models compile once for all shapes; image models once per batch size (Inductor's
+        # dynamic-shape qconv lowering asserts the wrong output strides in torch 2.13).
+        self.module = torch.compile(graph, dynamic=keyed)
+        self._forward(tensors)  # compile now, not on the first timed call
+
+    @classmethod
+    def from_model(cls, model: nn.Module, example: Tensor | dict[str, Tensor]) -> CompiledModel:
+        """``model`` (compressed by bitsmith) in its QDQ form, exported and compiled."""
+        deploy, fallbacks = deployable(model, ops="pt2e")
+        compiled = cls(*export_graph(deploy, example), keyed=isinstance(example, dict))
+        compiled.fallbacks: dict[str, str] = fallbacks
+        return compiled
 
     def _forward(self, tensors: list[Tensor]) -> Tensor:
         with torch.no_grad(), torch._inductor.config.patch(freezing=True):  # freezing folds the weights

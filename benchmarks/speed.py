@@ -1,0 +1,213 @@
+"""Real integer speed: FP32 vs bitsmith W8A8 deployed (ONNX Runtime QDQ, torchao PT2E + Inductor) vs the
+peers' int8 paths on the same models, 2 threads, all timed in one process.
+
+Models and latency inputs: all-MiniLM-L6-v2 (batch 32 x 128 tokens), the zoo CNN and ViT (batch 256).
+Latency: median of 10 runs after 2 warm-up runs. Quality: MiniLM cosine of mean-pooled embeddings to
+FP32 and recall@1 on the docstring pairs; CNN / ViT top-1 on the 10,000 test images. Agreement: cosine
+between the deployed and bitsmith's fake-quant outputs (real tokens only). File: what one ships (packed
+safetensors for bitsmith, the ONNX file for ONNX Runtime; the peers' in-memory paths have none).
+Quantize s: calibration + conversion + export / compile.
+
+bitsmith settings: per-channel min-max weights, static per-tensor min-max inputs, 512 calibration images
+or 128 sentences; MiniLM uses SmoothQuant first (its best static W8A8, docs/results/noisyquant.md).
+Peers: torchao PT2E with the default X86InductorQuantizer config (static), compiled with freezing;
+ONNX Runtime ``quantize_dynamic`` (per-channel int8 weights, dynamic activations) of the FP32 ONNX file;
+``torch.ao.quantization.quantize_dynamic`` (int8 Linear).
+
+Regenerate: ``make bench-speed`` (``python benchmarks/speed.py [minilm cnn vit]``) on an otherwise idle
+machine. Writes ``docs/results/speed.md`` / ``speed.png``; rows are kept in ``speed.json`` (resumable).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from common import RESULTS, Rows, load, save_figure  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bitsmith import compress  # noqa: E402
+from bitsmith.deploy import agreement, deploy  # noqa: E402
+from bitsmith.eval.latency import measure_latency  # noqa: E402
+from bitsmith.eval.report import atomic_write_text  # noqa: E402
+from bitsmith.eval.tasks import Task  # noqa: E402
+from bitsmith.export.checkpoint import save  # noqa: E402
+from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx  # noqa: E402
+from bitsmith.export.pt2e import CompiledModel, export_graph  # noqa: E402
+from bitsmith.methods.ptq import PTQ  # noqa: E402
+from bitsmith.methods.smoothquant import SmoothQuant  # noqa: E402
+
+THREADS = 2
+BATCH = {"minilm": 32, "cnn": 256, "vit": 256}
+TOKENS = 128
+RUNS = 10
+SCRATCH = Path(tempfile.mkdtemp(prefix="bitsmith-speed-"))
+
+
+def latency_example(name: str, task: Task) -> Any:
+    if name != "minilm":
+        return task.test[0][: BATCH[name]].contiguous()
+    texts = [text for pair in task.pairs for text in pair][: BATCH[name]]
+    return dict(task.tokenizer(texts, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt"))
+
+
+def file_size(path: Path | str | None) -> int | None:
+    return None if path is None else Path(path).stat().st_size
+
+
+def bitsmith_model(name: str, base: nn.Module, task: Task) -> nn.Module:
+    model = copy.deepcopy(base)
+    where = {"exclude": ["pooler*"]} if name == "minilm" else None
+    methods = [SmoothQuant(where=where)] if name == "minilm" else []
+    compress(model, [*methods, PTQ(w_bits=8, a_bits=8, where=where)], task.calibration)
+    return model
+
+
+def calibration_tensors(name: str, task: Task, names: list[str]) -> list[list[torch.Tensor]]:
+    return [[batch[n] for n in names] if isinstance(batch, dict) else [batch] for batch in task.calibration]
+
+
+def torchao_pt2e(model: nn.Module, task: Task, name: str, example: Any) -> CompiledModel:
+    """The peer's own flow: export, prepare with X86InductorQuantizer, calibrate, convert, compile."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    graph, names, tensors = export_graph(copy.deepcopy(model), example)
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for batch in calibration_tensors(name, task, names):
+            prepared(*batch)
+    return CompiledModel(convert_pt2e(prepared), names, tensors, keyed=isinstance(example, dict))
+
+
+def ort_dynamic(model: nn.Module, example: Any) -> tuple[OnnxRuntimeModel, None, Path]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    fp32 = SCRATCH / "fp32.onnx"
+    export_onnx(model, example, fp32)
+    path = SCRATCH / "dynamic.onnx"
+    quantize_dynamic(str(fp32), str(path), per_channel=True, weight_type=QuantType.QInt8)
+    return OnnxRuntimeModel(path, threads=THREADS), None, path
+
+
+def torch_dynamic(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+
+
+def measure(task: Task, reference: nn.Module | None, runner: Any, example: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {**task.evaluate(runner), "latency_ms": measure_latency(runner, example, runs=RUNS)}
+    if reference is not None:
+        out["agreement"] = agreement(runner, reference, example)
+    return out
+
+
+def run_model(name: str, rows: Rows) -> None:
+    """Every path's row for one model (rows already in the file are kept)."""
+    base, task = load(name)
+    example = latency_example(name, task)
+    task.evaluate(base)  # MiniLM: the FP32 embeddings are the cosine reference
+
+    def record(path: str, build: Any, ours: bool = False) -> None:
+        if rows.done(model=name, path=path):
+            return
+        start = time.perf_counter()
+        try:
+            runner, reference, shipped = build()
+        except Exception as exc:  # a peer that does not handle this model is reported, not fatal
+            print(f"{name} / {path}: failed: {exc!r}"[:500], flush=True)
+            return
+        seconds = time.perf_counter() - start
+        row = {"model": name, "path": path, "bitsmith": ours, **measure(task, reference, runner, example),
+               "quantize_s": seconds, "file_bytes": file_size(shipped)}  # fmt: skip
+        rows.add(row)
+        print(row, flush=True)
+
+    def fp32() -> tuple[Any, None, Path]:
+        save(base, SCRATCH / "fp32.safetensors")
+        return base, None, SCRATCH / "fp32.safetensors"
+
+    def ours(backend: str) -> Any:
+        def build() -> tuple[Any, nn.Module, Path]:
+            model = bitsmith_model(name, base, task)
+            deployment = deploy(model, example, backend, SCRATCH / backend, num_threads=THREADS)
+            if deployment.path is not None:
+                return deployment.model, model, Path(deployment.path)
+            save(model, SCRATCH / "w8a8.safetensors")
+            return deployment.model, model, SCRATCH / "w8a8.safetensors"
+
+        return build
+
+    record("FP32 torch eager", fp32)
+    record("bitsmith W8A8 -> ONNX Runtime", ours("onnxruntime"), ours=True)
+    record("bitsmith W8A8 -> torchao PT2E", ours("torchao"), ours=True)
+    record("torchao PT2E X86Inductor (static)", lambda: (torchao_pt2e(base, task, name, example), None, None))
+    record("ONNX Runtime dynamic per-channel", lambda: ort_dynamic(base, example))
+    record("torch dynamic int8 (Linear)", lambda: (torch_dynamic(base), None, None))
+
+
+def run(models: list[str]) -> None:
+    torch.set_num_threads(THREADS)
+    rows = Rows(RESULTS / "speed.json")
+    for name in models:
+        run_model(name, rows)
+    write(rows.rows)
+
+
+def write(rows: list[dict[str, Any]]) -> None:
+    """speed.md and speed.png from the rows."""
+    lines = [
+        "# Real integer speed: FP32 vs deployed int8 (2 threads)",
+        "",
+        (__doc__ or "").split("\n\n")[1].replace("\n", " "),
+        "",
+        "Regenerate: `make bench-speed` (`python benchmarks/speed.py`), on an otherwise idle machine.",
+        "",
+        "| model | path | latency ms | speedup | quality | agreement | file MB | file / FP32 | quantize s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, name in zip(axes, BATCH, strict=True):
+        mine = [r for r in rows if r["model"] == name]
+        fp32 = next((r for r in mine if r["path"] == "FP32 torch eager"), None)
+        if not mine or fp32 is None:
+            continue
+        for r in mine:
+            quality = f"cos {r['cosine']:.4f}, R@1 {100 * r['retrieval']:.2f}" if "cosine" in r else (
+                f"top-1 {100 * r['accuracy']:.2f}")  # fmt: skip
+            size = r["file_bytes"]
+            cells = [name, ("**" + r["path"] + "**") if r["bitsmith"] else r["path"], f"{r['latency_ms']:.1f}",
+                     f"{fp32['latency_ms'] / r['latency_ms']:.2f}x", quality,
+                     f"{r['agreement']:.5f}" if "agreement" in r else "-",
+                     f"{size / 2**20:.1f}" if size else "-", f"{size / fp32['file_bytes']:.0%}" if size else "-",
+                     f"{r['quantize_s']:.1f}" if r["path"] != "FP32 torch eager" else "-"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        speed = [fp32["latency_ms"] / r["latency_ms"] for r in mine]
+        colors = ["tab:orange" if r["bitsmith"] else "tab:gray" for r in mine]
+        ax.barh([r["path"] for r in mine], speed, color=colors)
+        ax.axvline(1.0, color="black", lw=0.8)
+        ax.invert_yaxis()
+        ax.set_title(f"{name} (batch {BATCH[name]}{' x 128 tokens' if name == 'minilm' else ''})")
+        ax.set_xlabel("speedup over FP32 torch eager")
+    save_figure(figure, "speed.png")
+    lines += ["", "![speedup over FP32](speed.png)", ""]
+    atomic_write_text(RESULTS / "speed.md", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-only"]:
+        write(Rows(RESULTS / "speed.json").rows)
+    else:
+        run(sys.argv[1:] or list(BATCH))
