@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from bitsmith.cli import main
+from bitsmith.method import METHODS
 from bitsmith.recipe import RecipeError, apply_overrides, parse_recipe
 from bitsmith.zoo.data import fashion_mnist_dir
 
@@ -48,7 +49,7 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (
             {"model": {"name": "cnn"}, "methods": [{"name": "nope"}]},
-            "methods.0.name: unknown method 'nope'; registered: bitslice, bsq, deephoyer, fisher-reg, hero, mixed, msq, noisyquant, prune, ptq, qat, rtn, sam, smoothquant, svd-train",
+            f"methods.0.name: unknown method 'nope'; registered: {', '.join(sorted(METHODS.names()))}",
         ),
         (
             {"model": {"name": "cnn"}, "methods": [{"name": "ptq", "w_bits": 32}]},
