@@ -3,6 +3,7 @@
 from bitsmith.methods import (  # noqa: F401  (imported to register)
     bitslice,
     bsq,
+    csq,
     deephoyer,
     fisher_reg,
     hero,
