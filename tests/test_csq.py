@@ -39,7 +39,7 @@ def test_budget_term_prunes_over_budget_and_grows_under_it(mask_init: float, sig
     method = CSQ(start_bits=6, target_bits=3, lam=1.0, mask_init=mask_init, where={"exclude": ["@first"]})
     compress(model, method, calib, finalize=False)
     quantizers = method._quantizers(model)
-    assert selected_fraction(quantizers, "size") == (1.0 if mask_init > 0 else 0.0)
+    assert selected_fraction(quantizers, "size") == pytest.approx(1.0 if mask_init > 0 else 1 / 6)  # >= 1 bit
     method.penalty(model, images).backward()
     for q in quantizers:  # SGD moves the selection logits against the gradient: down over budget, up under it
         assert (torch.sign(q.mask.grad) == sign).all()

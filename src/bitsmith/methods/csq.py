@@ -16,7 +16,8 @@ size, our default) or averaged over layers (``budget: layers``, the reference co
 
 Deviations, stated: the layer scale is the value of one LSB with its gradient rescaled (as in BSQ
 here); the bit logits start at ``+-logit_init`` around the round-to-nearest planes of the pretrained
-weight (the paper trains from scratch); activations use a dynamic per-tensor min-max quantizer
+weight (the paper trains from scratch); each layer keeps at least one selected bit (an empty selection
+would zero its weight); activations use a dynamic per-tensor min-max quantizer
 (``a_bits``, 8 by default). ImageNet's rounds with weight rewinding are not implemented.
 """
 

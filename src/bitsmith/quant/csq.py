@@ -4,7 +4,7 @@ A weight is ``step * sum_b M_b (sigmoid(beta p_b) - sigmoid(beta q_b)) 2^b`` ove
 positions (b = 0 is the least significant), with real logits ``p``, ``q`` per weight and bit and one
 selection logit ``m_b`` per layer and bit, ``M_b = sigmoid(beta m_b)``. No straight-through estimator:
 the function is smooth, and as the temperature ``beta`` grows the sigmoids become step functions.
-After the "ticket" the selection is hard (``M_b = 1[m_b > 0]``); ``harden()`` makes the whole weight
+After the "ticket" the selection is hard (``M_b = 1[m_b >= 0]``, at least one bit per layer); ``harden()`` makes the whole weight
 the exact step-function value, an exactly quantized sign-magnitude weight.
 
 ``step`` is the value of one least-significant bit (``s / (2^n - 1)`` in the paper's notation), its
@@ -47,8 +47,10 @@ class CSQQuantizer(SignMagnitude):
 
     # -- precision ------------------------------------------------------------------------------
     def active(self) -> Tensor:
-        """Bit positions selected now, ``(n_max,)`` bool (``M_b >= 0.5``)."""
-        return self.mask.detach() > 0
+        """Bit positions selected now, ``(n_max,)`` bool (``M_b >= 0.5``); at least the one with the
+        highest selection logit, so no layer's weight vanishes."""
+        mask = self.mask.detach()
+        return (mask >= 0) | (torch.arange(mask.numel(), device=mask.device) == mask.argmax())
 
     @property
     def active_bits(self) -> int:
