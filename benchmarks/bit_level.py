@@ -2,10 +2,11 @@
 
 Uniform QAT (STE at 4 bits, LSQ at 4 / 3 / 2 weight bits) with 8-bit activations, stem and classifier at 8
 bits, fine-tuned from the FP32 checkpoint; BSQ and MSQ at one strength each from an 8-bit start
-(stem and classifier at 8 bits by STE QAT, 1 extra fine-tune epoch at the found precision). BSQ and
-MSQ rows run in a fresh process each, so their peak resident memory (``ru_maxrss``) is their own;
-they also report the trainable values of the quantized layers and the seconds per epoch. CSQ joins
-when it lands; HERO has its own benchmark (``benchmarks/hero.py``).
+(stem and classifier at 8 bits by STE QAT, 1 extra fine-tune epoch at the found precision); CSQ from
+6 bit positions towards a 3-bit budget (its ticket after the first epoch). The bit-level rows run in
+a fresh process each, so their peak resident memory (``ru_maxrss``) is their own; they also report
+the trainable values of the quantized layers and the seconds per epoch. HERO has its own benchmark
+(``benchmarks/hero.py``).
 
 Regenerate: ``make bench-bit-level`` (``python benchmarks/bit_level.py [--epochs N]``). Writes
 ``docs/results/bit-level.{md,png,json}``; the JSON keeps finished rows (delete it to re-measure).
@@ -31,13 +32,14 @@ from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
 from bitsmith.eval.report import atomic_write_text  # noqa: E402
 from bitsmith.methods.bsq import BSQ  # noqa: E402
+from bitsmith.methods.csq import CSQ  # noqa: E402
 from bitsmith.methods.msq import MSQ  # noqa: E402
 from bitsmith.methods.qat import QAT  # noqa: E402
 from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import cache_dir  # noqa: E402
 
 QAT_RUNS = [("ste", 4), ("lsq", 4), ("lsq", 3), ("lsq", 2)]
-BIT_LEVEL = {"BSQ": [2.0], "MSQ": [10.0]}
+BIT_LEVEL = {"BSQ": [2.0], "MSQ": [10.0], "CSQ": [1e-2]}  # alpha (BSQ, MSQ) or lam (CSQ)
 ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
 
 
@@ -64,7 +66,7 @@ def run(epochs: int) -> list[dict[str, Any]]:
         print(rows.rows[-1], flush=True)
     for family, alphas in BIT_LEVEL.items():
         for alpha in alphas:
-            label = f"{family} alpha={alpha:g}"
+            label = row_label(family, alpha)
             if rows.done(run=label, epochs=epochs + 1):
                 continue
             with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak memory
@@ -73,24 +75,35 @@ def run(epochs: int) -> list[dict[str, Any]]:
     return rows.rows
 
 
+def row_label(family: str, strength: float) -> str:
+    return f"{family} {'lam' if family == 'CSQ' else 'alpha'}={strength:g}"
+
+
+def bit_level_method(family: str, strength: float) -> BSQ | MSQ | CSQ:
+    inner: dict[str, Any] = {"a_bits": 8, "where": {"exclude": ["@first", "@last"]}}
+    if family == "CSQ":
+        return CSQ(start_bits=6, target_bits=3.0, lam=strength, **inner)
+    cls = BSQ if family == "BSQ" else MSQ
+    return cls(alpha=strength, start_bits=8, finetune_epochs=1, **inner)
+
+
 def bit_level_row(family: str, alpha: float, epochs: int) -> dict[str, Any]:
-    """Train one BSQ / MSQ model (8-bit start, ends at 8 bits by STE QAT) and measure it."""
+    """Train one BSQ / MSQ / CSQ model (stem and classifier at 8 bits by STE QAT) and measure it."""
     torch.set_num_threads(2)
     base, task = load("cnn", calib_size=256)
     model = copy.deepcopy(base)
-    cls = BSQ if family == "BSQ" else MSQ
-    method = cls(alpha=alpha, start_bits=8, a_bits=8, finetune_epochs=1, where={"exclude": ["@first", "@last"]})
+    method = bit_level_method(family, alpha)
     ends = QAT(w_bits=8, a_bits=8, step="ste", where={"include": ["@first", "@last"]})
     start = time.perf_counter()
     compress(model, [method, ends], task.calibration, finalize=False)
     layers = [model.get_submodule(n) for n in method.precision(model)]
     trainable = sum(p.numel() for layer in layers for p in layer.parameters() if p.requires_grad)
     config = TrainConfig(epochs=epochs + 1, optimizer="sgd", lr=0.01, weight_decay=0.0)
-    train(model, task, config, [method, ends], f"{family} alpha={alpha:g}")
+    train(model, task, config, [method, ends], row_label(family, alpha))
     method.finalize(model)
     ends.finalize(model)
     seconds = time.perf_counter() - start
-    return {"run": f"{family} alpha={alpha:g}", "epochs": epochs + 1, **task.evaluate(model),
+    return {"run": row_label(family, alpha), "epochs": epochs + 1, **task.evaluate(model),
             "avg_bits": model_cost(model).totals["avg_weight_bits"], "seconds": seconds,
             "seconds_per_epoch": seconds / (epochs + 1), "trainable": trainable,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "layer_bits": method.precision(model)}  # fmt: skip
@@ -111,7 +124,7 @@ def write(rows: list[dict[str, Any]]) -> None:
         "classifier weights at 8 bits, batch norms folded into the quantized convolutions (QAT rows); top-1 on the 10,000 test images; seconds on 2 threads including",
         "training. Regenerate: `make bench-bit-level`.",
         "",
-        "BSQ / MSQ: *trainable* counts the trainable values of their quantized layers (weights or bit",
+        "BSQ / MSQ / CSQ: *trainable* counts the trainable values of their quantized layers (weights or bit",
         "planes, steps, biases), *peak MB* the resident memory of the process that trained the row.",
         "",
         "| run | epochs | avg weight bits | top-1 % | seconds | s / epoch | trainable | peak MB |",
@@ -134,7 +147,7 @@ def write(rows: list[dict[str, Any]]) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     fp32 = next(r for r in rows if r["run"] == "FP32")
     ax.axhline(100 * fp32["accuracy"], color="black", linewidth=1, label="FP32")
-    for family in ("QAT STE", "QAT LSQ", "BSQ", "MSQ"):
+    for family in ("QAT STE", "QAT LSQ", "BSQ", "MSQ", "CSQ"):
         pts = sorted((r for r in rows if r["run"].startswith(family)), key=lambda r: r["avg_bits"])
         ax.plot([r["avg_bits"] for r in pts], [100 * r["accuracy"] for r in pts], marker="o", label=family)
     ax.set_xlabel("average weight bits")
