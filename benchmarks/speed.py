@@ -11,7 +11,7 @@ Quantize s: calibration + conversion + export / compile.
 bitsmith settings: per-channel min-max weights, static per-tensor min-max inputs, 512 calibration images
 or 128 sentences; MiniLM uses SmoothQuant first on every Linear, alpha 0.85 (``recipes/minilm-smoothquant-
 w8a8-deploy.yaml``; alpha picked from 0.5 / 0.75 / 0.85 / 0.9 on these docstring pairs, no separate
-validation split).
+validation split) and stores its embedding tables as 8-bit rows.
 Peers: torchao PT2E with the default X86InductorQuantizer config (static), compiled with freezing;
 ONNX Runtime ``quantize_dynamic`` (per-channel int8 weights, dynamic activations) of the FP32 ONNX file;
 ``torch.ao.quantization.quantize_dynamic`` (int8 Linear).
@@ -68,10 +68,16 @@ def file_size(path: Path | str | None) -> int | None:
 
 
 def bitsmith_model(name: str, base: nn.Module, task: Task) -> nn.Module:
+    """W8A8 (the recipe ``minilm-smoothquant-w8a8-deploy.yaml`` for MiniLM, plain PTQ for CNN / ViT)."""
     model = copy.deepcopy(base)
-    where = {"exclude": ["pooler*"]} if name == "minilm" else None
-    methods = [SmoothQuant(alpha=0.85, layers="all", where=where)] if name == "minilm" else []
-    compress(model, [*methods, PTQ(w_bits=8, a_bits=8, where=where)], task.calibration)
+    if name != "minilm":
+        compress(model, PTQ(w_bits=8, a_bits=8), task.calibration)
+        return model
+    encoder, tables = {"include": ["encoder.*"]}, {"types": ["Embedding"], "include": ["embeddings.*"]}
+    methods = [SmoothQuant(alpha=0.85, layers="all", where=encoder),
+               PTQ(w_bits=8, a_bits=8, where={"include": ["encoder.*", "pooler.*"]}),
+               PTQ(w_bits=8, a_bits=None, where=tables)]  # fmt: skip
+    compress(model, methods, task.calibration)
     return model
 
 

@@ -167,3 +167,17 @@ def test_metadata_holds_layer_map_and_version(saved: Path) -> None:
     assert meta["format_version"] == "1"
     assert set(json.loads(meta["layers"])) == {"stem", "conv", "fc1", "fc2"}
     assert os.path.getsize(saved) > 0
+
+
+def test_quantized_embedding_packs_to_4_bits_and_reloads_exactly(tmp_path: Path) -> None:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(1000, 32), nn.Flatten(), nn.Linear(32 * 4, 4))
+
+    model, ids = build(), torch.randint(0, 1000, (8, 4))
+    where = {"types": ["Embedding"]}
+    compress(model, build_method({"name": "ptq", "w_bits": 4, "a_bits": None, "where": where}), [ids])
+    path = save(model, tmp_path / "emb.safetensors")
+    assert path.stat().st_size < 0.3 * 4 * 1000 * 32  # 4-bit rows + a scale per 32-value row, not FP32
+    with torch.no_grad():
+        assert torch.equal(load(path, build())(ids), model(ids))

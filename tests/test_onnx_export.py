@@ -92,3 +92,25 @@ def test_hf_encoder_exports_with_dynamic_batch_and_sequence(tmp_path: Path) -> N
     with torch.no_grad():
         expected = model(**longer).last_hidden_state
         assert cosine(runtime(**longer).last_hidden_state, expected) > 0.999
+
+
+def test_quantized_embeddings_are_stored_as_8_bit_rows_and_exported(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    onnx = pytest.importorskip("onnx")
+    config = transformers.BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(1, 500, (4, 10), generator=torch.Generator().manual_seed(0))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    where = {"types": ["Linear", "Embedding"], "exclude": ["pooler*"]}
+    compress(model, PTQ(w_bits=8, a_bits=8, where=where), [example])
+    table = model.embeddings.word_embeddings
+    assert type(table).__name__ == "QEmbedding" and table.input_q is None
+    codes = table.effective_weight() / table.weight_q.scale.reshape(-1, 1)  # per-row 8-bit grid
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 127.5
+    runtime = exported(model, example, tmp_path)
+    stored = onnx.load(str(tmp_path / "model.onnx")).graph.initializer
+    assert any(i.data_type == onnx.TensorProto.INT8 and list(i.dims) == [500, 32] for i in stored)
+    with torch.no_grad():
+        expected = model(**example).last_hidden_state
+    assert cosine(runtime(**example).last_hidden_state, expected) > 0.999

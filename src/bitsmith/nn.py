@@ -111,13 +111,14 @@ class QuantizedMixin:
         a smoothing scale goes back into the weight, a bias folded by the input quantizer is unfolded)."""
         plain = self._empty_base()
         weight = self.effective_weight().detach()
-        bias = self.bias  # type: ignore[attr-defined]
+        bias = getattr(self, "bias", None)
         if self.input_q is not None:
             bias = self.input_q.float_bias(weight, bias)
         if self.smooth is not None:
             weight = weight / self.smooth[None, :]
         plain.weight = nn.Parameter(weight.clone())
-        plain.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        if hasattr(plain, "bias"):
+            plain.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         return plain.train(self.training)  # type: ignore[attr-defined]
 
 
@@ -172,6 +173,42 @@ class QConv2d(QuantizedMixin, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quantize_input(x), self.effective_weight(), self.bias)
+
+
+@_compressed
+class QEmbedding(QuantizedMixin, nn.Embedding):
+    """``nn.Embedding`` with an optional weight quantizer (per row: ``ch_axis=0``) and pruning mask.
+    Its input is token indices, so it never has an input quantizer."""
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Embedding,
+        weight_q: Quantizer | None = None,
+        input_q: Quantizer | None = None,
+        mask: Tensor | None = None,
+    ) -> QEmbedding:
+        if input_q is not None:
+            raise ValueError("an embedding's input is token indices; it takes no input quantizer")
+        q = cls(**_embedding_args(module), device="meta")
+        q.weight = module.weight
+        q._init_compression(weight_q, None, mask)
+        return q.train(module.training)
+
+    def _empty_base(self) -> nn.Embedding:
+        return nn.Embedding(**_embedding_args(self), device="meta")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.embedding(x, self.effective_weight(), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)  # fmt: skip
+
+
+def _embedding_args(embedding: nn.Embedding) -> dict[str, Any]:
+    return {
+        "num_embeddings": embedding.num_embeddings, "embedding_dim": embedding.embedding_dim,
+        "padding_idx": embedding.padding_idx, "max_norm": embedding.max_norm, "norm_type": embedding.norm_type,
+        "scale_grad_by_freq": embedding.scale_grad_by_freq, "sparse": embedding.sparse,
+    }  # fmt: skip
 
 
 def _conv_args(conv: nn.Conv2d) -> dict[str, Any]:

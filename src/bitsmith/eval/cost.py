@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bitsmith.method import eval_mode, run_forward
-from bitsmith.nn import QuantizedMixin, is_hf_conv1d
+from bitsmith.nn import QEmbedding, QuantizedMixin, is_hf_conv1d
 
 
 @dataclass
@@ -57,7 +57,9 @@ def _dtype_bits(t: torch.Tensor) -> int:
 
 
 def _is_weight_layer(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_hf_conv1d(module)
+    """Linear / conv layers, and embeddings once compressed (a float embedding counts as other state)."""
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, QEmbedding)
+    return isinstance(module, layers) or is_hf_conv1d(module)
 
 
 @torch.no_grad()
@@ -83,6 +85,8 @@ def layer_cost(name: str, module: nn.Module) -> LayerCost:
 
 
 def _macs_per_output(module: nn.Module) -> int:
+    if isinstance(module, nn.Embedding):
+        return 0  # a lookup
     if isinstance(module, nn.Linear):
         return module.in_features
     if is_hf_conv1d(module):

@@ -78,10 +78,15 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         if layer.mask is not None:  # pruned entries are not stored: the mask says where the codes go
             codes = codes[layer.mask.cpu()]
         state[f"{name}.weight{CODES}"] = pack(codes, enc.code_bits)
+        shared = []  # parameters the quantizer's own state already holds are written once
         for key, value in enc.params.items():
-            state[f"{name}.weight{PARAM}{key}"] = value.detach().cpu().clone()
+            own = state.get(f"{name}.weight_q.{key}")
+            if own is not None and own.shape == value.shape and torch.equal(own, value.detach().cpu()):
+                shared.append(key)
+            else:
+                state[f"{name}.weight{PARAM}{key}"] = value.detach().cpu().clone()
         table[name] = {"bits": enc.code_bits, "min": enc.code_min, "shape": list(enc.codes.shape),
-                       "sparse": layer.mask is not None}  # fmt: skip
+                       "sparse": layer.mask is not None, "shared": shared}  # fmt: skip
     for name, layer in _masked_float_layers(model, packed).items():
         state[f"{name}.weight{KEPT}"] = state.pop(f"{name}.weight")[layer.mask.cpu()]
         table.setdefault("__sparse__", {})[name] = list(layer.weight.shape)
@@ -220,6 +225,7 @@ def _unpack_state(
             codes = _codes(state, name, info)
             prefix = f"{name}.weight{PARAM}"
             params = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+            params |= {key: state[f"{name}.weight_q.{key}"] for key in info.get("shared", [])}
             weight = layer.weight_q.decode(Encoded(codes + info["min"], params, info["bits"], info["min"]))
         except (AttributeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: packed weight of layer {name!r} cannot be decoded: {exc}") from None

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bitsmith.nn import QConv2d, QLinear, QuantizedMixin, _conv_args, strip
+from bitsmith.nn import QConv2d, QEmbedding, QLinear, QuantizedMixin, _conv_args, _embedding_args, strip
 from bitsmith.quant.noisy import NoisyBias
 from bitsmith.quant.uniform import UniformQuantizer
 from bitsmith.swap import set_submodule
@@ -50,6 +50,8 @@ def unsupported(layer: QuantizedMixin) -> str | None:
         return "weights are not uniform per-tensor / per-channel"
     if wq.granularity == "channel" and wq.ch_axis != 0:
         return "per-channel weight scales are not along the output channels"
+    if isinstance(layer, QEmbedding):
+        return None if wq.bits <= 8 else f"{wq.bits}-bit codes exceed the 8-bit QDQ range"
     if not isinstance(inner, UniformQuantizer) or inner.dynamic or inner.granularity != "tensor" or inner.binary:
         return "the input is not quantized statically per tensor"
     if max(wq.bits, inner.bits) > 8:
@@ -57,6 +59,42 @@ def unsupported(layer: QuantizedMixin) -> str | None:
     if isinstance(iq, NoisyBias) and isinstance(layer, QConv2d):
         return "NoisyQuant noise is exported for Linear layers only"
     return None
+
+
+def _weight_qdq(weight: Tensor, scale: Tensor, zero: Tensor, qrange: tuple[int, int, torch.dtype], ops: Ops) -> Tensor:
+    """The (already on-grid) weight through an 8-bit per-output-channel quantize / dequantize pair."""
+    lo, hi, dtype = qrange
+    if ops == "onnx":
+        return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, lo, hi)
+    decomposed = torch.ops.quantized_decomposed
+    codes = decomposed.quantize_per_channel(weight, scale, zero, 0, lo, hi, dtype)
+    return decomposed.dequantize_per_channel(codes, scale, zero, 0, lo, hi, dtype)
+
+
+def _weight_qparams(module: nn.Module, layer: QuantizedMixin) -> None:
+    """Register ``weight`` (hard-quantized), ``w_scale`` / ``w_zero`` per output channel, ``w_range``."""
+    wq = layer.weight_q
+    assert isinstance(wq, UniformQuantizer)
+    weight = layer.effective_weight().detach()
+    channels = weight.shape[0]
+    module.register_buffer("weight", weight)
+    module.register_buffer("w_scale", wq.scale.detach().float().reshape(-1).expand(channels).clone())
+    zero = wq.zero_point.detach().round().to(torch.int32).reshape(-1).expand(channels).clone()
+    module.register_buffer("w_zero", zero)
+    module.w_range = _qdq_range(wq.symmetric)
+
+
+class QDQEmbedding(nn.Module):
+    """The export form of a ``QEmbedding``: its table as 8-bit codes (per row) dequantized, then gathered."""
+
+    def __init__(self, layer: QEmbedding, ops: Ops = "onnx") -> None:
+        super().__init__()
+        self.ops, self.args = ops, _embedding_args(layer)
+        _weight_qparams(self, layer)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        table = _weight_qdq(self.weight, self.w_scale, self.w_zero, self.w_range, self.ops)
+        return nn.functional.embedding(ids, table, self.args["padding_idx"])
 
 
 class QDQLayer(nn.Module):
@@ -68,7 +106,8 @@ class QDQLayer(nn.Module):
         assert isinstance(wq, UniformQuantizer) and iq is not None
         inner = iq.inner if isinstance(iq, NoisyBias) else iq
         assert isinstance(inner, UniformQuantizer)
-        weight = layer.effective_weight().detach()
+        _weight_qparams(self, layer)
+        weight = self.weight
         bias = layer.bias.detach().clone() if layer.bias is not None else None  # type: ignore[attr-defined]
         noise = iq.noise.detach() if isinstance(iq, NoisyBias) else None
         if noise is not None and not iq.folded:  # inner(x + N) - N: the -N goes through the layer into the bias
@@ -76,15 +115,9 @@ class QDQLayer(nn.Module):
             bias = -correction if bias is None else bias - correction
         self.ops = ops
         self.conv = _conv_args(layer) if isinstance(layer, QConv2d) else None
-        channels = weight.shape[0]
-        self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.register_buffer("smooth", None if layer.smooth is None else layer.smooth.detach().clone())
         self.register_buffer("noise", noise)
-        self.register_buffer("w_scale", wq.scale.detach().float().reshape(-1).expand(channels).clone())
-        zero = wq.zero_point.detach().round().to(torch.int32).reshape(-1).expand(channels).clone()
-        self.register_buffer("w_zero", zero)
-        self.w_range = _qdq_range(wq.symmetric)
         scale, x_zero = float(inner.scale.reshape(())), int(round(float(inner.zero_point.reshape(()))))
         self.x_qparams = (scale, x_zero)  # Python numbers: constants in the exported graph
         self.register_buffer("x_scale", torch.tensor(scale))
@@ -95,17 +128,15 @@ class QDQLayer(nn.Module):
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(input, weight) on their 8-bit grids."""
         lo, hi, dtype = self.x_range
-        wlo, whi, wdtype = self.w_range
+        weight = _weight_qdq(self.weight, self.w_scale, self.w_zero, self.w_range, self.ops)
         if self.ops == "onnx":
-            x = torch.fake_quantize_per_tensor_affine(x, self.x_scale, self.x_zero, lo, hi)
-            return x, torch.fake_quantize_per_channel_affine(self.weight, self.w_scale, self.w_zero, 0, wlo, whi)
+            return torch.fake_quantize_per_tensor_affine(x, self.x_scale, self.x_zero, lo, hi), weight
         ops = torch.ops.quantized_decomposed
         scale, zero = self.x_qparams
         x = ops.dequantize_per_tensor(
             ops.quantize_per_tensor(x, scale, zero, lo, hi, dtype), scale, zero, lo, hi, dtype
         )
-        codes = ops.quantize_per_channel(self.weight, self.w_scale, self.w_zero, 0, wlo, whi, wdtype)
-        return x, ops.dequantize_per_channel(codes, self.w_scale, self.w_zero, 0, wlo, whi, wdtype)
+        return x, weight
 
     def forward(self, x: Tensor) -> Tensor:
         if self.smooth is not None:
@@ -130,10 +161,11 @@ def deployable(model: nn.Module, ops: Ops = "onnx") -> tuple[nn.Module, dict[str
     model = copy.deepcopy(model).eval()
     fallbacks: dict[str, str] = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, (QLinear, QConv2d)) and module.weight_q is not None:
+        if isinstance(module, (QLinear, QConv2d, QEmbedding)) and module.weight_q is not None:
             reason = unsupported(module)
             if reason is None:
-                set_submodule(model, name, QDQLayer(module, ops))
+                qdq = QDQEmbedding(module, ops) if isinstance(module, QEmbedding) else QDQLayer(module, ops)
+                set_submodule(model, name, qdq)
             else:
                 fallbacks[name] = reason
     if fallbacks:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bitsmith.method import eval_mode, run_forward
-from bitsmith.nn import QConv2d, QLinear, QuantizedMixin, as_linear
+from bitsmith.nn import QConv2d, QEmbedding, QLinear, QuantizedMixin, as_linear
 from bitsmith.quant.base import Quantizer
 from bitsmith.quant.uniform import UniformQuantizer
 from bitsmith.select import Selection
@@ -25,11 +25,14 @@ def to_quantized(module: nn.Module) -> QuantizedMixin:
         return module
     if isinstance(module, nn.Conv2d):
         return QConv2d.from_float(module)
+    if isinstance(module, nn.Embedding):
+        return QEmbedding.from_float(module)
     try:
         return QLinear.from_float(as_linear(module))
     except TypeError:
         raise ValueError(
-            f"cannot quantize a {type(module).__name__}: supported layers are Linear, Conv2d and HF Conv1D; "
+            f"cannot quantize a {type(module).__name__}: supported layers are Linear, Conv2d, Embedding and HF "
+            "Conv1D; "
             "narrow the selection's 'types' or 'include'"
         ) from None
 
@@ -79,7 +82,7 @@ def attach(
         layer = to_quantized(module)
         if weight_q is not None:
             layer.weight_q = weight_q(name, layer, overrides)
-        if input_q is not None:
+        if input_q is not None and not isinstance(layer, QEmbedding):  # an embedding's input is indices
             layer.input_q = input_q(name, layer, overrides)
         return layer
 
