@@ -72,9 +72,30 @@ def adjust_precision(q: BitPlaneQuantizer, max_bits: int, threshold: float = 0.0
         q.drop_lsb_()
 
 
+class BitLevelMethod(Method):
+    """Shared by the bit-level methods: ``_weight_q`` (the subclass's) on the selected layers, a dynamic
+    per-tensor ``a_bits`` input quantizer (or none), and the list of those layers."""
+
+    _layers: list[str]
+
+    def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def _input_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer | None:
+        bits = self.layer_config(overrides)["a_bits"]
+        if bits is None:
+            return None
+        return UniformQuantizer(bits, False, "tensor", ch_axis=input_channel_axis(layer), dynamic=True)
+
+    def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        specs = attach(model, self.where, self._weight_q, self._input_q)
+        self._layers = list(specs)
+        return specs
+
+
 @register_method("bsq")
 @dataclass
-class BSQ(Method):
+class BSQ(BitLevelMethod):
     """Trainable bit planes with a bit-level group-Lasso; pair it with a ``train`` section."""
 
     description = "BSQ: bit-plane weights, bit-level group Lasso, periodic precision adjustment (mixed precision)"
@@ -95,17 +116,6 @@ class BSQ(Method):
         bits = self.layer_config(overrides)["start_bits"]
         layer.weight.requires_grad_(False)  # the planes are the weight now
         return BitPlaneQuantizer(bits).calibrate_(layer.masked_weight())  # type: ignore[return-value]
-
-    def _input_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer | None:
-        bits = self.layer_config(overrides)["a_bits"]
-        if bits is None:
-            return None
-        return UniformQuantizer(bits, False, "tensor", ch_axis=input_channel_axis(layer), dynamic=True)
-
-    def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
-        specs = attach(model, self.where, self._weight_q, self._input_q)
-        self._layers = list(specs)
-        return specs
 
     def penalty(self, model: nn.Module, batch: Any) -> Tensor:
         layers = bitplane_layers(model, self._layers)

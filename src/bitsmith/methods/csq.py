@@ -30,12 +30,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bitsmith.method import Method, register_method
-from bitsmith.methods.bsq import layers_with
+from bitsmith.method import register_method
+from bitsmith.methods.bsq import BitLevelMethod, layers_with
 from bitsmith.nn import QuantizedMixin
 from bitsmith.quant.csq import CSQQuantizer
-from bitsmith.quant.layers import attach, input_channel_axis
-from bitsmith.quant.uniform import Bits, UniformQuantizer
+from bitsmith.quant.uniform import Bits
 
 
 def csq_layers(model: nn.Module, names: list[str]) -> list[tuple[str, QuantizedMixin, CSQQuantizer]]:
@@ -53,7 +52,7 @@ def selected_fraction(quantizers: list[CSQQuantizer], budget: str) -> float:
 
 @register_method("csq")
 @dataclass
-class CSQ(Method):
+class CSQ(BitLevelMethod):
     """Relaxed bit values and bit selection, annealed to exact; a budget-signed L1 on the selection."""
 
     description = "CSQ: bi-level continuous sparsification of bits, temperature annealing, budget-aware growth/pruning"
@@ -79,17 +78,6 @@ class CSQ(Method):
         layer.weight.requires_grad_(False)  # the bit logits are the weight now
         q = CSQQuantizer(cfg["start_bits"], cfg["mask_init"], cfg["logit_init"])
         return q.calibrate_(layer.masked_weight())  # type: ignore[return-value]
-
-    def _input_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer | None:
-        bits = self.layer_config(overrides)["a_bits"]
-        if bits is None:
-            return None
-        return UniformQuantizer(bits, False, "tensor", ch_axis=input_channel_axis(layer), dynamic=True)
-
-    def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
-        specs = attach(model, self.where, self._weight_q, self._input_q)
-        self._layers = list(specs)
-        return specs
 
     def _quantizers(self, model: nn.Module) -> list[CSQQuantizer]:
         return [q for _, _, q in csq_layers(model, self._layers)]
