@@ -46,6 +46,7 @@ from bitsmith.eval.tasks import Task  # noqa: E402
 from bitsmith.export.checkpoint import save  # noqa: E402
 from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx  # noqa: E402
 from bitsmith.export.pt2e import CompiledModel, export_graph  # noqa: E402
+from bitsmith.export.qdq import KeywordInputs  # noqa: E402
 from bitsmith.methods.ptq import PTQ  # noqa: E402
 from bitsmith.methods.smoothquant import SmoothQuant  # noqa: E402
 
@@ -81,22 +82,27 @@ def bitsmith_model(name: str, base: nn.Module, task: Task) -> nn.Module:
     return model
 
 
-def calibration_tensors(name: str, task: Task, names: list[str]) -> list[list[torch.Tensor]]:
-    return [[batch[n] for n in names] if isinstance(batch, dict) else [batch] for batch in task.calibration]
-
-
 def torchao_pt2e(model: nn.Module, task: Task, name: str, example: Any) -> CompiledModel:
-    """The peer's own flow: export, prepare with X86InductorQuantizer, calibrate, convert, compile."""
+    """The peer's own flow: export, prepare with X86InductorQuantizer, calibrate, convert, compile.
+    Token models are exported with keyword inputs and all their outputs (torchao's annotator fails on
+    a graph whose pooler output was dropped)."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    graph, names, tensors = export_graph(copy.deepcopy(model), example)
+    keyed = isinstance(example, dict)
+    if keyed:
+        names, tensors = list(example), list(example.values())
+        dynamic = {n: {0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO} for n in names}
+        graph = torch.export.export(copy.deepcopy(model), (), kwargs=example, dynamic_shapes=dynamic).module()
+    else:
+        graph, names, tensors = export_graph(copy.deepcopy(model), example)
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
-        for batch in calibration_tensors(name, task, names):
-            prepared(*batch)
-    return CompiledModel(convert_pt2e(prepared), names, tensors, keyed=isinstance(example, dict))
+        for batch in task.calibration:
+            prepared(**{n: batch[n] for n in names}) if keyed else prepared(batch)
+    converted = convert_pt2e(prepared)
+    return CompiledModel(KeywordInputs(converted, names) if keyed else converted, names, tensors, keyed=keyed)
 
 
 def ort_dynamic(model: nn.Module, example: Any) -> tuple[OnnxRuntimeModel, None, Path]:
