@@ -9,6 +9,7 @@ import torch
 
 from bitsmith import compress
 from bitsmith.deploy import agreement, available_backends, deploy
+from bitsmith.export.qdq import deployable
 from bitsmith.methods.ptq import PTQ
 from bitsmith.methods.rtn import RTN
 from conftest import make_cnn
@@ -27,6 +28,9 @@ def test_torchao_backend_runs_int8_kernels_and_matches_the_fake_quant_model(cali
     lowered = {k: v for k, v in counters["inductor"].items() if k.endswith("_lower_count")}
     assert lowered.get("qconv_unary_lower_count", 0) + lowered.get("qlinear_unary_lower_count", 0) >= 3
     assert deployment.backend == "torchao" and deployment.fallbacks == {}
+    plain, _ = deployable(model)  # the batch norm after the stem is folded into its convolution
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
     assert agreement(deployment.model, model, images) > 0.9999
     bigger = torch.cat([images, images]).contiguous()  # another batch size compiles again, still int8
     assert agreement(deployment.model, model, bigger) > 0.9999

@@ -6,7 +6,8 @@ weights per tensor or per output channel, static per-tensor input, 2..8 bits) be
 clipped to its grid and quantized; its weight is the hard-quantized grid (the noise correction
 folded into the bias). Narrower grids sit exactly inside the int8 / uint8 range, so a backend that
 fuses QDQ pairs into integer kernels computes what bitsmith's fake-quant model computes. Any other
-compressed layer falls back to float (its hard-quantized weight, no input quantization).
+compressed layer falls back to float (its hard-quantized weight, no input quantization). A batch
+norm right after an exported convolution is folded into it (exact on a per-channel grid).
 
 Two spellings of the same arithmetic: ``ops="onnx"`` uses ``torch.fake_quantize_*`` (exported as ONNX
 QuantizeLinear / DequantizeLinear), ``ops="pt2e"`` uses the ``quantized_decomposed`` ops that
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from bitsmith.nn import QConv2d, QEmbedding, QLinear, QuantizedMixin, _conv_args, _embedding_args, strip
+from bitsmith.quant.bnfold import bn_scale, conv_bn_pairs
 from bitsmith.quant.noisy import NoisyBias
 from bitsmith.quant.uniform import UniformQuantizer
 from bitsmith.swap import set_submodule
@@ -125,6 +127,21 @@ class QDQLayer(nn.Module):
         self.x_range = _qdq_range(inner.symmetric)
         self.x_clip = ((inner.qmin - x_zero) * scale, (inner.qmax - x_zero) * scale) if inner.bits < 8 else None
 
+    @torch.no_grad()
+    def fold_batchnorm(self, bn: nn.modules.batchnorm._BatchNorm) -> bool:
+        """Absorb the (eval-mode) batch norm after this convolution: with ``s = gamma / sqrt(var + eps)``
+        the weight grid scales per output channel (``W s`` on the grid of step ``step * s``, exactly) and
+        the bias becomes ``beta + (b - mean) s``. Not done (False) when some ``s <= 0``."""
+        s = bn_scale(bn).to(self.weight)
+        if bool((s <= 0).any()):
+            return False
+        self.weight.mul_(s.view(-1, *[1] * (self.weight.dim() - 1)))
+        self.w_scale.mul_(s)
+        bias = self.bias if self.bias is not None else torch.zeros_like(s)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(s)
+        self.bias = beta + (bias - bn.running_mean) * s
+        return True
+
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(input, weight) on their 8-bit grids."""
         lo, hi, dtype = self.x_range
@@ -160,14 +177,20 @@ def deployable(model: nn.Module, ops: Ops = "onnx") -> tuple[nn.Module, dict[str
         import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
     model = copy.deepcopy(model).eval()
     fallbacks: dict[str, str] = {}
+    exported: dict[str, nn.Module] = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, (QLinear, QConv2d, QEmbedding)) and module.weight_q is not None:
             reason = unsupported(module)
             if reason is None:
-                qdq = QDQEmbedding(module, ops) if isinstance(module, QEmbedding) else QDQLayer(module, ops)
-                set_submodule(model, name, qdq)
+                exported[name] = QDQEmbedding(module, ops) if isinstance(module, QEmbedding) else QDQLayer(module, ops)
             else:
                 fallbacks[name] = reason
+    convs = [name for name, qdq in exported.items() if isinstance(qdq, QDQLayer) and qdq.conv is not None]
+    for conv, bn in conv_bn_pairs(model, convs).items():  # traced before any module is replaced
+        if exported[conv].fold_batchnorm(model.get_submodule(bn)):
+            set_submodule(model, bn, nn.Identity())
+    for name, qdq in exported.items():
+        set_submodule(model, name, qdq)
     if fallbacks:
         names = ", ".join(f"{name} ({why})" for name, why in fallbacks.items())
         warnings.warn(f"deployed in float, not integer: {names}", stacklevel=3)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from bitsmith.quant.base import Quantizer, WrappedQuantizer
 
 
-def _bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
+def bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
     """``gamma / sqrt(running_var + eps)`` per channel, kept away from zero (sign preserved)."""
     gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
     scale = gamma / torch.sqrt(bn.running_var + bn.eps)
@@ -49,7 +49,7 @@ class BatchNormFolded(WrappedQuantizer):
         self.frozen.fill_(True)
 
     def scale(self, weight: Tensor) -> Tensor:
-        return _bn_scale(self.bn).view(-1, *[1] * (weight.dim() - 1))
+        return bn_scale(self.bn).view(-1, *[1] * (weight.dim() - 1))
 
     def forward(self, weight: Tensor) -> Tensor:
         s = self.scale(weight)
@@ -105,7 +105,7 @@ def fold_batchnorm(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None
     """Make the folding permanent: ``conv`` gets ``W_fold`` and the inner quantizer, ``bn`` becomes
     ``x + b_fold`` (unit scale, zero mean, variance ``1 - eps``), so the architecture is unchanged."""
     folded = conv.weight_q
-    s = _bn_scale(bn)
+    s = bn_scale(bn)
     if isinstance(folded, BatchNormFolded):
         conv.weight_q = folded.inner
     bias = conv.bias if conv.bias is not None else torch.zeros_like(s)
