@@ -16,11 +16,15 @@ from bitsmith.export.qdq import KeywordInputs, Runner, deployable
 
 
 def pt2e_available() -> bool:
-    """torchao (its x86 Inductor passes) is installed and this is an x86 CPU build."""
+    """torchao (its x86 Inductor passes) is installed, this is an x86 CPU and Inductor finds a C++ compiler."""
     import importlib.util
+    import os
     import platform
+    import shutil
 
-    return importlib.util.find_spec("torchao") is not None and platform.machine() in ("x86_64", "AMD64")
+    compiler = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    return importlib.util.find_spec("torchao") is not None and x86 and compiler
 
 
 def _dynamic_shapes(tensors: list[Tensor], keyed: bool) -> tuple[Any, ...]:
