@@ -45,7 +45,7 @@ INNER = {"exclude": ["@first", "@last"]}
 MAGNITUDE = [0.5, 0.8, 0.9, 0.95]
 L1_LAMBDAS = [1e-3, 1e-2, 1e-1]
 HOYER_LAMBDAS = [1e-4, 1e-3, 1e-2]
-SVD_ENERGIES = [0.05, 0.15]
+SVD_ENERGIES = [0.05, 0.1, 0.15]
 BITSLICE_ALPHAS = [0.5]
 LONG = {"epochs": 8, "images": 60_000}
 
