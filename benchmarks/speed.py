@@ -54,6 +54,8 @@ THREADS = 2
 BATCH = {"minilm": 32, "cnn": 256, "vit": 256}
 TOKENS = 128
 RUNS = 10
+PATHS = ["FP32 torch eager", "bitsmith W8A8 -> ONNX Runtime", "bitsmith W8A8 -> torchao PT2E",
+         "torchao PT2E X86Inductor (static)", "ONNX Runtime dynamic per-channel", "torch dynamic int8 (Linear)"]  # fmt: skip
 SCRATCH = Path(tempfile.mkdtemp(prefix="bitsmith-speed-"))
 
 
@@ -164,12 +166,10 @@ def run_model(name: str, rows: Rows) -> None:
 
         return build
 
-    record("FP32 torch eager", fp32)
-    record("bitsmith W8A8 -> ONNX Runtime", ours("onnxruntime"), ours=True)
-    record("bitsmith W8A8 -> torchao PT2E", ours("torchao"), ours=True)
-    record("torchao PT2E X86Inductor (static)", lambda: (torchao_pt2e(base, task, name, example), None, None))
-    record("ONNX Runtime dynamic per-channel", lambda: ort_dynamic(base, example))
-    record("torch dynamic int8 (Linear)", lambda: (torch_dynamic(base), None, None))
+    builders = [fp32, ours("onnxruntime"), ours("torchao"), lambda: (torchao_pt2e(base, task, name, example), None, None),
+                lambda: ort_dynamic(base, example), lambda: (torch_dynamic(base), None, None)]  # fmt: skip
+    for path, build in zip(PATHS, builders, strict=True):
+        record(path, build, ours=path.startswith("bitsmith"))
 
 
 def run(models: list[str]) -> None:
@@ -187,14 +187,16 @@ def write(rows: list[dict[str, Any]]) -> None:
         "",
         (__doc__ or "").split("\n\n")[1].replace("\n", " "),
         "",
-        "Regenerate: `make bench-speed` (`python benchmarks/speed.py`), on an otherwise idle machine.",
+        "Regenerate: `make bench-speed` (`python benchmarks/speed.py`), on an otherwise idle machine. Timings",
+        "move by up to about 20% between runs on the same machine (the ViT's torchao rows: 39 to 47 ms): compare",
+        "rows of one run, as here.",
         "",
         "| model | path | latency ms | speedup | quality | agreement | file MB | file / FP32 | quantize s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for ax, name in zip(axes, BATCH, strict=True):
-        mine = [r for r in rows if r["model"] == name]
+        mine = sorted((r for r in rows if r["model"] == name), key=lambda r: PATHS.index(r["path"]))
         fp32 = next((r for r in mine if r["path"] == "FP32 torch eager"), None)
         if not mine or fp32 is None:
             continue
