@@ -39,7 +39,7 @@ from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import cache_dir  # noqa: E402
 
 QAT_RUNS = [("ste", 4), ("lsq", 4), ("lsq", 3), ("lsq", 2)]
-BIT_LEVEL = {"BSQ": [2.0], "MSQ": [10.0], "CSQ": [1e-2]}  # alpha (BSQ, MSQ) or lam (CSQ)
+BIT_LEVEL = {"BSQ": [2.0], "MSQ": [10.0], "CSQ": [1e-2, 1e-3]}  # alpha (BSQ, MSQ) or lam (CSQ)
 ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
 
 
