@@ -66,7 +66,7 @@ class CompiledModel(Runner):
         """``model`` (compressed by bitsmith) in its QDQ form, exported and compiled."""
         deploy, fallbacks = deployable(model, ops="pt2e")
         compiled = cls(*export_graph(deploy, example), keyed=isinstance(example, dict))
-        compiled.fallbacks: dict[str, str] = fallbacks
+        compiled.fallbacks = fallbacks
         return compiled
 
     def _forward(self, tensors: list[Tensor]) -> Tensor:

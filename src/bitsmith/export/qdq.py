@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from bitsmith.nn import QConv2d, QEmbedding, QLinear, QuantizedMixin, _conv_args, _embedding_args, strip
-from bitsmith.quant.bnfold import bn_scale, conv_bn_pairs
+from bitsmith.quant.bnfold import bn_scale, conv_bn_pairs, folded_bias
 from bitsmith.quant.noisy import NoisyBias
 from bitsmith.quant.uniform import UniformQuantizer
 from bitsmith.swap import set_submodule
@@ -137,9 +137,7 @@ class QDQLayer(nn.Module):
             return False
         self.weight.mul_(s.view(-1, *[1] * (self.weight.dim() - 1)))
         self.w_scale.mul_(s)
-        bias = self.bias if self.bias is not None else torch.zeros_like(s)
-        beta = bn.bias if bn.bias is not None else torch.zeros_like(s)
-        self.bias = beta + (bias - bn.running_mean) * s
+        self.bias = folded_bias(bn, self.bias, s)
         return True
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -76,7 +76,9 @@ class BitLevelMethod(Method):
     """Shared by the bit-level methods: ``_weight_q`` (the subclass's) on the selected layers, a dynamic
     per-tensor ``a_bits`` input quantizer (or none), and the list of those layers."""
 
-    _layers: list[str]
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._layers: list[str] = []
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> Any:
         raise NotImplementedError
@@ -109,7 +111,6 @@ class BSQ(BitLevelMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self._layers: list[str] = []
         self._frozen = False
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> BitPlaneQuantizer:

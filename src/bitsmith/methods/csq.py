@@ -71,7 +71,6 @@ class CSQ(BitLevelMethod):
         super().__post_init__()
         if self.target_bits > self.start_bits:
             raise ValueError(f"csq: target_bits {self.target_bits} exceeds start_bits {self.start_bits}")
-        self._layers: list[str] = []
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> CSQQuantizer:
         cfg = self.layer_config(overrides)

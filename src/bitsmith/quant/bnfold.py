@@ -28,6 +28,12 @@ def bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
     return torch.where(scale >= 0, scale.clamp(min=1e-8), scale.clamp(max=-1e-8))
 
 
+def folded_bias(bn: nn.modules.batchnorm._BatchNorm, bias: Tensor | None, scale: Tensor) -> Tensor:
+    """``beta + (b - mean) * s``: the bias of a convolution with its batch norm folded in."""
+    bias = bias if bias is not None else torch.zeros_like(scale)
+    return (bn.bias if bn.bias is not None else 0) + (bias - bn.running_mean) * scale
+
+
 class BatchNormFolded(WrappedQuantizer):
     """``Q(W * s) / s`` for the weight of a convolution whose output feeds ``bn``; transient (training only)."""
 
@@ -108,8 +114,7 @@ def fold_batchnorm(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None
     s = bn_scale(bn)
     if isinstance(folded, BatchNormFolded):
         conv.weight_q = folded.inner
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(s)
-    b_fold = (bn.bias if bn.bias is not None else 0) + (bias - bn.running_mean) * s
+    b_fold = folded_bias(bn, conv.bias, s)
     conv.weight.mul_(s.view(-1, *[1] * (conv.weight.dim() - 1)))
     if conv.bias is not None:
         conv.bias.zero_()

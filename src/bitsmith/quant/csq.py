@@ -57,11 +57,16 @@ class CSQQuantizer(SignMagnitude):
         """The layer's precision in the paper's sense: the number of selected bit positions."""
         return int(self.active().sum())
 
+    def _span(self) -> tuple[int, int]:
+        """Lowest and highest selected positions (``active`` never selects none)."""
+        idx = self.active().nonzero().flatten()
+        return int(idx.min()), int(idx.max())
+
     @property
     def bits(self) -> int:
-        """Stored magnitude bits: the span from the lowest to the highest selected position (>= 1)."""
-        idx = self.active().nonzero().flatten()
-        return 1 if idx.numel() == 0 else int(idx.max() - idx.min() + 1)
+        """Stored magnitude bits: the span from the lowest to the highest selected position."""
+        low, high = self._span()
+        return high - low + 1
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "bits": self.n_max, "mask_init": self.mask_init, "logit_init": self.logit_init}
@@ -81,18 +86,19 @@ class CSQQuantizer(SignMagnitude):
         self.step = nn.Parameter(step.reshape(1).clone())
 
     # -- the weight -------------------------------------------------------------------------------
-    def selection(self) -> Tensor:
-        if bool(self.hard_mask) or bool(self.hard):
+    def selection(self, hard: bool = False) -> Tensor:
+        if hard or bool(self.hard_mask) or bool(self.hard):
             return self.active().float()
         return torch.sigmoid(self.beta * self.mask)
 
-    def integer_value(self) -> Tensor:
-        """``sum_b M_b (B+_b - B-_b) 2^b``: relaxed, or exact integers once hardened."""
-        if bool(self.hard):
+    def integer_value(self, hard: bool = False) -> Tensor:
+        """``sum_b M_b (B+_b - B-_b) 2^b``: relaxed, or exact integers once hardened (or ``hard``)."""
+        hard = hard or bool(self.hard)
+        if hard:
             pos, neg = (self.pos.detach() > 0).float(), (self.neg.detach() > 0).float()
         else:
             pos, neg = torch.sigmoid(self.beta * self.pos), torch.sigmoid(self.beta * self.neg)
-        weights = self.selection() * 2.0 ** torch.arange(self.n_max, device=pos.device)
+        weights = self.selection(hard) * 2.0 ** torch.arange(self.n_max, device=pos.device)
         return torch.tensordot(weights, pos - neg, dims=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -115,19 +121,12 @@ class CSQQuantizer(SignMagnitude):
         return float(max(gaps))
 
     # -- packing -------------------------------------------------------------------------------
-    def _low(self) -> int:
-        idx = self.active().nonzero().flatten()
-        return 0 if idx.numel() == 0 else int(idx.min())
-
     @torch.no_grad()
     def encode(self, x: Tensor) -> Encoded:
         if not self.ready:
             self.init_from(x)
-        was = bool(self.hard)
-        self.hard.fill_(True)
-        integers = self.integer_value()
-        self.hard.fill_(was)
-        low = self._low()  # codes of the selected span only: the unselected low bits are always zero
+        integers = self.integer_value(hard=True)
+        low, _ = self._span()  # codes of the selected span only: the unselected low bits are always zero
         codes = torch.div(integers, 2**low, rounding_mode="trunc").to(torch.int32)
         step = self.step.detach() * 2**low
         return Encoded(codes, {"step": step.clone()}, self.code_bits, -self.levels)
