@@ -11,7 +11,7 @@ and classifier are not pruned; sparsity is over the other layers' weights.
 - SVD training: Hoyer on the singular values (lam_s 0.01), orthogonality lam_o 1, cut at the given
   energy after 2 epochs, 1 fine-tune epoch, then low-rank layers;
 - bit-slice: 8-bit fixed point, L1 on 2-bit slices vs plain L1 at the same alpha;
-- longer budget (``--part long``): CNN magnitude 0.9, DeepHoyer 1e-3 / 1e-4 and SVD energy 0.15 with 8 epochs
+- longer budget (``--part long``): CNN magnitude 0.9 / 0.95, DeepHoyer 1e-3 ... 2e-5 and SVD energy 0.15 ... 0.05 with 8 epochs
   of all 60,000 images (magnitude ramps over 2/3 of them, DeepHoyer and SVD fine-tune the last 2).
 Top-1 on the 10,000 test images.
 
@@ -48,6 +48,8 @@ HOYER_LAMBDAS = [1e-4, 1e-3, 1e-2]
 SVD_ENERGIES = [0.05, 0.1, 0.15]
 BITSLICE_ALPHAS = [0.5]
 LONG = {"epochs": 8, "images": 60_000}
+LONG_HOYER = [1e-3, 1e-4, 5e-5, 2e-5]
+LONG_SVD = [0.15, 0.1, 0.05]
 
 
 def weight_runs() -> list[tuple[str, float, Method]]:
@@ -70,10 +72,10 @@ def other_runs(part: str) -> list[tuple[str, float, Method]]:
 
 
 def long_runs() -> list[tuple[str, float, Method]]:
-    return [("magnitude", 0.9, Prune(sparsity=0.9, gradual=True, ramp=2 / 3, where=INNER)),
+    return [*[("magnitude", s, Prune(sparsity=s, gradual=True, ramp=2 / 3, where=INNER)) for s in (0.9, 0.95)],
             *[("DeepHoyer", lam, DeepHoyer(regularizer="hoyer-square", lam=lam, finetune_epochs=2, where=INNER))
-              for lam in (1e-3, 1e-4)],
-            ("SVD", 0.15, SVDTraining(energy=0.15, finetune_epochs=2, where=INNER))]  # fmt: skip
+              for lam in LONG_HOYER],
+            *[("SVD", e, SVDTraining(energy=e, finetune_epochs=2, where=INNER)) for e in LONG_SVD]]  # fmt: skip
 
 
 def finetune(model: torch.nn.Module, task: Any, name: str, methods: list[Method], long: bool = False) -> float:

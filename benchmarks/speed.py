@@ -17,7 +17,8 @@ ONNX Runtime ``quantize_dynamic`` (per-channel int8 weights, dynamic activations
 ``torch.ao.quantization.quantize_dynamic`` (int8 Linear).
 
 Regenerate: ``make bench-speed`` (``python benchmarks/speed.py [minilm cnn vit]``) on an otherwise idle
-machine. Writes ``docs/results/speed.md`` / ``speed.png``; rows are kept in ``speed.json`` (resumable).
+machine. Writes ``docs/results/speed.md`` / ``speed.png``; rows are kept in ``speed.json`` and
+``speed-files.json`` (resumable).
 """
 
 from __future__ import annotations
@@ -172,15 +173,64 @@ def run_model(name: str, rows: Rows) -> None:
         record(path, build, ours=path.startswith("bitsmith"))
 
 
+def weight_only_4bit(name: str, base: nn.Module, task: Task) -> nn.Module:
+    """W4 weight-only: per-channel min-max (CNN / ViT); MiniLM per-group 128 with 4-bit embedding rows."""
+    model = copy.deepcopy(base)
+    if name != "minilm":
+        compress(model, PTQ(w_bits=4, a_bits=None), task.calibration)
+        return model
+    tables = {"types": ["Embedding"], "include": ["embeddings.*"]}
+    compress(model, [PTQ(w_bits=4, a_bits=None, w_granularity="group", where={"include": ["encoder.*", "pooler.*"]}),
+                     PTQ(w_bits=4, a_bits=None, where=tables)], task.calibration)  # fmt: skip
+    return model
+
+
+FILES = {"FP32": lambda name, base, task: base, "W8A8 (as deployed above)": bitsmith_model,
+         "W4 weight-only": weight_only_4bit}  # fmt: skip
+
+
+def file_rows(name: str, rows: Rows) -> None:
+    """Packed safetensors size and quality of the FP32, 8-bit and 4-bit models."""
+    base, task = load(name)
+    task.evaluate(base)
+    for setting, build in FILES.items():
+        if not rows.done(model=name, setting=setting):
+            model = build(name, base, task)
+            path = save(model, SCRATCH / "file.safetensors")
+            rows.add({"model": name, "setting": setting, "file_bytes": file_size(path), **task.evaluate(model)})
+
+
 def run(models: list[str]) -> None:
     torch.set_num_threads(THREADS)
-    rows = Rows(RESULTS / "speed.json")
+    rows, files = Rows(RESULTS / "speed.json"), Rows(RESULTS / "speed-files.json")
     for name in models:
+        file_rows(name, files)
         run_model(name, rows)
-    write(rows.rows)
+    write(rows.rows, files.rows)
 
 
-def write(rows: list[dict[str, Any]]) -> None:
+def quality(row: dict[str, Any]) -> str:
+    if "cosine" in row:
+        return f"cos {row['cosine']:.4f}, R@1 {100 * row['retrieval']:.2f}"
+    return f"top-1 {100 * row['accuracy']:.2f}"
+
+
+def file_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "## Packed file size", "",
+             "The packed safetensors file alone (codes, scales, float norms and biases, header), re-measured in",
+             "its own step. 4-bit: per-channel min-max weights (CNN / ViT); MiniLM per group of 128 inputs,",
+             "its embedding tables as 4-bit rows, no activation quantization.", "",
+             "| model | weights | file KB | file / FP32 | quality |", "|---|---|---|---|---|"]  # fmt: skip
+    for name in BATCH:
+        mine = [r for r in rows if r["model"] == name]
+        fp32 = next((r for r in mine if r["setting"] == "FP32"), None)
+        for r in mine if fp32 else []:
+            lines.append(f"| {name} | {r['setting']} | {r['file_bytes'] / 1024:,.0f} | "
+                         f"{r['file_bytes'] / fp32['file_bytes']:.1%} | {quality(r)} |")  # fmt: skip
+    return lines
+
+
+def write(rows: list[dict[str, Any]], files: list[dict[str, Any]]) -> None:
     """speed.md and speed.png from the rows."""
     lines = [
         "# Real integer speed: FP32 vs deployed int8 (2 threads)",
@@ -201,11 +251,9 @@ def write(rows: list[dict[str, Any]]) -> None:
         if not mine or fp32 is None:
             continue
         for r in mine:
-            quality = f"cos {r['cosine']:.4f}, R@1 {100 * r['retrieval']:.2f}" if "cosine" in r else (
-                f"top-1 {100 * r['accuracy']:.2f}")  # fmt: skip
             size = r["file_bytes"]
             cells = [name, ("**" + r["path"] + "**") if r["bitsmith"] else r["path"], f"{r['latency_ms']:.1f}",
-                     f"{fp32['latency_ms'] / r['latency_ms']:.2f}x", quality,
+                     f"{fp32['latency_ms'] / r['latency_ms']:.2f}x", quality(r),
                      f"{r['agreement']:.5f}" if "agreement" in r else "-",
                      f"{size / 2**20:.1f}" if size else "-", f"{size / fp32['file_bytes']:.0%}" if size else "-",
                      f"{r['quantize_s']:.1f}" if r["path"] != "FP32 torch eager" else "-"]  # fmt: skip
@@ -218,12 +266,12 @@ def write(rows: list[dict[str, Any]]) -> None:
         ax.set_title(f"{name} (batch {BATCH[name]}{' x 128 tokens' if name == 'minilm' else ''})")
         ax.set_xlabel("speedup over FP32 torch eager")
     save_figure(figure, "speed.png")
-    lines += ["", "![speedup over FP32](speed.png)", ""]
+    lines += ["", "![speedup over FP32](speed.png)", *file_table(files), ""]
     atomic_write_text(RESULTS / "speed.md", "\n".join(lines))
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--write-only"]:
-        write(Rows(RESULTS / "speed.json").rows)
+        write(Rows(RESULTS / "speed.json").rows, Rows(RESULTS / "speed-files.json").rows)
     else:
         run(sys.argv[1:] or list(BATCH))

@@ -181,3 +181,17 @@ def test_quantized_embedding_packs_to_4_bits_and_reloads_exactly(tmp_path: Path)
     assert path.stat().st_size < 0.3 * 4 * 1000 * 32  # 4-bit rows + a scale per 32-value row, not FP32
     with torch.no_grad():
         assert torch.equal(load(path, build())(ids), model(ids))
+
+
+def test_all_zero_tensors_are_stored_as_shapes(tmp_path: Path) -> None:
+    """Symmetric quantizers' zero points are not written; they come back as zeros of the same dtype."""
+    from safetensors import safe_open
+
+    model = _ptq(MLP(), 4, [torch.randn(16, 256)])
+    path = save(model, tmp_path / "q4.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert "fc1.weight_q.zero_point" not in f.keys()
+    reloaded = load(path, MLP())
+    assert torch.equal(reloaded.fc1.weight_q.zero_point, model.fc1.weight_q.zero_point)
+    x = torch.randn(8, 256)
+    assert torch.equal(reloaded(x), model(x))

@@ -31,6 +31,7 @@ FORMAT_VERSION = 1
 CODES = ".codes"
 PARAM = ".codes_param."
 KEPT = ".kept"  # the unpruned entries of a masked float weight
+MIN_ZEROS = 16  # all-zero tensors at least this large are stored as their shape and dtype
 
 
 class CheckpointError(ValueError):
@@ -94,6 +95,9 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         if value.dtype == torch.bool:
             state[key] = pack(value.to(torch.int32), 1)
             table.setdefault("__bool__", {})[key] = list(value.shape)
+        elif value.numel() >= MIN_ZEROS and not value.any():  # e.g. symmetric zero points: a shape is enough
+            del state[key]
+            table.setdefault("__zeros__", {})[key] = [list(value.shape), str(value.dtype).removeprefix("torch.")]
     # tied or aliased tensors are written once per name (safetensors refuses shared storage)
     return {k: v.contiguous().clone() for k, v in state.items()}, table
 
@@ -208,6 +212,10 @@ def _unpack_state(
     path: str | os.PathLike[str], model: nn.Module, tensors: dict[str, torch.Tensor], table: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     state = dict(tensors)
+    for key, (shape, dtype) in table.pop("__zeros__", {}).items():
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise CheckpointError(f"{path}: zero tensor {key!r} has an unknown dtype {dtype!r}")
+        state[key] = torch.zeros(shape, dtype=getattr(torch, dtype))
     for key, shape in table.pop("__bool__", {}).items():
         numel = int(torch.Size(shape).numel())
         state[key] = unpack(state[key], 1, numel).reshape(shape).to(torch.bool)
