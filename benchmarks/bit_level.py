@@ -3,12 +3,15 @@
 Uniform QAT (STE at 4 bits, LSQ at 4 / 3 / 2 weight bits) with 8-bit activations, stem and classifier at 8
 bits, fine-tuned from the FP32 checkpoint; BSQ and MSQ at one strength each from an 8-bit start
 (stem and classifier at 8 bits by STE QAT, 1 extra fine-tune epoch at the found precision); CSQ from
-6 bit positions towards a 3-bit budget (its ticket after the first epoch). The bit-level rows run in
-a fresh process each, so their peak resident memory (``ru_maxrss``) is their own; they also report
+6 bit positions towards a 3-bit budget (its ticket after the first epoch). Each "-> LSQ" row takes the
+per-layer precision one of them found (its stored code bits) and trains it with the uniform rows' LSQ
+QAT and budget: the same training at the found allocation instead of a uniform one. The bit-level rows run in
+a fresh process each; after loading the data the process's peak resident memory is reset, and the row
+reports how far compressing and training raised it (*training MB*); they also report
 the trainable values of the quantized layers and the seconds per epoch. HERO has its own benchmark
 (``benchmarks/hero.py``).
 
-Regenerate: ``make bench-bit-level`` (``python benchmarks/bit_level.py [--epochs N]``). Writes
+Regenerate: ``make bench-bit-level`` (``python benchmarks/bit_level.py [--epochs N] [--bit-epochs M]``). Writes
 ``docs/results/bit-level.{md,png,json}``; the JSON keeps finished rows (delete it to re-measure).
 """
 
@@ -17,8 +20,10 @@ from __future__ import annotations
 import argparse
 import copy
 import multiprocessing
+import re
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -39,11 +44,11 @@ from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import cache_dir  # noqa: E402
 
 QAT_RUNS = [("ste", 4), ("lsq", 4), ("lsq", 3), ("lsq", 2)]
-BIT_LEVEL = {"BSQ": [2.0], "MSQ": [10.0], "CSQ": [1e-2, 1e-3]}  # alpha (BSQ, MSQ) or lam (CSQ)
+BIT_LEVEL = {"BSQ": [0.5, 0.2], "MSQ": [1000.0], "CSQ": [1e-2, 1e-3]}  # alpha (BSQ, MSQ) or lam (CSQ)
 ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
 
 
-def run(epochs: int) -> list[dict[str, Any]]:
+def run(epochs: int, bit_epochs: int) -> list[dict[str, Any]]:
     torch.set_num_threads(2)
     rows = Rows(RESULTS / "bit-level.json")
     base, task = load("cnn", calib_size=256)
@@ -67,11 +72,26 @@ def run(epochs: int) -> list[dict[str, Any]]:
     for family, alphas in BIT_LEVEL.items():
         for alpha in alphas:
             label = row_label(family, alpha)
-            if rows.done(run=label, epochs=epochs + 1):
+            if rows.done(run=label, epochs=bit_epochs + 1):
                 continue
             with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak memory
-                rows.add(pool.apply(bit_level_row, (family, alpha, epochs)))
+                rows.add(pool.apply(bit_level_row, (family, alpha, bit_epochs)))
             print(rows.rows[-1], flush=True)
+    for found in [r for r in rows.rows if "code_bits" in r]:
+        label = f"{found['run']} -> LSQ"
+        if rows.done(run=label, epochs=epochs):
+            continue
+        model = copy.deepcopy(base)
+        where = {"overrides": {**ENDS_AT_8["overrides"], **{n: {"w_bits": b} for n, b in found["code_bits"].items()}}}
+        method = QAT(w_bits=8, a_bits=8, step="lsq", where=where)
+        start = time.perf_counter()
+        compress(model, method, task.calibration, finalize=False)
+        train(model, task, config, [method], label)
+        method.finalize(model)
+        avg_bits = model_cost(model).totals["avg_weight_bits"]
+        rows.add({"run": label, "epochs": epochs, **task.evaluate(model), "avg_bits": avg_bits,
+                  "seconds": time.perf_counter() - start})  # fmt: skip
+        print(rows.rows[-1], flush=True)
     return rows.rows
 
 
@@ -94,6 +114,7 @@ def bit_level_row(family: str, alpha: float, epochs: int) -> dict[str, Any]:
     model = copy.deepcopy(base)
     method = bit_level_method(family, alpha)
     ends = QAT(w_bits=8, a_bits=8, step="ste", where={"include": ["@first", "@last"]})
+    baseline_mb = reset_peak_memory()
     start = time.perf_counter()
     compress(model, [method, ends], task.calibration, finalize=False)
     layers = [model.get_submodule(n) for n in method.precision(model)]
@@ -106,7 +127,30 @@ def bit_level_row(family: str, alpha: float, epochs: int) -> dict[str, Any]:
     return {"run": row_label(family, alpha), "epochs": epochs + 1, **task.evaluate(model),
             "avg_bits": model_cost(model).totals["avg_weight_bits"], "seconds": seconds,
             "seconds_per_epoch": seconds / (epochs + 1), "trainable": trainable,
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "layer_bits": method.precision(model)}  # fmt: skip
+            "training_mb": peak_memory_mb() - baseline_mb, "layer_bits": method.precision(model),
+            "code_bits": {n: model.get_submodule(n).weight_q.code_bits for n in method.precision(model)}}  # fmt: skip
+
+
+STATUS = Path("/proc/self/status")
+
+
+def _status_mb(field: str) -> float:
+    return int(re.search(rf"{field}:\s+(\d+)", STATUS.read_text()).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def reset_peak_memory() -> float:
+    """Reset the process's peak resident memory (Linux ``clear_refs``) and return the resident MB now:
+    the later peak minus this is what compressing and training added on top of the loaded data."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mb("VmRSS")
+    except OSError:  # not Linux: the whole process's peak so far
+        return peak_memory_mb()
+
+
+def peak_memory_mb() -> float:
+    """Peak resident MB since the last reset (``ru_maxrss`` where ``/proc`` has no such field)."""
+    return _status_mb("VmHWM") if STATUS.is_file() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train(model: torch.nn.Module, task: Any, config: TrainConfig, methods: list[Any], label: str) -> None:
@@ -120,18 +164,23 @@ def write(rows: list[dict[str, Any]]) -> None:
     lines = [
         "# Training-time quantization (zoo CNN, Fashion-MNIST)",
         "",
-        "Fine-tuned from the FP32 checkpoint with AdamW (lr 5e-4, cosine), 8-bit activations, stem and",
-        "classifier weights at 8 bits, batch norms folded into the quantized convolutions (QAT rows); top-1 on the 10,000 test images; seconds on 2 threads including",
-        "training. Regenerate: `make bench-bit-level`.",
+        "Every row fine-tunes the FP32 checkpoint on the 60,000 training images with 8-bit activations and",
+        'the stem and classifier weights at 8 bits. Uniform QAT and "-> LSQ" rows: AdamW (lr 5e-4, cosine),',
+        "batch norms folded into the quantized convolutions. BSQ / MSQ / CSQ: SGD (lr 0.01, cosine), their",
+        "own quantizers and schedules (BSQ and MSQ fine-tune the last epoch at the found precision; CSQ's",
+        "selection is hard in the last epoch). Top-1 on the 10,000 test images; seconds on 2 threads",
+        "including training. Regenerate: `make bench-bit-level`.",
         "",
         "BSQ / MSQ / CSQ: *trainable* counts the trainable values of their quantized layers (weights or bit",
-        "planes, steps, biases), *peak MB* the resident memory of the process that trained the row.",
+        "planes, steps, biases), *training MB* how far compressing and training raised the resident memory",
+        "of the process above what it held with the data loaded (its peak, reset after loading).",
+        'A "-> LSQ" row trains the per-layer precision that run found with the uniform rows\' LSQ QAT and budget.',
         "",
-        "| run | epochs | avg weight bits | top-1 % | seconds | s / epoch | trainable | peak MB |",
+        "| run | epochs | avg weight bits | top-1 % | seconds | s / epoch | trainable | training MB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        extra = " | ".join(f"{r[k]:,.0f}" if k in r else "-" for k in ("seconds_per_epoch", "trainable", "peak_mb"))
+        extra = " | ".join(f"{r[k]:,.0f}" if k in r else "-" for k in ("seconds_per_epoch", "trainable", "training_mb"))
         lines.append(f"| {r['run']} | {r.get('epochs', '-')} | {r['avg_bits']:.2f} | {100 * r['accuracy']:.2f} | "
                      f"{r['seconds']:.0f} | {extra} |")  # fmt: skip
     bit_rows = [r for r in rows if "layer_bits" in r]
@@ -147,9 +196,13 @@ def write(rows: list[dict[str, Any]]) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     fp32 = next(r for r in rows if r["run"] == "FP32")
     ax.axhline(100 * fp32["accuracy"], color="black", linewidth=1, label="FP32")
-    for family in ("QAT STE", "QAT LSQ", "BSQ", "MSQ", "CSQ"):
-        pts = sorted((r for r in rows if r["run"].startswith(family)), key=lambda r: r["avg_bits"])
-        ax.plot([r["avg_bits"] for r in pts], [100 * r["accuracy"] for r in pts], marker="o", label=family)
+    families = {f: (lambda r, f=f: r["run"].startswith(f) and "->" not in r["run"])
+                for f in ("QAT STE", "QAT LSQ", "BSQ", "MSQ", "CSQ")}  # fmt: skip
+    families["found bits -> LSQ"] = lambda r: "->" in r["run"]
+    for family, member in families.items():
+        pts = sorted((r for r in rows if member(r)), key=lambda r: r["avg_bits"])
+        ax.plot([r["avg_bits"] for r in pts], [100 * r["accuracy"] for r in pts], marker="o", label=family,
+                linestyle="--" if family.startswith("found") else "-")  # fmt: skip
     ax.set_xlabel("average weight bits")
     ax.set_ylabel("top-1 %")
     ax.set_title("zoo CNN: accuracy vs average weight bits")
@@ -160,7 +213,8 @@ def write(rows: list[dict[str, Any]]) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1, help="uniform QAT and '-> LSQ' epochs")
+    parser.add_argument("--bit-epochs", type=int, default=2, help="BSQ / MSQ / CSQ epochs before the last one")
     parser.add_argument("--write-only", action="store_true", help="re-render from the saved rows")
     args = parser.parse_args()
-    write(Rows(RESULTS / "bit-level.json").rows if args.write_only else run(args.epochs))
+    write(Rows(RESULTS / "bit-level.json").rows if args.write_only else run(args.epochs, args.bit_epochs))
