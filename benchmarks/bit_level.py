@@ -4,7 +4,7 @@ Uniform QAT (STE at 4 bits, LSQ at 4 / 3 / 2 weight bits) with 8-bit activations
 bits, fine-tuned from the FP32 checkpoint; BSQ and MSQ at one strength each from an 8-bit start
 (stem and classifier at 8 bits by STE QAT, 1 extra fine-tune epoch at the found precision); CSQ from
 6 bit positions towards a 3-bit budget (its ticket after the first epoch). Each "-> LSQ" row takes the
-per-layer precision one of them found (its stored code bits) and trains it with the uniform rows' LSQ
+per-layer precision one of them found at <= 4 average bits (its stored code bits) and trains it with the uniform rows' LSQ
 QAT and budget: the same training at the found allocation instead of a uniform one. The bit-level rows run in
 a fresh process each; after loading the data the process's peak resident memory is reset, and the row
 reports how far compressing and training raised it (*training MB*); they also report
@@ -44,32 +44,22 @@ from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import cache_dir  # noqa: E402
 
 QAT_RUNS = [("ste", 4), ("lsq", 4), ("lsq", 3), ("lsq", 2)]
-BIT_LEVEL = {"BSQ": [0.5, 0.2], "MSQ": [1000.0], "CSQ": [1e-2, 1e-3]}  # alpha (BSQ, MSQ) or lam (CSQ)
+BIT_LEVEL = {"BSQ": [0.5, 1.0], "MSQ": [1000.0], "CSQ": [1e-2, 1e-3]}  # alpha (BSQ, MSQ) or lam (CSQ)
+MAX_FOUND_BITS = 4.0  # found allocations retrained with LSQ: those in the uniform rows' range
 ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
 
 
-def run(epochs: int, bit_epochs: int) -> list[dict[str, Any]]:
+def run(epochs: int, bit_epochs: int, found_only: bool = False) -> list[dict[str, Any]]:
     torch.set_num_threads(2)
     rows = Rows(RESULTS / "bit-level.json")
     base, task = load("cnn", calib_size=256)
     if not rows.done(run="FP32"):
         rows.add({"run": "FP32", **task.evaluate(base), "avg_bits": 32.0, "seconds": 0.0})
     config = TrainConfig(epochs=epochs, optimizer="adamw", lr=5e-4, weight_decay=0.0)
-    for step, bits in QAT_RUNS:
-        label = f"QAT {step.upper()} W{bits}A8"
-        if rows.done(run=label, epochs=epochs):
-            continue
-        model = copy.deepcopy(base)
+    for step, bits in [] if found_only else QAT_RUNS:
         method = QAT(w_bits=bits, a_bits=8, step=step, where=ENDS_AT_8)
-        start = time.perf_counter()
-        compress(model, method, task.calibration, finalize=False)
-        train(model, task, config, [method], label)
-        method.finalize(model)  # folds the batch norms into the quantized convolutions
-        seconds = time.perf_counter() - start
-        avg_bits = model_cost(model).totals["avg_weight_bits"]
-        rows.add({"run": label, "epochs": epochs, **task.evaluate(model), "avg_bits": avg_bits, "seconds": seconds})
-        print(rows.rows[-1], flush=True)
-    for family, alphas in BIT_LEVEL.items():
+        qat_row(rows, base, task, config, f"QAT {step.upper()} W{bits}A8", method)
+    for family, alphas in {} if found_only else BIT_LEVEL.items():
         for alpha in alphas:
             label = row_label(family, alpha)
             if rows.done(run=label, epochs=bit_epochs + 1):
@@ -77,22 +67,25 @@ def run(epochs: int, bit_epochs: int) -> list[dict[str, Any]]:
             with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak memory
                 rows.add(pool.apply(bit_level_row, (family, alpha, bit_epochs)))
             print(rows.rows[-1], flush=True)
-    for found in [r for r in rows.rows if "code_bits" in r]:
-        label = f"{found['run']} -> LSQ"
-        if rows.done(run=label, epochs=epochs):
-            continue
-        model = copy.deepcopy(base)
+    for found in [r for r in rows.rows if "code_bits" in r and r["avg_bits"] <= MAX_FOUND_BITS]:
         where = {"overrides": {**ENDS_AT_8["overrides"], **{n: {"w_bits": b} for n, b in found["code_bits"].items()}}}
-        method = QAT(w_bits=8, a_bits=8, step="lsq", where=where)
-        start = time.perf_counter()
-        compress(model, method, task.calibration, finalize=False)
-        train(model, task, config, [method], label)
-        method.finalize(model)
-        avg_bits = model_cost(model).totals["avg_weight_bits"]
-        rows.add({"run": label, "epochs": epochs, **task.evaluate(model), "avg_bits": avg_bits,
-                  "seconds": time.perf_counter() - start})  # fmt: skip
-        print(rows.rows[-1], flush=True)
+        qat_row(rows, base, task, config, f"{found['run']} -> LSQ", QAT(w_bits=8, a_bits=8, step="lsq", where=where))
     return rows.rows
+
+
+def qat_row(rows: Rows, base: torch.nn.Module, task: Any, config: TrainConfig, label: str, method: QAT) -> None:
+    """Train one QAT model from the FP32 checkpoint (unless its row exists) and add its row."""
+    if rows.done(run=label, epochs=config.epochs):
+        return
+    model = copy.deepcopy(base)
+    start = time.perf_counter()
+    compress(model, method, task.calibration, finalize=False)
+    train(model, task, config, [method], label)
+    method.finalize(model)  # folds the batch norms into the quantized convolutions
+    avg_bits = model_cost(model).totals["avg_weight_bits"]
+    rows.add({"run": label, "epochs": config.epochs, **task.evaluate(model), "avg_bits": avg_bits,
+              "seconds": time.perf_counter() - start})  # fmt: skip
+    print(rows.rows[-1], flush=True)
 
 
 def row_label(family: str, strength: float) -> str:
@@ -126,6 +119,7 @@ def bit_level_row(family: str, alpha: float, epochs: int) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     return {"run": row_label(family, alpha), "epochs": epochs + 1, **task.evaluate(model),
             "avg_bits": model_cost(model).totals["avg_weight_bits"], "seconds": seconds,
+            "stored_bits": model_cost(model).totals["avg_code_bits"],
             "seconds_per_epoch": seconds / (epochs + 1), "trainable": trainable,
             "training_mb": peak_memory_mb() - baseline_mb, "layer_bits": method.precision(model),
             "code_bits": {n: model.get_submodule(n).weight_q.code_bits for n in method.precision(model)}}  # fmt: skip
@@ -160,6 +154,11 @@ def train(model: torch.nn.Module, task: Any, config: TrainConfig, methods: list[
     state.unlink()
 
 
+def stored(row: dict[str, Any]) -> float:
+    """Stored bits per weight (uniform rows: their average bits)."""
+    return row.get("stored_bits", row["avg_bits"])
+
+
 def write(rows: list[dict[str, Any]]) -> None:
     lines = [
         "# Training-time quantization (zoo CNN, Fashion-MNIST)",
@@ -175,13 +174,16 @@ def write(rows: list[dict[str, Any]]) -> None:
         "planes, steps, biases), *training MB* how far compressing and training raised the resident memory",
         "of the process above what it held with the data loaded (its peak, reset after loading).",
         'A "-> LSQ" row trains the per-layer precision that run found with the uniform rows\' LSQ QAT and budget.',
+        "*avg weight bits* is each paper's count (BSQ / MSQ / CSQ: magnitude bits, their sign-magnitude codes",
+        "store one more); *stored bits / weight* is what the codes take, the same measure for every row.",
         "",
-        "| run | epochs | avg weight bits | top-1 % | seconds | s / epoch | trainable | training MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | epochs | avg weight bits | stored bits / weight | top-1 % | seconds | s / epoch | trainable | training MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         extra = " | ".join(f"{r[k]:,.0f}" if k in r else "-" for k in ("seconds_per_epoch", "trainable", "training_mb"))
-        lines.append(f"| {r['run']} | {r.get('epochs', '-')} | {r['avg_bits']:.2f} | {100 * r['accuracy']:.2f} | "
+        lines.append(f"| {r['run']} | {r.get('epochs', '-')} | {r['avg_bits']:.2f} | {stored(r):.2f} | "
+                     f"{100 * r['accuracy']:.2f} | "
                      f"{r['seconds']:.0f} | {extra} |")  # fmt: skip
     bit_rows = [r for r in rows if "layer_bits" in r]
     if bit_rows:
@@ -200,12 +202,12 @@ def write(rows: list[dict[str, Any]]) -> None:
                 for f in ("QAT STE", "QAT LSQ", "BSQ", "MSQ", "CSQ")}  # fmt: skip
     families["found bits -> LSQ"] = lambda r: "->" in r["run"]
     for family, member in families.items():
-        pts = sorted((r for r in rows if member(r)), key=lambda r: r["avg_bits"])
-        ax.plot([r["avg_bits"] for r in pts], [100 * r["accuracy"] for r in pts], marker="o", label=family,
+        pts = sorted((r for r in rows if member(r)), key=stored)
+        ax.plot([stored(r) for r in pts], [100 * r["accuracy"] for r in pts], marker="o", label=family,
                 linestyle="--" if family.startswith("found") else "-")  # fmt: skip
-    ax.set_xlabel("average weight bits")
+    ax.set_xlabel("stored bits per weight")
     ax.set_ylabel("top-1 %")
-    ax.set_title("zoo CNN: accuracy vs average weight bits")
+    ax.set_title("zoo CNN: accuracy vs stored weight bits")
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, "bit-level.png")
@@ -216,5 +218,8 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=1, help="uniform QAT and '-> LSQ' epochs")
     parser.add_argument("--bit-epochs", type=int, default=2, help="BSQ / MSQ / CSQ epochs before the last one")
     parser.add_argument("--write-only", action="store_true", help="re-render from the saved rows")
+    parser.add_argument("--found-only", action="store_true", help="only the '-> LSQ' rows of finished runs")
     args = parser.parse_args()
-    write(Rows(RESULTS / "bit-level.json").rows if args.write_only else run(args.epochs, args.bit_epochs))
+    write(
+        Rows(RESULTS / "bit-level.json").rows if args.write_only else run(args.epochs, args.bit_epochs, args.found_only)
+    )

@@ -49,7 +49,7 @@ SVD_ENERGIES = [0.05, 0.1, 0.15]
 BITSLICE_ALPHAS = [0.5]
 LONG = {"epochs": 8, "images": 60_000}
 LONG_HOYER = [1e-3, 1e-4, 5e-5, 2e-5]
-LONG_SVD = [0.15, 0.1, 0.05]
+LONG_SVD = [0.15, 0.05, 0.1]
 
 
 def weight_runs() -> list[tuple[str, float, Method]]:

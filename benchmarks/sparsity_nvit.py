@@ -29,7 +29,7 @@ from bitsmith.train import TrainConfig, fit
 from bitsmith.zoo.vision import ViT
 
 RUNS = [(0.5, "taylor"), (0.5, "taylor + MACs (eta 1)"), (0.5, "magnitude"), (0.5, "uniform"), (0.35, "taylor"),
-        (0.35, "uniform")]  # fmt: skip
+        (0.35, "uniform"), (0.25, "uniform")]  # fmt: skip
 CRITERIA: dict[str, dict[str, Any]] = {
     "taylor": {"criterion": "taylor"},
     "taylor + MACs (eta 1)": {"criterion": "taylor", "eta": 1.0},

@@ -46,3 +46,13 @@ def test_average_bits_weighted_by_parameters() -> None:
     q_big = QLinear.from_float(big, weight_q=UniformQuantizer(2).calibrate_(big.weight))
     report = model_cost(nn.Sequential(q_small, nn.Linear(2, 8, bias=False), q_big))
     assert report.totals["avg_weight_bits"] == (4 * 8 + 16 * 32 + 64 * 2) / 84
+
+
+def test_sign_magnitude_layers_store_one_bit_more_than_their_precision() -> None:
+    from bitsmith.quant import BitPlaneQuantizer
+
+    linear = nn.Linear(8, 4)
+    layer = QLinear.from_float(linear, weight_q=BitPlaneQuantizer(3).calibrate_(linear.weight), input_q=None)
+    totals = model_cost(nn.Sequential(layer)).totals
+    assert (totals["avg_weight_bits"], totals["avg_code_bits"]) == (3.0, 4.0)
+    assert model_cost(nn.Sequential(nn.Linear(8, 4))).totals["avg_code_bits"] == 32.0

@@ -26,6 +26,7 @@ class LayerCost:
     act_bits: int
     size_bits: int
     sparsity: float
+    code_bits: float = 32.0  # stored bits per weight (sign-magnitude codes: weight_bits + 1)
     macs: int | None = None
 
     @property
@@ -78,10 +79,12 @@ def layer_cost(name: str, module: nn.Module) -> LayerCost:
         a_bits = iq.bits if iq is not None else 32
         sparsity = float((module.effective_weight() == 0).float().mean())
     else:
-        w_bits = _dtype_bits(weight)
+        w_bits = code_bits = _dtype_bits(weight)
         size, a_bits = params * w_bits, 32
         sparsity = float((weight == 0).float().mean())
-    return LayerCost(name, type(module).__name__, params, float(w_bits), a_bits, size + bias_bits, sparsity)
+    return LayerCost(
+        name, type(module).__name__, params, float(w_bits), a_bits, size + bias_bits, sparsity, float(code_bits)
+    )
 
 
 def _macs_per_output(module: nn.Module) -> int:
@@ -144,6 +147,7 @@ def model_cost(model: nn.Module, example: Any | None = None) -> CostReport:
         "size_bits": size_bits,
         "size_bytes": (size_bits + 7) // 8,
         "avg_weight_bits": sum(layer.weight_bits * layer.params for layer in layers) / max(weight_params, 1),
+        "avg_code_bits": sum(layer.code_bits * layer.params for layer in layers) / max(weight_params, 1),
     }
     if example is not None:
         totals["macs"] = sum(layer.macs or 0 for layer in layers)
