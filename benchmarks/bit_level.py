@@ -11,7 +11,7 @@ reports how far compressing and training raised it (*training MB*); they also re
 the trainable values of the quantized layers and the seconds per epoch. HERO has its own benchmark
 (``benchmarks/hero.py``).
 
-Regenerate: ``make bench-bit-level`` (``python benchmarks/bit_level.py [--epochs N] [--bit-epochs M]``). Writes
+Regenerate: ``make bench-bit-level`` (``python benchmarks/bit_level.py [--epochs N] [--bit-epochs M] [--part P]``). Writes
 ``docs/results/bit-level.{md,png,json}``; the JSON keeps finished rows (delete it to re-measure).
 """
 
@@ -49,17 +49,17 @@ MAX_FOUND_BITS = 4.0  # found allocations retrained with LSQ: those in the unifo
 ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
 
 
-def run(epochs: int, bit_epochs: int, found_only: bool = False) -> list[dict[str, Any]]:
+def run(epochs: int, bit_epochs: int, part: str = "all") -> list[dict[str, Any]]:
     torch.set_num_threads(2)
     rows = Rows(RESULTS / "bit-level.json")
     base, task = load("cnn", calib_size=256)
     if not rows.done(run="FP32"):
         rows.add({"run": "FP32", **task.evaluate(base), "avg_bits": 32.0, "seconds": 0.0})
     config = TrainConfig(epochs=epochs, optimizer="adamw", lr=5e-4, weight_decay=0.0)
-    for step, bits in [] if found_only else QAT_RUNS:
+    for step, bits in QAT_RUNS if part in ("all", "uniform") else []:
         method = QAT(w_bits=bits, a_bits=8, step=step, where=ENDS_AT_8)
         qat_row(rows, base, task, config, f"QAT {step.upper()} W{bits}A8", method)
-    for family, alphas in {} if found_only else BIT_LEVEL.items():
+    for family, alphas in BIT_LEVEL.items() if part in ("all", "bit-level") else []:
         for alpha in alphas:
             label = row_label(family, alpha)
             if rows.done(run=label, epochs=bit_epochs + 1):
@@ -67,7 +67,7 @@ def run(epochs: int, bit_epochs: int, found_only: bool = False) -> list[dict[str
             with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak memory
                 rows.add(pool.apply(bit_level_row, (family, alpha, bit_epochs)))
             print(rows.rows[-1], flush=True)
-    for found in [r for r in rows.rows if "code_bits" in r and r["avg_bits"] <= MAX_FOUND_BITS]:
+    for found in [r for r in rows.rows if "code_bits" in r and r["avg_bits"] <= MAX_FOUND_BITS and part != "uniform"]:
         where = {"overrides": {**ENDS_AT_8["overrides"], **{n: {"w_bits": b} for n, b in found["code_bits"].items()}}}
         qat_row(rows, base, task, config, f"{found['run']} -> LSQ", QAT(w_bits=8, a_bits=8, step="lsq", where=where))
     return rows.rows
@@ -168,7 +168,9 @@ def write(rows: list[dict[str, Any]]) -> None:
         "batch norms folded into the quantized convolutions. BSQ / MSQ / CSQ: SGD (lr 0.01, cosine), their",
         "own quantizers and schedules (BSQ and MSQ fine-tune the last epoch at the found precision; CSQ's",
         "selection is hard in the last epoch). Top-1 on the 10,000 test images; seconds on 2 threads",
-        "including training. Regenerate: `make bench-bit-level`.",
+        "including training. Regenerate: `make bench-bit-level`. The rows here were trained two to four at a",
+        "time on a 2-core machine, so their seconds are not comparable with each other (rerun one part alone",
+        "with `--part` to time it).",
         "",
         "BSQ / MSQ / CSQ: *trainable* counts the trainable values of their quantized layers (weights or bit",
         "planes, steps, biases), *training MB* how far compressing and training raised the resident memory",
@@ -180,6 +182,10 @@ def write(rows: list[dict[str, Any]]) -> None:
         "| run | epochs | avg weight bits | stored bits / weight | top-1 % | seconds | s / epoch | trainable | training MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    order = ["FP32", "QAT", "BSQ", "MSQ", "CSQ"]
+    rows = sorted(
+        rows, key=lambda r: (next(i for i, f in enumerate(order) if r["run"].startswith(f)), "->" in r["run"])
+    )
     for r in rows:
         extra = " | ".join(f"{r[k]:,.0f}" if k in r else "-" for k in ("seconds_per_epoch", "trainable", "training_mb"))
         lines.append(f"| {r['run']} | {r.get('epochs', '-')} | {r['avg_bits']:.2f} | {stored(r):.2f} | "
@@ -218,8 +224,7 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=1, help="uniform QAT and '-> LSQ' epochs")
     parser.add_argument("--bit-epochs", type=int, default=2, help="BSQ / MSQ / CSQ epochs before the last one")
     parser.add_argument("--write-only", action="store_true", help="re-render from the saved rows")
-    parser.add_argument("--found-only", action="store_true", help="only the '-> LSQ' rows of finished runs")
+    parser.add_argument("--part", choices=["all", "uniform", "bit-level", "found"], default="all",
+                        help="uniform QAT rows, BSQ / MSQ / CSQ rows, or the '-> LSQ' rows of finished runs")  # fmt: skip
     args = parser.parse_args()
-    write(
-        Rows(RESULTS / "bit-level.json").rows if args.write_only else run(args.epochs, args.bit_epochs, args.found_only)
-    )
+    write(Rows(RESULTS / "bit-level.json").rows if args.write_only else run(args.epochs, args.bit_epochs, args.part))

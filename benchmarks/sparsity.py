@@ -11,7 +11,7 @@ and classifier are not pruned; sparsity is over the other layers' weights.
 - SVD training: Hoyer on the singular values (lam_s 0.01), orthogonality lam_o 1, cut at the given
   energy after 2 epochs, 1 fine-tune epoch, then low-rank layers;
 - bit-slice: 8-bit fixed point, L1 on 2-bit slices vs plain L1 at the same alpha;
-- longer budget (``--part long``): CNN magnitude 0.9 / 0.95, DeepHoyer 1e-3 ... 2e-5 and SVD energy 0.15 ... 0.05 with 8 epochs
+- longer budget (``--part long``): CNN magnitude 0.9 / 0.95, DeepHoyer 1e-3 ... 2e-5 and SVD energy 0.15 / 0.05 with 8 epochs
   of all 60,000 images (magnitude ramps over 2/3 of them, DeepHoyer and SVD fine-tune the last 2).
 Top-1 on the 10,000 test images.
 
@@ -49,7 +49,7 @@ SVD_ENERGIES = [0.05, 0.1, 0.15]
 BITSLICE_ALPHAS = [0.5]
 LONG = {"epochs": 8, "images": 60_000}
 LONG_HOYER = [1e-3, 1e-4, 5e-5, 2e-5]
-LONG_SVD = [0.15, 0.05, 0.1]
+LONG_SVD = [0.15, 0.05]
 
 
 def weight_runs() -> list[tuple[str, float, Method]]:
