@@ -1,13 +1,13 @@
 """Training-time quantization on the zoo CNN: top-1 vs average weight bits.
 
 Uniform QAT (STE at 4 bits, LSQ at 4 / 3 / 2 weight bits) with 8-bit activations, stem and classifier at 8
-bits, fine-tuned from the FP32 checkpoint; BSQ and MSQ at one strength each from an 8-bit start
-(stem and classifier at 8 bits by STE QAT, 1 extra fine-tune epoch at the found precision); CSQ from
-6 bit positions towards a 3-bit budget (its ticket after the first epoch). Each "-> LSQ" row takes the
+bits, fine-tuned from the FP32 checkpoint; BSQ (two strengths) and MSQ from an 8-bit start (stem and
+classifier at 8 bits by STE QAT, the last epoch a fine-tune at the found precision); CSQ from 6 bit
+positions towards a 3-bit budget (its selection hard in the last epoch). Each "-> LSQ" row takes the
 per-layer precision one of them found at <= 4 average bits (its stored code bits) and trains it with the uniform rows' LSQ
 QAT and budget: the same training at the found allocation instead of a uniform one. The bit-level rows run in
 a fresh process each; after loading the data the process's peak resident memory is reset, and the row
-reports how far compressing and training raised it (*training MB*); they also report
+reports how far compressing, training and evaluating raised it (*training MB*); they also report
 the trainable values of the quantized layers and the seconds per epoch. HERO has its own benchmark
 (``benchmarks/hero.py``).
 
@@ -67,7 +67,8 @@ def run(epochs: int, bit_epochs: int, part: str = "all") -> list[dict[str, Any]]
             with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak memory
                 rows.add(pool.apply(bit_level_row, (family, alpha, bit_epochs)))
             print(rows.rows[-1], flush=True)
-    for found in [r for r in rows.rows if "code_bits" in r and r["avg_bits"] <= MAX_FOUND_BITS and part != "uniform"]:
+    found_runs = [r for r in rows.rows if "code_bits" in r and r["avg_bits"] <= MAX_FOUND_BITS]
+    for found in found_runs if part in ("all", "found") else []:
         where = {"overrides": {**ENDS_AT_8["overrides"], **{n: {"w_bits": b} for n, b in found["code_bits"].items()}}}
         qat_row(rows, base, task, config, f"{found['run']} -> LSQ", QAT(w_bits=8, a_bits=8, step="lsq", where=where))
     return rows.rows
@@ -82,9 +83,10 @@ def qat_row(rows: Rows, base: torch.nn.Module, task: Any, config: TrainConfig, l
     compress(model, method, task.calibration, finalize=False)
     train(model, task, config, [method], label)
     method.finalize(model)  # folds the batch norms into the quantized convolutions
+    seconds = time.perf_counter() - start
     avg_bits = model_cost(model).totals["avg_weight_bits"]
     rows.add({"run": label, "epochs": config.epochs, **task.evaluate(model), "avg_bits": avg_bits,
-              "seconds": time.perf_counter() - start})  # fmt: skip
+              "seconds": seconds})  # fmt: skip
     print(rows.rows[-1], flush=True)
 
 
@@ -117,12 +119,12 @@ def bit_level_row(family: str, alpha: float, epochs: int) -> dict[str, Any]:
     method.finalize(model)
     ends.finalize(model)
     seconds = time.perf_counter() - start
-    return {"run": row_label(family, alpha), "epochs": epochs + 1, **task.evaluate(model),
-            "avg_bits": model_cost(model).totals["avg_weight_bits"], "seconds": seconds,
-            "stored_bits": model_cost(model).totals["avg_code_bits"],
+    metrics, totals, precision = task.evaluate(model), model_cost(model).totals, method.precision(model)
+    return {"run": row_label(family, alpha), "epochs": epochs + 1, **metrics,
+            "avg_bits": totals["avg_weight_bits"], "seconds": seconds, "stored_bits": totals["avg_code_bits"],
             "seconds_per_epoch": seconds / (epochs + 1), "trainable": trainable,
-            "training_mb": peak_memory_mb() - baseline_mb, "layer_bits": method.precision(model),
-            "code_bits": {n: model.get_submodule(n).weight_q.code_bits for n in method.precision(model)}}  # fmt: skip
+            "training_mb": peak_memory_mb() - baseline_mb, "layer_bits": precision,
+            "code_bits": {n: model.get_submodule(n).weight_q.code_bits for n in precision}}  # fmt: skip
 
 
 STATUS = Path("/proc/self/status")
@@ -173,8 +175,8 @@ def write(rows: list[dict[str, Any]]) -> None:
         "with `--part` to time it).",
         "",
         "BSQ / MSQ / CSQ: *trainable* counts the trainable values of their quantized layers (weights or bit",
-        "planes, steps, biases), *training MB* how far compressing and training raised the resident memory",
-        "of the process above what it held with the data loaded (its peak, reset after loading).",
+        "planes, steps, biases), *training MB* how far compressing, training and evaluating raised the resident",
+        "memory of the process above what it held with the data loaded (its peak, reset after loading).",
         'A "-> LSQ" row trains the per-layer precision that run found with the uniform rows\' LSQ QAT and budget.',
         "*avg weight bits* is each paper's count (BSQ / MSQ / CSQ: magnitude bits, their sign-magnitude codes",
         "store one more); *stored bits / weight* is what the codes take, the same measure for every row.",

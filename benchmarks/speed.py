@@ -131,11 +131,9 @@ def measure(task: Task, reference: nn.Module | None, runner: Any, example: Any) 
     return out
 
 
-def run_model(name: str, rows: Rows) -> None:
-    """Every path's row for one model (rows already in the file are kept)."""
-    base, task = load(name)
+def run_model(name: str, rows: Rows, base: nn.Module, task: Task) -> None:
+    """Every path's row for one model (rows already in the file are kept); ``task`` has evaluated ``base``."""
     example = latency_example(name, task)
-    task.evaluate(base)  # MiniLM: the FP32 embeddings are the cosine reference
 
     def record(path: str, build: Any, ours: bool = False) -> None:
         if rows.done(model=name, path=path):
@@ -189,10 +187,8 @@ FILES = {"FP32": lambda name, base, task: base, "W8A8 (as deployed above)": bits
          "W4 weight-only": weight_only_4bit}  # fmt: skip
 
 
-def file_rows(name: str, rows: Rows) -> None:
+def file_rows(name: str, rows: Rows, base: nn.Module, task: Task) -> None:
     """Packed safetensors size and quality of the FP32, 8-bit and 4-bit models."""
-    base, task = load(name)
-    task.evaluate(base)
     for setting, build in FILES.items():
         if not rows.done(model=name, setting=setting):
             model = build(name, base, task)
@@ -204,8 +200,10 @@ def run(models: list[str]) -> None:
     torch.set_num_threads(THREADS)
     rows, files = Rows(RESULTS / "speed.json"), Rows(RESULTS / "speed-files.json")
     for name in models:
-        file_rows(name, files)
-        run_model(name, rows)
+        base, task = load(name)
+        task.evaluate(base)  # MiniLM: the FP32 embeddings are the cosine reference
+        file_rows(name, files, base, task)
+        run_model(name, rows, base, task)
     write(rows.rows, files.rows)
 
 

@@ -31,9 +31,8 @@ def to_quantized(module: nn.Module) -> QuantizedMixin:
         return QLinear.from_float(as_linear(module))
     except TypeError:
         raise ValueError(
-            f"cannot quantize a {type(module).__name__}: supported layers are Linear, Conv2d, Embedding and HF "
-            "Conv1D; "
-            "narrow the selection's 'types' or 'include'"
+            f"cannot quantize a {type(module).__name__}: supported layers are Linear, Conv2d, Embedding and "
+            "HF Conv1D; narrow the selection's 'types' or 'include'"
         ) from None
 
 
