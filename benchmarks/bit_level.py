@@ -1,13 +1,14 @@
 """Training-time quantization on the zoo CNN: top-1 vs average weight bits.
 
 Uniform QAT (STE at 4 bits, LSQ at 4 / 3 / 2 weight bits) with 8-bit activations, stem and classifier at 8
-bits, fine-tuned from the FP32 checkpoint; BSQ (two strengths) and MSQ from an 8-bit start (stem and
-classifier at 8 bits by STE QAT, the last epoch a fine-tune at the found precision); CSQ from 6 bit
-positions towards a 3-bit budget (its selection hard in the last epoch). Each "-> LSQ" row takes the
+bits, fine-tuned from the FP32 checkpoint; BSQ and MSQ (two strengths each) from an 8-bit start (stem and
+classifier at 8 bits by STE QAT, the last epoch a fine-tune at the found precision; MSQ adjusts its
+precision every 100 steps); CSQ from 6 bit positions towards a 3- or 2.5-bit budget (its selection hard
+in the last epoch). Each "-> LSQ" row takes the
 per-layer precision one of them found at <= 4 average bits (its stored code bits) and trains it with the uniform rows' LSQ
 QAT and budget: the same training at the found allocation instead of a uniform one. The bit-level rows run in
 a fresh process each; after loading the data the process's peak resident memory is reset, and the row
-reports how far compressing, training and evaluating raised it (*training MB*); they also report
+reports how far compressing and training raised it (*training MB*); they also report
 the trainable values of the quantized layers and the seconds per epoch. HERO has its own benchmark
 (``benchmarks/hero.py``).
 
@@ -44,7 +45,9 @@ from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import cache_dir  # noqa: E402
 
 QAT_RUNS = [("ste", 4), ("lsq", 4), ("lsq", 3), ("lsq", 2)]
-BIT_LEVEL = {"BSQ": [0.5, 1.0], "MSQ": [1000.0], "CSQ": [1e-2, 1e-3]}  # alpha (BSQ, MSQ) or lam (CSQ)
+# (family, alpha for BSQ / MSQ or lam for CSQ, CSQ's target bits)
+BIT_LEVEL = [("BSQ", 0.5, None), ("BSQ", 1.0, None), ("MSQ", 0.005, None), ("MSQ", 0.01, None),
+             ("CSQ", 1e-2, 3.0), ("CSQ", 1e-3, 3.0), ("CSQ", 1e-2, 2.5)]  # fmt: skip
 MAX_FOUND_BITS = 4.0  # found allocations retrained with LSQ: those in the uniform rows' range
 ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
 
@@ -59,14 +62,12 @@ def run(epochs: int, bit_epochs: int, part: str = "all") -> list[dict[str, Any]]
     for step, bits in QAT_RUNS if part in ("all", "uniform") else []:
         method = QAT(w_bits=bits, a_bits=8, step=step, where=ENDS_AT_8)
         qat_row(rows, base, task, config, f"QAT {step.upper()} W{bits}A8", method)
-    for family, alphas in BIT_LEVEL.items() if part in ("all", "bit-level") else []:
-        for alpha in alphas:
-            label = row_label(family, alpha)
-            if rows.done(run=label, epochs=bit_epochs + 1):
-                continue
-            with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak memory
-                rows.add(pool.apply(bit_level_row, (family, alpha, bit_epochs)))
-            print(rows.rows[-1], flush=True)
+    for family, strength, target in BIT_LEVEL if part in ("all", "bit-level") else []:
+        if rows.done(run=row_label(family, strength, target), epochs=bit_epochs + 1):
+            continue
+        with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak memory
+            rows.add(pool.apply(bit_level_row, (family, strength, target, bit_epochs)))
+        print(rows.rows[-1], flush=True)
     found_runs = [r for r in rows.rows if "code_bits" in r and r["avg_bits"] <= MAX_FOUND_BITS]
     for found in found_runs if part in ("all", "found") else []:
         where = {"overrides": {**ENDS_AT_8["overrides"], **{n: {"w_bits": b} for n, b in found["code_bits"].items()}}}
@@ -90,24 +91,28 @@ def qat_row(rows: Rows, base: torch.nn.Module, task: Any, config: TrainConfig, l
     print(rows.rows[-1], flush=True)
 
 
-def row_label(family: str, strength: float) -> str:
-    return f"{family} {'lam' if family == 'CSQ' else 'alpha'}={strength:g}"
+def row_label(family: str, strength: float, target: float | None = None) -> str:
+    if family != "CSQ":
+        return f"{family} alpha={strength:g}"
+    return f"CSQ lam={strength:g}" + (f" target={target:g}" if target != 3.0 else "")
 
 
-def bit_level_method(family: str, strength: float) -> BSQ | MSQ | CSQ:
+def bit_level_method(family: str, strength: float, target: float | None) -> BSQ | MSQ | CSQ:
     inner: dict[str, Any] = {"a_bits": 8, "where": {"exclude": ["@first", "@last"]}}
     if family == "CSQ":
-        return CSQ(start_bits=6, target_bits=3.0, lam=strength, **inner)
-    cls = BSQ if family == "BSQ" else MSQ
-    return cls(alpha=strength, start_bits=8, finetune_epochs=1, **inner)
+        return CSQ(start_bits=6, target_bits=target, lam=strength, **inner)
+    if family == "MSQ":  # precision adjusted every 100 steps: 3 epochs hold only two epoch boundaries
+        return MSQ(alpha=strength, start_bits=8, finetune_epochs=1, adjust_steps=100, **inner)
+    return BSQ(alpha=strength, start_bits=8, finetune_epochs=1, **inner)
 
 
-def bit_level_row(family: str, alpha: float, epochs: int) -> dict[str, Any]:
+def bit_level_row(family: str, strength: float, target: float | None, epochs: int) -> dict[str, Any]:
     """Train one BSQ / MSQ / CSQ model (stem and classifier at 8 bits by STE QAT) and measure it."""
     torch.set_num_threads(2)
     base, task = load("cnn", calib_size=256)
     model = copy.deepcopy(base)
-    method = bit_level_method(family, alpha)
+    method = bit_level_method(family, strength, target)
+    label = row_label(family, strength, target)
     ends = QAT(w_bits=8, a_bits=8, step="ste", where={"include": ["@first", "@last"]})
     baseline_mb = reset_peak_memory()
     start = time.perf_counter()
@@ -115,15 +120,16 @@ def bit_level_row(family: str, alpha: float, epochs: int) -> dict[str, Any]:
     layers = [model.get_submodule(n) for n in method.precision(model)]
     trainable = sum(p.numel() for layer in layers for p in layer.parameters() if p.requires_grad)
     config = TrainConfig(epochs=epochs + 1, optimizer="sgd", lr=0.01, weight_decay=0.0)
-    train(model, task, config, [method, ends], row_label(family, alpha))
+    train(model, task, config, [method, ends], label)
+    training_mb = peak_memory_mb() - baseline_mb
     method.finalize(model)
     ends.finalize(model)
     seconds = time.perf_counter() - start
     metrics, totals, precision = task.evaluate(model), model_cost(model).totals, method.precision(model)
-    return {"run": row_label(family, alpha), "epochs": epochs + 1, **metrics,
+    return {"run": label, "epochs": epochs + 1, **metrics,
             "avg_bits": totals["avg_weight_bits"], "seconds": seconds, "stored_bits": totals["avg_code_bits"],
             "seconds_per_epoch": seconds / (epochs + 1), "trainable": trainable,
-            "training_mb": peak_memory_mb() - baseline_mb, "layer_bits": precision,
+            "training_mb": training_mb, "layer_bits": precision,
             "code_bits": {n: model.get_submodule(n).weight_q.code_bits for n in precision}}  # fmt: skip
 
 
@@ -170,13 +176,14 @@ def write(rows: list[dict[str, Any]]) -> None:
         "batch norms folded into the quantized convolutions. BSQ / MSQ / CSQ: SGD (lr 0.01, cosine), their",
         "own quantizers and schedules (BSQ and MSQ fine-tune the last epoch at the found precision; CSQ's",
         "selection is hard in the last epoch). Top-1 on the 10,000 test images; seconds on 2 threads",
-        "including training. Regenerate: `make bench-bit-level`. The rows here were trained two to four at a",
-        "time on a 2-core machine, so their seconds are not comparable with each other (rerun one part alone",
-        "with `--part` to time it).",
+        "including training. Regenerate: `make bench-bit-level`. The BSQ / MSQ / CSQ rows were trained one at",
+        "a time on an otherwise idle 2-core machine (their seconds compare); the uniform and '-> LSQ' rows ran",
+        "two to four at a time, so their seconds do not (rerun one part alone with `--part` to time it).",
         "",
         "BSQ / MSQ / CSQ: *trainable* counts the trainable values of their quantized layers (weights or bit",
-        "planes, steps, biases), *training MB* how far compressing, training and evaluating raised the resident",
-        "memory of the process above what it held with the data loaded (its peak, reset after loading).",
+        "planes, steps, biases), *training MB* how far compressing and training raised the resident memory of",
+        "the process above what it held with the data loaded (its peak, reset after loading). Under SGD with",
+        "momentum each trainable value costs 12 bytes of state (value, gradient, momentum).",
         'A "-> LSQ" row trains the per-layer precision that run found with the uniform rows\' LSQ QAT and budget.',
         "*avg weight bits* is each paper's count (BSQ / MSQ / CSQ: magnitude bits, their sign-magnitude codes",
         "store one more); *stored bits / weight* is what the codes take, the same measure for every row.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from bitsmith import compress, load, model_cost, save
 from bitsmith.methods.bsq import BSQ, adjust_precision
+from bitsmith.methods.msq import MSQ
 from bitsmith.quant.bitplane import BitPlaneQuantizer
 from bitsmith.train import TrainConfig, TrainState, accuracy, fit
 from conftest import make_cnn
@@ -54,27 +56,31 @@ class Interrupt(Exception):
     pass
 
 
-def test_bsq_training_resumes_across_precision_changes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("make_method", [lambda: BSQ(alpha=2.0, finetune_epochs=1),
+                                         lambda: MSQ(alpha=0.005, finetune_epochs=1, adjust_steps=4)])  # fmt: skip
+def test_bit_level_training_resumes_across_precision_changes_and_into_the_finetune(
+    tmp_path: Path, make_method: Callable[[], BSQ]
+) -> None:
     x, y = toy_data(256)
     cfg = TrainConfig(epochs=3, batch_size=32, optimizer="sgd", lr=0.05, weight_decay=0)
 
     def prepared() -> tuple[torch.nn.Module, BSQ]:
-        model, method = make_cnn(), BSQ(alpha=2.0)
+        model, method = make_cnn(), make_method()
         compress(model, method, [x[:64]])
         return model, method
 
     reference, method = prepared()
     fit(reference, x, y, cfg, [method])
 
-    def kill_after_epoch_2(model: torch.nn.Module, state: TrainState) -> None:
-        if state.epoch == 2:
+    def kill_in_the_finetune(model: torch.nn.Module, state: TrainState) -> None:
+        if state.epoch == 3:  # before its checkpoint: the run resumes after epoch 2, into the finetune
             raise Interrupt
 
     model, method = prepared()
     with pytest.raises(Interrupt):
-        fit(model, x, y, cfg, [method], checkpoint=tmp_path / "s.pt", callbacks=[kill_after_epoch_2])
+        fit(model, x, y, cfg, [method], checkpoint=tmp_path / "s.pt", callbacks=[kill_in_the_finetune])
     resumed, method = prepared()
     fit(resumed, x, y, cfg, [method], checkpoint=tmp_path / "s.pt")
-    assert method.precision(resumed) == BSQ.precision(method, reference)
+    assert method.precision(resumed) == method.precision(reference)
     for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)

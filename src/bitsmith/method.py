@@ -72,6 +72,10 @@ class Method:
         rebuilds its optimizer)."""
         return False
 
+    def resume(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        """Called when the training loop resumes a run after epoch ``epoch`` (1-based) of ``epochs``:
+        restore any schedule state that lives outside the model's state dict."""
+
     def finalize(self, model: nn.Module) -> None:
         """Make the result hard: quantize, cut ranks, remove channels."""
 

@@ -130,6 +130,8 @@ def fit(
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
         state, optimizer = load_training_state(path, model, cfg)
+        for method in methods:
+            method.resume(model, state.epoch, cfg.epochs)
     else:
         optimizer = make_optimizer(model, cfg)
     model.train()

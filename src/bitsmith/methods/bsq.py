@@ -133,8 +133,11 @@ class BSQ(BitLevelMethod):
             return False
         for _, _, q in bitplane_layers(model, self._layers):
             adjust_precision(q, self.start_bits, self.threshold)
-        self._frozen = epoch >= finetune_starts and self.finetune_epochs > 0
+        self.resume(model, epoch, epochs)  # frozen from the fine-tune on
         return True
+
+    def resume(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        self._frozen = self.finetune_epochs > 0 and epoch >= epochs - self.finetune_epochs
 
     def finalize(self, model: nn.Module) -> None:
         for _, _, q in bitplane_layers(model, self._layers):
