@@ -65,3 +65,4 @@ bench-sparsity: $(STAMP) data
 
 bench-speed: $(STAMP) data
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/speed_profile.py
