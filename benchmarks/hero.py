@@ -1,10 +1,11 @@
 """HERO vs plain SGD vs SAM: the zoo CNN trained from scratch, then post-training quantized at 8..2 bits.
 
 Same architecture, data subset, epochs and SGD schedule for every run, over ``SEEDS`` (the seed sets
-the initial weights and the shuffling); only the penalty hook differs (none / ``sam`` rho 0.05 / ``hero`` gamma 0.1, h 0.05). Each trained model is quantized with
-weight-only per-channel symmetric min-max RTN (``ptq``, float activations) at 8/6/4/3/2 bits. The
-Hessian of the training loss on 1,000 training images: total Hutchinson trace (sum over layers) and
-the largest per-layer top eigenvalue.
+the initial weights and the shuffling); only the penalty hook differs (none / ``sam`` rho 0.05 /
+``hero`` gamma 0.1 or 0.5, h 0.05). Each trained model is quantized with weight-only per-channel
+symmetric min-max RTN (``ptq``, float activations) at 8/6/4/3/2 bits. The Hessian of the training
+loss on 1,000 training images: total Hutchinson trace (sum over layers) and the largest per-layer top
+eigenvalue.
 
 Regenerate: ``make bench-hero`` (``python benchmarks/hero.py``). Writes ``docs/results/hero.{md,png,json}``.
 """
@@ -39,7 +40,12 @@ TRAIN_IMAGES = 20_000
 EPOCHS = 4
 PTQ_BITS = [8, 6, 4, 3, 2]
 SEEDS = [0, 1, 2]
-RUNS: dict[str, list[Method]] = {"SGD": [], "SAM rho=0.05": [SAM(rho=0.05)], "HERO gamma=0.1": [HERO(gamma=0.1)]}
+RUNS: dict[str, list[Method]] = {
+    "SGD": [],
+    "SAM rho=0.05": [SAM(rho=0.05)],
+    "HERO gamma=0.1": [HERO(gamma=0.1)],
+    "HERO gamma=0.5": [HERO(gamma=0.5)],
+}
 
 
 def run() -> list[dict[str, Any]]:
