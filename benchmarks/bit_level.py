@@ -2,7 +2,8 @@
 
 Uniform QAT (STE at 4 bits, LSQ at 4 / 3 / 2 weight bits) with 8-bit activations, stem and classifier at 8
 bits, fine-tuned from the FP32 checkpoint; BSQ and MSQ (two strengths each) from an 8-bit start (stem and
-classifier at 8 bits by STE QAT, the last epoch a fine-tune at the found precision; MSQ adjusts its
+classifier at 8 bits by STE QAT, the last epoch a fine-tune at the found precision, BSQ's with the
+paper's fixed scheme: float weights, STE quantizer, frozen step; MSQ adjusts its
 precision every 100 steps); CSQ from 6 bit positions towards a 3- or 2.5-bit budget (its selection hard
 in the last epoch). Each "-> LSQ" row takes the
 per-layer precision one of them found at <= 4 average bits (its stored code bits) and trains it with the uniform rows' LSQ
@@ -244,7 +245,8 @@ def write(rows: list[dict[str, Any]]) -> None:
         "Every row fine-tunes the FP32 checkpoint on the 60,000 training images with 8-bit activations and",
         'the stem and classifier weights at 8 bits. Uniform QAT and "-> LSQ" rows: AdamW (lr 5e-4, cosine),',
         "batch norms folded into the quantized convolutions. BSQ / MSQ / CSQ: SGD (lr 0.01, cosine), their",
-        "own quantizers and schedules (BSQ and MSQ fine-tune the last epoch at the found precision; CSQ's",
+        "own quantizers and schedules (BSQ and MSQ fine-tune the last epoch at the found precision, BSQ with",
+        "float weights and an STE quantizer at its frozen step as the paper does; CSQ's",
         "selection is hard in the last epoch). Top-1 on the 10,000 test images; seconds on 2 threads",
         "including training. Regenerate: `make bench-bit-level`. Every row was trained alone on an otherwise",
         "idle 2-core machine, so their seconds compare. CSQ's *avg weight bits* is the span of its selected",

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from bitsmith import compress, load, model_cost, save
-from bitsmith.methods.bsq import BSQ, adjust_precision
+from bitsmith.methods.bsq import BSQ, adjust_precision, fix_scheme
 from bitsmith.methods.msq import MSQ
 from bitsmith.quant.bitplane import BitPlaneQuantizer
+from bitsmith.quant.roundclamp import RoundClampQuantizer
 from bitsmith.train import TrainConfig, TrainState, accuracy, fit
 from conftest import make_cnn
 from test_qat import toy_data
@@ -36,7 +37,7 @@ def test_bsq_lowers_average_bits_with_exact_planes_and_round_trips(tmp_path: Pat
     model = make_cnn()
     x, y = toy_data(512)
     fit(model, x, y, TrainConfig(epochs=4, batch_size=32, optimizer="adamw", lr=1e-2, weight_decay=0))
-    method = BSQ(alpha=2.0, start_bits=8, a_bits=8, finetune_epochs=1)
+    method = BSQ(alpha=2.0, start_bits=8, a_bits=8, finetune_epochs=1, finetune="planes")
     compress(model, method, [x[:64]])
     assert model_cost(model).totals["avg_weight_bits"] == 8.0
     fit(model, x, y, TrainConfig(epochs=4, batch_size=32, optimizer="sgd", lr=0.05, weight_decay=0), [method])
@@ -84,3 +85,18 @@ def test_bit_level_training_resumes_across_precision_changes_and_into_the_finetu
     assert method.precision(resumed) == method.precision(reference)
     for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_fixed_scheme_finetune_starts_from_the_exact_bsq_model(tmp_path: Path) -> None:
+    x, y = toy_data(256)
+    model, method = make_cnn(), BSQ(alpha=2.0, finetune_epochs=1)
+    compress(model, method, [x[:64]])
+    fit(model, x, y, TrainConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.05, weight_decay=0), [method])
+    method.finalize(model)
+    bits, before = method.precision(model), model.eval()(x[:16]).detach()
+    fix_scheme(model, method.precision(model))
+    assert torch.equal(model(x[:16]), before) and method.precision(model) == bits
+    assert all(isinstance(model.get_submodule(n).weight_q, RoundClampQuantizer) for n in bits)
+    assert all(model.get_submodule(n).weight.requires_grad for n in bits)
+    reloaded = load(save(model, tmp_path / "fixed.safetensors"), make_cnn())
+    assert torch.equal(reloaded(x[:16]), before)

@@ -73,8 +73,9 @@ class Method:
         return False
 
     def resume(self, model: nn.Module, epoch: int, epochs: int) -> None:
-        """Called when the training loop resumes a run after epoch ``epoch`` (1-based) of ``epochs``:
-        restore any schedule state that lives outside the model's state dict."""
+        """Called when the training loop resumes a run after epoch ``epoch`` (1-based) of ``epochs``, before
+        the saved state is loaded: restore schedule state that lives outside the model's state dict and
+        the module structure the schedule had reached (the values are loaded next)."""
 
     def finalize(self, model: nn.Module) -> None:
         """Make the result hard: quantize, cut ranks, remove channels."""

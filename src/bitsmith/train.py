@@ -85,13 +85,18 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
             os.remove(tmp)
 
 
-def load_training_state(path: Path, model: nn.Module, cfg: TrainConfig) -> tuple[TrainState, torch.optim.Optimizer]:
+def load_training_state(
+    path: Path, model: nn.Module, cfg: TrainConfig, methods: list[Method] | None = None
+) -> tuple[TrainState, torch.optim.Optimizer]:
     """Restore what ``save_training_state`` wrote (tensors and plain data only: ``weights_only=True``);
-    the optimizer is built after the model's state is loaded, so it holds resized parameters too."""
+    the methods' ``resume`` hooks run first (they may rebuild modules a schedule replaced), and the
+    optimizer is built after the model's state is loaded, so it holds resized parameters too."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if "structure" in payload:
             shrink_to(model, payload["structure"])
+        for method in methods or []:
+            method.resume(model, payload["epoch"], cfg.epochs)
         model.load_state_dict(payload["model"])
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict(payload["optimizer"])
@@ -129,9 +134,7 @@ def fit(
     state = TrainState(0, 0, [])
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
-        state, optimizer = load_training_state(path, model, cfg)
-        for method in methods:
-            method.resume(model, state.epoch, cfg.epochs)
+        state, optimizer = load_training_state(path, model, cfg, methods)
     else:
         optimizer = make_optimizer(model, cfg)
     model.train()

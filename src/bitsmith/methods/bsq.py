@@ -10,7 +10,10 @@ group Lasso
 which drives whole bit planes to zero. Every ``adjust_every`` epochs (and before the fine-tune) the
 planes are re-quantized to exact {0, 1} values (an overflow adds an MSB while under ``start_bits``)
 and all-zero most / least significant planes are dropped, so each layer ends at its own precision.
-The last ``finetune_epochs`` epochs train at that fixed precision without the regulariser.
+The last ``finetune_epochs`` epochs train at that fixed precision without the regulariser: by
+default as the paper's ``cifar_finetune.py`` does (``finetune: fixed``), with each layer's weight back
+in float and an STE quantizer (``RoundClampQuantizer``) at the found precision and frozen step; with
+``finetune: planes``, on the bit planes themselves.
 
 Deviations, stated: the bit parameters are clamped to [0, 2] before every forward pass (the code
 clamps after every optimizer step: the same except for the very last step, which ``finalize``
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 from pydantic import Field
@@ -31,8 +34,9 @@ from torch import Tensor, nn
 
 from bitsmith.method import Method, register_method
 from bitsmith.nn import QuantizedMixin
-from bitsmith.quant.bitplane import BitPlaneQuantizer
+from bitsmith.quant.bitplane import BitPlaneQuantizer, SignMagnitude
 from bitsmith.quant.layers import attach, input_channel_axis
+from bitsmith.quant.roundclamp import RoundClampQuantizer
 from bitsmith.quant.uniform import Bits, UniformQuantizer
 
 Q = TypeVar("Q")
@@ -72,6 +76,18 @@ def adjust_precision(q: BitPlaneQuantizer, max_bits: int, threshold: float = 0.0
         q.drop_lsb_()
 
 
+@torch.no_grad()
+def fix_scheme(model: nn.Module, names: Iterable[str]) -> None:
+    """BSQ's fixed-scheme fine-tune: each bit-plane layer's weight becomes the float weight it encodes,
+    quantized by a round-clamp STE quantizer at the found precision and (frozen) step."""
+    for _, layer, q in bitplane_layers(model, names):
+        fixed = RoundClampQuantizer(q.bits)
+        fixed.step = q.step.detach().clone()
+        layer.weight.copy_(q(layer.weight))
+        layer.weight.requires_grad_(True)
+        layer.weight_q = fixed
+
+
 class BitLevelMethod(Method):
     """Shared by the bit-level methods: ``_weight_q`` (the subclass's) on the selected layers, a dynamic
     per-tensor ``a_bits`` input quantizer (or none), and the list of those layers."""
@@ -108,6 +124,7 @@ class BSQ(BitLevelMethod):
     adjust_every: Annotated[int, Field(ge=1)] = 1
     threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     finetune_epochs: Annotated[int, Field(ge=0)] = 0
+    finetune: Literal["fixed", "planes"] = "fixed"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,11 +150,13 @@ class BSQ(BitLevelMethod):
             return False
         for _, _, q in bitplane_layers(model, self._layers):
             adjust_precision(q, self.start_bits, self.threshold)
-        self.resume(model, epoch, epochs)  # frozen from the fine-tune on
+        self.resume(model, epoch, epochs)  # frozen (and, for a fixed fine-tune, float weights) from here on
         return True
 
     def resume(self, model: nn.Module, epoch: int, epochs: int) -> None:
         self._frozen = self.finetune_epochs > 0 and epoch >= epochs - self.finetune_epochs
+        if self._frozen and self.finetune == "fixed":
+            fix_scheme(model, self._layers)
 
     def finalize(self, model: nn.Module) -> None:
         for _, _, q in bitplane_layers(model, self._layers):
@@ -145,5 +164,5 @@ class BSQ(BitLevelMethod):
             q.requantize_()
 
     def precision(self, model: nn.Module) -> dict[str, int]:
-        """Bits per layer now."""
-        return {name: q.bits for name, _, q in bitplane_layers(model, self._layers)}
+        """Bits per layer now (bit planes, or their fixed scheme in the fine-tune)."""
+        return {name: q.bits for name, _, q in layers_with(model, self._layers, SignMagnitude)}
