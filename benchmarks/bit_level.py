@@ -47,9 +47,10 @@ from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import cache_dir  # noqa: E402
 
 QAT_RUNS = [("ste", 4), ("lsq", 4), ("lsq", 3), ("lsq", 2)]
-# (family, alpha for BSQ / MSQ or lam for CSQ, CSQ's target bits)
-BIT_LEVEL = [("BSQ", 0.5, None), ("BSQ", 1.0, None), ("MSQ", 0.005, None), ("MSQ", 0.01, None),
-             ("CSQ", 1e-2, 3.0), ("CSQ", 1e-3, 3.0), ("CSQ", 1e-2, 2.5)]  # fmt: skip
+# (family, alpha for BSQ / MSQ or lam for CSQ, CSQ's target bits or BSQ's fine-tune)
+BIT_LEVEL = [("BSQ", 0.5, "fixed"), ("BSQ", 1.0, "fixed"), ("BSQ", 1.0, "planes"), ("MSQ", 0.005, None),
+             ("MSQ", 0.01, None), ("CSQ", 1e-2, 3.0), ("CSQ", 1e-3, 3.0), ("CSQ", 1e-2, 2.5)]  # fmt: skip
+PLANES = " planes fine-tune"  # BSQ's ablation: the last epoch trains the bit planes
 MAX_FOUND_BITS = 4.0  # found allocations retrained with LSQ: those in the uniform rows' range
 ENDS_AT_8 = {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}}
 
@@ -64,11 +65,11 @@ def run(epochs: int, bit_epochs: int, part: str = "all") -> list[dict[str, Any]]
     for step, bits in QAT_RUNS if part in ("all", "uniform") else []:
         method = QAT(w_bits=bits, a_bits=8, step=step, where=ENDS_AT_8)
         qat_row(rows, base, task, config, f"QAT {step.upper()} W{bits}A8", method)
-    for family, strength, target in BIT_LEVEL if part in ("all", "bit-level") else []:
-        if rows.done(run=row_label(family, strength, target), epochs=bit_epochs + 1):
+    for family, strength, option in BIT_LEVEL if part in ("all", "bit-level") else []:
+        if rows.done(run=row_label(family, strength, option), epochs=bit_epochs + 1):
             continue
         with multiprocessing.get_context("spawn").Pool(1) as pool:  # a fresh process: its own peak memory
-            rows.add(pool.apply(bit_level_row, (family, strength, target, bit_epochs)))
+            rows.add(pool.apply(bit_level_row, (family, strength, option, bit_epochs)))
         print(rows.rows[-1], flush=True)
     costs = Rows(RESULTS / "bit-level-cost.json")
     for model_name, family in itertools.product(COST_MODELS, ("BSQ", "MSQ")) if part in ("all", "cost") else []:
@@ -76,7 +77,9 @@ def run(epochs: int, bit_epochs: int, part: str = "all") -> list[dict[str, Any]]
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 costs.add(pool.apply(cost_row, (model_name, family)))
             print(costs.rows[-1], flush=True)
-    found_runs = [r for r in rows.rows if "code_bits" in r and r["avg_bits"] <= MAX_FOUND_BITS]
+    found_runs = [
+        r for r in rows.rows if "code_bits" in r and r["avg_bits"] <= MAX_FOUND_BITS and PLANES not in r["run"]
+    ]
     for found in found_runs if part in ("all", "found") else []:
         where = {"overrides": {**ENDS_AT_8["overrides"], **{n: {"w_bits": b} for n, b in found["code_bits"].items()}}}
         qat_row(rows, base, task, config, f"{found['run']} -> LSQ", QAT(w_bits=8, a_bits=8, step="lsq", where=where))
@@ -99,30 +102,28 @@ def qat_row(rows: Rows, base: torch.nn.Module, task: Any, config: TrainConfig, l
     print(rows.rows[-1], flush=True)
 
 
-def row_label(family: str, strength: float, target: float | None = None) -> str:
-    if family != "CSQ":
-        return f"{family} alpha={strength:g}"
-    return f"CSQ lam={strength:g}" + (f" target={target:g}" if target != 3.0 else "")
+def row_label(family: str, strength: float, option: Any = None) -> str:
+    if family == "CSQ":
+        return f"CSQ lam={strength:g}" + (f" target={option:g}" if option != 3.0 else "")
+    return f"{family} alpha={strength:g}" + (PLANES if option == "planes" else "")
 
 
-def bit_level_method(
-    family: str, strength: float, target: float | None, where: dict[str, Any] | None = None
-) -> BSQ | MSQ | CSQ:
+def bit_level_method(family: str, strength: float, option: Any, where: dict[str, Any] | None = None) -> BSQ | MSQ | CSQ:
     inner: dict[str, Any] = {"a_bits": 8, "where": where or {"exclude": ["@first", "@last"]}}
     if family == "CSQ":
-        return CSQ(start_bits=6, target_bits=target, lam=strength, **inner)
+        return CSQ(start_bits=6, target_bits=option, lam=strength, **inner)
     if family == "MSQ":  # precision adjusted every 100 steps: 3 epochs hold only two epoch boundaries
         return MSQ(alpha=strength, start_bits=8, finetune_epochs=1, adjust_steps=100, **inner)
-    return BSQ(alpha=strength, start_bits=8, finetune_epochs=1, **inner)
+    return BSQ(alpha=strength, start_bits=8, finetune_epochs=1, finetune=option, **inner)
 
 
-def bit_level_row(family: str, strength: float, target: float | None, epochs: int) -> dict[str, Any]:
+def bit_level_row(family: str, strength: float, option: Any, epochs: int) -> dict[str, Any]:
     """Train one BSQ / MSQ / CSQ model (stem and classifier at 8 bits by STE QAT) and measure it."""
     torch.set_num_threads(2)
     base, task = load("cnn", calib_size=256)
     model = copy.deepcopy(base)
-    method = bit_level_method(family, strength, target)
-    label = row_label(family, strength, target)
+    method = bit_level_method(family, strength, option)
+    label = row_label(family, strength, option)
     ends = QAT(w_bits=8, a_bits=8, step="ste", where={"include": ["@first", "@last"]})
     baseline_mb = reset_peak_memory()
     start = time.perf_counter()
@@ -165,8 +166,8 @@ def cost_row(model_name: str, family: str) -> dict[str, Any]:
         def loss_fn() -> torch.Tensor:
             return torch.nn.functional.cross_entropy(model(images), labels)
 
-    strength = next(a for f, a, _ in BIT_LEVEL if f == family)  # the weakest strength benchmarked above
-    method = bit_level_method(family, strength, None, COST_MODELS[model_name])
+    strength, option = next((a, o) for f, a, o in BIT_LEVEL if f == family)  # the first row of the family
+    method = bit_level_method(family, strength, option, COST_MODELS[model_name])
     baseline_mb = reset_peak_memory()
     compress(model, method, task.calibration[:1], finalize=False)
     model.train()
@@ -286,8 +287,9 @@ def write(rows: list[dict[str, Any]]) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     fp32 = next(r for r in rows if r["run"] == "FP32")
     ax.axhline(100 * fp32["accuracy"], color="black", linewidth=1, label="FP32")
-    families = {f: (lambda r, f=f: r["run"].startswith(f) and "->" not in r["run"])
+    families = {f: (lambda r, f=f: r["run"].startswith(f) and "->" not in r["run"] and PLANES not in r["run"])
                 for f in ("QAT STE", "QAT LSQ", "BSQ", "MSQ", "CSQ")}  # fmt: skip
+    families["BSQ, planes fine-tune"] = lambda r: PLANES in r["run"]
     families["found bits -> LSQ"] = lambda r: "->" in r["run"]
     for family, member in families.items():
         pts = sorted((r for r in rows if member(r)), key=stored)
