@@ -117,6 +117,12 @@ def bit_level_method(family: str, strength: float, option: Any, where: dict[str,
     return BSQ(alpha=strength, start_bits=8, finetune_epochs=1, finetune=option, **inner)
 
 
+def trainable_values(model: torch.nn.Module, method: BSQ | MSQ | CSQ) -> int:
+    """Trainable values of the method's quantized layers (weights or bit planes, steps, biases)."""
+    layers = [model.get_submodule(n) for n in method.precision(model)]
+    return sum(p.numel() for layer in layers for p in layer.parameters() if p.requires_grad)
+
+
 def bit_level_row(family: str, strength: float, option: Any, epochs: int) -> dict[str, Any]:
     """Train one BSQ / MSQ / CSQ model (stem and classifier at 8 bits by STE QAT) and measure it."""
     torch.set_num_threads(2)
@@ -128,8 +134,7 @@ def bit_level_row(family: str, strength: float, option: Any, epochs: int) -> dic
     baseline_mb = reset_peak_memory()
     start = time.perf_counter()
     compress(model, [method, ends], task.calibration, finalize=False)
-    layers = [model.get_submodule(n) for n in method.precision(model)]
-    trainable = sum(p.numel() for layer in layers for p in layer.parameters() if p.requires_grad)
+    trainable = trainable_values(model, method)
     config = TrainConfig(epochs=epochs + 1, optimizer="sgd", lr=0.01, weight_decay=0.0)
     train(model, task, config, [method, ends], label)
     training_mb = peak_memory_mb() - baseline_mb
@@ -181,10 +186,8 @@ def cost_row(model_name: str, family: str) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
         seconds.append(time.perf_counter() - start)
-    layers = [model.get_submodule(n) for n in method.precision(model)]
-    trainable = sum(p.numel() for layer in layers for p in layer.parameters() if p.requires_grad)
-    return {"model": model_name, "run": family, "trainable": trainable, "peak_mb": peak_memory_mb() - baseline_mb,
-            "step_seconds": sorted(seconds[1:])[COST_STEPS // 2]}  # fmt: skip
+    return {"model": model_name, "run": family, "trainable": trainable_values(model, method),
+            "peak_mb": peak_memory_mb() - baseline_mb, "step_seconds": sorted(seconds[1:])[COST_STEPS // 2]}  # fmt: skip
 
 
 STATUS = Path("/proc/self/status")

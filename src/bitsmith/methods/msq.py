@@ -125,9 +125,6 @@ class MSQ(BSQ):
     def finalize(self, model: nn.Module) -> None:
         """Nothing to harden: the forward pass is already the exact quantized weight."""
 
-    def precision(self, model: nn.Module) -> dict[str, int]:
-        return {name: q.bits for name, _, q in roundclamp_layers(model, self._layers)}
-
     def trainable_parameters(self, model: nn.Module) -> int:
         """Trainable values of the quantized layers' weights (the float weights; steps are fixed)."""
         return sum(layer.weight.numel() for _, layer, _ in roundclamp_layers(model, self._layers))
