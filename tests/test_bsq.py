@@ -37,7 +37,7 @@ def test_bsq_lowers_average_bits_with_exact_planes_and_round_trips(tmp_path: Pat
     model = make_cnn()
     x, y = toy_data(512)
     fit(model, x, y, TrainConfig(epochs=4, batch_size=32, optimizer="adamw", lr=1e-2, weight_decay=0))
-    method = BSQ(alpha=2.0, start_bits=8, a_bits=8, finetune_epochs=1, finetune="planes")
+    method = BSQ(alpha=1.4, start_bits=8, a_bits=8, finetune_epochs=1, finetune="planes")
     compress(model, method, [x[:64]])
     assert model_cost(model).totals["avg_weight_bits"] == 8.0
     fit(model, x, y, TrainConfig(epochs=4, batch_size=32, optimizer="sgd", lr=0.05, weight_decay=0), [method])
@@ -100,3 +100,31 @@ def test_the_fixed_scheme_finetune_starts_from_the_exact_bsq_model(tmp_path: Pat
     assert all(model.get_submodule(n).weight.requires_grad for n in bits)
     reloaded = load(save(model, tmp_path / "fixed.safetensors"), make_cnn())
     assert torch.equal(reloaded(x[:16]), before)
+
+
+def test_the_fixed_scheme_passes_the_gradient_straight_through_zero_codes_and_the_clip() -> None:
+    weight = torch.tensor([0.0, 0.01, 0.3, -0.7, 5.0], requires_grad=True)  # a zero code and a clipped value
+    q = RoundClampQuantizer(2, gradient="identity").calibrate_(torch.tensor([0.9]))
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    (q(weight) * upstream).sum().backward()
+    assert torch.equal(weight.grad, upstream)  # the official fine-tune's STE: identity everywhere
+    assert torch.equal(q(weight.detach()), q.integers(weight.detach()) * q.step)  # the value is the code
+
+
+def test_bsq_planes_are_clamped_after_every_optimizer_step() -> None:
+    x, y = toy_data(64)
+    model, method = make_cnn(), BSQ(alpha=0.0, start_bits=4)
+    compress(model, method, [x[:16]])
+    with torch.no_grad():  # planes outside [0, 2], as an optimizer step can leave them
+        model.fc1.weight_q.pos.add_(2.5)
+        model.fc1.weight_q.neg.sub_(0.5)
+    seen = []
+
+    def record_planes(module: torch.nn.Module, args: tuple) -> None:
+        q = model.fc1.weight_q
+        seen.append((float(torch.minimum(q.pos.min(), q.neg.min())), float(torch.maximum(q.pos.max(), q.neg.max()))))
+
+    model.fc1.register_forward_pre_hook(record_planes)
+    fit(model, x, y, TrainConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.0, weight_decay=0), [method])
+    assert seen[0] == (-0.5, 3.5)  # the first forward reads what it was given
+    assert len(seen) == 8 and all(low >= 0.0 and high <= 2.0 for low, high in seen[1:]), seen

@@ -1,5 +1,5 @@
 """The Method base dataclass (hooks ``prepare``, ``calibrate``, ``perturb``, ``penalty``,
-``after_backward``, ``schedule``, ``finalize``),
+``after_backward``, ``after_step``, ``schedule``, ``resume``, ``finalize``; ``state_dict`` for resumable runs),
 its registry, and ``compress()`` which runs a list of methods on a model."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from bitsmith.select import Selection, as_selection
 
 METHODS: Registry[Method] = Registry("method", entry_point_group="bitsmith.methods")
 register_method = METHODS.register
-HOOKS = ("prepare", "calibrate", "perturb", "penalty", "after_backward", "schedule", "finalize")
+HOOKS = ("prepare", "calibrate", "perturb", "penalty", "after_backward", "after_step", "schedule", "finalize")
+TRAINING_HOOKS = ("perturb", "penalty", "after_backward", "after_step", "schedule")
 
 
 @dataclass
@@ -66,6 +67,10 @@ class Method:
         rebuilds its optimizer)."""
         return False
 
+    def after_step(self, model: nn.Module) -> None:
+        """Called after each optimizer step, e.g. to project parameters back into their domain (BSQ clamps
+        its bit planes to [0, 2] here, as the official code does after every step)."""
+
     def schedule(self, model: nn.Module, epoch: int, epochs: int) -> bool:
         """Called by the training loop after epoch ``epoch`` (1-based) of ``epochs``, e.g. for periodic
         re-quantization or annealing. Return True when parameters were replaced (the loop then
@@ -73,12 +78,28 @@ class Method:
         return False
 
     def resume(self, model: nn.Module, epoch: int, epochs: int) -> None:
-        """Called when the training loop resumes a run after epoch ``epoch`` (1-based) of ``epochs``, before
-        the saved state is loaded: restore schedule state that lives outside the model's state dict and
-        the module structure the schedule had reached (the values are loaded next)."""
+        """Called when the training loop resumes a run after epoch ``epoch`` (1-based) of ``epochs``, after
+        ``load_state_dict`` and before the model's saved state is loaded: rebuild the module structure the
+        schedule had reached (e.g. BSQ's fixed-scheme layers); the values are loaded next."""
 
     def finalize(self, model: nn.Module) -> None:
         """Make the result hard: quantize, cut ranks, remove channels."""
+
+    # -- run-time state (saved with a training checkpoint) ----------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs beyond the model's own state: every private attribute (``_name``) the
+        hooks set (flags such as "already pruned", score averages, counters), as plain data and tensors.
+        A method that keeps anything else overrides this and ``load_state_dict``."""
+        return {name: value for name, value in vars(self).items() if name.startswith("_")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (called before the model's state loads on resume)."""
+        vars(self).update(state)
+
+    @classmethod
+    def trains(cls) -> bool:
+        """Whether the method joins a training loop (any of ``TRAINING_HOOKS``)."""
+        return any(cls.uses(hook) for hook in TRAINING_HOOKS)
 
     # -- helpers --------------------------------------------------------------------------
     def layer_config(self, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -62,8 +62,47 @@ class TrainState:
 EpochCallback = Callable[[nn.Module, TrainState], None]
 
 
-def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
-    """Atomically write model, optimizer, progress and RNG state (a kill mid-write keeps the old file)."""
+PLAIN = (Tensor, int, float, bool, str, type(None))
+
+
+def plain_state(method: Method) -> dict[str, Any]:
+    """``method.state_dict()``, checked to hold only what ``torch.load(weights_only=True)`` reads back."""
+    state = method.state_dict()
+
+    def check(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check(key, where)
+                check(item, f"{where}[{key!r}]")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                check(item, f"{where}[{index}]")
+        elif not isinstance(value, PLAIN):
+            raise TypeError(
+                f"method {method.registered_name!r}: state {where} is a {type(value).__name__}; a training "
+                "checkpoint holds tensors and plain data only (override Method.state_dict)"
+            )
+
+    for name, value in state.items():
+        check(value, name)
+    return state
+
+
+def materialize_buffers(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Give every ``None`` buffer that ``state`` holds (a mask made during training) a tensor of the saved
+    shape, so ``load_state_dict`` can fill it."""
+    for prefix, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            key = f"{prefix}.{name}" if prefix else name
+            if buffer is None and key in state:
+                module._buffers[name] = torch.empty_like(state[key])
+
+
+def save_training_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, methods: list[Method]
+) -> None:
+    """Atomically write model, optimizer, methods' run-time state, progress and RNG state (a kill mid-write
+    keeps the old file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
@@ -72,6 +111,7 @@ def save_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         "step": state.step,
         "history": state.history,
         "rng": torch.get_rng_state(),
+        "methods": [plain_state(method) for method in methods],
     }
     if is_vit(model):  # structured pruning may have narrowed it: the widths rebuild the shapes on resume
         payload["structure"] = structure_counts(model)
@@ -89,14 +129,19 @@ def load_training_state(
     path: Path, model: nn.Module, cfg: TrainConfig, methods: list[Method] | None = None
 ) -> tuple[TrainState, torch.optim.Optimizer]:
     """Restore what ``save_training_state`` wrote (tensors and plain data only: ``weights_only=True``);
-    the methods' ``resume`` hooks run first (they may rebuild modules a schedule replaced), and the
+    each method's state is restored and its ``resume`` hook runs first (they may rebuild modules a schedule replaced), and the
     optimizer is built after the model's state is loaded, so it holds resized parameters too."""
+    methods = methods or []
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+        if len(payload["methods"]) != len(methods):
+            raise ValueError(f"it was written for {len(payload['methods'])} method(s), this run has {len(methods)}")
         if "structure" in payload:
             shrink_to(model, payload["structure"])
-        for method in methods or []:
+        for method, method_state in zip(methods, payload["methods"], strict=True):
+            method.load_state_dict(method_state)
             method.resume(model, payload["epoch"], cfg.epochs)
+        materialize_buffers(model, payload["model"])
         model.load_state_dict(payload["model"])
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict(payload["optimizer"])
@@ -162,6 +207,8 @@ def fit(
                 optimizer = make_optimizer(model, cfg)
             else:
                 optimizer.step()
+                for method in methods:
+                    method.after_step(model)
             state.step += 1
             loss_sum += loss.item() * y.shape[0]
             correct += int((logits.argmax(1) == y).sum())
@@ -174,7 +221,7 @@ def fit(
         for callback in callbacks or []:
             callback(model, state)
         if path is not None:
-            save_training_state(path, model, optimizer, state)
+            save_training_state(path, model, optimizer, state, methods)
     model.eval()
     return state.history
 

@@ -12,12 +12,13 @@ planes are re-quantized to exact {0, 1} values (an overflow adds an MSB while un
 and all-zero most / least significant planes are dropped, so each layer ends at its own precision.
 The last ``finetune_epochs`` epochs train at that fixed precision without the regulariser: by
 default as the paper's ``cifar_finetune.py`` does (``finetune: fixed``), with each layer's weight back
-in float and an STE quantizer (``RoundClampQuantizer``) at the found precision and frozen step; with
-``finetune: planes``, on the bit planes themselves.
+in float behind a quantizer at the found precision and frozen step whose gradient passes straight
+through (identity: zero codes and clipped weights keep learning); with ``finetune: planes``, on the
+bit planes themselves (an ablation). The planes are clamped to [0, 2] after every optimizer step
+(the ``after_step`` hook), as the official code does, so every forward pass and every precision
+adjustment reads clamped planes.
 
-Deviations, stated: the bit parameters are clamped to [0, 2] before every forward pass (the code
-clamps after every optimizer step: the same except for the very last step, which ``finalize``
-re-quantizes anyway); the layer's scale is the value of one LSB (``step``), with its gradient rescaled
+Deviations, stated: the layer's scale is the value of one LSB (``step``), with its gradient rescaled
 so SGD moves weights as on BSQ's ``s``; activations use a dynamic per-tensor min-max quantizer
 (``a_bits``, 8 by default here; the paper's CIFAR runs use 4 bits after ReLU6/PACT).
 """
@@ -81,7 +82,7 @@ def fix_scheme(model: nn.Module, names: Iterable[str]) -> None:
     """BSQ's fixed-scheme fine-tune: each bit-plane layer's weight becomes the float weight it encodes,
     quantized by a round-clamp STE quantizer at the found precision and (frozen) step."""
     for _, layer, q in bitplane_layers(model, names):
-        fixed = RoundClampQuantizer(q.bits)
+        fixed = RoundClampQuantizer(q.bits, gradient="identity")
         fixed.step = q.step.detach().clone()
         layer.weight.copy_(q(layer.weight))
         layer.weight.requires_grad_(True)
@@ -111,12 +112,11 @@ class BitLevelMethod(Method):
         return specs
 
 
-@register_method("bsq")
 @dataclass
-class BSQ(BitLevelMethod):
-    """Trainable bit planes with a bit-level group-Lasso; pair it with a ``train`` section."""
-
-    description = "BSQ: bit-plane weights, bit-level group Lasso, periodic precision adjustment (mixed precision)"
+class PrecisionSearch(BitLevelMethod):
+    """Shared by BSQ and MSQ: a sparsity strength ``alpha`` from ``start_bits``, precision adjusted every
+    ``adjust_every`` epochs (a plane or LSB whose density is at most ``threshold`` goes), and the last
+    ``finetune_epochs`` epochs at the found precision without the regulariser (``_frozen``)."""
 
     alpha: Annotated[float, Field(ge=0.0)] = 5e-3
     start_bits: Annotated[int, Field(ge=1, le=16)] = 8
@@ -124,11 +124,32 @@ class BSQ(BitLevelMethod):
     adjust_every: Annotated[int, Field(ge=1)] = 1
     threshold: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     finetune_epochs: Annotated[int, Field(ge=0)] = 0
-    finetune: Literal["fixed", "planes"] = "fixed"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._frozen = False
+
+    def adjusts_after(self, epoch: int, epochs: int) -> bool:
+        """Whether the precision is adjusted after ``epoch``: every ``adjust_every`` epochs and when the
+        fine-tune starts, never during it."""
+        return not self._frozen and (epoch % self.adjust_every == 0 or epoch == epochs - self.finetune_epochs)
+
+    def resume(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        self._frozen = self.finetune_epochs > 0 and epoch >= epochs - self.finetune_epochs
+
+    def precision(self, model: nn.Module) -> dict[str, int]:
+        """Bits per layer now (bit planes, round-clamp codes, or BSQ's fixed scheme in the fine-tune)."""
+        return {name: q.bits for name, _, q in layers_with(model, self._layers, SignMagnitude)}
+
+
+@register_method("bsq")
+@dataclass
+class BSQ(PrecisionSearch):
+    """Trainable bit planes with a bit-level group-Lasso; pair it with a ``train`` section."""
+
+    description = "BSQ: bit-plane weights, bit-level group Lasso, periodic precision adjustment (mixed precision)"
+
+    finetune: Literal["fixed", "planes"] = "fixed"
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> BitPlaneQuantizer:
         bits = self.layer_config(overrides)["start_bits"]
@@ -137,16 +158,17 @@ class BSQ(BitLevelMethod):
 
     def penalty(self, model: nn.Module, batch: Any) -> Tensor:
         layers = bitplane_layers(model, self._layers)
-        for _, _, q in layers:
-            q.clamp_planes_(0.0, 2.0)
         if self._frozen or self.alpha == 0 or not layers:
             return torch.zeros(())
         total = sum(q.pos[0].numel() for _, _, q in layers)
         return self.alpha * sum(q.pos[0].numel() * q.bits / total * group_lasso(q) for _, _, q in layers)
 
+    def after_step(self, model: nn.Module) -> None:
+        for _, _, q in bitplane_layers(model, self._layers):
+            q.clamp_planes_(0.0, 2.0)
+
     def schedule(self, model: nn.Module, epoch: int, epochs: int) -> bool:
-        finetune_starts = epochs - self.finetune_epochs
-        if self._frozen or (epoch % self.adjust_every and epoch != finetune_starts):
+        if not self.adjusts_after(epoch, epochs):
             return False
         for _, _, q in bitplane_layers(model, self._layers):
             adjust_precision(q, self.start_bits, self.threshold)
@@ -154,7 +176,7 @@ class BSQ(BitLevelMethod):
         return True
 
     def resume(self, model: nn.Module, epoch: int, epochs: int) -> None:
-        self._frozen = self.finetune_epochs > 0 and epoch >= epochs - self.finetune_epochs
+        super().resume(model, epoch, epochs)
         if self._frozen and self.finetune == "fixed":
             fix_scheme(model, self._layers)
 
@@ -162,7 +184,3 @@ class BSQ(BitLevelMethod):
         for _, _, q in bitplane_layers(model, self._layers):
             q.clamp_planes_(0.0, 2.0)
             q.requantize_()
-
-    def precision(self, model: nn.Module) -> dict[str, int]:
-        """Bits per layer now (bit planes, or their fixed scheme in the fine-tune)."""
-        return {name: q.bits for name, _, q in layers_with(model, self._layers, SignMagnitude)}

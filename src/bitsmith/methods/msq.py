@@ -36,7 +36,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.method import eval_mode, register_method
-from bitsmith.methods.bsq import BSQ, layers_with
+from bitsmith.methods.bsq import PrecisionSearch, layers_with
 from bitsmith.nn import QuantizedMixin
 from bitsmith.quant.roundclamp import RoundClampQuantizer
 from bitsmith.sensitivity import hutchinson_traces
@@ -49,7 +49,7 @@ def roundclamp_layers(model: nn.Module, names: list[str]) -> list[tuple[str, Qua
 
 @register_method("msq")
 @dataclass
-class MSQ(BSQ):
+class MSQ(PrecisionSearch):
     """Float weights, an L1 on their quantized codes' LSBs, Hessian-aware multi-LSB pruning."""
 
     description = "MSQ: round-clamp LSB extraction, LSB L1, Hessian-aware multi-LSB pruning (mixed precision)"
@@ -87,8 +87,7 @@ class MSQ(BSQ):
 
     def schedule(self, model: nn.Module, epoch: int, epochs: int) -> bool:
         self._steps_in_epoch = 0  # step-wise adjustments count within an epoch: a resumed run repeats them
-        finetune_starts = epochs - self.finetune_epochs
-        if self._frozen or (epoch % self.adjust_every and epoch != finetune_starts):
+        if not self.adjusts_after(epoch, epochs):
             return False
         self._adjust_layers(model)
         self.resume(model, epoch, epochs)  # frozen from the fine-tune on

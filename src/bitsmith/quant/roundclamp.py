@@ -1,15 +1,18 @@
 """Round-clamp quantizer (MSQ): sign-magnitude codes of a float weight, with its least significant bit
 available to autograd.
 
-``Q(w) = sign(w) * clamp(round(|w| / step), 0, 2^n - 1) * step`` with a clipped straight-through
-gradient (zero beyond the range, so clipped weights do not drift); the float weight is the only
-trainable tensor, ``step`` a buffer set from ``max|W|`` at initialisation. ``lsb(w)`` is the magnitude code's LSB as
+``Q(w) = sign(w) * clamp(round(|w| / step), 0, 2^n - 1) * step``. Its gradient (``gradient``) is
+``clipped`` (MSQ: ``sign(w) * d|w|/dw`` inside the range, zero beyond it, so clipped weights do not drift)
+or ``identity`` (BSQ's fixed-scheme fine-tune: passed straight through, zero codes included); the
+float weight is the only trainable tensor, ``step`` a buffer set from ``max|W|`` at initialisation. ``lsb(w)`` is the magnitude code's LSB as
 ``|k - 2 round(k / 2)|`` with the gradient through ``k`` only, so its L1 pushes each code to the
 nearest even value. ``drop_lsb_`` doubles the step (lossless when every code is even), ``drop_msb_``
 lowers the top when no code uses it.
 """
 
 from __future__ import annotations
+
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -24,16 +27,22 @@ class RoundClampQuantizer(SignMagnitude):
 
     kind = "roundclamp"
 
-    def __init__(self, bits: int = 8) -> None:
+    def __init__(self, bits: int = 8, gradient: Literal["clipped", "identity"] = "clipped") -> None:
         super().__init__()
         if not 1 <= bits <= 16:
             raise ValueError(f"round-clamp bits must be between 1 and 16, got {bits}")
+        if gradient not in ("clipped", "identity"):
+            raise ValueError(f"round-clamp gradient must be 'clipped' or 'identity', got {gradient!r}")
+        self.gradient = gradient
         self.register_buffer("nbits", torch.tensor(bits))  # in the state dict: precision survives a resume
         self.register_buffer("step", torch.empty(0))
 
     @property
     def bits(self) -> int:
         return int(self.nbits)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "gradient": self.gradient}
 
     @torch.no_grad()
     def init_from(self, weight: Tensor) -> None:
@@ -56,6 +65,8 @@ class RoundClampQuantizer(SignMagnitude):
             self.init_from(x)
         if self.observing:
             return x
+        if self.gradient == "identity":
+            return self.integers(x) * self.step + (x - x.detach())  # exact codes, identity gradient
         return (torch.sign(x.detach()) * self.codes(x) * self.step).to(x.dtype)
 
     @torch.no_grad()
