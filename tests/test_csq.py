@@ -55,3 +55,39 @@ def test_finalized_csq_model_round_trips_bit_exactly(calib, images, tmp_path: Pa
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(images), expected)
     assert method.average_bits(model) == pytest.approx(5.0)
+
+
+def test_prepare_keeps_the_pretrained_weights_of_a_layer_without_a_norm_after_it() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    pretrained = {name: layer.weight.detach().clone() for name, layer in model.named_children() if name != "1"}
+    compress(model, CSQ(start_bits=6, target_bits=3, a_bits=None), [torch.randn(8, 32)], finalize=False)
+    for name, weight in pretrained.items():
+        layer = model.get_submodule(name)
+        soft = layer.weight_q(layer.weight).detach()
+        assert float((soft - weight).norm() / weight.norm()) <= 0.03, name
+
+
+def test_the_temperature_rises_to_t_final_at_the_ticket_and_the_selection_then_turns_hard(calib) -> None:
+    model = make_cnn()
+    method = CSQ(start_bits=4, target_bits=2, t_final=100.0, ticket_epoch=2)
+    compress(model, method, calib, finalize=False)
+    q = method._quantizers(model)[0]
+    with torch.no_grad():
+        q.mask.copy_(torch.tensor([-0.2, 0.1, 0.3, -0.05]))
+    method.schedule(model, 1, 3)
+    assert float(q.beta) == pytest.approx(10.0) and not bool(q.hard_mask)
+    soft = q.selection().detach()
+    assert ((soft > 0) & (soft < 1)).all()
+    method.schedule(model, 2, 3)  # the ticket: beta = t_final, the selection a step function
+    assert float(q.beta) == pytest.approx(100.0) and bool(q.hard_mask)
+    assert torch.equal(q.selection(), torch.tensor([0.0, 1.0, 1.0, 0.0]))
+
+
+def test_the_budget_fraction_is_weighted_by_layer_size_or_averaged_over_layers() -> None:
+    big, small = CSQQuantizer(4).calibrate_(torch.randn(30, 10)), CSQQuantizer(4).calibrate_(torch.randn(2, 5))
+    with torch.no_grad():
+        big.mask.fill_(1.0)  # 4 of 4 positions selected, 300 weights
+        small.mask.copy_(torch.tensor([-1.0, -1.0, -1.0, 1.0]))  # 1 of 4, 10 weights
+    assert selected_fraction([big, small], "size") == pytest.approx((300 * 1.0 + 10 * 0.25) / 310)
+    assert selected_fraction([big, small], "layers") == pytest.approx((1.0 + 0.25) / 2)

@@ -15,8 +15,11 @@ size, our default) or averaged over layers (``budget: layers``, the reference co
 ``finalize`` hardens every bit: an exactly quantized model.
 
 Deviations, stated: the layer scale is the value of one LSB with its gradient rescaled (as in BSQ
-here); the bit logits start at ``+-logit_init`` around the round-to-nearest planes of the pretrained
-weight (the paper trains from scratch); each layer keeps at least one selected bit (an empty selection
+here); the model starts from the pretrained one (the paper trains from scratch): the bit logits start
+at ``+-logit_init`` around the round-to-nearest planes of the pretrained weight, and the step is divided
+by the initial relaxation gain ``sigmoid(mask_init) * tanh(logit_init / 2)``, so the relaxed weight
+after ``prepare`` is the round-to-nearest weight (as the temperature rises and the selection settles,
+the selected bits' weight grows by up to the inverse of that gain; the learned step absorbs it); each layer keeps at least one selected bit (an empty selection
 would zero its weight); activations use a dynamic per-tensor min-max quantizer
 (``a_bits``, 8 by default). ImageNet's rounds with weight rewinding are not implemented.
 """

@@ -79,11 +79,14 @@ class CSQQuantizer(SignMagnitude):
 
     @torch.no_grad()
     def init_from(self, weight: Tensor) -> None:
-        """Round-to-nearest ``n_max``-bit planes, logits ``+-logit_init``, ``step = max|W| / (2^n - 1)``."""
+        """Round-to-nearest ``n_max``-bit planes with logits ``+-logit_init``, and a step that makes the relaxed
+        weight equal that round-to-nearest weight (``max|W| / (2^n - 1)``) at the current temperature: with
+        every bit relaxed to ``sigmoid(beta m) * tanh(beta logit_init / 2)``, the step is divided by it."""
         levels = 2**self.n_max - 1
         step = weight.detach().abs().max().float().clamp(min=1e-8) / levels
         self._set_integers(torch.round(weight.detach().float() / step).clamp(-levels, levels), self.logit_init)
-        self.step = nn.Parameter(step.reshape(1).clone())
+        gain = torch.sigmoid(self.beta * self.mask_init) * torch.tanh(self.beta * self.logit_init / 2)
+        self.step = nn.Parameter((step / gain).reshape(1).clone())
 
     # -- the weight -------------------------------------------------------------------------------
     def selection(self, hard: bool = False) -> Tensor:
