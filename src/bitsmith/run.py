@@ -80,9 +80,14 @@ def load_checkpoint(path: str, model_name: str | None, data_root: str | None) ->
     if name in ZOO:  # the FP32 model is only timed: the zoo architecture, untrained, times the same
         task = classification_task(data_root, None, 1, 1, seed)
         return load(path, ZOO[name].build()).eval(), ZOO[name].build().eval(), task
-    from bitsmith.zoo.minilm import load_hf_encoder
+    from bitsmith.zoo.minilm import load_hf_encoder, minilm_dir
 
-    fp32, tokenizer = load_hf_encoder(meta.get("source") if model_name is None else model_name)
+    if model_name is None and name not in HF_MODELS:  # never read a path that the file names
+        raise ValueError(
+            f"{path}: the checkpoint was made from the model directory {str(meta.get('source'))[:200]!r}; "
+            "pass --model DIR to load it (bitsmith does not open paths named inside a checkpoint)"
+        )
+    fp32, tokenizer = load_hf_encoder(str(minilm_dir()) if model_name is None else model_name)
     task = embedding_task(tokenizer, None, 1, 1, seed)
     task.evaluate(fp32)  # the FP32 model is the cosine reference
     return load(path, copy.deepcopy(fp32)).eval(), fp32, task

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -38,14 +39,31 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded; the message names the file and the problem."""
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and every metadata entry but the digest itself:
+    a change of any byte of the file, header included, changes it."""
     h = hashlib.sha256()
+    for key in sorted(metadata):
+        if key != "sha256":
+            h.update(json.dumps([key, metadata[key]]).encode())
     for key in sorted(tensors):
         t = tensors[key].contiguous().reshape(-1)
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
+        h.update(json.dumps([key, str(t.dtype), list(tensors[key].shape)]).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _shape(path: Path, what: str, shape: Any, limit: int) -> list[int]:
+    """``shape`` read from a file, checked before anything is allocated: a list of at most 8 non-negative
+    ints whose product is at most ``limit`` (the largest tensor of the model it is loaded into)."""
+    ok = isinstance(shape, list) and len(shape) <= 8 and all(type(n) is int and n >= 0 for n in shape)
+    if not ok:
+        raise CheckpointError(f"{path}: {what} has a malformed shape {str(shape)[:80]}")
+    if math.prod(shape) > limit:
+        raise CheckpointError(
+            f"{path}: {what} claims {math.prod(shape)} elements, more than this model's largest tensor ({limit})"
+        )
+    return shape
 
 
 def _packed_layers(model: nn.Module) -> dict[str, QuantizedMixin]:
@@ -112,10 +130,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
         "layers": json.dumps(compressed_layers(model)),
         "packed": json.dumps(table),
         "meta": json.dumps(meta or {}),
-        "sha256": _digest(tensors),
     }
     if is_vit(model):  # structured pruning changes widths: the counts rebuild the shapes on load
         metadata["structure"] = json.dumps(structure_counts(model))
+    metadata["sha256"] = _digest(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -160,27 +178,43 @@ def read(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[st
     """Tensors and metadata of a bitsmith checkpoint, verified; raises ``CheckpointError``."""
     path = Path(path)
     tensors, metadata = _read_file(path, with_tensors=True)
-    if metadata.get("sha256") != _digest(tensors):
+    if metadata.get("sha256") != _digest(tensors, metadata):
         raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt; re-create or re-download it")
     return tensors, metadata
 
 
 @torch.no_grad()
 def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
-    """Rebuild the compressed layers on the plain ``model`` and load the checkpoint into it."""
+    """Rebuild the compressed layers on the plain ``model`` and load the checkpoint into it. Every problem
+    with the file raises ``CheckpointError`` naming the file and the problem."""
+    path = Path(path)
     tensors, metadata = read(path)
+    limit = max((t.numel() for t in model.state_dict().values()), default=0)
+    try:
+        return _load_into(path, model, tensors, metadata, limit)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RuntimeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: does not fit this model or is malformed: {str(exc)[:200]}") from None
+
+
+def _load_into(
+    path: Path, model: nn.Module, tensors: dict[str, torch.Tensor], metadata: dict[str, str], limit: int
+) -> nn.Module:
     try:
         layers = json.loads(metadata["layers"])
         table = json.loads(metadata["packed"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: damaged metadata ({exc})") from None
+    if not isinstance(layers, dict) or not isinstance(table, dict):
+        raise CheckpointError(f"{path}: damaged metadata (the layer map and packing table must be objects)")
     try:
         if "structure" in metadata:
             shrink_to(model, json.loads(metadata["structure"]))
         rebuild(model, layers)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: does not fit this model: {exc}") from None
-    state, decoded = _unpack_state(path, model, tensors, table)
+    state, decoded = _unpack_state(path, model, tensors, table, limit)
     excluded = {f"{n}.weight_q.{k}" for n in decoded for k in model.get_submodule(n).weight_q.packed_exclude}
     try:
         result = model.load_state_dict(state, strict=False)
@@ -197,31 +231,36 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     return model
 
 
-def _codes(state: dict[str, torch.Tensor], name: str, info: dict[str, Any]) -> torch.Tensor:
+def _codes(path: Path, state: dict[str, torch.Tensor], name: str, info: dict[str, Any], limit: int) -> torch.Tensor:
     """A layer's unpacked codes in its weight's shape (pruned entries of a sparse layer get code 0)."""
+    shape = _shape(path, f"layer {name!r}", info["shape"], limit)
+    bits = info["bits"]
+    if type(bits) is not int or not 1 <= bits <= 32 or type(info["min"]) is not int:
+        raise CheckpointError(f"{path}: layer {name!r} has bad code bits {str(bits)[:20]} or minimum")
     packed = state.pop(f"{name}.weight{CODES}")
     if not info.get("sparse"):
-        return unpack(packed, info["bits"], int(torch.Size(info["shape"]).numel())).reshape(info["shape"])
+        return unpack(packed, bits, math.prod(shape)).reshape(shape)
     mask = state[f"{name}.mask"]
-    codes = torch.full(info["shape"], -info["min"], dtype=torch.int32).clamp(0, 2 ** info["bits"] - 1)
-    codes[mask] = unpack(packed, info["bits"], int(mask.sum()))
+    codes = torch.full(shape, -info["min"], dtype=torch.int32).clamp(0, 2**bits - 1)
+    codes[mask] = unpack(packed, bits, int(mask.sum()))
     return codes
 
 
 def _unpack_state(
-    path: str | os.PathLike[str], model: nn.Module, tensors: dict[str, torch.Tensor], table: dict[str, Any]
+    path: Path, model: nn.Module, tensors: dict[str, torch.Tensor], table: dict[str, Any], limit: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     state = dict(tensors)
     for key, (shape, dtype) in table.pop("__zeros__", {}).items():
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise CheckpointError(f"{path}: zero tensor {key!r} has an unknown dtype {dtype!r}")
-        state[key] = torch.zeros(shape, dtype=getattr(torch, dtype))
+        state[key] = torch.zeros(_shape(path, f"zero tensor {key!r}", shape, limit), dtype=getattr(torch, dtype))
     for key, shape in table.pop("__bool__", {}).items():
-        numel = int(torch.Size(shape).numel())
-        state[key] = unpack(state[key], 1, numel).reshape(shape).to(torch.bool)
+        shape = _shape(path, f"mask {key!r}", shape, limit)
+        state[key] = unpack(state[key], 1, math.prod(shape)).reshape(shape).to(torch.bool)
     for name, shape in table.pop("__sparse__", {}).items():
         try:
-            weight = torch.zeros(shape, dtype=state[f"{name}.weight{KEPT}"].dtype)
+            weight = torch.zeros(_shape(path, f"sparse weight {name!r}", shape, limit),
+                                 dtype=state[f"{name}.weight{KEPT}"].dtype)  # fmt: skip
             weight[state[f"{name}.mask"]] = state.pop(f"{name}.weight{KEPT}")
         except (KeyError, RuntimeError, IndexError) as exc:
             raise CheckpointError(f"{path}: sparse weight of layer {name!r} cannot be restored: {exc}") from None
@@ -230,12 +269,12 @@ def _unpack_state(
     for name, info in table.items():
         try:
             layer = model.get_submodule(name)
-            codes = _codes(state, name, info)
+            codes = _codes(path, state, name, info, limit)
             prefix = f"{name}.weight{PARAM}"
             params = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
             params |= {key: state[f"{name}.weight_q.{key}"] for key in info.get("shared", [])}
             weight = layer.weight_q.decode(Encoded(codes + info["min"], params, info["bits"], info["min"]))
-        except (AttributeError, KeyError, ValueError) as exc:
+        except (AttributeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: packed weight of layer {name!r} cannot be decoded: {exc}") from None
         state[f"{name}.weight"] = weight.to(layer.weight.dtype)
         decoded[name] = weight

@@ -1,0 +1,490 @@
+"""Named core-logic mutations of every method, and the runner behind ``make mutants``.
+
+Each mutant changes one line of one method's central mechanism (removes, inverts or replaces it) in a
+copy of ``src/``; the method's tests must then fail ("killed"). A mutant that survives names a
+mechanism the suite does not prove. ``python tests/mutants.py [--only NAME]`` runs them one at a time
+and writes ``docs/results/mutants.md``; the unmutated code must pass each test selection first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    method: str
+    name: str
+    file: str  # under src/bitsmith/
+    find: str  # must occur exactly once
+    replace: str
+    tests: str  # pytest arguments: files (and -k expressions)
+
+
+M = Mutant
+MUTANTS = [
+    # -- quantization: post-training ---------------------------------------------------------------
+    M(
+        "ptq",
+        "weights not quantized",
+        "methods/ptq.py",
+        'if c["w_bits"] is None:\n            return None\n        return uniform',
+        "if True:\n            return None\n        return uniform",
+        "tests/test_ptq_methods.py",
+    ),
+    M(
+        "ptq",
+        "inputs never calibrated",
+        "methods/ptq.py",
+        "        observe_inputs(model, self._layers, batches)",
+        "        pass",
+        "tests/test_ptq_methods.py",
+    ),
+    M(
+        "ptq",
+        "granularity ignored",
+        "methods/ptq.py",
+        'c["w_bits"], c["w_granularity"]',
+        'c["w_bits"], "tensor"',
+        "tests/test_ptq_methods.py",
+    ),
+    M(
+        "rtn",
+        "symmetric grid instead of the asymmetric default",
+        "methods/rtn.py",
+        'c["group_size"], c["symmetric"], "minmax"',
+        'c["group_size"], True, "minmax"',
+        "tests/test_ptq_methods.py",
+    ),
+    M(
+        "rtn",
+        "per-channel instead of per-group scales",
+        "methods/rtn.py",
+        'c["bits"], "group", c["group_size"]',
+        'c["bits"], "channel", c["group_size"]',
+        "tests/test_ptq_methods.py",
+    ),
+    M(
+        "rtn",
+        "one bit more",
+        "methods/rtn.py",
+        'uniform_weight_quantizer(name, layer, c["bits"],',
+        'uniform_weight_quantizer(name, layer, c["bits"] + 1,',
+        "tests/test_ptq_methods.py",
+    ),
+    M(
+        "smoothquant",
+        "alpha and 1 - alpha swapped",
+        "methods/smoothquant.py",
+        "a_max.clamp(min=1e-5).pow(self.alpha) / w_max.clamp(min=1e-5).pow(1 - self.alpha)",
+        "a_max.clamp(min=1e-5).pow(1 - self.alpha) / w_max.clamp(min=1e-5).pow(self.alpha)",
+        "tests/test_noisyquant.py tests/test_ptq_methods.py",
+    ),
+    M(
+        "smoothquant",
+        "weights not rescaled",
+        "nn.py",
+        "self.weight.mul_(scale.to(self.weight)[None, :])",
+        "pass",
+        "tests/test_noisyquant.py tests/test_ptq_methods.py",
+    ),
+    M(
+        "smoothquant",
+        "scale from the weights only",
+        "methods/smoothquant.py",
+        "a_max = act_max[names[0]]",
+        "a_max = torch.ones_like(act_max[names[0]])",
+        "tests/test_noisyquant.py tests/test_ptq_methods.py",
+    ),
+    M(
+        "noisyquant",
+        "no mean shift",
+        "methods/noisyquant.py",
+        "mu = grid_search(lambda m: error(quantizer, m * step), -1.0, 1.0, self.grid, keep=0.0) * step",
+        "mu = 0.0",
+        "tests/test_noisyquant.py",
+    ),
+    M(
+        "noisyquant",
+        "no clip search",
+        "methods/noisyquant.py",
+        "if self.clip_search and _searchable(quantizer):",
+        "if False:",
+        "tests/test_noisyquant.py",
+    ),
+    M(
+        "noisyquant",
+        "no noise",
+        "methods/noisyquant.py",
+        "noise = mu + k * u",
+        "noise = mu + 0 * u",
+        "tests/test_noisyquant.py",
+    ),
+    M(
+        "mixed",
+        "sensitivities ignored",
+        "methods/mixed.py",
+        "b: abs(self.sensitivities[name]) * _error(q, model.get_submodule(name).weight)",
+        "b: 1.0 * _error(q, model.get_submodule(name).weight)",
+        "tests/test_mixed.py",
+    ),
+    M(
+        "mixed",
+        "critical objective ignored",
+        "methods/mixed.py",
+        "            loss = loss + self.critical_weight * critical_loss(logits, labels, self.critical, reduction)",
+        "            pass",
+        "tests/test_mixed.py",
+    ),
+    M(
+        "mixed",
+        "budget ignored",
+        "methods/mixed.py",
+        "        picked = allocate(cost, budgets)",
+        "        picked = allocate(cost, [])",
+        "tests/test_mixed.py",
+    ),
+    # -- quantization: training-time ---------------------------------------------------------------
+    M(
+        "qat",
+        "no batch-norm folding",
+        "methods/qat.py",
+        "self._pairs = conv_bn_pairs(model, convs) if convs else {}",
+        "self._pairs = {}",
+        "tests/test_qat.py",
+    ),
+    M(
+        "bsq",
+        "planes never clamped",
+        "methods/bsq.py",
+        "        for _, _, q in bitplane_layers(model, self._layers):\n            q.clamp_planes_(0.0, 2.0)\n\n    def schedule",
+        "        pass\n\n    def schedule",
+        "tests/test_bsq.py",
+    ),
+    M(
+        "bsq",
+        "no group Lasso",
+        "methods/bsq.py",
+        "q.pos[0].numel() * q.bits / total * group_lasso(q)",
+        "q.pos[0].numel() * q.bits / total * 0 * group_lasso(q)",
+        "tests/test_bsq.py",
+    ),
+    M(
+        "bsq",
+        "fine-tune skipped (never frozen)",
+        "methods/bsq.py",
+        "self._frozen = self.finetune_epochs > 0 and epoch >= epochs - self.finetune_epochs",
+        "self._frozen = False",
+        "tests/test_bsq.py",
+    ),
+    M(
+        "bsq",
+        "clipped gradient in the fixed fine-tune",
+        "methods/bsq.py",
+        'RoundClampQuantizer(q.bits, gradient="identity")',
+        "RoundClampQuantizer(q.bits)",
+        "tests/test_bsq.py",
+    ),
+    M(
+        "msq",
+        "Hessian rule inverted",
+        "methods/msq.py",
+        "sorted(names, key=lambda n: traces[n])[:count]",
+        "sorted(names, key=lambda n: -traces[n])[:count]",
+        "tests/test_msq.py",
+    ),
+    M(
+        "msq",
+        "no LSB penalty",
+        "methods/msq.py",
+        "(q.lsb(layer.masked_weight()) * q.step).sum()",
+        "0 * (q.lsb(layer.masked_weight()) * q.step).sum()",
+        "tests/test_msq.py",
+    ),
+    M(
+        "msq",
+        "LSB never dropped",
+        "methods/msq.py",
+        "        for _ in range(min(allowed, q.bits - self.min_bits)):",
+        "        for _ in range(0):",
+        "tests/test_msq.py",
+    ),
+    M(
+        "csq",
+        "no temperature annealing",
+        "methods/csq.py",
+        "q.beta.fill_(self.t_final ** (epoch / ticket))",
+        "q.beta.fill_(1.0)",
+        "tests/test_csq.py",
+    ),
+    M(
+        "csq",
+        "no ticket",
+        "methods/csq.py",
+        "                q.hard_mask.fill_(True)",
+        "                pass",
+        "tests/test_csq.py",
+    ),
+    M(
+        "csq",
+        "size-weighted budget computed per layer",
+        "methods/csq.py",
+        'if budget == "layers":',
+        "if True:",
+        "tests/test_csq.py",
+    ),
+    M(
+        "csq",
+        "budget sign ignored",
+        "methods/csq.py",
+        "over = selected_fraction(quantizers, self.budget) - self.target_bits / self.start_bits",
+        "over = 1.0",
+        "tests/test_csq.py",
+    ),
+    M(
+        "hero",
+        "no Hessian term",
+        "methods/hero.py",
+        "return surrogate - surrogate.detach() + gamma * norm",
+        "return gamma * norm",
+        "tests/test_hero.py",
+    ),
+    M(
+        "hero",
+        "gradient not normalised",
+        "methods/hero.py",
+        "scale = radius / norm.clamp(min=1e-12)",
+        "scale = radius",
+        "tests/test_hero.py",
+    ),
+    M(
+        "sam",
+        "gradient at the unperturbed point",
+        "methods/hero.py",
+        "moved = gradient({name: p + scale * gi",
+        "moved = gradient({name: p + 0 * scale * gi",
+        "tests/test_hero.py",
+    ),
+    M(
+        "fisher-reg",
+        "no Fisher term",
+        "methods/fisher_reg.py",
+        "return self.lam * ",
+        "return 0 * self.lam * ",
+        "tests/test_mixed.py",
+    ),
+    # -- sparsity and low rank ---------------------------------------------------------------------
+    M(
+        "prune",
+        "keeps the smallest weights",
+        "sparsity.py",
+        "mask[torch.argsort(scores.detach(), stable=True)[:drop]] = False",
+        "mask[torch.argsort(scores.detach(), stable=True, descending=True)[:drop]] = False",
+        "tests/test_sparsity.py",
+    ),
+    M(
+        "prune",
+        "no gradual schedule",
+        "methods/prune.py",
+        "self.apply(model, self.sparsity * (1 - (1 - epoch / ramp_epochs) ** 3))",
+        "pass",
+        "tests/test_sparsity.py",
+    ),
+    M(
+        "prune",
+        "N:M keeps the smallest",
+        "sparsity.py",
+        "groups.topk(n, dim=-1).indices",
+        "groups.topk(n, dim=-1, largest=False).indices",
+        "tests/test_sparsity.py",
+    ),
+    M(
+        "deephoyer",
+        "no regulariser",
+        "methods/deephoyer.py",
+        "return self.lam * sum(regularizer(model.get_submodule(n).masked_weight()) for n in self._layers)",
+        "return 0 * sum(regularizer(model.get_submodule(n).masked_weight()) for n in self._layers)",
+        "tests/test_sparsity.py",
+    ),
+    M(
+        "deephoyer",
+        "never prunes",
+        "methods/deephoyer.py",
+        "                layer.set_mask(threshold_mask(w, self.sensitivity))",
+        "                pass",
+        "tests/test_sparsity.py",
+    ),
+    M(
+        "deephoyer",
+        "Hoyer instead of Hoyer-square",
+        "sparsity.py",
+        "return w.abs().sum().pow(2) / (w.pow(2).sum() + EPS)",
+        "return w.abs().sum() / (w.pow(2).sum().sqrt() + EPS)",
+        "tests/test_sparsity.py",
+    ),
+    M(
+        "svd-train",
+        "no singular-value regulariser",
+        "methods/svd_train.py",
+        "total = total + self.lam_s * sum(regularizer(layer.s * layer.keep) for layer in layers)",
+        "pass",
+        "tests/test_svd_train.py",
+    ),
+    M(
+        "svd-train",
+        "no orthogonality term",
+        "methods/svd_train.py",
+        "total = self.lam_o * sum(layer.orthogonality() for layer in layers)",
+        "total = 0 * sum(layer.orthogonality() for layer in layers)",
+        "tests/test_svd_train.py",
+    ),
+    M(
+        "svd-train",
+        "keeps the smallest singular values",
+        "methods/svd_train.py",
+        "order = torch.argsort(power, descending=True)",
+        "order = torch.argsort(power)",
+        "tests/test_svd_train.py",
+    ),
+    M(
+        "bitslice",
+        "no slice regulariser",
+        "methods/bitslice.py",
+        "total = total + sum(s.abs().mean() for s in slices) / len(slices)",
+        "pass",
+        "tests/test_bitslice.py",
+    ),
+    M(
+        "bitslice",
+        "no pruning threshold",
+        "methods/bitslice.py",
+        "layer.set_mask(layer.weight.detach().abs() >= self.prune_threshold)",
+        "pass",
+        "tests/test_bitslice.py",
+    ),
+    M(
+        "bitslice",
+        "slices not subtracted",
+        "methods/bitslice.py",
+        "rest = rest - unit * value.detach()",
+        "rest = rest",
+        "tests/test_bitslice.py",
+    ),
+    M(
+        "nvit",
+        "random saliency",
+        "methods/nvit.py",
+        "scores = {key: sum(self._ema[k] for k in self._with_v(key)) for key in keys}",
+        "scores = {key: torch.rand_like(sum(self._ema[k] for k in self._with_v(key))) for key in keys}",
+        "tests/test_nvit.py",
+    ),
+    M(
+        "nvit",
+        "highest scores pruned",
+        "methods/nvit.py",
+        "return sorted(ranked, key=lambda item: item[0])",
+        "return sorted(ranked, key=lambda item: -item[0])",
+        "tests/test_nvit.py",
+    ),
+    M(
+        "nvit",
+        "Taylor score without the gradient",
+        "methods/nvit.py",
+        "lambda p: p * p.grad if p.grad is not None else torch.zeros_like(p)",
+        "lambda p: p * p",
+        "tests/test_nvit.py",
+    ),
+]
+
+
+def run_tests(src: Path, tests: str) -> tuple[bool, float]:
+    """Run ``tests`` against the package in ``src``; (passed, seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(src), "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *split(tests)]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return result.returncode == 0, time.perf_counter() - start
+
+
+def split(tests: str) -> list[str]:
+    """``"a.py b.py -k expr"`` -> ``["a.py", "b.py", "-k", "expr"]`` (the -k expression may hold spaces)."""
+    head, _, expr = tests.partition(" -k ")
+    return head.split() + (["-k", expr] if expr else [])
+
+
+def apply(mutant: Mutant, src: Path) -> None:
+    path = src / "bitsmith" / mutant.file
+    text = path.read_text()
+    count = text.count(mutant.find)
+    if count != 1:
+        raise SystemExit(f"mutant {mutant.method}/{mutant.name}: {mutant.find!r} occurs {count} times in {mutant.file}")
+    path.write_text(text.replace(mutant.find, mutant.replace))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="run the mutants of this method only")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "mutants.md")
+    args = parser.parse_args()
+    mutants = [m for m in MUTANTS if args.only in (None, m.method)]
+    for mutant in mutants:  # every mutation must apply before anything runs
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(ROOT / "src", Path(tmp) / "src")
+            apply(mutant, Path(tmp) / "src")
+    baseline = {}
+    for tests in dict.fromkeys(m.tests for m in mutants):
+        passed, _ = run_tests(ROOT / "src", tests)
+        if not passed:
+            raise SystemExit(f"the unmutated code fails `pytest {tests}`: fix that first")
+        baseline[tests] = passed
+    rows = []
+    for mutant in mutants:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "src"
+            shutil.copytree(ROOT / "src", src)
+            apply(mutant, src)
+            passed, seconds = run_tests(src, mutant.tests)
+        rows.append((mutant, not passed, seconds))
+        print(
+            f"{'killed  ' if not passed else 'SURVIVED'} {mutant.method:12} {mutant.name} ({seconds:.0f} s)", flush=True
+        )
+    write(rows, args.out, full=args.only is None)
+    survivors = [m for m, killed, _ in rows if not killed]
+    print(f"{len(rows) - len(survivors)} killed, {len(survivors)} survived")
+    sys.exit(1 if survivors else 0)
+
+
+def write(rows: list[tuple[Mutant, bool, float]], out: Path, full: bool) -> None:
+    if not full:
+        return
+    killed = sum(k for _, k, _ in rows)
+    lines = [
+        "# Mutants: does the suite notice a broken method?",
+        "",
+        "Each row changes one line of a method's central mechanism in a copy of `src/` and runs that method's",
+        "tests (`tests/mutants.py` holds the list; regenerate with `make mutants`). *killed*: a test failed.",
+        "",
+        f"**{killed} of {len(rows)} killed.**",
+        "",
+        "| method | mutation | file | tests | result | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, k, s in rows:
+        lines.append(
+            f"| {m.method} | {m.name} | `{m.file}` | `{m.tests}` | {'killed' if k else '**survived**'} | {s:.0f} |"
+        )
+    out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""PTQ, RTN and SmoothQuant: the configuration each method claims is the one its quantizers hold."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitsmith import build_method, compress
+
+
+def linear_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_rtn_is_asymmetric_per_group_min_max_by_default() -> None:
+    model = linear_model()
+    weight = model[0].weight.detach().clone()
+    compress(model, build_method({"name": "rtn", "bits": 4, "group_size": 128, "where": {"include": ["0"]}}))
+    q = model[0].weight_q
+    assert q.scale.shape == (16,) and not q.symmetric  # 8 outputs x 2 groups of 128 inputs
+    groups = weight.reshape(8, 2, 128)
+    fake = q(weight).reshape(8, 2, 128)
+    # asymmetric min-max: each group's step spans its own [min, max] in 15 steps, and it has at most 16 levels
+    assert torch.allclose(q.scale.reshape(8, 2), (groups.amax(-1) - groups.amin(-1)) / 15, rtol=1e-5)
+    assert float((fake - groups).abs().max()) <= float(q.scale.max()) / 2 + 1e-6
+    assert max(len(g.unique()) for g in fake.reshape(16, 128)) <= 16
+    assert int((q.zero_point != 0).sum()) > 0
+
+
+def test_ptq_quantizes_weights_per_channel_and_calibrates_inputs() -> None:
+    model = linear_model()
+    calib = [torch.randn(16, 256) for _ in range(2)]
+    ptq = build_method({"name": "ptq", "w_bits": 3, "a_bits": 4, "w_granularity": "channel"})
+    compress(model, ptq, calib)
+    layer = model[0]
+    assert layer.weight_q.scale.numel() == 8  # one scale per output channel
+    assert all(len(row.unique()) <= 8 for row in layer.effective_weight().detach())  # 3 bits per channel
+    assert layer.input_q.ready
+    assert len(layer.input_q(calib[0]).unique()) <= 16  # 4-bit inputs
+    float_model = linear_model()
+    assert not torch.equal(model(calib[0]), float_model(calib[0]))
+
+
+def test_smoothquant_scales_are_max_activation_to_the_alpha_over_max_weight_to_one_minus_alpha() -> None:
+    model = linear_model()
+    weight = model[0].weight.detach().clone()
+    calib = [torch.randn(32, 256) * torch.linspace(0.1, 20, 256) for _ in range(2)]
+    alpha = 0.75
+    compress(model, build_method({"name": "smoothquant", "alpha": alpha, "layers": "all"}), calib)
+    a_max = torch.stack([x.abs().amax(0) for x in calib]).amax(0)
+    expected = a_max.pow(alpha) / weight.abs().amax(0).pow(1 - alpha)
+    assert torch.allclose(model[0].smooth, expected, rtol=1e-5)
