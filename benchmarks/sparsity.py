@@ -10,7 +10,8 @@ and classifier are not pruned; sparsity is over the other layers' weights.
   ``|w| <= 0.25 std(W)`` (DeepHoyer's rule, for both), 1 masked fine-tune epoch;
 - SVD training: Hoyer on the singular values (lam_s 0.01), orthogonality lam_o 1, cut at the given
   energy after 2 epochs, 1 fine-tune epoch, then low-rank layers;
-- bit-slice: 8-bit fixed point, L1 on 2-bit slices vs plain L1 at the same alpha;
+- bit-slice: 8-bit magnitudes on the step 2^(s-8), L1 on the four 2-bit slices vs plain L1 (both one mean
+  over all weights), an alpha sweep each, compared at equal top-1;
 - longer budget (``--part long``): CNN magnitude 0.9 / 0.95, DeepHoyer 1e-3 ... 2e-5 and SVD energy 0.15 / 0.05 with 8 epochs
   of all 60,000 images (magnitude ramps over 2/3 of them, DeepHoyer and SVD fine-tune the last 2).
 Top-1 on the 10,000 test images.
@@ -46,7 +47,7 @@ MAGNITUDE = [0.5, 0.8, 0.9, 0.95]
 L1_LAMBDAS = [1e-3, 1e-2, 1e-1]
 HOYER_LAMBDAS = [1e-4, 1e-3, 1e-2]
 SVD_ENERGIES = [0.05, 0.1, 0.15]
-BITSLICE_ALPHAS = [0.5]
+BITSLICE_ALPHAS = [0.1, 0.3, 1.0, 3.0, 10.0]
 LONG = {"epochs": 8, "images": 60_000}
 LONG_HOYER = [1e-3, 1e-4, 5e-5, 2e-5]
 LONG_SVD = [0.15, 0.05]

@@ -74,15 +74,43 @@ def svd_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _mean_zero_slices(row: dict[str, Any]) -> float:
+    return sum(row["slice_sparsity"]) / len(row["slice_sparsity"])
+
+
+def _l1_at(l1: list[dict[str, Any]], accuracy: float) -> float | None:
+    """Plain L1's mean zero-slice fraction at ``accuracy``, linearly interpolated between its rows
+    (None outside the accuracies L1 reached)."""
+    pts = sorted((r["accuracy"], _mean_zero_slices(r)) for r in l1)
+    for (a0, z0), (a1, z1) in zip(pts, pts[1:]):
+        if a0 <= accuracy <= a1:
+            return z0 if a1 == a0 else z0 + (z1 - z0) * (accuracy - a0) / (a1 - a0)
+    return None
+
+
 def bitslice_table(rows: list[dict[str, Any]]) -> list[str]:
-    sliced = sorted((r for r in rows if r["family"].endswith("(8-bit)")), key=lambda r: (r["param"], r["family"]))
+    sliced = sorted((r for r in rows if r["family"].endswith("(8-bit)")), key=lambda r: (r["family"], r["param"]))
     if not sliced:
         return []
-    lines = ["", "## Bit-slice sparsity (CNN, 8-bit fixed point, 2-bit slices, MSB first)", "",
-             "| regulariser | alpha | weight sparsity % | zero slices % (MSB → LSB) | top-1 % |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = ["", "## Bit-slice sparsity (CNN, 8-bit magnitude on the step 2^(s-8), four 2-bit slices, MSB first)", "",
+             "| regulariser | alpha | weight sparsity % | zero slices % (MSB → LSB) | mean zero slices % | top-1 % |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for r in sliced:
         slices = " / ".join(f"{100 * s:.1f}" for s in r["slice_sparsity"])
-        lines.append(f"| {r['family']} | {r['param']:g} | {_pct(r['sparsity'])} | {slices} | {_pct(r['accuracy'])} |")
+        lines.append(f"| {r['family']} | {r['param']:g} | {_pct(r['sparsity'])} | {slices} | "
+                     f"{_pct(_mean_zero_slices(r))} | {_pct(r['accuracy'])} |")  # fmt: skip
+    l1 = [r for r in sliced if r["family"].startswith("l1")]
+    lines += ["", "At equal accuracy (plain L1 interpolated to each bit-slice row's top-1; the paper claims about 2x "
+              "more zero slices for bit-slice L1): ratio of zero slices and of non-zero slices, bit-slice / L1.", "",
+              "| bit-slice alpha | top-1 % | bit-slice zero % | L1 zero % at that top-1 | zero ratio | "
+              "non-zero ratio |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in (r for r in sliced if r["family"].startswith("bitslice")):
+        mine, theirs = _mean_zero_slices(r), _l1_at(l1, r["accuracy"])
+        if theirs is None:
+            lines.append(f"| {r['param']:g} | {_pct(r['accuracy'])} | {_pct(mine)} | outside L1's range | - | - |")
+            continue
+        lines.append(f"| {r['param']:g} | {_pct(r['accuracy'])} | {_pct(mine)} | {_pct(theirs)} | "
+                     f"{mine / theirs:.2f}x | {(1 - mine) / (1 - theirs):.2f}x |")  # fmt: skip
     return lines
 
 

@@ -1,20 +1,20 @@
 """Bit-slice sparsity (Zhang et al., EMC^2 2019): an L1 on the 2-bit slices of fixed-point weights, for
 ReRAM crossbars whose ADC resolution is set by how many cells of a bit line are non-zero.
 
-Spec: ``shared/methods/bitslice.md`` (code: zjysteven/bitslice_sparsity). Weights are 8-bit fixed point
-with a per-tensor power-of-two step ``2^(ceil(log2 max|W|) - 7)`` (a ``UniformQuantizer`` with that fixed
-scale). ``prepare`` magnitude-prunes ``|w| < prune_threshold`` (masks frozen). Training adds
+Spec: ``shared/methods/bitslice.md`` (code: zjysteven/bitslice_sparsity). A weight tensor with
+dynamic fixed-point scale ``s = ceil(log2 max|W|)`` has the magnitude code ``x = round(|w| / 2^(s-8))``,
+an 8-bit magnitude in [0, 255] (the sign is a separate crossbar), split into four full 2-bit slices,
+most significant first: ``b1 = floor(x / 64)``, ``b2 = floor((x - 64 b1) / 16)``, ... Floor and round
+pass gradients straight through and earlier slices are detached in the later subtractions, as in the
+code. The weights are quantized on that grid (a ``UniformQuantizer`` with the fixed step ``2^(s-8)``,
+magnitudes clamped to 255). ``prepare`` magnitude-prunes ``|w| < prune_threshold`` (masks frozen).
+Training adds the official normalisation, one mean over all slices of all selected weights:
 
-    alpha * sum_l mean_k mean(|slice_k(W_l)|)
+    alpha * sum_l sum_k sum |slice_k(W_l)| / (K * #W)
 
-with the magnitude code ``x = round(|w| / step)`` split into ``slice_bits``-wide slices, most significant
-first; floor and round pass gradients straight through and earlier slices are detached in the later
-subtractions, as in the code. ``regularizer: l1`` is the plain-L1 baseline, ``alpha * sum_l mean|W_l| /
-step_l``, the same scale in code units. ``slice_sparsity`` reports the fraction of zero entries per
-slice.
-
-Deviation, stated: the penalty averages over weights and slices (the code sums over the weights,
-which at this step size moves every weight by tens of codes per SGD step).
+``regularizer: l1`` is the plain-L1 baseline on the same scale, ``alpha * sum_l sum |W_l| / step_l / #W``
+(the code's L1 on the weights, in code units so one alpha compares the two). ``slice_sparsity``
+reports the fraction of zero entries per slice over all selected weights.
 """
 
 from __future__ import annotations
@@ -31,26 +31,26 @@ from bitsmith.method import Method, register_method
 from bitsmith.quant.layers import attach
 from bitsmith.quant.uniform import UniformQuantizer
 
-BITS = 8
+MAGNITUDE_BITS = 8  # four full 2-bit slices
 
 
-def power_of_two_step(weight: Tensor, bits: int = BITS) -> float:
-    """``2^(ceil(log2 max|W|) - (bits - 1))``: the signed ``bits``-bit fixed-point step covering ``W``."""
+def power_of_two_step(weight: Tensor, bits: int = MAGNITUDE_BITS) -> float:
+    """``2^(ceil(log2 max|W|) - bits)``: the step of a ``bits``-bit magnitude covering ``W``."""
     peak = float(weight.detach().abs().max().clamp(min=1e-12))
-    return 2.0 ** (math.ceil(math.log2(peak)) - (bits - 1))
+    return 2.0 ** (math.ceil(math.log2(peak)) - bits)
 
 
 def _ste(hard: Tensor, soft: Tensor) -> Tensor:
     return soft + (hard - soft).detach()
 
 
-def bit_slices(weight: Tensor, step: float, slice_bits: int = 2, bits: int = BITS) -> list[Tensor]:
+def bit_slices(weight: Tensor, step: float, slice_bits: int = 2, bits: int = MAGNITUDE_BITS) -> list[Tensor]:
     """The magnitude code's slices, most significant first; ``sum_k slice_k * 2^(slice_bits * (K-1-k))``
-    equals the code exactly."""
-    levels = 2 ** (bits - 1) - 1
+    equals the code ``clamp(round(|w| / step), 0, 2^bits - 1)`` exactly."""
+    levels = 2**bits - 1
     scaled = weight.abs() / step
     code = _ste(torch.round(scaled).clamp(0, levels), scaled)
-    count = math.ceil((bits - 1) / slice_bits)
+    count = math.ceil(bits / slice_bits)
     slices, rest = [], code
     for k in range(count):
         unit = 2 ** (slice_bits * (count - 1 - k))
@@ -73,7 +73,8 @@ class BitSlice(Method):
     prune_threshold: Annotated[float, Field(ge=0.0)] = 0.01
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
-        return UniformQuantizer(BITS, True, "tensor", step="fixed", scale=power_of_two_step(layer.weight))
+        # sign + 8-bit magnitude: codes in [-256, 255] on the step 2^(s-8)
+        return UniformQuantizer(MAGNITUDE_BITS + 1, True, "tensor", step="fixed", scale=power_of_two_step(layer.weight))
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         specs = attach(model, self.where, self._weight_q, None)
@@ -89,16 +90,17 @@ class BitSlice(Method):
     def penalty(self, model: nn.Module, batch: Any) -> Tensor:
         if self.alpha == 0:
             return torch.zeros(())
-        total = torch.zeros(())
+        total, count = torch.zeros(()), 0
         for name in self._layers:
             layer = model.get_submodule(name)
             weight = layer.masked_weight()
+            count += weight.numel()
             if self.regularizer == "l1":
-                total = total + (weight.abs() / self._step(layer)).mean()
+                total = total + weight.abs().sum() / self._step(layer)
             else:
                 slices = bit_slices(weight, self._step(layer), self.slice_bits)
-                total = total + sum(s.abs().mean() for s in slices) / len(slices)
-        return self.alpha * total
+                total = total + sum(s.abs().sum() for s in slices) / len(slices)
+        return self.alpha * total / count
 
     @torch.no_grad()
     def slice_sparsity(self, model: nn.Module) -> list[float]:
