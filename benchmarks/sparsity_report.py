@@ -82,7 +82,7 @@ def _l1_at(l1: list[dict[str, Any]], accuracy: float) -> float | None:
     """Plain L1's mean zero-slice fraction at ``accuracy``, linearly interpolated between its rows
     (None outside the accuracies L1 reached)."""
     pts = sorted((r["accuracy"], _mean_zero_slices(r)) for r in l1)
-    for (a0, z0), (a1, z1) in zip(pts, pts[1:]):
+    for (a0, z0), (a1, z1) in zip(pts, pts[1:], strict=False):
         if a0 <= accuracy <= a1:
             return z0 if a1 == a0 else z0 + (z1 - z0) * (accuracy - a0) / (a1 - a0)
     return None

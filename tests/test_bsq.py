@@ -128,3 +128,19 @@ def test_bsq_planes_are_clamped_after_every_optimizer_step() -> None:
     fit(model, x, y, TrainConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.0, weight_decay=0), [method])
     assert seen[0] == (-0.5, 3.5)  # the first forward reads what it was given
     assert len(seen) == 8 and all(low >= 0.0 and high <= 2.0 for low, high in seen[1:]), seen
+
+
+def test_the_finetune_epochs_train_the_fixed_scheme_without_the_regulariser(calib: list) -> None:
+    model, method = make_cnn(), BSQ(alpha=1.0, finetune_epochs=1)
+    compress(model, method, calib, finalize=False)
+    assert float(method.penalty(model, calib[0])) > 0
+    method.schedule(model, 1, 3)  # a regularised epoch: planes still train
+    assert float(method.penalty(model, calib[0])) > 0 and isinstance(model.fc1.weight_q, BitPlaneQuantizer)
+    method.schedule(model, 2, 3)  # the fine-tune starts: float weights behind the identity-gradient STE
+    assert float(method.penalty(model, calib[0])) == 0
+    q = model.fc1.weight_q
+    assert isinstance(q, RoundClampQuantizer) and q.gradient == "identity"
+    model.train()
+    model(calib[0][0]).sum().backward()
+    zero_codes = q.integers(model.fc1.weight.detach()) == 0
+    assert bool(zero_codes.any()) and bool((model.fc1.weight.grad[zero_codes] != 0).any())  # zero codes still learn

@@ -175,3 +175,45 @@ def test_classification_task_reports_critical_accuracy(cnn: nn.Module) -> None:
     mask = (labels == 2) | (labels == 5)
     metrics = task.evaluate(cnn)
     assert metrics["critical_accuracy"] == pytest.approx(float((predictions == labels)[mask].float().mean()))
+
+
+def test_the_sensitive_layer_gets_the_bits(calib: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The allocation follows the sensitivities: a layer gets more bits when it is the sensitive one than
+    when another layer is."""
+
+    def allocate_for(sensitive: str) -> dict[str, int]:
+        method = MixedPrecision(sensitivity="hessian", avg_bits=3.0, a_bits=None)
+        monkeypatch.setattr(method, "measure", lambda m, b, target="weight": {
+            n: (1e6 if n == sensitive else 1e-6) for n in method._layers})  # fmt: skip
+        compress(make_cnn(), method, calib)
+        return {name: entry["w_bits"] for name, entry in method.allocation.items()}
+
+    for_fc1, for_conv = allocate_for("fc1"), allocate_for("conv")
+    assert for_fc1["fc1"] > for_conv["fc1"] and for_conv["conv"] > for_fc1["conv"], (for_fc1, for_conv)
+    assert for_conv["conv"] == max(for_conv.values()) and for_fc1["fc1"] == max(for_fc1.values())
+
+
+def test_a_users_bit_override_is_a_fixed_choice_and_negative_traces_count_as_zero(
+    calib: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_cnn()
+    method = MixedPrecision(
+        sensitivity="hessian", avg_bits=3.0, a_bits=None, where={"overrides": {"fc2": {"w_bits": 8}}}
+    )
+    traces = {"stem": 5.0, "conv": -50.0, "fc1": 1.0, "fc2": 1.0}  # conv: a negative estimate
+    monkeypatch.setattr(method, "measure", lambda m, b, target="weight": dict(traces))
+    with pytest.warns(UserWarning, match=r"negative hessian weight sensitivity for conv \(-50\)"):
+        compress(model, method, calib)
+    bits = {name: entry["w_bits"] for name, entry in method.allocation.items()}
+    assert bits["fc2"] == 8  # the user's choice, although 8 bits cost budget
+    assert bits["conv"] == 2  # taken as insensitive (abs() would have made it the most sensitive)
+    assert method.sensitivities["conv"] == -50.0
+    assert model_cost(model).totals["avg_weight_bits"] <= 3.0 + 1e-9
+
+
+def test_the_critical_objective_adds_the_merged_class_loss() -> None:
+    logits, labels = torch.randn(16, 10, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    method = MixedPrecision(critical=[1, 3], critical_weight=2.0)
+    expected = nn.functional.cross_entropy(logits, labels) + 2.0 * critical_loss(logits, labels, [1, 3])
+    assert torch.allclose(method.objective(logits, labels), expected)
+    assert not torch.allclose(MixedPrecision().objective(logits, labels), expected)

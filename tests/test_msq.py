@@ -58,3 +58,20 @@ def test_msq_lowers_bits_with_far_fewer_trainable_parameters_than_bsq(tmp_path: 
     assert accuracy(model, x, y) > 0.9
     reloaded = load(save(model, tmp_path / "msq.safetensors"), make_cnn())
     assert torch.equal(reloaded(x[:8]), model.eval()(x[:8]))
+
+
+def test_the_least_hessian_sensitive_layers_drop_several_lsbs_at_once(calib: list, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import bitsmith.methods.msq as msq_module
+
+    traces = {"stem": 3.0, "conv": 1.0, "fc1": 2.0, "fc2": 4.0}  # per weight: conv and fc1 are the flattest
+    monkeypatch.setattr(
+        msq_module, "hutchinson_traces", lambda model, loss, names, *a, **k: {n: traces[n] for n in names}
+    )
+    model, method = make_cnn(), MSQ(start_bits=8, threshold=0.99, max_drop=3, min_bits=2, hessian_fraction=0.5)
+    compress(model, method, calib, finalize=False)
+    method.penalty(model, calib[0])  # the batch the traces are measured on
+    assert method._least_sensitive(model, list(traces)) == {"conv", "fc1"}
+    before = method.precision(model)
+    method._adjust_layers(model)
+    dropped = {name: before[name] - bits for name, bits in method.precision(model).items()}
+    assert dropped == {"stem": 1, "conv": 3, "fc1": 3, "fc2": 1}, dropped  # max_drop LSBs vs one

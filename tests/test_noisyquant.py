@@ -74,6 +74,21 @@ def test_grid_search_keeps_the_incumbent_on_ties_and_finds_the_minimum() -> None
     assert grid_search(lambda v: (v - 0.37) ** 2, 0.0, 1.0, 11) == pytest.approx(0.37, abs=0.01)
 
 
+def test_each_noisyquant_stage_lowers_the_output_error_on_outlier_activations() -> None:
+    """The clip search, the mean shift and the noise each remove a share of the output error (summed
+    over the layers): a stage that is switched off or inverted leaves its share."""
+    model = make_model(pre_norm=True)
+    nq = NoisyQuant(grid=8, rows=256)
+    compress(
+        model, [SmoothQuant(), PTQ(w_bits=6, a_bits=4, a_symmetric=True), nq], [tokens(32, seed=s) for s in (2, 3)]
+    )
+    total = {key: sum(r[key] for r in nq.report.values()) for key in ("mse_ptq", "mse_clip", "mse_mean", "mse_noise")}
+    assert total["mse_clip"] <= 0.8 * total["mse_ptq"], total
+    assert total["mse_mean"] <= 0.97 * total["mse_clip"], total
+    assert total["mse_noise"] <= 0.97 * total["mse_mean"], total
+    assert any(r["k"] > 0 for r in nq.report.values()) and any(r["mu_steps"] != 0 for r in nq.report.values())
+
+
 @pytest.mark.parametrize("pre_norm", [True, False])
 def test_noisyquant_never_worse_than_ptq_on_calibration_and_composes_with_smoothquant(
     pre_norm: bool, tmp_path: Path

@@ -20,12 +20,21 @@ Critical classes (Fisher-aware quantization): with ``critical``, the loss whose 
 is ``L_F + critical_weight * L_A``, ``L_A`` the cross-entropy with the non-critical classes merged
 into one (``bitsmith.critical``).
 
+A user's per-layer ``w_bits`` / ``a_bits`` in ``where.overrides`` are fixed choices: that layer's only
+candidate in the integer program (its size and BOPs still count against the budgets).
+
+Negative sensitivities: a Hutchinson trace (or top eigenvalue) can come out negative where the loss is
+locally non-convex or the estimate is noisy. Such a layer's sensitivity is taken as 0 (quantizing it
+is predicted not to raise the loss to second order, so it gets the fewest bits the budget allows) and a
+warning names it; the measured values stay in ``sensitivities``.
+
 Labels: the calibration batches' labels when they carry them, otherwise the float model's own
 predictions (stated deviation: label-free calibration).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -131,9 +140,8 @@ class MixedPrecision(PTQ):
         """Measure the sensitivities, then the integer program over the candidate (w, a) pairs."""
         batch = concat_batches(batches)
         w_cost, a_cost = self.perturbations(model, batch)
-        a_bits = self.a_candidates or [self.a_bits]
         cost = {
-            name: {(w, a): w_cost[name][w] + a_cost[name].get(a, 0.0) for w in self.candidates for a in a_bits}
+            name: {(w, a): w_cost[name][w] + a_cost[name].get(a, 0.0) for w, a in self._choices(name)}
             for name in self._layers
         }
         numel = {name: model.get_submodule(name).weight.numel() for name in self._layers}
@@ -148,6 +156,25 @@ class MixedPrecision(PTQ):
         picked = allocate(cost, budgets)
         return {name: _bits_entry(w, a) for name, (w, a) in picked.items()}
 
+    def _choices(self, name: str) -> list[tuple[int, int | None]]:
+        """The (weight bits, activation bits) pairs layer ``name`` may take: a user's override is fixed."""
+        fixed = self._overrides[name]
+        weights = [fixed["w_bits"]] if "w_bits" in fixed else self.candidates
+        inputs = [fixed["a_bits"]] if "a_bits" in fixed else (self.a_candidates or [self.a_bits])
+        return [(w, a) for w in weights for a in inputs]
+
+    def _nonnegative(self, measured: dict[str, float], what: str) -> dict[str, float]:
+        """Sensitivities with negative values taken as 0, and a warning naming those layers."""
+        negative = {name: value for name, value in measured.items() if value < 0}
+        if negative:
+            listed = ", ".join(f"{name} ({value:.3g})" for name, value in list(negative.items())[:5])
+            warnings.warn(
+                f"mixed: negative {self.sensitivity} {what} sensitivity for {listed}: the loss is locally non-convex "
+                "there or the estimate is noisy; taken as 0 (fewest bits). Raise max_probes or calibrate on more data",
+                stacklevel=3,
+            )
+        return {name: max(value, 0.0) for name, value in measured.items()}
+
     def perturbations(self, model: nn.Module, batch: Any) -> tuple[PerLayer, PerLayer]:
         """``Omega_l(b)`` for the weight and (with ``a_candidates``) the input of every layer."""
         w_q = {name: self._weight_quantizers(model, name) for name in self._layers}
@@ -156,25 +183,25 @@ class MixedPrecision(PTQ):
             with eval_mode(model):
                 return self._loss_increase(model, batch, w_q, a_q)
         self.sensitivities = self.measure(model, batch)
+        weight_s = self._nonnegative(self.sensitivities, "weight")
         w_cost = {
-            name: {
-                b: abs(self.sensitivities[name]) * _error(q, model.get_submodule(name).weight) for b, q in qs.items()
-            }
+            name: {b: weight_s[name] * _error(q, model.get_submodule(name).weight) for b, q in qs.items()}
             for name, qs in w_q.items()
         }
         if not self.a_candidates:
             return w_cost, {name: {} for name in self._layers}
         self.input_sensitivities = self.measure(model, batch, target="input")
+        input_s = self._nonnegative(self.input_sensitivities, "input")
         a_cost = {
-            name: {b: abs(self.input_sensitivities[name]) * _error(q, self._inputs[name]) for b, q in qs.items()}
-            for name, qs in a_q.items()
+            name: {b: input_s[name] * _error(q, self._inputs[name]) for b, q in qs.items()} for name, qs in a_q.items()
         }
         return w_cost, a_cost
 
     def _weight_quantizers(self, model: nn.Module, name: str) -> dict[int, Any]:
         """Weight quantizers per candidate, calibrated on the layer's weight."""
         layer = model.get_submodule(name)
-        return {b: self._weight_q(name, layer, {**self._overrides[name], "w_bits": b}) for b in self.candidates}
+        bits = sorted({w for w, _ in self._choices(name)})
+        return {b: self._weight_q(name, layer, {**self._overrides[name], "w_bits": b}) for b in bits}
 
     def _input_quantizers(self, model: nn.Module, batch: Any) -> dict[str, dict[int, Any]]:
         """Activation quantizers per candidate, calibrated on each layer's inputs from the batch."""
@@ -184,7 +211,7 @@ class MixedPrecision(PTQ):
         return {
             name: {
                 a: self._input_q(name, model.get_submodule(name), {**self._overrides[name], "a_bits": a}).calibrate_(x)
-                for a in self.a_candidates or []
+                for a in sorted({a for _, a in self._choices(name)})
             }
             for name, x in self._inputs.items()
         }
