@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install data demo test lint bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed clean
+.PHONY: install data demo test lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: $(STAMP) data
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks
 	$(PY) -m ruff format --check src tests examples benchmarks
+
+# Core-logic mutations of every method (tests/mutants.py), one at a time: each must make a test fail.
+mutants: $(STAMP)
+	$(PY) tests/mutants.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -34,6 +34,12 @@ def load(name: str, calib_size: int | None = None) -> tuple[nn.Module, Task]:
     return pretrained(name), classification_task(None, None, calib_size or 512, 128, seed=0)
 
 
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages as a row is written (timed rows run alone: this shows it)."""
+    loadavg = Path("/proc/loadavg")
+    return [float(x) for x in loadavg.read_text().split()[:3]] if loadavg.exists() else []
+
+
 class Rows:
     """Result rows saved to a JSON file after each one: an interrupted benchmark resumes where it
     stopped, and rows already there are not re-measured (delete the file to measure everything again)."""
@@ -41,6 +47,7 @@ class Rows:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
+        self.extra: dict[str, Any] = {}  # fields every new row gets (e.g. the FP32 accuracy it started from)
 
     def done(self, **key: Any) -> bool:
         return any(all(r.get(k) == v for k, v in key.items()) for r in self.rows)
@@ -48,7 +55,7 @@ class Rows:
     def add(self, row: dict[str, Any]) -> None:
         """Append ``row`` to the file as it is now (another benchmark process may have added rows)."""
         on_disk = json.loads(self.path.read_text()) if self.path.is_file() else []
-        self.rows = [*on_disk, row]
+        self.rows = [*on_disk, {**row, **self.extra, "load": load_average()}]
         atomic_write_text(self.path, json.dumps(self.rows, indent=1))
 
     def put(self, row: dict[str, Any], **key: Any) -> None:

@@ -164,7 +164,7 @@ def test_metadata_holds_layer_map_and_version(saved: Path) -> None:
 
     with safe_open(str(saved), framework="pt") as f:
         meta = f.metadata()
-    assert meta["format_version"] == "1"
+    assert meta["format_version"] == "2"
     assert set(json.loads(meta["layers"])) == {"stem", "conv", "fc1", "fc2"}
     assert os.path.getsize(saved) > 0
 

@@ -195,5 +195,7 @@ def test_any_hf_encoder_directory_by_path(tmp_path: Path, capsys: pytest.Capture
     assert base["cosine"] == pytest.approx(1.0) and 0.9 < comp["cosine"] < 1.0
     assert 0.0 <= comp["retrieval"] <= 1.0 and comp["avg_weight_bits"] == 8.0
     capsys.readouterr()
-    assert main(["eval", str(out / "model.safetensors")]) == 0
+    assert main(["eval", str(out / "model.safetensors")]) == 2  # the directory named inside is never opened
+    assert "pass --model DIR" in capsys.readouterr().err
+    assert main(["eval", str(out / "model.safetensors"), "--model", str(directory)]) == 0
     assert "cosine 0.9" in capsys.readouterr().out

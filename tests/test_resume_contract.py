@@ -76,8 +76,8 @@ def test_a_run_killed_after_any_epoch_resumes_bit_identically(
 
     save = bitsmith.train.save_training_state
 
-    def save_then_die(path, model, optimizer, state, methods) -> None:  # type: ignore[no-untyped-def]
-        save(path, model, optimizer, state, methods)
+    def save_then_die(path, model, optimizer, state, *rest) -> None:  # type: ignore[no-untyped-def]
+        save(path, model, optimizer, state, *rest)
         if state.epoch == killed_after:
             raise Killed
 

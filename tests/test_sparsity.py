@@ -108,3 +108,20 @@ def test_pruned_checkpoints_store_only_the_kept_weights(quantize: bool, tmp_path
     reloaded = load(path, make_cnn())
     x = calib[0][0]
     assert torch.equal(reloaded(x), model.eval()(x))
+
+
+def test_regulariser_values_match_their_formulas() -> None:
+    w = torch.tensor([3.0, -4.0, 0.0])
+    assert float(REGULARIZERS["hoyer-square"](w)) == pytest.approx(49 / 25)  # (|3| + |4|)^2 / (9 + 16)
+    assert float(REGULARIZERS["hoyer"](w)) == pytest.approx(7 / 5)
+    assert float(REGULARIZERS["l1"](w)) == pytest.approx(7.0)
+    m = torch.tensor([[3.0, 0.0], [4.0, 0.0]])  # input groups: column norms 5, 0; output groups: row norms 3, 4
+    assert float(REGULARIZERS["group-hoyer-square"](m)) == pytest.approx(((5 + 0) ** 2 + (3 + 4) ** 2) / 25, rel=1e-5)
+
+
+def test_deephoyer_penalty_is_lam_times_the_summed_regulariser(calib: list) -> None:
+    model = make_cnn()
+    method = DeepHoyer(lam=0.03, where={"types": ["Linear"]})
+    compress(model, method, calib, finalize=False)
+    expected = 0.03 * sum(float(REGULARIZERS["hoyer-square"](model.get_submodule(n).weight)) for n in ("fc1", "fc2"))
+    assert float(method.penalty(model, calib[0])) == pytest.approx(expected, rel=1e-6)

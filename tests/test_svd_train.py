@@ -46,3 +46,21 @@ def test_svd_training_lowers_the_rank_and_round_trips(tmp_path: Path) -> None:
     assert accuracy(model, x, y) > 0.9
     reloaded = load(save(model, tmp_path / "svd.safetensors"), make_cnn())
     assert torch.equal(reloaded(x[:8]), model.eval()(x[:8]))
+
+
+def test_the_penalty_is_the_singular_value_sparsity_plus_the_orthogonality_term(calib: list) -> None:
+    from bitsmith.sparsity import REGULARIZERS
+
+    model = make_cnn()
+    method = SVDTraining(lam_s=0.2, lam_o=3.0, where={"types": ["Linear"]})
+    compress(model, method, calib, finalize=False)
+    layers = method.layers(model)
+    with torch.no_grad():  # leave orthogonality, so both terms are non-zero
+        for layer in layers.values():
+            layer.u.mul_(1.1)
+    sparsity = sum(float(REGULARIZERS["hoyer"](layer.s)) for layer in layers.values())
+    orthogonality = sum(float(layer.orthogonality()) for layer in layers.values())
+    assert orthogonality > 0
+    assert float(method.penalty(model, calib[0])) == pytest.approx(0.2 * sparsity + 3.0 * orthogonality, rel=1e-5)
+    method.cut(model)  # after the cut only the orthogonality term remains
+    assert float(method.penalty(model, calib[0])) == pytest.approx(3.0 * orthogonality, rel=1e-5)

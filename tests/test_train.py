@@ -56,8 +56,12 @@ def test_corrupt_training_checkpoint_names_the_file_and_the_fix(tmp_path: Path) 
         fit(make_model(), *data(), CFG, checkpoint=bad)
 
 
-def test_nan_loss_stops_with_advice() -> None:
+def test_nan_data_and_a_diverging_loss_stop_with_advice() -> None:
     x, y = data()
     x[5, 3] = float("nan")
-    with pytest.raises(FloatingPointError, match="loss became nan at epoch 1.*NaN/inf, or lower the lr"):
+    with pytest.raises(
+        ValueError, match=r"training data batch 0, inputs: 1 non-finite value\(s\), the first nan at \(5, 3\)"
+    ):
         fit(make_model(), x, y, TrainConfig(epochs=1, batch_size=256))
+    with pytest.raises(FloatingPointError, match="loss became (nan|inf) at epoch 1.*NaN/inf, or lower the lr"):
+        fit(make_model(), *data(), TrainConfig(epochs=1, batch_size=16, optimizer="sgd", lr=1e30))

@@ -22,7 +22,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe, _ = load_recipe(args.recipe, args.overrides)
     resolved = recipe.model_dump(mode="json")
-    report = run_recipe(recipe, resolved, Path(args.out), smoke=args.smoke)
+    report = run_recipe(recipe, resolved, Path(args.out), smoke=args.smoke, restart=args.restart)
     line = headline(report["baseline"]["metrics"], report["compressed"]["metrics"])
     console.print(f"[bold]{report['name']}[/]: {line}; report: {Path(args.out) / 'report.md'}", highlight=False)
     return 0
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe")
     run.add_argument("--out", required=True, help="output directory")
     run.add_argument("--smoke", action="store_true", help="tiny subsets, for tests")
+    run.add_argument("--restart", action="store_true", help="discard a training state left in --out, start over")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. methods.0.w_bits=4")
     run.set_defaults(func=cmd_run)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,3 +52,30 @@ def concat_batches(items: list[Any]) -> Any:
     if isinstance(first, (tuple, list)):
         return type(first)(concat_batches(list(parts)) for parts in zip(*items, strict=True))
     raise TypeError(f"cannot concatenate calibration batches of type {type(first).__name__}")
+
+
+def _float_tensors(batch: Any) -> list[tuple[str, Tensor]]:
+    """The floating-point tensors of a batch (a tensor, a tuple/list or a dict of them), with their names."""
+    if isinstance(batch, Tensor):
+        return [("inputs", batch)] if batch.is_floating_point() else []
+    items = batch.items() if isinstance(batch, dict) else enumerate(batch if isinstance(batch, (tuple, list)) else [])
+    return [(str(key), value) for key, value in items if isinstance(value, Tensor) and value.is_floating_point()]
+
+
+def check_finite(batches: list[Any], what: str = "calibration") -> None:
+    """Refuse NaN or inf in ``batches`` with one line naming the batch, the tensor and the first bad element;
+    warn when every floating-point input is constant (its statistics would be degenerate)."""
+    constant, seen = True, False
+    for index, batch in enumerate(batches):
+        for name, tensor in _float_tensors(batch):
+            seen = True
+            bad = ~torch.isfinite(tensor)
+            if bool(bad.any()):
+                position = tuple(int(i) for i in bad.nonzero()[0])
+                raise ValueError(
+                    f"{what} batch {index}, {name}: {int(bad.sum())} non-finite value(s), the first "
+                    f"{float(tensor[position])} at {position}; clean the data (NaN/inf would poison every statistic)"
+                )
+            constant = constant and (tensor.numel() < 2 or bool((tensor == tensor.flatten()[0]).all()))
+    if constant and seen:
+        warnings.warn(f"every {what} input is constant: ranges and statistics will be degenerate", stacklevel=3)

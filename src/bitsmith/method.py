@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from bitsmith.data import check_finite
 from bitsmith.registry import Registry
 from bitsmith.select import Selection, as_selection
 
@@ -168,6 +169,9 @@ def compress(
     call each method's ``finalize`` after it (as ``bitsmith run`` does).
     """
     methods = [methods] if isinstance(methods, Method) else list(methods)
+    if calib_data is not None and any(method.uses("calibrate") for method in methods):
+        calib_data = calib_data if isinstance(calib_data, list) else list(calib_data)  # read once, checked
+        check_finite(calib_data)
     specs: dict[str, dict[str, Any]] = {}
     for method in methods:
         specs.update(method.prepare(model))

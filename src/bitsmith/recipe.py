@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,12 +38,58 @@ class ModelSpec(_Strict):
         return value
 
 
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few hundred bytes; anything near this is not one
+MAX_RECIPE_VALUES = 100_000  # values after YAML alias expansion (an alias bomb expands exponentially)
+SHOWN = 80  # characters of a bad value quoted in an error
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text)} characters)"
+
+
+def _key(part: Any) -> str:
+    """A field path part as typed, or quoted (and cut) when it is not a plain name."""
+    text = str(part)
+    return text if re.fullmatch(r"[\w\-@*.]{1,80}", text) else _short(text)
+
+
+def count_values(data: Any, limit: int = MAX_RECIPE_VALUES) -> int:
+    """Values in ``data`` with YAML aliases expanded, counting stops past ``limit`` (so a bomb is cheap)."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return count
+
+
+def _reject_bools(cls: type, data: dict[str, Any], prefix: str) -> None:
+    """``w_bits: true`` is not 1 bit: a bool is accepted only where the field's type names bool."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for key, value in data.items():
+        if isinstance(value, bool) and "bool" not in str(hints.get(key, "bool")):
+            raise RecipeError(f"{prefix}.{key}: expected a number or a name, got {value!r} (a boolean)")
+
+
 class DataSpec(_Strict):
     name: Literal["fashion-mnist", "docstrings"] | None = Field(
         None,
         description="fashion-mnist for zoo classifiers, docstrings (text pairs) for HF encoders; default: by model",
     )
     root: str | None = Field(None, description="Fashion-MNIST directory (default: BITSMITH_DATA or the Debian path)")
+
+    @field_validator("root")
+    @classmethod
+    def _root_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"no such directory: {value[:SHOWN]} (the data is never taken from elsewhere instead)")
+        return value
+
     calib_size: int = Field(512, ge=1, description="calibration images or sentences")
     calib_batch_size: int = Field(128, ge=1)
     eval_size: int | None = Field(None, ge=1, description="test images or text pairs to evaluate (all when null)")
@@ -83,19 +131,20 @@ class Recipe(_Strict):
 
 
 def _format(err: dict[str, Any], prefix: str) -> str:
-    loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    loc = ".".join(_key(p) for p in (prefix, *err["loc"]) if p != "")
     message = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
-    return f"{loc}: {message}" if isinstance(value, dict) else f"{loc}: {message} (got {value!r})"
+    return f"{loc}: {message}" if isinstance(value, dict) else f"{loc}: {message} (got {_short(value)})"
 
 
 def _validate(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise RecipeError(f"{prefix}: expected a mapping of fields, got {data!r}")
+        raise RecipeError(f"{prefix}: expected a mapping of fields, got {_short(data)}")
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise RecipeError(f"{prefix}.{unknown[0]}: unknown field; allowed: {', '.join(sorted(allowed))}")
+        raise RecipeError(f"{prefix}.{unknown[0][:SHOWN]}: unknown field; allowed: {', '.join(sorted(allowed))}")
+    _reject_bools(cls, data, prefix)
     try:
         return TypeAdapter(cls).validate_python(data)
     except ValidationError as exc:
@@ -110,7 +159,7 @@ def validate_method(entry: dict[str, Any], prefix: str = "method") -> Method:
         raise RecipeError(f"{prefix}: each method needs a 'name'; registered: {', '.join(METHODS.names())}")
     name = entry["name"]
     if name not in METHODS:
-        raise RecipeError(f"{prefix}.name: unknown method {name!r}; registered: {', '.join(METHODS.names())}")
+        raise RecipeError(f"{prefix}.name: unknown method {_short(name)}; registered: {', '.join(METHODS.names())}")
     fields = {k: v for k, v in entry.items() if k != "name"}
     return _validate(METHODS.get(name), fields, prefix)
 
@@ -125,6 +174,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts, node = key.split("."), data
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"override {key[:SHOWN]}: {'.'.join(parts[:depth])} is the value {_short(node)}, "
+                                  "not a mapping or a list")  # fmt: skip
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
                     raise RecipeError(f"override {key}: {'.'.join(parts[:depth])} has no item {part}")
@@ -132,7 +184,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             else:
                 index = part
             if last:
-                node[index] = yaml.safe_load(raw)
+                node[index] = parse_yaml(raw, f"override {key}")
             else:
                 if isinstance(node, dict) and part not in node:
                     node[part] = {}
@@ -145,11 +197,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path}: no such file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path}: not valid YAML ({exc})") from None
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
+    raw = parse_yaml(path.read_text(errors="replace"), f"recipe {path}")
     return parse_recipe(apply_overrides(raw, overrides or [])), raw
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` with the limits a recipe needs: at most ``MAX_RECIPE_VALUES`` values once aliases
+    are expanded (checked before anything walks the expanded data)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{what}: not valid YAML ({str(exc)[:200]})") from None
+    except RecursionError:
+        raise RecipeError(f"{what}: nested too deeply") from None
+    if count_values(data) > MAX_RECIPE_VALUES:
+        raise RecipeError(f"{what}: more than {MAX_RECIPE_VALUES} values once YAML aliases are expanded")
+    return {} if data is None else data
 
 
 def parse_recipe(raw: dict[str, Any]) -> Recipe:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -128,10 +129,23 @@ def measure(model: nn.Module, task: Task, recipe: Recipe, smoke: bool) -> dict[s
     return {"metrics": metrics, "layers": cost.to_dict()["layers"]}
 
 
+def run_fingerprint(resolved: dict[str, Any], source: str, smoke: bool) -> str:
+    """Digest of what a run computes (resolved recipe, model source, smoke): a training state in ``--out``
+    resumes only into the run that started it."""
+    blob = json.dumps({"recipe": resolved, "source": source, "smoke": smoke}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def run_recipe(
-    recipe: Recipe, resolved: dict[str, Any], out: Path, smoke: bool = False, name: str | None = None
+    recipe: Recipe,
+    resolved: dict[str, Any],
+    out: Path,
+    smoke: bool = False,
+    name: str | None = None,
+    restart: bool = False,
 ) -> dict[str, Any]:
-    """Run ``recipe`` and write report.json, report.md, plots, the resolved recipe and the checkpoint."""
+    """Run ``recipe`` and write report.json, report.md, plots, the resolved recipe and the checkpoint. A
+    training state left in ``out`` by a killed run of the same recipe is resumed (``restart``: discarded)."""
     out.mkdir(parents=True, exist_ok=True)
     model, task = load_task(recipe, smoke)
     baseline = measure(model, task, recipe, smoke)
@@ -146,7 +160,10 @@ def run_recipe(
             images, labels = subset(images, labels, SMOKE["train_examples"], seed=recipe.data.seed)
             train_cfg = TrainConfig(**{**train_cfg.__dict__, "epochs": 1})
         state = out / "train_state.pt"  # a killed run resumes from its last finished epoch
-        fit(model, images, labels, train_cfg, methods, checkpoint=state)
+        if restart:
+            state.unlink(missing_ok=True)
+        fingerprint = run_fingerprint(resolved, model_source(recipe), smoke)
+        fit(model, images, labels, train_cfg, methods, checkpoint=state, fingerprint=fingerprint)
         state.unlink()
         for method in methods:
             method.finalize(model)

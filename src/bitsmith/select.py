@@ -40,6 +40,14 @@ class Selection:
     types: list[str] = field(default_factory=lambda: list(DEFAULT_TYPES))
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for pattern in [*self.include, *self.exclude, *self.overrides]:
+            if isinstance(pattern, str) and pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(f"pattern {pattern[:80]!r} is not a valid regular expression ({exc})") from None
+
     def candidates(self, model: nn.Module) -> list[str]:
         """Names selected by ``include`` and ``types`` (before ``exclude``), in module order."""
         allowed = set(self.types)

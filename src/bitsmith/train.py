@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bitsmith.data import batches
+from bitsmith.data import batches, check_finite
 from bitsmith.method import Method, eval_mode
 from bitsmith.progress import track
 from bitsmith.structure import is_vit, shrink_to, structure_counts
@@ -99,7 +99,12 @@ def materialize_buffers(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def save_training_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, methods: list[Method]
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    methods: list[Method],
+    fingerprint: str | None = None,
 ) -> None:
     """Atomically write model, optimizer, methods' run-time state, progress and RNG state (a kill mid-write
     keeps the old file)."""
@@ -112,6 +117,7 @@ def save_training_state(
         "history": state.history,
         "rng": torch.get_rng_state(),
         "methods": [plain_state(method) for method in methods],
+        "fingerprint": fingerprint,
     }
     if is_vit(model):  # structured pruning may have narrowed it: the widths rebuild the shapes on resume
         payload["structure"] = structure_counts(model)
@@ -125,8 +131,12 @@ def save_training_state(
             os.remove(tmp)
 
 
+class StaleTrainingState(ValueError):
+    """A training state written by another run (a different recipe, model or data)."""
+
+
 def load_training_state(
-    path: Path, model: nn.Module, cfg: TrainConfig, methods: list[Method] | None = None
+    path: Path, model: nn.Module, cfg: TrainConfig, methods: list[Method] | None = None, fingerprint: str | None = None
 ) -> tuple[TrainState, torch.optim.Optimizer]:
     """Restore what ``save_training_state`` wrote (tensors and plain data only: ``weights_only=True``);
     each method's state is restored and its ``resume`` hook runs first (they may rebuild modules a schedule replaced), and the
@@ -134,6 +144,11 @@ def load_training_state(
     methods = methods or []
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("fingerprint") != fingerprint:
+            raise StaleTrainingState(
+                f"{path}: this training state was started by a different recipe, model or data; resuming it "
+                "would mix two runs. Start over with --restart (or delete the file), or use another --out"
+            )
         if len(payload["methods"]) != len(methods):
             raise ValueError(f"it was written for {len(payload['methods'])} method(s), this run has {len(methods)}")
         if "structure" in payload:
@@ -145,6 +160,8 @@ def load_training_state(
         model.load_state_dict(payload["model"])
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict(payload["optimizer"])
+    except StaleTrainingState:
+        raise
     except Exception as exc:  # a corrupt or foreign file: say which and how to recover
         first_line = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise ValueError(
@@ -163,23 +180,26 @@ def fit(
     methods: list[Method] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     callbacks: list[EpochCallback] | None = None,
+    fingerprint: str | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on in-memory data; methods' ``perturb``, ``penalty`` and ``after_backward`` hooks
     join every step, their ``schedule`` hook every epoch.
 
     With ``checkpoint``, the training state is written there atomically after every epoch, and a run
     that finds the file resumes after its last finished epoch and ends where an uninterrupted run
-    ends (the shuffling is seeded per epoch; the RNG state is saved). ``callbacks`` run after each
-    epoch (before the checkpoint), e.g. for schedules.
+    ends (the shuffling is seeded per epoch; the RNG state is saved). ``fingerprint`` (e.g. a digest of
+    the recipe and model) is stored with the state, and a state with another fingerprint is refused.
+    ``callbacks`` run after each epoch (before the checkpoint), e.g. for schedules.
     """
     methods = methods or []
+    check_finite([images], "training data")
     torch.manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(images.shape[0] / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
     state = TrainState(0, 0, [])
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
-        state, optimizer = load_training_state(path, model, cfg, methods)
+        state, optimizer = load_training_state(path, model, cfg, methods, fingerprint)
     else:
         optimizer = make_optimizer(model, cfg)
     model.train()
@@ -221,7 +241,7 @@ def fit(
         for callback in callbacks or []:
             callback(model, state)
         if path is not None:
-            save_training_state(path, model, optimizer, state, methods)
+            save_training_state(path, model, optimizer, state, methods, fingerprint)
     model.eval()
     return state.history
 

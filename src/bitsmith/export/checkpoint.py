@@ -28,7 +28,7 @@ from bitsmith.structure import is_vit, shrink_to, structure_counts
 from bitsmith.swap import rebuild
 
 FORMAT = "bitsmith"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the digest covers the metadata and the shapes
 CODES = ".codes"
 PARAM = ".codes_param."
 KEPT = ".kept"  # the unpruned entries of a masked float weight
@@ -163,8 +163,13 @@ def _read_file(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor],
         raise CheckpointError(f"{path}: not a bitsmith checkpoint (no 'format: {FORMAT}' in its metadata)")
     version = metadata.get("format_version", "?")
     if version != str(FORMAT_VERSION):
+        older = (
+            " (an older bitsmith's, whose digest does not cover the header: re-create the file)"
+            if version == "1"
+            else ""
+        )
         raise CheckpointError(
-            f"{path}: checkpoint format version {version}; this bitsmith reads version {FORMAT_VERSION}"
+            f"{path}: checkpoint format version {version[:20]}{older}; this bitsmith reads version {FORMAT_VERSION}"
         )
     return tensors, metadata
 

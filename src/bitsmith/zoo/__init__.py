@@ -54,7 +54,11 @@ def cache_dir() -> Path:
 
 
 def _fingerprint(entry: ZooModel) -> str:
-    blob = json.dumps({"name": entry.name, "train": dataclasses.asdict(entry.train)}, sort_keys=True)
+    """Names the cached checkpoint: a new training recipe or checkpoint format trains anew."""
+    from bitsmith.export.checkpoint import FORMAT_VERSION
+
+    blob = json.dumps({"name": entry.name, "train": dataclasses.asdict(entry.train), "format": FORMAT_VERSION},
+                      sort_keys=True)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
