@@ -17,3 +17,13 @@ def test_python_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.chdir(tmp_path)
     for block in blocks:
         exec(compile(block, str(page), "exec"), {"__name__": "__doc_example__"})
+
+
+def test_the_readme_lists_every_registered_method_with_its_page() -> None:
+    from bitsmith.method import METHODS, methods_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    listed = readme.split("<!-- methods -->\n")[1].split("\n<!-- /methods -->")[0]
+    assert listed == methods_markdown(), "README's methods table is stale: paste `bitsmith methods --markdown`"
+    for name, cls in METHODS.items():
+        assert (ROOT / "docs" / "methods" / f"{cls.doc_page or name}.md").is_file(), f"{name} has no page"

@@ -29,8 +29,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from bitsmith.method import HOOKS, METHODS
+    from bitsmith.method import HOOKS, METHODS, methods_markdown
 
+    if args.markdown:
+        print(methods_markdown())
+        return 0
     table = Table("method", "description", "hooks")
     for name, cls in METHODS.items():
         hooks = ", ".join(h for h in HOOKS if cls.uses(h))
@@ -157,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. methods.0.w_bits=4")
     run.set_defaults(func=cmd_run)
 
-    sub.add_parser("methods", help="list registered methods").set_defaults(func=cmd_methods)
+    methods = sub.add_parser("methods", help="list registered methods")
+    methods.add_argument("--markdown", action="store_true", help="the README's methods table")
+    methods.set_defaults(func=cmd_methods)
     sub.add_parser("zoo", help="list zoo models and datasets").set_defaults(func=cmd_zoo)
 
     train = sub.add_parser("train", help="train (and cache) a zoo model")

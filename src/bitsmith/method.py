@@ -33,6 +33,7 @@ class Method:
 
     description: ClassVar[str] = ""
     registered_name: ClassVar[str] = ""
+    doc_page: ClassVar[str] = ""  # its page under docs/methods/ (default: the registered name)
     where: Selection = field(default_factory=Selection)
 
     def __post_init__(self) -> None:
@@ -118,6 +119,16 @@ class Method:
     def uses(cls, hook: str) -> bool:
         """Whether this method overrides ``hook``."""
         return getattr(cls, hook) is not getattr(Method, hook)
+
+
+def methods_markdown() -> str:
+    """The README's table of registered methods: name, description, hooks, page (``bitsmith methods --markdown``)."""
+    lines = ["| method | what it does | hooks | page |", "|---|---|---|---|"]
+    for name, cls in METHODS.items():
+        hooks = ", ".join(h for h in HOOKS if cls.uses(h))
+        page = cls.doc_page or name
+        lines.append(f"| `{name}` | {cls.description} | {hooks} | [{page}.md](docs/methods/{page}.md) |")
+    return "\n".join(lines)
 
 
 def build_method(entry: dict[str, Any]) -> Method:

@@ -37,6 +37,7 @@ class FisherTraceRegularizer(Method):
     """``lam * ||grad_W L_A||^2`` added to the training loss, ``L_A`` the critical-class loss."""
 
     description = "Fisher-trace regulariser on critical classes for quantization-aware finetuning"
+    doc_page = "fisher-aware"
 
     critical: list[Annotated[int, Field(ge=0)]] = field(default_factory=lambda: [0])
     lam: Annotated[float, Field(ge=0.0)] = 0.1

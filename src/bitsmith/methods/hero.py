@@ -90,6 +90,7 @@ class SAM(Method):
     """Sharpness-aware minimisation: the gradient at ``W + rho g_hat`` (HERO's ablation baseline)."""
 
     description = "sharpness-aware minimisation (SAM), the baseline HERO is compared with"
+    doc_page = "hero"
 
     rho: Annotated[float, Field(gt=0.0)] = 0.05
 
