@@ -64,3 +64,14 @@ def test_bitslice_training_zeroes_more_slices_than_it_started_with() -> None:
     after = method.slice_sparsity(model)
     assert sum(after) > sum(before), (before, after)
     assert accuracy(model, x, y) > 0.9
+
+
+def test_prepare_prunes_below_the_threshold_and_keeps_the_masks(calib) -> None:
+    model = make_cnn()
+    weight = model.fc1.weight.detach().clone()
+    method = BitSlice(prune_threshold=0.05, where={"include": ["fc1"]})
+    compress(model, method, calib, finalize=False)
+    assert torch.equal(model.fc1.mask, weight.abs() >= 0.05) and not bool(model.fc1.mask.all())
+    assert torch.equal(
+        model.fc1.effective_weight().detach()[~model.fc1.mask], torch.zeros(int((~model.fc1.mask).sum()))
+    )

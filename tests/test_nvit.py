@@ -146,3 +146,32 @@ def test_an_interrupted_nvit_run_resumes_with_the_pruned_widths(tmp_path) -> Non
     fit(resumed, x, y, config, [method], checkpoint=tmp_path / "state.pt")
     assert all(structure_counts(resumed)[k] <= n for k, n in pruned.items())
     assert method.done and macs(resumed) <= 0.6 * macs(tiny_vit())
+
+
+def test_the_lowest_scoring_units_are_the_ones_removed() -> None:
+    model = tiny_vit()
+    method = NViT(macs_target=0.1, structures=["mlp"], min_units={"mlp": 4})
+    compress(model, method, [images(16)], finalize=False)
+    fc1 = model.blocks[1].fc1.weight.detach().clone()
+    low = [3, 7, 11, 30]  # block 1's MLP neurons with the lowest saliency
+    method._ema = {key: torch.full_like(score, 1e3) for key, score in method._ema.items()}
+    method._ema[("mlp", 1)][low] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    method.prune_step(model, 4)
+    keep = [i for i in range(32) if i not in low]
+    assert dims(model)[("mlp", 1)] == 28 and dims(model)[("mlp", 0)] == 32
+    assert torch.equal(model.blocks[1].fc1.weight, fc1[keep])
+
+
+def test_taylor_saliency_is_the_squared_sum_of_weight_times_gradient() -> None:
+    model = tiny_vit()
+    method = NViT(criterion="taylor")
+    x = images(16)
+    labels = torch.arange(16) % 10
+    compress(model, method, [(x, labels)], finalize=False)
+    reference = tiny_vit()
+    torch.nn.functional.cross_entropy(reference(x), labels).backward()
+    expected = unit_sums(reference, lambda p: p * p.grad)
+    for key, score in method._ema.items():
+        value = expected[key].pow(2)
+        value = value / len(model.blocks) if key == EMB else value / 2 if key[0] == "qk" else value
+        torch.testing.assert_close(score, value, rtol=1e-4, atol=1e-12)

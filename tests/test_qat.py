@@ -76,3 +76,17 @@ def test_batchnorm_pairs_are_found_after_another_method_swapped_the_layers() -> 
         model, [BSQ(where={"exclude": ["@first"]}), QAT(w_bits=8, where={"include": ["@first"]})], [x], finalize=False
     )
     assert isinstance(model.stem.weight_q, BatchNormFolded)
+
+
+def test_lsq_learns_the_weight_steps_and_ste_computes_them() -> None:
+    x, _ = toy_data(64)
+    model, method = make_cnn(), QAT(w_bits=4, a_bits=8, step="lsq", fold_bn=False)
+    compress(model, method, [x[:16]], finalize=False)
+    steps = [p for n, p in model.named_parameters() if "weight_q" in n]
+    assert len(steps) == 4 and all(p.requires_grad for p in steps)  # one learned step tensor per layer
+    model.train()
+    model(x[:16]).sum().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in steps)
+    ste_model = make_cnn()
+    compress(ste_model, QAT(w_bits=4, a_bits=8, step="ste", fold_bn=False), [x[:16]], finalize=False)
+    assert not [n for n, _ in ste_model.named_parameters() if "weight_q" in n]  # min-max steps, not learned
