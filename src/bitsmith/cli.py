@@ -29,15 +29,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from bitsmith.method import HOOKS, METHODS, methods_markdown
+    from bitsmith.method import METHODS, methods_markdown
 
     if args.markdown:
         print(methods_markdown())
         return 0
     table = Table("method", "description", "hooks")
     for name, cls in METHODS.items():
-        hooks = ", ".join(h for h in HOOKS if cls.uses(h))
-        table.add_row(name, cls.description, hooks)
+        table.add_row(name, cls.description, ", ".join(cls.hooks()))
     console.print(table)
     return 0
 

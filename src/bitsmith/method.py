@@ -99,6 +99,11 @@ class Method:
         vars(self).update(state)
 
     @classmethod
+    def hooks(cls) -> list[str]:
+        """The hooks this method overrides, in the order of ``HOOKS``."""
+        return [hook for hook in HOOKS if cls.uses(hook)]
+
+    @classmethod
     def trains(cls) -> bool:
         """Whether the method joins a training loop (any of ``TRAINING_HOOKS``)."""
         return any(cls.uses(hook) for hook in TRAINING_HOOKS)
@@ -125,8 +130,8 @@ def methods_markdown() -> str:
     """The README's table of registered methods: name, description, hooks, page (``bitsmith methods --markdown``)."""
     lines = ["| method | what it does | hooks | page |", "|---|---|---|---|"]
     for name, cls in METHODS.items():
-        hooks = ", ".join(h for h in HOOKS if cls.uses(h))
         page = cls.doc_page or name
+        hooks = ", ".join(cls.hooks())
         lines.append(f"| `{name}` | {cls.description} | {hooks} | [{page}.md](docs/methods/{page}.md) |")
     return "\n".join(lines)
 

@@ -197,8 +197,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path}: no such file")
-    if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe {path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path}: {size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
     raw = parse_yaml(path.read_text(errors="replace"), f"recipe {path}")
     return parse_recipe(apply_overrides(raw, overrides or [])), raw
 
