@@ -38,7 +38,7 @@ from common import RESULTS, Rows, load, save_figure  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
-from bitsmith.eval.report import atomic_write_text  # noqa: E402
+from bitsmith.files import atomic_write_text  # noqa: E402
 from bitsmith.methods.bsq import BSQ  # noqa: E402
 from bitsmith.methods.csq import CSQ  # noqa: E402
 from bitsmith.methods.msq import MSQ  # noqa: E402

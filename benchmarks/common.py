@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from bitsmith.eval.report import atomic_write_text
 from bitsmith.eval.tasks import Task, classification_task, embedding_task
+from bitsmith.files import atomic_write_text
 from bitsmith.zoo import pretrained
 
 RESULTS = Path(__file__).parent.parent / "docs" / "results"

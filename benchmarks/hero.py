@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from common import RESULTS, Rows, save_figure  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
-from bitsmith.eval.report import atomic_write_text  # noqa: E402
 from bitsmith.eval.tasks import classification_task  # noqa: E402
+from bitsmith.files import atomic_write_text  # noqa: E402
 from bitsmith.method import Method  # noqa: E402
 from bitsmith.methods.hero import HERO, SAM  # noqa: E402
 from bitsmith.methods.ptq import PTQ  # noqa: E402

@@ -27,7 +27,7 @@ from common import RESULTS, Rows, load, save_figure  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
-from bitsmith.eval.report import atomic_write_text  # noqa: E402
+from bitsmith.files import atomic_write_text  # noqa: E402
 from bitsmith.method import Method  # noqa: E402
 from bitsmith.methods.fisher_reg import FisherTraceRegularizer, critical_gradient_norm  # noqa: E402
 from bitsmith.methods.mixed import MixedPrecision  # noqa: E402

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from common import RESULTS, Rows, load, save_figure  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
-from bitsmith.eval.report import atomic_write_text  # noqa: E402
+from bitsmith.files import atomic_write_text  # noqa: E402
 from bitsmith.method import Method  # noqa: E402
 from bitsmith.methods.noisyquant import NoisyQuant  # noqa: E402
 from bitsmith.methods.ptq import PTQ  # noqa: E402

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import RESULTS, save_figure  # noqa: E402
 from sparsity_nvit import nvit_lines  # noqa: E402
 
-from bitsmith.eval.report import atomic_write_text  # noqa: E402
+from bitsmith.files import atomic_write_text  # noqa: E402
 
 WEIGHT_FAMILIES = ("magnitude", "L1", "DeepHoyer")
 

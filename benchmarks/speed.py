@@ -42,12 +42,12 @@ from torch import nn  # noqa: E402
 from bitsmith import compress  # noqa: E402
 from bitsmith.deploy import agreement, deploy  # noqa: E402
 from bitsmith.eval.latency import measure_latency  # noqa: E402
-from bitsmith.eval.report import atomic_write_text  # noqa: E402
 from bitsmith.eval.tasks import Task  # noqa: E402
 from bitsmith.export.checkpoint import save  # noqa: E402
 from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx  # noqa: E402
 from bitsmith.export.pt2e import CompiledModel, export_graph  # noqa: E402
 from bitsmith.export.qdq import KeywordInputs  # noqa: E402
+from bitsmith.files import atomic_write_text  # noqa: E402
 from bitsmith.methods.ptq import PTQ  # noqa: E402
 from bitsmith.methods.smoothquant import SmoothQuant  # noqa: E402
 

@@ -20,8 +20,8 @@ from common import RESULTS, load
 from speed import BATCH, THREADS, bitsmith_model, latency_example, torchao_pt2e
 from torch.profiler import ProfilerActivity, profile
 
-from bitsmith.eval.report import atomic_write_text
 from bitsmith.export.pt2e import CompiledModel
+from bitsmith.files import atomic_write_text
 
 RUNS = 5
 GROUPS = {"int8 GEMM / conv": ("onednn::q",), "float GEMM / conv": ("aten::addmm", "aten::mm", "aten::bmm",

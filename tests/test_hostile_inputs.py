@@ -129,3 +129,63 @@ def test_a_training_state_of_another_run_is_refused(tmp_path: Path) -> None:
         fit(make_cnn(), images, labels, cfg, checkpoint=state, fingerprint="recipe-b")
     history = fit(make_cnn(), images, labels, cfg, checkpoint=state, fingerprint="recipe-a")  # the same run resumes
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "cnn-qat-lsq-w4a4.yaml", "train.batch_size=0"], "train: batch_size must be >= 1, got 0"),
+        (["run", "cnn-ptq-w8a8.yaml", "methods.0.where.include=['re:(']"], "methods.0"),
+        (["run", "cnn-ptq-w8a8.yaml", "methods.0.w_bits.x=1"], "methods.0.w_bits is the value 8"),
+        (["run", "cnn-ptq-w8a8.yaml", "methods.0.w_bits=[1,"], "not valid YAML"),
+        (["run", "minilm-ptq-w8a8.yaml", "model.name=null", "model.path=README.md"], "model.path: a file; give a"),
+        (["run", "cnn-ptq-w8a8.yaml", "--out", "FILE"], "is a file; give a folder"),
+        (["run", "cnn-ptq-w8a8.yaml", "--out", "FILE/below"], "cannot write there"),
+        (["eval", "x.safetensors", "--runs", "0"], "--runs: expected a whole number >= 1, got 0"),
+        (["eval", "x.safetensors", "--batch", "0"], "--batch: expected a whole number >= 1, got 0"),
+        (["deploy", "x.safetensors", "--threads", "-1"], "--threads: expected a whole number >= 1, got -1"),
+    ],
+)
+def test_expected_failures_are_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bitsmith.cli import main
+
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    (tmp_path / "FILE").write_text("x")
+    argv = [str(RECIPES / a) if a.endswith(".yaml") else a.replace("FILE", str(tmp_path / "FILE")) for a in argv]
+    if argv[0] == "run" and "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_calibration_batches_of_the_wrong_shape_are_named() -> None:
+    ptq = {"name": "ptq", "w_bits": 8, "a_bits": 8}
+    with pytest.raises(ValueError, match=r"calibration batch 0 \(tensor 4x144 float32\) does not fit the model"):
+        compress(make_cnn(), build_method(ptq), [torch.rand(4, 144)])
+    with pytest.raises(ValueError, match=r"calibration batch 1 \(tensor 4x3x12x12 float32\) differs from batch 0"):
+        compress(make_cnn(), build_method(ptq), [torch.rand(4, 1, 12, 12), torch.rand(4, 3, 12, 12)])
+
+
+def test_a_full_disk_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import errno
+
+    from bitsmith import cli
+
+    def full(args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/model.safetensors")
+
+    monkeypatch.setattr(cli, "cmd_zoo", full)
+    assert cli.main(["zoo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: No space left on device writing runs/x/model.safetensors; free some space or choose " \
+                  "another --out"  # fmt: skip

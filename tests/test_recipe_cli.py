@@ -65,7 +65,7 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             {"model": {"name": "cnn"}, "methods": [{"name": "ptq", "where": {"inclde": ["a"]}}]},
             "methods.0.where.inclde",
         ),
-        ({"model": {"path": "/no/such/model"}}, "model.path: no such file or directory: /no/such/model"),
+        ({"model": {"path": "/no/such/model"}}, "model.path: no such directory; give a Hugging Face model directory"),
         ({"model": {"name": "cnn"}, "dta": {}}, "dta: Extra inputs are not permitted"),
         ({"model": {"name": "cnn"}, "train": {"epochs": -1.5}}, "train.epochs"),
         ({"model": {}}, "give either a zoo model 'name'"),

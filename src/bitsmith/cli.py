@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +98,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from bitsmith.files import writable_folder
     from bitsmith.run import load_checkpoint
 
+    if args.out:
+        writable_folder(Path(args.out))
     model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data)
     deployed = _deploy_and_time(args, model, fp32, task)
     if deployed["path"]:
@@ -130,24 +135,43 @@ def _deploy_and_time(args: argparse.Namespace, model: Any, fp32: Any, task: Any)
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bitsmith.eval.report import compare_runs
+    from bitsmith.files import writable_folder
 
-    out = Path(args.out) if args.out else None
+    out = writable_folder(Path(args.out)) if args.out else None
     console.print(compare_runs([Path(d) for d in args.dirs], out), markup=False)
     if out is not None:
         console.print(f"written: {out / 'comparison.md'}, {out / 'accuracy_vs_size.png'}")
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, pointing at --help (argparse prints the whole usage block)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def _timing_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch", type=int, default=32, help="batch size of the latency example")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs (median) after warm-up")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every timing")
+    parser.add_argument("--batch", type=positive_int, default=32, help="batch size of the latency example")
+    parser.add_argument("--runs", type=positive_int, default=10, help="timed runs (median) after warm-up")
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads for every timing")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bitsmith.deploy import BACKENDS
 
-    parser = argparse.ArgumentParser(prog="bitsmith", description="Compress and harden PyTorch models.")
+    parser = Parser(prog="bitsmith", description="Compress and harden PyTorch models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -203,12 +227,23 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # RecipeError, CheckpointError are ValueErrors
+    except (ValueError, OSError, KeyError) as exc:  # RecipeError, CheckpointError are ValueErrors
         if args.debug:
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False)
         return 2
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an expected failure; a full disk or a refused write says what to do."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.errno is not None:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        hint = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space",
+                errno.EACCES: "choose a writable folder", errno.EROFS: "choose a writable folder"}  # fmt: skip
+        return f"{exc.strerror}{where}; {hint.get(exc.errno, 'see --debug for the traceback')}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 if __name__ == "__main__":

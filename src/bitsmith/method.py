@@ -170,6 +170,47 @@ def run_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def describe(batch: Any) -> str:
+    """A batch's structure and shapes, e.g. ``tensor 8x1x28x28 float32`` or ``{input_ids 8x12 int64, ...}``."""
+    if isinstance(batch, Tensor):
+        return f"tensor {'x'.join(map(str, batch.shape)) or 'scalar'} {str(batch.dtype).removeprefix('torch.')}"
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{key} {describe(value).removeprefix('tensor ')}" for key, value in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(describe(part) for part in batch) + ")"
+    return type(batch).__name__
+
+
+def _signature(batch: Any) -> Any:
+    """What must agree between calibration batches: the structure, dtypes and shapes past the batch dim
+    (past the sequence dim for integer tensors, e.g. token ids of padded text)."""
+    if isinstance(batch, Tensor):
+        return (batch.dtype, tuple(batch.shape[1 if batch.is_floating_point() else 2 :]))
+    if isinstance(batch, dict):
+        return {key: _signature(value) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return [_signature(part) for part in batch]
+    return type(batch)
+
+
+def check_fits(model: nn.Module, batches: list[Any]) -> None:
+    """Refuse calibration batches that differ from the first one or that the model cannot run, with one line
+    naming the batch and its shapes (instead of an error deep inside a method's statistics)."""
+    if not batches:
+        raise ValueError("no calibration batches; give at least one (calib_data=[...])")
+    first = _signature(batches[0])
+    for index, batch in enumerate(batches[1:], start=1):
+        if _signature(batch) != first:
+            raise ValueError(f"calibration batch {index} ({describe(batch)}) differs from batch 0 "
+                             f"({describe(batches[0])}); every batch needs the same structure and shapes")  # fmt: skip
+    try:
+        with torch.no_grad(), eval_mode(model):
+            run_forward(model, batches[0])
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"calibration batch 0 ({describe(batches[0])}) does not fit the model: {reason}") from exc
+
+
 def compress(
     model: nn.Module,
     methods: Method | list[Method],
@@ -188,6 +229,7 @@ def compress(
     if calib_data is not None and any(method.uses("calibrate") for method in methods):
         calib_data = calib_data if isinstance(calib_data, list) else list(calib_data)  # read once, checked
         check_finite(calib_data)
+        check_fits(model, calib_data)
     specs: dict[str, dict[str, Any]] = {}
     for method in methods:
         specs.update(method.prepare(model))

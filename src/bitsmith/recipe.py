@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from bitsmith.method import METHODS, Method
 from bitsmith.train import TrainConfig
@@ -22,6 +22,11 @@ class RecipeError(ValueError):
     """A recipe that cannot run: the message names the field path, the value and what is allowed."""
 
 
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few hundred bytes; anything near this is not one
+MAX_RECIPE_VALUES = 100_000  # values after YAML alias expansion (an alias bomb expands exponentially)
+SHOWN = 80  # characters of a bad value quoted in an error
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,17 +35,24 @@ class ModelSpec(_Strict):
     name: str | None = Field(None, description="zoo model name (see `bitsmith zoo`)")
     path: str | None = Field(None, description="a Hugging Face model directory (local files only)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (data.get("name") is None) == (data.get("path") is None):
+            raise ValueError("give either a zoo model 'name' (see `bitsmith zoo`) or a Hugging Face directory 'path'")
+        return data
+
     @field_validator("path")
     @classmethod
     def _exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).exists():
-            raise ValueError(f"no such file or directory: {value}")
+        if value is None:
+            return value
+        if not Path(value).is_dir():
+            what = "a file" if Path(value).exists() else "no such directory"
+            raise ValueError(f"{what}; give a Hugging Face model directory (the folder with config.json)")
+        if not (Path(value) / "config.json").is_file():
+            raise ValueError("no config.json there; give a Hugging Face model directory")
         return value
-
-
-MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few hundred bytes; anything near this is not one
-MAX_RECIPE_VALUES = 100_000  # values after YAML alias expansion (an alias bomb expands exponentially)
-SHOWN = 80  # characters of a bad value quoted in an error
 
 
 def _short(value: Any) -> str:
@@ -201,6 +213,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     if size > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe {path}: {size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
     raw = parse_yaml(path.read_text(errors="replace"), f"recipe {path}")
+    raw = {} if raw is None else raw  # an empty file: parse_recipe names what is missing
     return parse_recipe(apply_overrides(raw, overrides or [])), raw
 
 
@@ -215,7 +228,7 @@ def parse_yaml(text: str, what: str) -> Any:
         raise RecipeError(f"{what}: nested too deeply") from None
     if count_values(data) > MAX_RECIPE_VALUES:
         raise RecipeError(f"{what}: more than {MAX_RECIPE_VALUES} values once YAML aliases are expanded")
-    return {} if data is None else data
+    return data
 
 
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
@@ -225,10 +238,6 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError("; ".join(_format(e, "") for e in exc.errors())) from None
-    if (recipe.model.name is None) == (recipe.model.path is None):
-        raise RecipeError(
-            "model: give either a zoo model 'name' (see `bitsmith zoo`) or a Hugging Face directory 'path'"
-        )
     if recipe.model.name is not None and recipe.model.name not in ZOO and recipe.model.name not in HF_MODELS:
         allowed = ", ".join([*ZOO, *HF_MODELS])
         raise RecipeError(f"model.name: unknown model {recipe.model.name!r}; zoo models: {allowed} (or give 'path')")

@@ -16,9 +16,10 @@ from torch import nn
 from bitsmith.data import subset
 from bitsmith.eval.cost import model_cost
 from bitsmith.eval.latency import measure_latency
-from bitsmith.eval.report import atomic_write_text, write_run_report
+from bitsmith.eval.report import run_report_writers
 from bitsmith.eval.tasks import ClassificationTask, Task, classification_task, embedding_task
 from bitsmith.export.checkpoint import save
+from bitsmith.files import atomic_write_text, publish_run, writable_folder
 from bitsmith.method import compress
 from bitsmith.recipe import Recipe
 from bitsmith.train import TrainConfig, fit
@@ -144,9 +145,10 @@ def run_recipe(
     name: str | None = None,
     restart: bool = False,
 ) -> dict[str, Any]:
-    """Run ``recipe`` and write report.json, report.md, plots, the resolved recipe and the checkpoint. A
-    training state left in ``out`` by a killed run of the same recipe is resumed (``restart``: discarded)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Run ``recipe`` and write report.json, report.md, plots, the resolved recipe and the checkpoint into
+    ``out``, published together (``files.publish_run``). A training state left in ``out`` by a killed run of
+    the same recipe is resumed (``restart``: discarded)."""
+    writable_folder(out)
     model, task = load_task(recipe, smoke)
     baseline = measure(model, task, recipe, smoke)
     methods = recipe.build_methods()
@@ -190,9 +192,12 @@ def run_recipe(
         "deployed": deployed,
         "recipe": resolved,
     }
-    atomic_write_text(out / "recipe.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    write_run_report(out, report)
+    writers = {
+        **run_report_writers(report),
+        "recipe.resolved.yaml": lambda path: atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False)),
+    }
     if recipe.export.checkpoint:
         meta = {"model": report["model"], "source": source, "task": task.kind, "recipe": resolved}
-        save(model, out / "model.safetensors", meta=meta)
+        writers["model.safetensors"] = lambda path: save(model, path, meta=meta)
+    publish_run(out, writers)
     return report

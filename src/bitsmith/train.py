@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from bitsmith.data import batches, check_finite
+from bitsmith.files import atomic_write
 from bitsmith.method import Method, eval_mode
 from bitsmith.progress import track
 from bitsmith.structure import is_vit, shrink_to, structure_counts
@@ -31,6 +31,19 @@ class TrainConfig:
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        rules = {
+            "epochs": (self.epochs >= 0, ">= 0"), "batch_size": (self.batch_size >= 1, ">= 1"),
+            "lr": (self.lr >= 0, ">= 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "label_smoothing": (0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "warmup_epochs": (self.warmup_epochs >= 0, ">= 0"),
+        }  # fmt: skip
+        for name, (ok, allowed) in rules.items():
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -121,14 +134,7 @@ def save_training_state(
     }
     if is_vit(model):  # structured pruning may have narrowed it: the widths rebuild the shapes on resume
         payload["structure"] = structure_counts(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 class StaleTrainingState(ValueError):

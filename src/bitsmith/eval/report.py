@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from bitsmith.files import atomic_write, atomic_write_text, check_run  # noqa: E402
 
 METRIC_COLUMNS = [
     ("accuracy", "top-1 %", lambda v: f"{100 * v:.2f}"),
@@ -25,12 +26,11 @@ METRIC_COLUMNS = [
 ]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure atomically and close it."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=110))
+    plt.close(fig)
+    return path
 
 
 def quality(metrics: dict[str, Any]) -> tuple[str, float]:
@@ -84,9 +84,7 @@ def plot_layers(layers: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax_size.set_ylabel("size (KB)")
     ax_size.tick_params(axis="x", rotation=75)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_accuracy_vs_size(
@@ -103,17 +101,21 @@ def plot_accuracy_vs_size(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-def write_run_report(out: Path, report: dict[str, Any]) -> list[Path]:
-    """Write report.json, report.md and the per-layer plot of one run."""
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
-    plot = plot_layers(
-        report["compressed"]["layers"], out / "layers.png", f"{report['name']}: per-layer weight bits and size"
-    )
+def run_report_writers(report: dict[str, Any]) -> dict[str, Callable[[Path], Any]]:
+    """Writers of report.json, report.md and the per-layer plot of one run (for ``files.publish_run``)."""
+    title = f"{report['name']}: per-layer weight bits and size"
+    return {
+        "report.json": lambda path: atomic_write_text(path, json.dumps(report, indent=2)),
+        "report.md": lambda path: atomic_write_text(path, run_markdown(report)),
+        "layers.png": lambda path: plot_layers(report["compressed"]["layers"], path, title),
+    }
+
+
+def run_markdown(report: dict[str, Any]) -> str:
+    """report.md of one run."""
     rows = [("FP32 baseline", report["baseline"]["metrics"]), (report["name"], report["compressed"]["metrics"])]
     deployed = report.get("deployed")
     if deployed:
@@ -134,11 +136,10 @@ def write_run_report(out: Path, report: dict[str, Any]) -> list[Path]:
         "",
         layers_table(report["compressed"]["layers"]),
         "",
-        f"![per-layer bits]({plot.name})",
+        "![per-layer bits](layers.png)",
         "",
     ]
-    atomic_write_text(out / "report.md", "\n".join(md))
-    return [out / "report.json", out / "report.md", plot]
+    return "\n".join(md)
 
 
 def compare_runs(dirs: list[Path], out: Path | None = None) -> str:
@@ -146,10 +147,7 @@ def compare_runs(dirs: list[Path], out: Path | None = None) -> str:
     rows: list[tuple[str, dict[str, Any]]] = []
     points = []
     for directory in dirs:
-        path = Path(directory) / "report.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not a run directory (no report.json); run `bitsmith run` first")
-        report = json.loads(path.read_text())
+        report = check_run(Path(directory))
         if not rows:
             rows.append(("FP32 baseline", report["baseline"]["metrics"]))
         rows.append((report["name"], report["compressed"]["metrics"]))

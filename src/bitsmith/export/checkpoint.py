@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitsmith.export.pack import pack, unpack
+from bitsmith.files import atomic_write
 from bitsmith.nn import QuantizedMixin, compressed_layers
 from bitsmith.quant.base import Encoded
 from bitsmith.structure import is_vit, shrink_to, structure_counts
@@ -134,16 +134,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
     if is_vit(model):  # structured pruning changes widths: the counts rebuild the shapes on load
         metadata["structure"] = json.dumps(structure_counts(model))
     metadata["sha256"] = _digest(tensors, metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _read_file(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -101,6 +101,9 @@ def observe_inputs(model: nn.Module, layers: Iterable[str], batches: Iterable[An
         with eval_mode(model):
             for batch in batches:
                 run_forward(model, batch)
-    finally:
-        for q in observed:
-            q.stop_observing()
+    except BaseException:
+        for q in observed:  # stop without computing parameters from a partial pass; the error is the news
+            q.observing = False
+        raise
+    for q in observed:
+        q.stop_observing()

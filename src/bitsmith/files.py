@@ -1,0 +1,117 @@
+"""Files written safely: atomic replacement with normal permissions, and run folders whose outputs are
+published together (a manifest written last, checked by readers)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TMP_SUFFIX = ".tmp"
+MANIFEST = "manifest.json"
+# Everything `bitsmith run` may write: a rerun removes those it no longer produces (never other files).
+RUN_OUTPUTS = ("report.json", "report.md", "layers.png", "training.png", "recipe.resolved.yaml", "model.safetensors")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: 0644 under the usual umask (mkstemp gives 0600)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+    """Write ``path`` by calling ``write(temporary path)`` beside it, then renaming it into place: a reader
+    sees the old file or the new one, never a part of one. The temporary file is removed on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def writable_folder(path: Path, what: str = "--out") -> Path:
+    """Create ``path`` if needed and check that files can be written there, before any work starts."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path}: is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=TMP_SUFFIX, dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot write there ({exc.strerror}); choose a writable folder") from None
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish_run(out: Path, writers: dict[str, Callable[[Path], Any]]) -> list[Path]:
+    """Write one run's outputs into ``out`` as a set. ``writers`` maps an output name (one of
+    ``RUN_OUTPUTS``) to a function that writes that path atomically. The old manifest goes first (from then
+    on readers see an unfinished folder), outputs of an earlier run that this one does not produce and
+    left-over temporary files are removed, and the manifest with every file's SHA-256 is written last."""
+    unknown = set(writers) - set(RUN_OUTPUTS)
+    if unknown:
+        raise ValueError(f"not run outputs: {sorted(unknown)}")
+    manifest = out / MANIFEST
+    manifest.unlink(missing_ok=True)
+    for name, write in writers.items():
+        write(out / name)
+    for name in set(RUN_OUTPUTS) - set(writers):
+        (out / name).unlink(missing_ok=True)
+    for leftover in out.glob(f".*{TMP_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+    files = {name: sha256_file(out / name) for name in writers}
+    atomic_write_text(manifest, json.dumps({"files": files}, indent=2))
+    return [out / name for name in writers]
+
+
+class IncompleteRun(ValueError):
+    """A run folder whose outputs were not all written by one finished run."""
+
+
+def check_run(folder: Path) -> dict[str, Any]:
+    """The report of a finished run folder, after checking every output against the manifest."""
+    folder = Path(folder)
+    if not (folder / "report.json").is_file() and not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"{folder}: not a run folder (no report.json); run `bitsmith run` first")
+    if not (folder / MANIFEST).is_file():
+        raise IncompleteRun(
+            f"{folder}: the run did not finish writing its outputs (no {MANIFEST}); run it again into this folder"
+        )
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        names = [str(name) for name in files]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise IncompleteRun(f"{folder / MANIFEST}: unreadable; run it again into this folder") from None
+    for name in names:
+        path = folder / name
+        if name not in RUN_OUTPUTS or not path.is_file() or sha256_file(path) != files[name]:
+            raise IncompleteRun(
+                f"{folder}: {name} is missing or differs from the one the run wrote; run it again into this folder"
+            )
+    return json.loads((folder / "report.json").read_text())

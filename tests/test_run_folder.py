@@ -1,0 +1,100 @@
+"""Run folders are consistent: outputs published together with a manifest written last, stale outputs and
+temporary files removed, normal permissions, readers refuse an unfinished folder; `--out` is checked first."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from bitsmith.eval.report import compare_runs
+from bitsmith.files import MANIFEST, IncompleteRun, atomic_write_text, check_run, publish_run, writable_folder
+
+
+def _report(name: str) -> dict:
+    metrics = {"accuracy": 0.9, "size_bytes": 1024, "avg_weight_bits": 8.0, "bops": 1e9, "latency_ms": None}
+    return {"name": name, "model": "cnn", "baseline": {"metrics": metrics}, "compressed": {"metrics": metrics}}
+
+
+def _writers(name: str, with_checkpoint: bool = True) -> dict:
+    writers = {
+        "report.json": lambda p: atomic_write_text(p, json.dumps(_report(name))),
+        "report.md": lambda p: atomic_write_text(p, f"# {name}\n"),
+    }
+    if with_checkpoint:
+        writers["model.safetensors"] = lambda p: atomic_write_text(p, f"weights of {name}")
+    return writers
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_outputs_are_published_with_a_manifest_and_normal_permissions(tmp_path: Path) -> None:
+    publish_run(tmp_path, _writers("a"))
+    assert check_run(tmp_path)["name"] == "a"
+    assert set(json.loads((tmp_path / MANIFEST).read_text())["files"]) == {"report.json", "report.md",
+                                                                            "model.safetensors"}  # fmt: skip
+    for path in tmp_path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~_umask(), path  # not mkstemp's 0600
+
+
+def test_an_interrupted_publish_leaves_a_folder_that_readers_refuse(tmp_path: Path) -> None:
+    publish_run(tmp_path, _writers("old"))
+
+    def killed(path: Path) -> None:
+        raise KeyboardInterrupt  # stands for kill -9 between two outputs
+
+    writers = _writers("new")
+    writers["report.md"] = killed
+    with pytest.raises(KeyboardInterrupt):
+        publish_run(tmp_path, writers)
+    assert json.loads((tmp_path / "report.json").read_text())["name"] == "new"  # beside the old report.md
+    with pytest.raises(IncompleteRun, match="did not finish writing its outputs"):
+        check_run(tmp_path)
+    with pytest.raises(IncompleteRun):
+        compare_runs([tmp_path])
+    assert not list(tmp_path.glob(".*.tmp"))  # the failed write removed its temporary file
+
+
+def test_a_rerun_removes_stale_outputs_and_left_over_temporary_files(tmp_path: Path) -> None:
+    publish_run(tmp_path, _writers("a"))
+    (tmp_path / ".report.json.x1y2.tmp").write_text("left by a killed write")
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    publish_run(tmp_path, _writers("b", with_checkpoint=False))
+    assert not (tmp_path / "model.safetensors").exists()  # no stale checkpoint beside the new report
+    assert not (tmp_path / ".report.json.x1y2.tmp").exists()
+    assert (tmp_path / "notes.txt").is_file()
+    assert check_run(tmp_path)["name"] == "b"
+
+
+def test_a_changed_output_is_refused(tmp_path: Path) -> None:
+    publish_run(tmp_path, _writers("a"))
+    (tmp_path / "model.safetensors").write_text("swapped")
+    with pytest.raises(IncompleteRun, match="model.safetensors is missing or differs"):
+        check_run(tmp_path)
+
+
+def test_out_must_be_a_writable_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        writable_folder(tmp_path / "file")
+    with pytest.raises(ValueError, match="cannot write there"):
+        writable_folder(tmp_path / "file" / "below")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.access(readonly, os.W_OK):  # root ignores the mode: refuse the write the way the kernel would
+        import tempfile
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(ValueError, match="cannot write there \\(Permission denied\\)"):
+        writable_folder(readonly / "run")
