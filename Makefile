@@ -26,7 +26,7 @@ data:
 
 # The main job: train (or reuse) the zoo CNN, PTQ W8A8 and W4A8, compare.
 demo: $(STAMP) data
-	$(VENV)/bin/bitsmith train cnn --if-missing
+	$(VENV)/bin/bitsmith train cnn
 	$(VENV)/bin/bitsmith run recipes/cnn-ptq-w8a8.yaml --out $(RUNS)/cnn-ptq-w8a8
 	$(VENV)/bin/bitsmith run recipes/cnn-ptq-w4a8.yaml --out $(RUNS)/cnn-ptq-w4a8
 	$(VENV)/bin/bitsmith report $(RUNS)/cnn-ptq-w8a8 $(RUNS)/cnn-ptq-w4a8 --out $(RUNS)/demo

@@ -189,3 +189,14 @@ def test_a_full_disk_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest
     err = capsys.readouterr().err.strip()
     assert err == "error: No space left on device writing runs/x/model.safetensors; free some space or choose " \
                   "another --out"  # fmt: skip
+
+
+def test_a_non_finite_layer_is_named_in_calibration_and_training() -> None:
+    model = make_cnn()
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"first non-finite output is at layer 'fc1' \(Linear\)"):
+        compress(model, build_method({"name": "ptq"}), [torch.rand(4, 1, 12, 12)])
+    images, labels = torch.rand(16, 1, 12, 12), torch.randint(0, 10, (16,))
+    with pytest.raises(FloatingPointError, match=r"epoch 1, step 0 \(the first non-finite output is at layer 'fc1'"):
+        fit(model, images, labels, TrainConfig(epochs=1, batch_size=8))

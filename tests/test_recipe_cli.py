@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from bitsmith.cli import main
+from bitsmith.files import check_run
 from bitsmith.method import METHODS
 from bitsmith.recipe import RecipeError, apply_overrides, parse_recipe
 from bitsmith.zoo.data import fashion_mnist_dir
@@ -137,6 +138,9 @@ def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
     assert report["recipe"]["methods"][0]["name"]
     for name in ("report.md", "layers.png", "recipe.resolved.yaml", "model.safetensors"):
         assert (out / name).is_file(), name
+    assert check_run(out) == report  # published whole, with its manifest
+    if report["recipe"].get("train"):  # the history per epoch, in the report and as a plot
+        assert [row["epoch"] for row in report["training"]] == [1] and (out / "training.png").is_file()
 
 
 @needs_data

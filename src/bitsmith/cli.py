@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +63,14 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bitsmith.zoo import checkpoint_path, get_zoo_model, train_zoo_model
+    from bitsmith.zoo import checkpoint_path, get_zoo_model, recorded_accuracy, train_zoo_model
 
     get_zoo_model(args.model)
-    if args.if_missing and checkpoint_path(args.model).is_file():
-        console.print(f"{args.model}: using the cached checkpoint {checkpoint_path(args.model)}")
+    path = checkpoint_path(args.model)
+    if path.is_file() and not args.force:
+        accuracy = recorded_accuracy(args.model)
+        recorded = f" (test top-1 {100 * accuracy:.2f}% when trained)" if accuracy is not None else ""
+        console.print(f"{args.model}: trained checkpoint {path}{recorded}; --force trains it again", highlight=False)
         return 0
     _, info = train_zoo_model(args.model, args.data)
     console.print(
@@ -168,11 +173,28 @@ def _timing_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads for every timing")
 
 
+def quiet_dependencies(debug: bool) -> None:
+    """Progress lines (logger ``bitsmith``) on stderr; dependencies' loggers and warnings only with --debug."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("bitsmith")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+    if not debug:
+        logging.getLogger().setLevel(logging.ERROR)
+        for name in ("torchao", "torch", "onnx", "onnxruntime", "transformers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+            warnings.filterwarnings("ignore", module=rf"{name}(\..*)?$")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from bitsmith import __version__
     from bitsmith.deploy import BACKENDS
 
     parser = Parser(prog="bitsmith", description="Compress and harden PyTorch models.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and the dependencies' own messages")
+    parser.add_argument("--version", action="version", version=f"bitsmith {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a YAML recipe and write a report")
@@ -191,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (and cache) a zoo model")
     train.add_argument("model")
     train.add_argument("--data", help="Fashion-MNIST directory")
-    train.add_argument("--if-missing", action="store_true", help="do nothing when a cached checkpoint exists")
+    train.add_argument("--force", action="store_true", help="train again even when a trained checkpoint exists")
+    train.add_argument("--if-missing", action="store_true", help=argparse.SUPPRESS)  # the default since 0.1
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint")
@@ -221,13 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    quiet_dependencies(args.debug)
     if extra and (args.command != "run" or any("=" not in item for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (ValueError, OSError, KeyError) as exc:  # RecipeError, CheckpointError are ValueErrors
+    except (ValueError, OSError, KeyError, FloatingPointError) as exc:  # RecipeError, CheckpointError are ValueErrors
         if args.debug:
             raise
         errors.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False)

@@ -170,6 +170,37 @@ def run_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict) or hasattr(value, "values"):  # dicts and HF ModelOutputs
+        return [t for item in value.values() for t in _tensors(item)]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+@torch.no_grad()
+def first_nonfinite_layer(model: nn.Module, batch: Any) -> str | None:
+    """The first module (in execution order) whose output holds NaN or inf on ``batch``, as
+    ``'name' (Type)``; None when every output is finite."""
+    found: list[str] = []
+
+    def check(module: nn.Module, args: Any, output: Any) -> None:
+        if not found and any(not bool(torch.isfinite(t).all()) for t in _tensors(output) if t.is_floating_point()):
+            found.append(f"{names[module]!r} ({type(module).__name__})")
+
+    names = {module: name or "(model)" for name, module in model.named_modules()}
+    handles = [module.register_forward_hook(check) for module in names if not list(module.children())]
+    try:
+        with eval_mode(model):
+            run_forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None
+
+
 def describe(batch: Any) -> str:
     """A batch's structure and shapes, e.g. ``tensor 8x1x28x28 float32`` or ``{input_ids 8x12 int64, ...}``."""
     if isinstance(batch, Tensor):
@@ -204,11 +235,13 @@ def check_fits(model: nn.Module, batches: list[Any]) -> None:
             raise ValueError(f"calibration batch {index} ({describe(batch)}) differs from batch 0 "
                              f"({describe(batches[0])}); every batch needs the same structure and shapes")  # fmt: skip
     try:
-        with torch.no_grad(), eval_mode(model):
-            run_forward(model, batches[0])
+        layer = first_nonfinite_layer(model, batches[0])
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"calibration batch 0 ({describe(batches[0])}) does not fit the model: {reason}") from exc
+    if layer is not None:
+        raise FloatingPointError(f"calibration batch 0: the model's first non-finite output is at layer {layer} "
+                                 "although the inputs are finite; check that layer's weights")  # fmt: skip
 
 
 def compress(

@@ -21,6 +21,7 @@ from bitsmith.eval.tasks import ClassificationTask, Task, classification_task, e
 from bitsmith.export.checkpoint import save
 from bitsmith.files import atomic_write_text, publish_run, writable_folder
 from bitsmith.method import compress
+from bitsmith.progress import duration, log
 from bitsmith.recipe import Recipe
 from bitsmith.train import TrainConfig, fit
 from bitsmith.zoo import HF_MODELS, ZOO, checkpoint_path, get_zoo_model, pretrained
@@ -150,12 +151,17 @@ def run_recipe(
     the same recipe is resumed (``restart``: discarded)."""
     writable_folder(out)
     model, task = load_task(recipe, smoke)
+    log.info(f"measuring the FP32 baseline on {task.eval_examples} examples")
     baseline = measure(model, task, recipe, smoke)
     methods = recipe.build_methods()
     start = time.perf_counter()
     train_cfg = recipe.train_config()
     trains = train_cfg is not None and isinstance(task, ClassificationTask)
+    if methods:
+        names = ", ".join(m.registered_name for m in methods)
+        log.info(f"compressing with {names} ({task.calib_examples} calibration examples)")
     layer_map = compress(model, methods, task.calibration, finalize=not trains) if methods else {}
+    history: list[dict[str, Any]] = []
     if trains:
         images, labels = task.train
         if smoke:
@@ -165,17 +171,20 @@ def run_recipe(
         if restart:
             state.unlink(missing_ok=True)
         fingerprint = run_fingerprint(resolved, model_source(recipe), smoke)
-        fit(model, images, labels, train_cfg, methods, checkpoint=state, fingerprint=fingerprint)
+        log.info(f"training {train_cfg.epochs} epoch(s) on {images.shape[0]} examples (resumable: {state})")
+        history = fit(model, images, labels, train_cfg, methods, checkpoint=state, fingerprint=fingerprint)
         state.unlink()
         for method in methods:
             method.finalize(model)
     compress_seconds = time.perf_counter() - start
+    log.info(f"compressed in {duration(compress_seconds)}; measuring it")
     compressed = measure(model, task, recipe, smoke)
     compressed["metrics"]["compress_seconds"] = round(compress_seconds, 3)
     deployed = None
     if recipe.export.deploy != "none":
         example = task.example(SMOKE["latency_batch"] if smoke else recipe.eval.latency_batch)
         runs = SMOKE["latency_runs"] if smoke else recipe.eval.latency_runs
+        log.info(f"deploying on {recipe.export.deploy}")
         deployed = measure_deployed(model, task, recipe.export.deploy, example, runs, recipe.eval.threads)
 
     resolved = copy.deepcopy(resolved)
@@ -189,6 +198,7 @@ def run_recipe(
         "baseline": baseline,
         "compressed": compressed,
         "compressed_layers": layer_map,
+        "training": history,
         "deployed": deployed,
         "recipe": resolved,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,8 @@ from torch import Tensor, nn
 
 from bitsmith.data import batches, check_finite
 from bitsmith.files import atomic_write
-from bitsmith.method import Method, eval_mode
-from bitsmith.progress import track
+from bitsmith.method import Method, eval_mode, first_nonfinite_layer
+from bitsmith.progress import duration, log, track
 from bitsmith.structure import is_vit, shrink_to, structure_counts
 
 
@@ -209,6 +210,7 @@ def fit(
     else:
         optimizer = make_optimizer(model, cfg)
     model.train()
+    started, first_epoch = time.perf_counter(), state.epoch
     for epoch in range(state.epoch, cfg.epochs):
         loss_sum, correct, seen = 0.0, 0, 0
         epoch_batches = batches(images, labels, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
@@ -223,9 +225,11 @@ def fit(
             for method in methods:
                 loss = loss + method.penalty(model, batch)
             if not torch.isfinite(loss):
+                layer = first_nonfinite_layer(model, x)
+                where = f"the first non-finite output is at layer {layer}" if layer else "the outputs are finite"
                 raise FloatingPointError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step}; "
-                    "check the data for NaN/inf, or lower the lr"
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {state.step} ({where}); "
+                    "lower the lr or check the method's settings"
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -241,6 +245,10 @@ def fit(
             seen += y.shape[0]
         state.epoch = epoch + 1
         state.history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
+        elapsed = time.perf_counter() - started
+        left = elapsed / (epoch + 1 - first_epoch) * (cfg.epochs - epoch - 1)
+        log.info(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / seen:.4f}, train top-1 {100 * correct / seen:.2f}%, "
+                 f"{duration(elapsed)} elapsed, about {duration(left)} left")  # fmt: skip
         replaced = [method.schedule(model, state.epoch, cfg.epochs) for method in methods]
         if any(replaced):  # parameters changed shape or identity: a fresh optimizer sees the new ones
             optimizer = make_optimizer(model, cfg)

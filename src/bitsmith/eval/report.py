@@ -107,11 +107,29 @@ def plot_accuracy_vs_size(
 def run_report_writers(report: dict[str, Any]) -> dict[str, Callable[[Path], Any]]:
     """Writers of report.json, report.md and the per-layer plot of one run (for ``files.publish_run``)."""
     title = f"{report['name']}: per-layer weight bits and size"
-    return {
+    writers: dict[str, Callable[[Path], Any]] = {
         "report.json": lambda path: atomic_write_text(path, json.dumps(report, indent=2)),
         "report.md": lambda path: atomic_write_text(path, run_markdown(report)),
         "layers.png": lambda path: plot_layers(report["compressed"]["layers"], path, title),
     }
+    if report.get("training"):
+        writers["training.png"] = lambda path: plot_training(report["training"], path, f"{report['name']}: training")
+    return writers
+
+
+def plot_training(history: list[dict[str, Any]], path: Path, title: str) -> Path:
+    """Loss and training top-1 per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [row["loss"] for row in history], "o-")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss (with penalties)")
+    ax_acc.plot(epochs, [100 * row["train_accuracy"] for row in history], "o-", color="tab:green")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("training top-1 %")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def run_markdown(report: dict[str, Any]) -> str:
@@ -139,6 +157,12 @@ def run_markdown(report: dict[str, Any]) -> str:
         "![per-layer bits](layers.png)",
         "",
     ]
+    if report.get("training"):
+        md += ["## Training", "", "| epoch | loss | training top-1 % |", "|---|---|---|"]
+        md += [
+            f"| {row['epoch']} | {row['loss']:.4f} | {100 * row['train_accuracy']:.2f} |" for row in report["training"]
+        ]
+        md += ["", "![training](training.png)", ""]
     return "\n".join(md)
 
 

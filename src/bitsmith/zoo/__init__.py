@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitsmith.train import TrainConfig, accuracy, fit
+from bitsmith.progress import duration, log
+from bitsmith.train import TrainConfig, accuracy, fit, make_optimizer
 from bitsmith.zoo.data import load_fashion_mnist
 from bitsmith.zoo.vision import ResNetCNN, ViT
 
@@ -49,6 +51,9 @@ DATASETS = {
 }
 
 
+PACKAGED = Path(__file__).parent / "weights"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("BITSMITH_CACHE", Path.home() / ".cache" / "bitsmith"))
 
@@ -62,9 +67,21 @@ def _fingerprint(entry: ZooModel) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+def cache_path(name: str) -> Path:
+    """Where a model trained on this machine is cached."""
+    return cache_dir() / "zoo" / f"{name}-{_fingerprint(get_zoo_model(name))}.safetensors"
+
+
+def packaged_path(name: str) -> Path:
+    """The checkpoint shipped with bitsmith: trained once with the same recipe and seed (``bitsmith train``)."""
+    return PACKAGED / f"{name}-{_fingerprint(get_zoo_model(name))}.safetensors"
+
+
 def checkpoint_path(name: str) -> Path:
-    entry = get_zoo_model(name)
-    return cache_dir() / "zoo" / f"{name}-{_fingerprint(entry)}.safetensors"
+    """Where the trained model is read from: a model trained here (the cache), else the shipped checkpoint,
+    else the cache path that training writes."""
+    cache = cache_path(name)
+    return packaged_path(name) if not cache.is_file() and packaged_path(name).is_file() else cache
 
 
 def get_zoo_model(name: str) -> ZooModel:
@@ -73,26 +90,58 @@ def get_zoo_model(name: str) -> ZooModel:
     return ZOO[name]
 
 
+def estimate_seconds(entry: ZooModel, images: torch.Tensor, labels: torch.Tensor, steps: int = 3) -> float:
+    """Training time of ``entry`` on this machine, from a few timed steps on a throw-away copy."""
+    probe = entry.build().train()
+    optimizer = make_optimizer(probe, entry.train)
+    x, y = images[: entry.train.batch_size], labels[: entry.train.batch_size]
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(probe(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    per_step = (time.perf_counter() - start) / steps
+    return per_step * entry.train.epochs * math.ceil(images.shape[0] / entry.train.batch_size)
+
+
 def train_zoo_model(name: str, data_root: str | None = None) -> tuple[nn.Module, dict]:
-    """Train a zoo model from scratch with its fixed seed and cache it; returns (model, info)."""
+    """Train a zoo model from scratch with its fixed seed and cache it; returns (model, info). An interrupted
+    training resumes from its last finished epoch."""
     from bitsmith.export.checkpoint import save
 
     entry = get_zoo_model(name)
+    images, labels = load_fashion_mnist("train", data_root)
+    path = cache_path(name)
+    state = path.with_suffix(".train_state.pt")
+    log.info(
+        f"training {name} first: {entry.train.epochs} epochs on {images.shape[0]} images, about "
+        f"{duration(estimate_seconds(entry, images, labels))} on {torch.get_num_threads()} threads "
+        f"(once: cached as {path}; resumes if interrupted)"
+    )
     torch.manual_seed(entry.train.seed)
     model = entry.build()
-    images, labels = load_fashion_mnist("train", data_root)
     start = time.perf_counter()
-    history = fit(model, images, labels, entry.train)
+    history = fit(model, images, labels, entry.train, checkpoint=state, fingerprint=path.stem)
     seconds = time.perf_counter() - start
     test_images, test_labels = load_fashion_mnist("test", data_root)
     info = {"model": name, "test_accuracy": accuracy(model, test_images, test_labels),
             "train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "history": history}  # fmt: skip
-    save(model, checkpoint_path(name), meta=info)
+    save(model, path, meta=info)
+    state.unlink(missing_ok=True)
     return model, info
 
 
+def recorded_accuracy(name: str) -> float | None:
+    """The test top-1 stored in the checkpoint when it was trained."""
+    from bitsmith.export.checkpoint import read_metadata
+
+    value = json.loads(read_metadata(checkpoint_path(name)).get("meta", "{}")).get("test_accuracy")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def pretrained(name: str, data_root: str | None = None, train_if_missing: bool = True) -> nn.Module:
-    """The trained zoo model, from the cache or (once) trained now."""
+    """The trained zoo model, from the cache or the shipped checkpoint, or (once) trained now."""
     from bitsmith.export.checkpoint import load
 
     path = checkpoint_path(name)

@@ -1,0 +1,82 @@
+"""The zoo: the shipped checkpoint, `bitsmith train` (no retraining unless --force), an announced and
+resumable first training, progress lines without a terminal."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import bitsmith.zoo as zoo
+from bitsmith import train
+from bitsmith.cli import main
+from bitsmith.train import TrainConfig
+from conftest import TinyCNN
+
+
+@pytest.fixture
+def tiny_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A zoo entry 'tiny' (2 epochs of a tiny CNN on 64 random images), cached under tmp_path."""
+    monkeypatch.setenv("BITSMITH_CACHE", str(tmp_path))
+    entry = zoo.ZooModel("tiny", "test model", TinyCNN, TrainConfig(epochs=2, batch_size=16, lr=0.01))
+    monkeypatch.setitem(zoo.ZOO, "tiny", entry)
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.rand(64, 1, 12, 12, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+    monkeypatch.setattr(zoo, "load_fashion_mnist", lambda split, root=None: data)
+    return "tiny"
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_first_training_is_announced_with_an_estimate_and_resumes(
+    tiny_zoo: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bitsmith")
+    reference, _ = zoo.train_zoo_model(tiny_zoo)
+    assert "training tiny first: 2 epochs on 64 images, about" in caplog.text
+    assert "epoch 1/2: loss" in caplog.text and "left" in caplog.text  # a line per epoch, terminal or not
+    zoo.cache_path(tiny_zoo).unlink()
+
+    real_save = train.save_training_state
+
+    def killed_after_epoch_1(path, model, optimizer, state, *args):  # kill -9 right after epoch 1 was saved
+        real_save(path, model, optimizer, state, *args)
+        if state.epoch == 1:
+            raise Interrupt
+
+    monkeypatch.setattr(train, "save_training_state", killed_after_epoch_1)
+    with pytest.raises(Interrupt):
+        zoo.train_zoo_model(tiny_zoo)
+    state = zoo.cache_path(tiny_zoo).with_suffix(".train_state.pt")
+    assert state.is_file() and not zoo.cache_path(tiny_zoo).exists()
+    monkeypatch.setattr(train, "save_training_state", real_save)
+    caplog.clear()
+    resumed, _ = zoo.train_zoo_model(tiny_zoo)
+    assert "epoch 1/2" not in caplog.text and "epoch 2/2" in caplog.text  # epoch 1 was not trained again
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert not state.exists()
+
+
+def test_train_does_not_retrain_a_cached_model_unless_forced(
+    tiny_zoo: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = zoo.train_zoo_model
+    monkeypatch.setattr(zoo, "train_zoo_model", lambda name, root=None: calls.append(name) or real(name, root))
+    assert main(["train", tiny_zoo]) == 0 and calls == ["tiny"]
+    assert main(["train", tiny_zoo]) == 0 and calls == ["tiny"]
+    assert "--force trains it again" in capsys.readouterr().out
+    assert main(["train", tiny_zoo, "--force"]) == 0 and calls == ["tiny", "tiny"]
+
+
+def test_the_shipped_cnn_is_used_when_nothing_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BITSMITH_CACHE", str(tmp_path))
+    assert zoo.checkpoint_path("cnn") == zoo.packaged_path("cnn") and zoo.packaged_path("cnn").is_file()
+    assert zoo.recorded_accuracy("cnn") > 0.9
+    model = zoo.pretrained("cnn", train_if_missing=False)
+    assert sum(p.numel() for p in model.parameters()) > 70_000
