@@ -56,3 +56,30 @@ def test_sign_magnitude_layers_store_one_bit_more_than_their_precision() -> None
     totals = model_cost(nn.Sequential(layer)).totals
     assert (totals["avg_weight_bits"], totals["avg_code_bits"]) == (3.0, 4.0)
     assert model_cost(nn.Sequential(nn.Linear(8, 4))).totals["avg_code_bits"] == 32.0
+
+
+def test_embedding_tables_count_in_bits_and_bops_ignore_padding() -> None:
+    from bitsmith.eval.tasks import EmbeddingTask
+
+    model = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 8))
+    cost = model_cost(model, torch.zeros(1, 5, dtype=torch.long)).totals
+    assert cost["avg_weight_bits"] == 32 and cost["params"] == 100 * 8 + 8 * 8 + 8  # the table is a weight layer
+    short = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    padded = {"input_ids": torch.tensor([[5, 6, 7, 0, 0, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0, 0, 0]])}
+    cut = EmbeddingTask.first(None, padded)  # type: ignore[arg-type]
+    assert all(torch.equal(cut[key], short[key]) for key in short)
+
+
+def test_pruned_layers_report_their_sparsity() -> None:
+    from bitsmith.eval.report import headline, metrics_table
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    with torch.no_grad():
+        model[0].weight[:4] = 0
+    totals = model_cost(model).totals
+    assert totals["sparsity"] == 0.5
+    base = {"accuracy": 0.9, "size_bytes": 1000, "avg_weight_bits": 32.0, "sparsity": 0.0}
+    comp = {**base, "sparsity": totals["sparsity"]}
+    assert headline(base, comp).endswith("sparsity 50.0%")
+    assert "sparsity %" in metrics_table([("a", base), ("b", comp)])
+    assert "sparsity %" not in metrics_table([("a", base), ("b", base)])

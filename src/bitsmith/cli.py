@@ -117,25 +117,43 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def _deploy_and_time(args: argparse.Namespace, model: Any, fp32: Any, task: Any) -> dict[str, Any]:
     """Deploy ``model`` on ``args.backend``; print its agreement, task metrics and latency vs FP32."""
-    from bitsmith.eval.latency import measure_latency
+    from bitsmith.eval.latency import Timing, speedup, time_forward
     from bitsmith.run import measure_deployed
 
     example = task.example(args.batch)
     deployed = measure_deployed(model, task, args.backend, example, args.runs, args.threads, getattr(args, "out", None))
-    fp32_ms = measure_latency(fp32, example, runs=args.runs, num_threads=args.threads)
+    fp32_timing, timing = (
+        time_forward(fp32, example, runs=args.runs, num_threads=args.threads),
+        Timing.from_dict(deployed["timing"]),
+    )
     scores = {k: deployed[k] for k in ("accuracy", "cosine", "retrieval") if k in deployed}
     console.print(
-        f"deployed on {deployed['backend']} in {deployed['export_seconds']:.1f} s: agreement with the fake-quant "
-        f"model (cosine) {deployed['agreement']:.5f}; {_summary(scores)}; latency at batch {args.batch}: "
-        f"{deployed['latency_ms']:.2f} ms vs FP32 {fp32_ms:.2f} ms ({fp32_ms / deployed['latency_ms']:.2f}x)",
+        f"deployed on {deployed['backend']} in {deployed['export_seconds']:.1f} s "
+        f"({integer_kernels(deployed)}): agreement with the fake-quant model (cosine) {deployed['agreement']:.5f}; "
+        f"{_summary(scores)}",
         highlight=False,
     )
+    if deployed["integer_layers"] > 0:
+        verdict = speedup(fp32_timing, timing)
+    else:
+        verdict = "no speed-up stated: nothing runs in integer kernels"
+    console.print(f"latency at batch {args.batch}: {timing} vs FP32 {fp32_timing}: {verdict}", highlight=False)
     if deployed["timings"]:
         tried = ", ".join(f"{name} {ms:.2f} ms" for name, ms in deployed["timings"].items())
         console.print(f"auto: timed {tried}; kept {deployed['backend']}", highlight=False)
     if deployed["agreement"] < 0.999:
         errors.print(f"[yellow]warning:[/] the deployed model's outputs differ (cosine {deployed['agreement']:.5f})")
     return deployed
+
+
+def integer_kernels(deployed: dict[str, Any]) -> str:
+    """How much of a deployed model runs in integer kernels, in words."""
+    count, fallbacks = deployed["integer_layers"], deployed["fallbacks"]
+    if count == 0 and not fallbacks:
+        return "nothing quantized: it runs in float"
+    if count == 0:
+        return f"every quantized layer fell back to float: {', '.join(fallbacks)}"
+    return f"{count} layer(s) in integer kernels" + (f", {len(fallbacks)} in float" if fallbacks else "")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

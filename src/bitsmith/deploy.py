@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from bitsmith.eval.latency import measure_latency, threads
+from bitsmith.export.qdq import quantized_layers
 from bitsmith.method import run_forward
 
 BACKENDS = ("onnxruntime", "torchao", "torch")
@@ -32,6 +33,7 @@ class Deployment:
     seconds: float  # time to export / compile
     path: str | None = None  # the ONNX file, for onnxruntime
     timings: dict[str, float] = field(default_factory=dict)  # auto: milliseconds per backend tried
+    integer_layers: int = 0  # layers that run in integer kernels (quantized and not fallen back to float)
 
 
 def available_backends() -> list[str]:
@@ -43,6 +45,13 @@ def available_backends() -> list[str]:
 
 
 def _build(model: nn.Module, example: Any, backend: str, out: Path, num_threads: int | None) -> Deployment:
+    deployment = _export(model, example, backend, out, num_threads)
+    if backend != "torch":
+        deployment.integer_layers = len(quantized_layers(model)) - len(deployment.fallbacks)
+    return deployment
+
+
+def _export(model: nn.Module, example: Any, backend: str, out: Path, num_threads: int | None) -> Deployment:
     start = time.perf_counter()
     if backend == "onnxruntime":
         from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx

@@ -15,7 +15,7 @@ from torch import nn
 
 from bitsmith.data import subset
 from bitsmith.eval.cost import model_cost
-from bitsmith.eval.latency import measure_latency
+from bitsmith.eval.latency import time_forward
 from bitsmith.eval.report import run_report_writers
 from bitsmith.eval.tasks import ClassificationTask, Task, classification_task, embedding_task
 from bitsmith.export.checkpoint import save
@@ -103,9 +103,12 @@ def measure_deployed(
     from bitsmith.deploy import agreement, deploy
 
     deployment = deploy(model, example, backend, out, num_threads=threads)
+    timing = time_forward(deployment.model, example, runs=runs, num_threads=threads)
     return {
         **task.evaluate(deployment.model),
-        "latency_ms": measure_latency(deployment.model, example, runs=runs, num_threads=threads),
+        "latency_ms": timing.median_ms,
+        "timing": timing.to_dict(),
+        "integer_layers": deployment.integer_layers,
         "backend": deployment.backend,
         "agreement": agreement(deployment.model, model, example),
         "export_seconds": round(deployment.seconds, 3),
@@ -122,13 +125,16 @@ def measure(model: nn.Module, task: Task, recipe: Recipe, smoke: bool) -> dict[s
         **task.evaluate(model),
         "size_bytes": cost.totals["size_bytes"],
         "avg_weight_bits": cost.totals["avg_weight_bits"],
+        "sparsity": cost.totals["sparsity"],
         "bops": cost.totals["bops"],
         "latency_ms": None,
     }
+    timing = None
     if recipe.eval.latency:
         runs = SMOKE["latency_runs"] if smoke else recipe.eval.latency_runs
-        metrics["latency_ms"] = measure_latency(model, example, runs=runs, num_threads=recipe.eval.threads)
-    return {"metrics": metrics, "layers": cost.to_dict()["layers"]}
+        timing = time_forward(model, example, runs=runs, num_threads=recipe.eval.threads)
+        metrics["latency_ms"] = timing.median_ms
+    return {"metrics": metrics, "layers": cost.to_dict()["layers"], "timing": timing and timing.to_dict()}
 
 
 def run_fingerprint(resolved: dict[str, Any], source: str, smoke: bool) -> str:

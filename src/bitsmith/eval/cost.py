@@ -58,8 +58,8 @@ def _dtype_bits(t: torch.Tensor) -> int:
 
 
 def _is_weight_layer(module: nn.Module) -> bool:
-    """Linear / conv layers, and embeddings once compressed (a float embedding counts as other state)."""
-    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, QEmbedding)
+    """Linear / conv layers and embedding tables (float or compressed: a float table counts at 32 bits)."""
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, QEmbedding)
     return isinstance(module, layers) or is_hf_conv1d(module)
 
 
@@ -148,6 +148,7 @@ def model_cost(model: nn.Module, example: Any | None = None) -> CostReport:
         "size_bytes": (size_bits + 7) // 8,
         "avg_weight_bits": sum(layer.weight_bits * layer.params for layer in layers) / max(weight_params, 1),
         "avg_code_bits": sum(layer.code_bits * layer.params for layer in layers) / max(weight_params, 1),
+        "sparsity": sum(layer.sparsity * layer.params for layer in layers) / max(weight_params, 1),
     }
     if example is not None:
         totals["macs"] = sum(layer.macs or 0 for layer in layers)

@@ -1,16 +1,23 @@
-"""Latency: median wall time of repeated forward passes after warm-up, with a fixed thread count."""
+"""Latency: repeated forward passes after warm-up with a fixed thread count, recorded with their spread
+(min / median / max) and the machine's load average, and judged reliable or not before a speed-up is
+stated."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from bitsmith.method import eval_mode, run_forward
+
+MAX_SPREAD = 1.5  # max / min of the timed runs above this: the runs disagree too much to compare
 
 
 @contextmanager
@@ -25,16 +32,75 @@ def threads(n: int | None):
         torch.set_num_threads(before)
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS does not say)."""
+    path = Path("/proc/loadavg")
+    return float(path.read_text().split()[0]) if path.exists() else None
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class Timing:
+    """Milliseconds per forward pass over ``runs`` timed passes, with the load average before them."""
+
+    min_ms: float
+    median_ms: float
+    max_ms: float
+    runs: int
+    load: float | None
+    cores: int
+
+    def unreliable(self) -> str | None:
+        """Why this timing cannot support a speed-up claim, or None: a busy machine (more runnable work
+        than cores) or runs that disagree (max / min above ``MAX_SPREAD``)."""
+        reasons = []
+        if self.load is not None and self.load > self.cores + 0.5:
+            reasons.append(f"load average {self.load:.1f} on {self.cores} cores")
+        if self.runs >= 2 and self.max_ms > MAX_SPREAD * self.min_ms:
+            reasons.append(f"runs spread {self.min_ms:.2f}-{self.max_ms:.2f} ms")
+        return "; ".join(reasons) or None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Timing:
+        return cls(**{key: data[key] for key in ("min_ms", "median_ms", "max_ms", "runs", "load", "cores")})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "unreliable": self.unreliable()}
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.2f} ms (min {self.min_ms:.2f}, max {self.max_ms:.2f}, {self.runs} runs)"
+
+
+def speedup(baseline: Timing, faster: Timing) -> str:
+    """``2.41x``, or why no speed-up is stated."""
+    reasons = [r for r in (baseline.unreliable(), faster.unreliable()) if r]
+    if reasons:
+        return f"speed-up not stated, timing unreliable: {'; '.join(reasons)}; rerun on an idle machine"
+    return f"{baseline.median_ms / faster.median_ms:.2f}x"
+
+
 @torch.no_grad()
-def measure_latency(
+def time_forward(
     model: nn.Module, example: Any, runs: int = 10, warmup: int = 2, num_threads: int | None = None
-) -> float:
-    """Median milliseconds per forward pass of ``model`` on ``example``."""
-    times = []
+) -> Timing:
+    """Time ``runs`` forward passes of ``model`` on ``example`` after ``warmup`` untimed ones."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    load, times = load_average(), []
     with threads(num_threads), eval_mode(model):
         for i in range(warmup + runs):
             start = time.perf_counter()
             run_forward(model, example)
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return Timing(min(times), statistics.median(times), max(times), runs, load, cores())
+
+
+def measure_latency(
+    model: nn.Module, example: Any, runs: int = 10, warmup: int = 2, num_threads: int | None = None
+) -> float:
+    """Median milliseconds per forward pass (``time_forward`` has the spread and the load)."""
+    return time_forward(model, example, runs, warmup, num_threads).median_ms

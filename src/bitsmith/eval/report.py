@@ -21,6 +21,7 @@ METRIC_COLUMNS = [
     ("critical_accuracy", "critical top-1 %", lambda v: f"{100 * v:.2f}"),
     ("size_bytes", "size (KB)", lambda v: f"{v / 1024:.1f}"),
     ("avg_weight_bits", "avg w bits", lambda v: f"{v:.2f}"),
+    ("sparsity", "sparsity %", lambda v: f"{100 * v:.1f}"),
     ("bops", "GBOPs", lambda v: f"{v / 1e9:.2f}"),
     ("latency_ms", "latency ms", lambda v: f"{v:.2f}"),
 ]
@@ -45,12 +46,19 @@ def headline(base: dict[str, Any], comp: dict[str, Any]) -> str:
     parts = [f"{title} {fmt(base[key])} -> {fmt(comp[key])}" for key, title, fmt in METRIC_COLUMNS[:3] if key in comp]
     parts.append(f"size {base['size_bytes'] / 1024:.1f} KB -> {comp['size_bytes'] / 1024:.1f} KB")
     parts.append(f"avg weight bits {comp['avg_weight_bits']:.2f}")
+    if comp.get("sparsity", 0) >= 0.005:
+        parts.append(f"sparsity {100 * comp['sparsity']:.1f}%")
     return ", ".join(parts)
+
+
+def _shown(key: str, value: Any) -> bool:
+    """Whether a metric earns its column: present, and for sparsity not (almost) zero."""
+    return value is not None and not (key == "sparsity" and value < 0.005)
 
 
 def metrics_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """Markdown table of named metric dicts: the columns any row has (missing values shown as -)."""
-    columns = [c for c in METRIC_COLUMNS if any(metrics.get(c[0]) is not None for _, metrics in rows)]
+    columns = [c for c in METRIC_COLUMNS if any(_shown(c[0], metrics.get(c[0])) for _, metrics in rows)]
     header = "| run | " + " | ".join(title for _, title, _ in columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1)]
     for name, metrics in rows:
@@ -72,7 +80,14 @@ def layers_table(layers: list[dict[str, Any]]) -> str:
 def plot_layers(layers: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Per-layer weight bit-width bars (quantized activations' bits as dots) and size bars."""
     names = [layer["name"] for layer in layers]
-    fig, (ax_bits, ax_size) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(names)), 6), sharex=True)
+    sparse = any(layer["sparsity"] >= 0.005 for layer in layers)
+    fig, axes = plt.subplots(
+        3 if sparse else 2, 1, figsize=(max(6, 0.45 * len(names)), 8 if sparse else 6), sharex=True
+    )
+    ax_bits, ax_size = axes[0], axes[-1]
+    if sparse:  # pruned runs: the bits stay 32, the zeros are what changed
+        axes[1].bar(names, [100 * layer["sparsity"] for layer in layers], color="tab:gray")
+        axes[1].set_ylabel("sparsity %")
     ax_bits.bar(names, [layer["weight_bits"] for layer in layers], color="tab:blue", label="weights")
     quantized = [(layer["name"], layer["act_bits"]) for layer in layers if layer["act_bits"] < 32]
     if quantized:
@@ -134,7 +149,7 @@ def plot_training(history: list[dict[str, Any]], path: Path, title: str) -> Path
 
 def run_markdown(report: dict[str, Any]) -> str:
     """report.md of one run."""
-    rows = [("FP32 baseline", report["baseline"]["metrics"]), (report["name"], report["compressed"]["metrics"])]
+    rows = [("FP32 baseline", report["baseline"]["metrics"]), compressed_row(report)]
     deployed = report.get("deployed")
     if deployed:
         rows.append((f"{report['name']}, deployed on {deployed['backend']}", deployed))
@@ -146,10 +161,12 @@ def run_markdown(report: dict[str, Any]) -> str:
         "",
         metrics_table(rows),
         "",
-        "Latency is the median of repeated forward passes after warm-up, all timed in this run. The compressed",
-        "row is the fake-quantized PyTorch model (simulated quantization); the deployed row, when present,",
-        "runs integer kernels (`export.deploy` in the recipe, or `bitsmith deploy`).",
+        "Latency is the median of repeated forward passes after warm-up, all timed in this run. A fake-quant",
+        "row simulates quantization in float, so its latency (in report.json) says nothing about the speed of",
+        "the compressed model; the deployed row, when present, runs integer kernels (`export.deploy` in the",
+        "recipe, or `bitsmith deploy`).",
         "",
+        *timing_lines(report),
         "## Layers",
         "",
         layers_table(report["compressed"]["layers"]),
@@ -166,20 +183,69 @@ def run_markdown(report: dict[str, Any]) -> str:
     return "\n".join(md)
 
 
+def simulated(report: dict[str, Any]) -> bool:
+    """Whether the compressed model is fake-quantized (quantization simulated in float, so its latency is no
+    measure of the compressed model's speed; the deployed row is)."""
+    return any(layer["weight_bits"] < 32 or layer["act_bits"] < 32 for layer in report["compressed"]["layers"])
+
+
+def compressed_row(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The compressed model's table row; a fake-quantized model's float latency is left out."""
+    metrics = report["compressed"]["metrics"]
+    if simulated(report):
+        return f"{report['name']} (fake-quant)", {**metrics, "latency_ms": None}
+    return report["name"], metrics
+
+
+def timing_lines(report: dict[str, Any]) -> list[str]:
+    """The spread and load of every timing in a run, and a warning when one of them is unreliable."""
+    shown = not simulated(report) if report["compressed"].get("layers") is not None else True
+    sides = [("FP32", report["baseline"]), ("compressed", report["compressed"] if shown else None),
+             ("deployed", report.get("deployed"))]  # fmt: skip
+    timings = [(name, side["timing"]) for name, side in sides if side and side.get("timing")]
+    if not timings:
+        return []
+    spreads = ", ".join(f"{name} {t['median_ms']:.2f} ms (min {t['min_ms']:.2f}, max {t['max_ms']:.2f}, "
+                        f"{t['runs']} runs, load {t['load']})" for name, t in timings)  # fmt: skip
+    lines = [f"Timings: {spreads}; {timings[0][1]['cores']} cores.", ""]
+    unreliable = [f"{name}: {t['unreliable']}" for name, t in timings if t.get("unreliable")]
+    if unreliable:
+        lines += [f"**Timing unreliable** ({'; '.join(unreliable)}): the latency column is no speed-up; rerun on an "
+                  "idle machine.", ""]  # fmt: skip
+    deployed = report.get("deployed")
+    if deployed and not deployed.get("integer_layers"):
+        lines += ["**Nothing runs in integer kernels** in the deployed model (no quantized layer, or every one "
+                  "fell back to float): its latency is float's.", ""]  # fmt: skip
+    return lines
+
+
 def compare_runs(dirs: list[Path], out: Path | None = None) -> str:
-    """A markdown table (and, with ``out``, a plot) comparing several run directories."""
-    rows: list[tuple[str, dict[str, Any]]] = []
+    """A markdown table (and, with ``out``, a plot) comparing run directories of one model and task; each
+    run's deployed model, when it has one, gets its own row."""
+    reports = [(Path(directory), check_run(Path(directory))) for directory in dirs]
+    kinds = {(report["model"], report["data"].get("name")) for _, report in reports}
+    if len(kinds) > 1:
+        found = "; ".join(
+            f"{model} on {data}: {', '.join(str(d) for d, r in reports if (r['model'], r['data'].get('name')) == (model, data))}"
+            for model, data in sorted(kinds, key=str)
+        )
+        raise ValueError(f"report compares runs of one model and task; got {found}. Report each group on its own")
+    rows: list[tuple[str, dict[str, Any]]] = [("FP32 baseline", reports[0][1]["baseline"]["metrics"])]
     points = []
-    for directory in dirs:
-        report = check_run(Path(directory))
-        if not rows:
-            rows.append(("FP32 baseline", report["baseline"]["metrics"]))
-        rows.append((report["name"], report["compressed"]["metrics"]))
-    label = "top-1 %"
+    notes = []
+    for _, report in reports:
+        rows.append(compressed_row(report))
+        deployed = report.get("deployed")
+        if deployed:
+            rows.append((f"{report['name']}, deployed on {deployed['backend']}", deployed))
+        notes += [f"{report['name']}: {line}" for line in timing_lines(report) if line.startswith("**")]
     for name, metrics in rows:
-        label, value = quality(metrics)
-        points.append((name, metrics["size_bytes"] / 1024, value))
-    table = metrics_table(rows)
+        if metrics.get("size_bytes") is not None:  # a deployed row has the size of its run's checkpoint
+            label, value = quality(metrics)
+            points.append((name, metrics["size_bytes"] / 1024, value))
+    notes.append("Latency: medians of each run's own timing; fake-quant rows (quantization simulated in float) "
+                 "have none, their deployed rows run integer kernels.")  # fmt: skip
+    table = "\n\n".join([metrics_table(rows), *notes])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         plot = plot_accuracy_vs_size(points, out / "accuracy_vs_size.png", f"{label} vs size", label)

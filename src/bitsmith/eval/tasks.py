@@ -95,7 +95,10 @@ class EmbeddingTask:
         return tokenize(self.tokenizer, (texts * (1 + batch_size // max(len(texts), 1)))[:batch_size])
 
     def first(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return first_example(batch)
+        """The first example cut to its real tokens, so that costs (MACs, BOPs) do not count padding."""
+        one = first_example(batch)
+        length = int(one["attention_mask"].sum())
+        return {key: value[:, :length] if value.dim() >= 2 else value for key, value in one.items()}
 
     def embeddings(self, model: nn.Module) -> Tensor:
         """Embeddings of all queries, then all passages ``(2 * pairs, dim)``."""

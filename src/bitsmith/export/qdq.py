@@ -167,6 +167,12 @@ class QDQLayer(nn.Module):
         return nn.functional.conv2d(x, w, self.bias, args["stride"], args["padding"], args["dilation"], args["groups"])
 
 
+def quantized_layers(model: nn.Module) -> list[str]:
+    """Names of the layers with quantized weights: the ones a backend can run in integer kernels."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (QLinear, QConv2d, QEmbedding)) and module.weight_q is not None]  # fmt: skip
+
+
 @torch.no_grad()
 def deployable(model: nn.Module, ops: Ops = "onnx") -> tuple[nn.Module, dict[str, str]]:
     """A copy of ``model`` with QDQ export layers and every other compressed module made plain;
@@ -176,13 +182,13 @@ def deployable(model: nn.Module, ops: Ops = "onnx") -> tuple[nn.Module, dict[str
     model = copy.deepcopy(model).eval()
     fallbacks: dict[str, str] = {}
     exported: dict[str, nn.Module] = {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (QLinear, QConv2d, QEmbedding)) and module.weight_q is not None:
-            reason = unsupported(module)
-            if reason is None:
-                exported[name] = QDQEmbedding(module, ops) if isinstance(module, QEmbedding) else QDQLayer(module, ops)
-            else:
-                fallbacks[name] = reason
+    for name in quantized_layers(model):
+        module = model.get_submodule(name)
+        reason = unsupported(module)
+        if reason is None:
+            exported[name] = QDQEmbedding(module, ops) if isinstance(module, QEmbedding) else QDQLayer(module, ops)
+        else:
+            fallbacks[name] = reason
     convs = [name for name, qdq in exported.items() if isinstance(qdq, QDQLayer) and qdq.conv is not None]
     for conv, bn in conv_bn_pairs(model, convs).items():  # traced before any module is replaced
         if exported[conv].fold_batchnorm(model.get_submodule(bn)):
