@@ -223,9 +223,11 @@ def parse_yaml(text: str, what: str) -> Any:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{what}: not valid YAML ({str(exc)[:200]})") from None
+        raise RecipeError(f"{what}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
     except RecursionError:
         raise RecipeError(f"{what}: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise RecipeError(f"{what}: a value cannot be read ({str(exc).split(';')[0][:120]})") from None
     if count_values(data) > MAX_RECIPE_VALUES:
         raise RecipeError(f"{what}: more than {MAX_RECIPE_VALUES} values once YAML aliases are expanded")
     return data
