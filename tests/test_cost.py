@@ -80,6 +80,6 @@ def test_pruned_layers_report_their_sparsity() -> None:
     assert totals["sparsity"] == 0.5
     base = {"accuracy": 0.9, "size_bytes": 1000, "avg_weight_bits": 32.0, "sparsity": 0.0}
     comp = {**base, "sparsity": totals["sparsity"]}
-    assert headline(base, comp).endswith("sparsity 50.0%")
-    assert "sparsity %" in metrics_table([("a", base), ("b", comp)])
-    assert "sparsity %" not in metrics_table([("a", base), ("b", base)])
+    assert headline(base, comp).endswith("zero weights 50.0%")
+    assert "zero weights %" in metrics_table([("a", base), ("b", comp)])
+    assert "zero weights %" not in metrics_table([("a", base), ("b", base)])

@@ -80,3 +80,20 @@ def test_the_shipped_cnn_is_used_when_nothing_is_cached(tmp_path: Path, monkeypa
     assert zoo.recorded_accuracy("cnn") > 0.9
     model = zoo.pretrained("cnn", train_if_missing=False)
     assert sum(p.numel() for p in model.parameters()) > 70_000
+
+
+def test_version_and_quiet_dependencies(capsys: pytest.CaptureFixture) -> None:
+    import subprocess
+    import sys
+
+    from bitsmith import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"bitsmith {__version__}"
+    pytest.importorskip("torchao")
+    code = "from bitsmith.cli import quiet_dependencies; quiet_dependencies({}); import torchao"
+    quiet = subprocess.run([sys.executable, "-c", code.format(False)], capture_output=True, text=True, check=True)
+    assert "Failed to load" not in quiet.stderr and "W1" not in quiet.stderr  # torchao's .so lines, torch's W-lines
+    loud = subprocess.run([sys.executable, "-c", code.format(True)], capture_output=True, text=True, check=True)
+    assert len(loud.stderr) >= len(quiet.stderr)  # --debug shows what the dependencies say

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -79,3 +81,27 @@ def check_finite(batches: list[Any], what: str = "calibration") -> None:
             constant = constant and (tensor.numel() < 2 or bool((tensor == tensor.flatten()[0]).all()))
     if constant and seen:
         warnings.warn(f"every {what} input is constant: ranges and statistics will be degenerate", stacklevel=3)
+
+
+_REAL_TOKENS: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("real_tokens", default=None)
+
+
+@contextlib.contextmanager
+def real_tokens(batch: Any) -> Iterator[None]:
+    """While a padded text batch (a dict with ``attention_mask``) runs through the model inside this block,
+    ``drop_padding`` removes its padding positions from the activations that statistics are taken on."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    token = _REAL_TOKENS.set(None if mask is None else mask.bool())
+    try:
+        yield
+    finally:
+        _REAL_TOKENS.reset(token)
+
+
+def drop_padding(x: Tensor) -> Tensor:
+    """``x`` of shape ``(batch, tokens, ...)`` as ``(real tokens, ...)`` inside ``real_tokens``; any other
+    tensor (images, or outside the block) unchanged."""
+    mask = _REAL_TOKENS.get()
+    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask]

@@ -21,7 +21,7 @@ METRIC_COLUMNS = [
     ("critical_accuracy", "critical top-1 %", lambda v: f"{100 * v:.2f}"),
     ("size_bytes", "size (KB)", lambda v: f"{v / 1024:.1f}"),
     ("avg_weight_bits", "avg w bits", lambda v: f"{v:.2f}"),
-    ("sparsity", "sparsity %", lambda v: f"{100 * v:.1f}"),
+    ("sparsity", "zero weights %", lambda v: f"{100 * v:.1f}"),
     ("bops", "GBOPs", lambda v: f"{v / 1e9:.2f}"),
     ("latency_ms", "latency ms", lambda v: f"{v:.2f}"),
 ]
@@ -47,7 +47,7 @@ def headline(base: dict[str, Any], comp: dict[str, Any]) -> str:
     parts.append(f"size {base['size_bytes'] / 1024:.1f} KB -> {comp['size_bytes'] / 1024:.1f} KB")
     parts.append(f"avg weight bits {comp['avg_weight_bits']:.2f}")
     if comp.get("sparsity", 0) >= 0.005:
-        parts.append(f"sparsity {100 * comp['sparsity']:.1f}%")
+        parts.append(f"zero weights {100 * comp['sparsity']:.1f}%")
     return ", ".join(parts)
 
 

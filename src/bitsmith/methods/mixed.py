@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from bitsmith.alloc import Budget, allocate
 from bitsmith.critical import critical_loss
-from bitsmith.data import concat_batches, first_example
+from bitsmith.data import concat_batches, drop_padding, first_example, real_tokens
 from bitsmith.eval.cost import measure_macs
 from bitsmith.method import eval_mode, register_method, run_forward
 from bitsmith.methods.ptq import PTQ
@@ -205,9 +205,9 @@ class MixedPrecision(PTQ):
 
     def _input_quantizers(self, model: nn.Module, batch: Any) -> dict[str, dict[int, Any]]:
         """Activation quantizers per candidate, calibrated on each layer's inputs from the batch."""
-        with torch.no_grad(), eval_mode(model), captured_inputs(model, self._layers) as inputs:
+        with torch.no_grad(), eval_mode(model), captured_inputs(model, self._layers) as inputs, real_tokens(batch):
             run_forward(model, batch)
-        self._inputs = {name: x.detach() for name, x in inputs.items()}
+            self._inputs = {name: drop_padding(x.detach()) for name, x in inputs.items()}
         return {
             name: {
                 a: self._input_q(name, model.get_submodule(name), {**self._overrides[name], "a_bits": a}).calibrate_(x)

@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bitsmith.data import concat_batches
+from bitsmith.data import concat_batches, drop_padding, real_tokens
 from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn import QLinear
 from bitsmith.quant.base import Quantizer
@@ -115,6 +115,15 @@ class NoisyQuant(Method):
                 "noisyquant found no Linear layer with an activation quantizer; list a method that quantizes "
                 "activations before it, e.g. methods: [{name: ptq, a_bits: 6}, {name: noisyquant}]"
             )
+        for name in self._layers:
+            q = model.get_submodule(name).input_q
+            if isinstance(q, UniformQuantizer) and (q.dynamic or q.granularity != "tensor"):
+                kind = "dynamic" if q.dynamic else "static"
+                raise ValueError(
+                    f"noisyquant needs a static per-tensor activation quantizer (one fixed step for the noise and "
+                    f"the mean shift); layer {name!r} has a {kind} per-{q.granularity} one. Use a_granularity: "
+                    "tensor and a_dynamic: false in the method before it, or exclude the layer"
+                )
         return {}
 
     @torch.no_grad()
@@ -125,7 +134,7 @@ class NoisyQuant(Method):
             for n in self._layers
         ]
         try:
-            with eval_mode(model):
+            with eval_mode(model), real_tokens(batch):
                 run_forward(model, batch)
         finally:
             for handle in handles:
@@ -134,9 +143,10 @@ class NoisyQuant(Method):
     def _search(self, name: str, layer: QLinear, x: Tensor) -> None:
         """Set the clip, mean and noise of ``layer``'s input quantizer from its input ``x``."""
         index = self._layers.index(name)
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        rows = drop_padding(x.detach()).reshape(-1, x.shape[-1]).float()
         if layer.smooth is not None:
             rows = rows / layer.smooth
+        full_range = (float(rows.min()), float(rows.max()))  # clip candidates span all rows, not the subsample
         generator = torch.Generator().manual_seed(self.seed * 7919 + index)
         if rows.shape[0] > self.rows:
             rows = rows[torch.randint(rows.shape[0], (self.rows,), generator=generator)]
@@ -152,7 +162,7 @@ class NoisyQuant(Method):
 
         record: dict[str, float] = {"mse_ptq": error(quantizer)}
         if self.clip_search and _searchable(quantizer):
-            self._clip(quantizer, rows, error)
+            self._clip(quantizer, full_range, error)
         record["mse_clip"] = error(quantizer)
         step = quantizer_step(quantizer)
         mu = 0.0
@@ -175,9 +185,10 @@ class NoisyQuant(Method):
         else:
             layer.input_q = quantizer
 
-    def _clip(self, quantizer: UniformQuantizer, rows: Tensor, error: Callable[..., float]) -> None:
-        """Output-error search of the clipping range ``[min, max] * t``; the current range is kept on ties."""
-        lo, hi = float(rows.min()), float(rows.max())
+    def _clip(self, quantizer: UniformQuantizer, full_range: tuple[float, float], error: Callable[..., float]) -> None:
+        """Output-error search of the clipping range ``[min, max] * t`` of the whole calibration input; the
+        current range is kept on ties."""
+        lo, hi = full_range
         if quantizer.symmetric:
             lo, hi = -max(abs(lo), abs(hi)), max(abs(lo), abs(hi))
         qmin, qmax = quantizer.qmin, quantizer.qmax

@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith.data import drop_padding, real_tokens
 from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn import QLinear, QuantizedMixin
 from bitsmith.quant.layers import to_quantized
@@ -140,7 +141,7 @@ class SmoothQuant(Method):
             if first[0]:
                 keys[name] = tensor_key(x)
                 alive.append(x)
-            m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+            m = drop_padding(x.detach()).abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
             act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
 
         def on_norm(name: str, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
@@ -159,7 +160,8 @@ class SmoothQuant(Method):
         try:
             with eval_mode(model):
                 for batch in batches:
-                    run_forward(model, batch)
+                    with real_tokens(batch):
+                        run_forward(model, batch)
                     first[0] = False
                     alive.clear()
         finally:

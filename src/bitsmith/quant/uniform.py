@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith.data import drop_padding
 from bitsmith.quant.base import QUANTIZERS, Encoded, Quantizer
 from bitsmith.quant.functional import (
     dequantize_codes,
@@ -211,7 +212,7 @@ class UniformQuantizer(Quantizer):
     # -- the quantizer ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.observing and self._observer is not None:
-            self._observer.update(self.rows(x.detach()).float())
+            self._observer.update(self.rows(drop_padding(x.detach())).float())
             return x
         scale, zero_point = self._params(x)
         if self.binary:
