@@ -113,6 +113,11 @@ def nvit_lines(rows: list[dict[str, Any]]) -> list[str]:
              "| MACs target | criterion | MACs | params | top-1 % | Δ vs FP32 | latency ms | speedup | blocks (heads/qk/v/mlp), emb |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     ms = next((r["ms"] for r in rows if r["family"] == "NViT latency"), {})
+    fp32_params = next((r["params"] for r in rows if r["model"] == "vit" and r["family"] == "FP32" and "params" in r),
+                       None)  # fmt: skip
+    fp32_latency = f"{ms['fp32']:.1f} | 1.00x" if "fp32" in ms else "- | -"
+    lines.append(f"| - | FP32 | 100.0% | {f'{fp32_params:,}' if fp32_params else '-'} | {100 * fp32:.2f} | - | "
+                 f"{fp32_latency} | 4/16/16/128 each, 64 |")  # fmt: skip
     for r in pruned:
         if f"{r['criterion']} {r['param']}" in ms:
             r["latency_ms"], r["fp32_ms"] = ms[f"{r['criterion']} {r['param']}"], ms["fp32"]
