@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bitsmith.quant.observers import build_observer
@@ -59,3 +60,25 @@ def test_per_row_statistics() -> None:
     obs.update(torch.stack([torch.linspace(-1, 1, 101), torch.linspace(-10, 10, 101)]))
     lo, hi = obs.compute(-8, 7, True)
     assert hi.shape == (2,) and hi[1] > 5 * hi[0]
+
+
+def test_kl_threshold_tries_every_bin_like_tensorrt() -> None:
+    """Every candidate edge from ``levels`` to ``bins`` (stride 1), each scored like TensorRT's reference loop."""
+    import numpy as np
+
+    from bitsmith.quant.observers import _kl_threshold
+
+    values = np.abs(np.random.default_rng(0).standard_t(3, 20000))
+    hist, edges = np.histogram(values, bins=512, range=(0.0, float(values.max())))
+    best, best_i = np.inf, 512
+    for i in range(64, 513):  # the reference: chunks from np.array_split, spread over non-empty bins
+        p, nonzero, q = hist[:i].astype(float), hist[:i] != 0, np.zeros(i)
+        p[-1] += hist[i:].sum()
+        for chunk in np.array_split(np.arange(i), 64):
+            if nonzero[chunk].sum():
+                q[chunk] = np.where(nonzero[chunk], hist[chunk].sum() / nonzero[chunk].sum(), 0.0)
+        p, q = p / p.sum(), q / q.sum()
+        kl = float(np.sum(p[p > 0] * np.log(p[p > 0] / np.maximum(q[p > 0], 1e-12))))
+        best, best_i = (kl, i) if kl < best else (best, best_i)
+    assert _kl_threshold(values, 64, bins=512) == pytest.approx(float(edges[best_i]))
+    assert _kl_threshold(values, 64, bins=512, stride=16) != pytest.approx(float(edges[best_i]))  # strides skip it

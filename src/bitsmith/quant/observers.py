@@ -155,8 +155,9 @@ class MSEObserver(_SampleObserver):
         return best_lo, best_hi
 
 
-def _kl_threshold(values: np.ndarray, levels: int, bins: int = 2048, stride: int = 16) -> float:
-    """TensorRT-style entropy calibration: the |x| threshold minimising KL(P || Q) of the histogram."""
+def _kl_threshold(values: np.ndarray, levels: int, bins: int = 2048, stride: int = 1) -> float:
+    """TensorRT-style entropy calibration: the |x| threshold minimising KL(P || Q) of the histogram, over every
+    candidate bin edge from ``levels`` to ``bins`` (``stride`` 1, as TensorRT's reference does)."""
     amax = float(values.max()) if values.size else 0.0
     if amax == 0.0:
         return 0.0
@@ -164,23 +165,32 @@ def _kl_threshold(values: np.ndarray, levels: int, bins: int = 2048, stride: int
     hist = hist.astype(np.float64)
     best_kl, best_i = np.inf, bins
     for i in range(max(levels, 1), bins + 1, stride):
-        p = hist[:i].copy()
-        p[-1] += hist[i:].sum()
-        nonzero = hist[:i] != 0
-        q = np.zeros(i)
-        for chunk in np.array_split(np.arange(i), levels):
-            n = nonzero[chunk].sum()
-            if n:
-                q[chunk] = np.where(nonzero[chunk], hist[chunk].sum() / n, 0.0)
-        p_sum, q_sum = p.sum(), q.sum()
-        if p_sum == 0 or q_sum == 0:
-            continue
-        p, q = p / p_sum, q / q_sum
-        mask = p > 0
-        kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+        kl = _kl_at(hist, i, levels)
         if kl < best_kl:
             best_kl, best_i = kl, i
     return float(edges[min(best_i, bins)])
+
+
+def _kl_at(hist: np.ndarray, i: int, levels: int) -> float:
+    """KL(P || Q) for the threshold at bin ``i``: P is the histogram clipped into its first ``i`` bins, Q the
+    same bins merged into ``levels`` chunks (as ``np.array_split`` splits them) and spread back over each
+    chunk's non-empty bins."""
+    p = hist[:i].copy()
+    p[-1] += hist[i:].sum()
+    nonzero = hist[:i] != 0
+    sizes = np.full(levels, i // levels)
+    sizes[: i % levels] += 1
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    totals = np.add.reduceat(hist[:i], starts)
+    counts = np.add.reduceat(nonzero.astype(np.float64), starts)
+    per_bin = np.divide(totals, counts, out=np.zeros(levels), where=counts > 0)
+    q = np.where(nonzero, np.repeat(per_bin, sizes), 0.0)
+    p_sum, q_sum = p.sum(), q.sum()
+    if p_sum == 0 or q_sum == 0:
+        return np.inf
+    p, q = p / p_sum, q / q_sum
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
 
 
 @OBSERVERS.register("kl")
@@ -198,7 +208,7 @@ class KLObserver(_SampleObserver):
         thresholds = []
         for row, row_lo in zip(x.abs().numpy(), lo.tolist(), strict=False):
             levels = levels_all // 2 if (symmetric or row_lo < 0) else levels_all
-            thresholds.append(_kl_threshold(row, levels, self.bins, max(1, self.bins // 128)))
+            thresholds.append(_kl_threshold(row, levels, self.bins))
         t = torch.tensor(thresholds, dtype=lo.dtype)
         return torch.maximum(lo, -t), torch.minimum(hi, t)
 
