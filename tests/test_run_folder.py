@@ -98,3 +98,14 @@ def test_out_must_be_a_writable_folder(tmp_path: Path, monkeypatch: pytest.Monke
         monkeypatch.setattr(tempfile, "mkstemp", refuse)
     with pytest.raises(ValueError, match="cannot write there \\(Permission denied\\)"):
         writable_folder(readonly / "run")
+
+
+def test_report_refuses_runs_of_different_models_or_tasks(tmp_path: Path) -> None:
+    for name, model, data in (("a", "cnn", "fashion-mnist"), ("b", "minilm", "docstrings")):
+        report = {**_report(name), "model": model, "data": {"name": data}, "smoke": False}
+        report["compressed"] = {**report["compressed"], "layers": []}
+        publish_run(tmp_path / name, {"report.json": lambda p, r=report: atomic_write_text(p, json.dumps(r))})
+    with pytest.raises(ValueError, match="compares runs of one model and task; got cnn on fashion-mnist: .*a; "
+                                          "minilm on docstrings: .*b"):  # fmt: skip
+        compare_runs([tmp_path / "a", tmp_path / "b"])
+    assert "| a |" in compare_runs([tmp_path / "a"])  # no quantized layer: its own latency stays
