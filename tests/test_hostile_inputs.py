@@ -200,3 +200,13 @@ def test_a_non_finite_layer_is_named_in_calibration_and_training() -> None:
     images, labels = torch.rand(16, 1, 12, 12), torch.randint(0, 10, (16,))
     with pytest.raises(FloatingPointError, match=r"epoch 1, step 0 \(the first non-finite output is at layer 'fc1'"):
         fit(model, images, labels, TrainConfig(epochs=1, batch_size=8))
+
+
+@pytest.mark.parametrize("position", [0, -1])
+def test_debug_shows_the_traceback_wherever_it_stands(position: int, tmp_path: Path) -> None:
+    from bitsmith.cli import main
+
+    argv = ["run", str(RECIPES / "cnn-qat-lsq-w4a4.yaml"), "--out", str(tmp_path), "train.batch_size=0"]
+    argv.insert(position if position == 0 else len(argv), "--debug")
+    with pytest.raises(RecipeError, match="batch_size must be >= 1"):
+        main(argv)

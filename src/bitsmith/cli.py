@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # anywhere on the command line, before or after the subcommand
+    args, extra = parser.parse_known_args([item for item in argv if item != "--debug"])
+    args.debug = debug
     quiet_dependencies(args.debug)
     if extra and (args.command != "run" or any("=" not in item for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
