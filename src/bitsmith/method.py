@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from bitsmith.data import check_finite
+from bitsmith.data import check_finite, real_tokens
 from bitsmith.registry import Registry
 from bitsmith.select import Selection, as_selection
 
@@ -162,12 +162,28 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def run_forward(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on a batch: a dict is passed as keywords, a (inputs, targets) pair by inputs."""
-    if isinstance(batch, dict):
-        return model(**{k: v for k, v in batch.items() if k != "labels"})
-    if isinstance(batch, (tuple, list)):
-        return model(batch[0])
-    return model(batch)
+    """Call ``model`` on a batch: a dict is passed as keywords, a (inputs, targets) pair by inputs. While it
+    runs, ``data.drop_padding`` knows the batch's padding (its ``attention_mask``), so statistics taken in
+    hooks and observers see only real tokens."""
+    with real_tokens(batch):
+        if isinstance(batch, dict):
+            return model(**{k: v for k, v in batch.items() if k != "labels"})
+        if isinstance(batch, (tuple, list)):
+            return model(batch[0])
+        return model(batch)
+
+
+@torch.no_grad()
+def forward_with_hooks(model: nn.Module, batch: Any, hooks: dict[nn.Module, Callable[..., Any]]) -> Any:
+    """One forward of ``batch`` in eval mode with ``hooks`` as forward hooks of their modules, removed
+    afterwards (also when the forward fails)."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    try:
+        with eval_mode(model):
+            return run_forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -180,7 +196,6 @@ def _tensors(value: Any) -> list[Tensor]:
     return []
 
 
-@torch.no_grad()
 def first_nonfinite_layer(model: nn.Module, batch: Any) -> str | None:
     """The first module (in execution order) whose output holds NaN or inf on ``batch``, as
     ``'name' (Type)``; None when every output is finite."""
@@ -191,13 +206,7 @@ def first_nonfinite_layer(model: nn.Module, batch: Any) -> str | None:
             found.append(f"{names[module]!r} ({type(module).__name__})")
 
     names = {module: name or "(model)" for name, module in model.named_modules()}
-    handles = [module.register_forward_hook(check) for module in names if not list(module.children())]
-    try:
-        with eval_mode(model):
-            run_forward(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, batch, {module: check for module in names if not list(module.children())})
     return found[0] if found else None
 
 

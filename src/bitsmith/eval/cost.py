@@ -7,13 +7,14 @@ float32, and every other parameter or persistent buffer at its dtype's width.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from bitsmith.method import eval_mode, run_forward
+from bitsmith.method import forward_with_hooks
 from bitsmith.nn import QEmbedding, QuantizedMixin, is_hf_conv1d
 
 
@@ -97,24 +98,14 @@ def _macs_per_output(module: nn.Module) -> int:
     return module.weight[0].numel()  # conv: in/groups * prod(kernel)
 
 
-@torch.no_grad()
 def measure_macs(model: nn.Module, example: Any, names: list[str]) -> dict[str, int]:
     """MACs of each named layer for one forward pass on ``example`` (a batch as ``run_forward`` takes)."""
     macs: dict[str, int] = {}
-    handles = []
-    for name in names:
-        module = model.get_submodule(name)
 
-        def hook(mod: nn.Module, inputs: Any, output: torch.Tensor, name: str = name) -> None:
-            macs[name] = macs.get(name, 0) + output.numel() * _macs_per_output(mod)
+    def hook(mod: nn.Module, inputs: Any, output: torch.Tensor, name: str) -> None:
+        macs[name] = macs.get(name, 0) + output.numel() * _macs_per_output(mod)
 
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with eval_mode(model):
-            run_forward(model, example)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, example, {model.get_submodule(n): functools.partial(hook, name=n) for n in names})
     return macs
 
 

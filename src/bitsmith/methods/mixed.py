@@ -207,6 +207,7 @@ class MixedPrecision(PTQ):
         """Activation quantizers per candidate, calibrated on each layer's inputs from the batch."""
         with torch.no_grad(), eval_mode(model), captured_inputs(model, self._layers) as inputs, real_tokens(batch):
             run_forward(model, batch)
+            # dropped after run_forward returned, so this block holds the batch's padding context itself
             self._inputs = {name: drop_padding(x.detach()) for name, x in inputs.items()}
         return {
             name: {

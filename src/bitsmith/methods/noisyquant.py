@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bitsmith.data import concat_batches, drop_padding, real_tokens
+from bitsmith.data import concat_batches, drop_padding
 from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn import QLinear
 from bitsmith.quant.base import Quantizer
@@ -134,7 +134,7 @@ class NoisyQuant(Method):
             for n in self._layers
         ]
         try:
-            with eval_mode(model), real_tokens(batch):
+            with eval_mode(model):
                 run_forward(model, batch)
         finally:
             for handle in handles:

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bitsmith.data import drop_padding, real_tokens
+from bitsmith.data import drop_padding
 from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn import QLinear, QuantizedMixin
 from bitsmith.quant.layers import to_quantized
@@ -160,8 +160,7 @@ class SmoothQuant(Method):
         try:
             with eval_mode(model):
                 for batch in batches:
-                    with real_tokens(batch):
-                        run_forward(model, batch)
+                    run_forward(model, batch)
                     first[0] = False
                     alive.clear()
         finally:

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from bitsmith.data import real_tokens
 from bitsmith.method import eval_mode, run_forward
 from bitsmith.nn import QConv2d, QEmbedding, QLinear, QuantizedMixin, as_linear
 from bitsmith.quant.base import Quantizer
@@ -101,8 +100,7 @@ def observe_inputs(model: nn.Module, layers: Iterable[str], batches: Iterable[An
     try:
         with eval_mode(model):
             for batch in batches:
-                with real_tokens(batch):  # padding positions never enter the statistics
-                    run_forward(model, batch)
+                run_forward(model, batch)  # padding positions never reach the observers (drop_padding)
     except BaseException:
         for q in observed:  # stop without computing parameters from a partial pass; the error is the news
             q.observing = False
