@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from bitsmith.eval.latency import load_averages
 from bitsmith.eval.tasks import Task, classification_task, embedding_task
 from bitsmith.files import atomic_write_text
 from bitsmith.zoo import pretrained
@@ -16,12 +17,11 @@ RESULTS = Path(__file__).parent.parent / "docs" / "results"
 
 
 def save_figure(fig: Any, name: str) -> None:
-    """Lay out ``fig``, write it to ``docs/results/NAME`` and free it."""
-    import matplotlib.pyplot as plt
+    """Lay out ``fig``, write it to ``docs/results/NAME`` (atomically) and free it."""
+    from bitsmith.eval.report import save_figure as save
 
     fig.tight_layout()
-    fig.savefig(RESULTS / name, dpi=110)
-    plt.close(fig)
+    save(fig, RESULTS / name)
 
 
 def load(name: str, calib_size: int | None = None) -> tuple[nn.Module, Task]:
@@ -32,12 +32,6 @@ def load(name: str, calib_size: int | None = None) -> tuple[nn.Module, Task]:
         model, tokenizer = load_hf_encoder()
         return model, embedding_task(tokenizer, None, calib_size or 128, 32, seed=0)
     return pretrained(name), classification_task(None, None, calib_size or 512, 128, seed=0)
-
-
-def load_average() -> list[float]:
-    """The 1-, 5- and 15-minute load averages as a row is written (timed rows run alone: this shows it)."""
-    loadavg = Path("/proc/loadavg")
-    return [float(x) for x in loadavg.read_text().split()[:3]] if loadavg.exists() else []
 
 
 class Rows:
@@ -55,7 +49,7 @@ class Rows:
     def add(self, row: dict[str, Any]) -> None:
         """Append ``row`` to the file as it is now (another benchmark process may have added rows)."""
         on_disk = json.loads(self.path.read_text()) if self.path.is_file() else []
-        self.rows = [*on_disk, {**row, **self.extra, "load": load_average()}]
+        self.rows = [*on_disk, {**row, **self.extra, "load": load_averages()}]  # timed rows run alone: load shows it
         atomic_write_text(self.path, json.dumps(self.rows, indent=1))
 
     def put(self, row: dict[str, Any], **key: Any) -> None:

@@ -109,3 +109,10 @@ def test_report_refuses_runs_of_different_models_or_tasks(tmp_path: Path) -> Non
                                           "minilm on docstrings: .*b"):  # fmt: skip
         compare_runs([tmp_path / "a", tmp_path / "b"])
     assert "| a |" in compare_runs([tmp_path / "a"])  # no quantized layer: its own latency stays
+
+
+def test_a_manifest_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    publish_run(tmp_path, _writers("a"))
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": ["report.json"]}))
+    with pytest.raises(IncompleteRun, match="unreadable"):
+        check_run(tmp_path)

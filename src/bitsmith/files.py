@@ -105,10 +105,11 @@ def check_run(folder: Path) -> dict[str, Any]:
         )
     try:
         files = json.loads((folder / MANIFEST).read_text())["files"]
-        names = [str(name) for name in files]
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise IncompleteRun(f"{folder / MANIFEST}: unreadable; run it again into this folder") from None
-    for name in names:
+    except (ValueError, KeyError, TypeError):
+        files = None
+    if not isinstance(files, dict):
+        raise IncompleteRun(f"{folder / MANIFEST}: unreadable; run it again into this folder")
+    for name in files:
         path = folder / name
         if name not in RUN_OUTPUTS or not path.is_file() or sha256_file(path) != files[name]:
             raise IncompleteRun(

@@ -122,7 +122,6 @@ def save_training_state(
 ) -> None:
     """Atomically write model, optimizer, methods' run-time state, progress and RNG state (a kill mid-write
     keeps the old file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),

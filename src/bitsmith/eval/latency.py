@@ -32,10 +32,16 @@ def threads(n: int | None):
         torch.set_num_threads(before)
 
 
+def load_averages() -> list[float]:
+    """The 1-, 5- and 15-minute load averages as the kernel prints them (empty where the OS does not say)."""
+    path = Path("/proc/loadavg")
+    return [float(x) for x in path.read_text().split()[:3]] if path.exists() else []
+
+
 def load_average() -> float | None:
     """The 1-minute load average (None where the OS does not say)."""
-    path = Path("/proc/loadavg")
-    return float(path.read_text().split()[0]) if path.exists() else None
+    averages = load_averages()
+    return averages[0] if averages else None
 
 
 def cores() -> int:

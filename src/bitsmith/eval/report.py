@@ -186,7 +186,8 @@ def run_markdown(report: dict[str, Any]) -> str:
 def simulated(report: dict[str, Any]) -> bool:
     """Whether the compressed model is fake-quantized (quantization simulated in float, so its latency is no
     measure of the compressed model's speed; the deployed row is)."""
-    return any(layer["weight_bits"] < 32 or layer["act_bits"] < 32 for layer in report["compressed"]["layers"])
+    layers = report["compressed"].get("layers") or []
+    return any(layer["weight_bits"] < 32 or layer["act_bits"] < 32 for layer in layers)
 
 
 def compressed_row(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -197,48 +198,59 @@ def compressed_row(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return report["name"], metrics
 
 
-def timing_lines(report: dict[str, Any]) -> list[str]:
-    """The spread and load of every timing in a run, and a warning when one of them is unreliable."""
-    shown = not simulated(report) if report["compressed"].get("layers") is not None else True
-    sides = [("FP32", report["baseline"]), ("compressed", report["compressed"] if shown else None),
+def _timings(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The timings a run's tables show: FP32, the compressed model unless fake-quantized, the deployed one."""
+    sides = [("FP32", report["baseline"]), ("compressed", None if simulated(report) else report["compressed"]),
              ("deployed", report.get("deployed"))]  # fmt: skip
-    timings = [(name, side["timing"]) for name, side in sides if side and side.get("timing")]
+    return [(name, side["timing"]) for name, side in sides if side and side.get("timing")]
+
+
+def timing_warnings(report: dict[str, Any]) -> list[str]:
+    """A line for an unreliable timing and one for a deployed model that runs nothing in integer kernels."""
+    lines = []
+    unreliable = [f"{name}: {t['unreliable']}" for name, t in _timings(report) if t.get("unreliable")]
+    if unreliable:
+        lines.append(f"**Timing unreliable** ({'; '.join(unreliable)}): the latency column is no speed-up; rerun "
+                     "on an idle machine.")  # fmt: skip
+    deployed = report.get("deployed")
+    if deployed and not deployed.get("integer_layers"):
+        lines.append("**Nothing runs in integer kernels** in the deployed model (no quantized layer, or every one "
+                     "fell back to float): its latency is float's.")  # fmt: skip
+    return lines
+
+
+def timing_lines(report: dict[str, Any]) -> list[str]:
+    """The spread and load of every timing in a run, then ``timing_warnings``, as report.md lines."""
+    timings = _timings(report)
     if not timings:
         return []
     spreads = ", ".join(f"{name} {t['median_ms']:.2f} ms (min {t['min_ms']:.2f}, max {t['max_ms']:.2f}, "
                         f"{t['runs']} runs, load {t['load']})" for name, t in timings)  # fmt: skip
     lines = [f"Timings: {spreads}; {timings[0][1]['cores']} cores.", ""]
-    unreliable = [f"{name}: {t['unreliable']}" for name, t in timings if t.get("unreliable")]
-    if unreliable:
-        lines += [f"**Timing unreliable** ({'; '.join(unreliable)}): the latency column is no speed-up; rerun on an "
-                  "idle machine.", ""]  # fmt: skip
-    deployed = report.get("deployed")
-    if deployed and not deployed.get("integer_layers"):
-        lines += ["**Nothing runs in integer kernels** in the deployed model (no quantized layer, or every one "
-                  "fell back to float): its latency is float's.", ""]  # fmt: skip
+    for warning in timing_warnings(report):
+        lines += [warning, ""]
     return lines
 
 
 def compare_runs(dirs: list[Path], out: Path | None = None) -> str:
     """A markdown table (and, with ``out``, a plot) comparing run directories of one model and task; each
     run's deployed model, when it has one, gets its own row."""
-    reports = [(Path(directory), check_run(Path(directory))) for directory in dirs]
-    kinds = {(report["model"], report["data"].get("name")) for _, report in reports}
-    if len(kinds) > 1:
-        found = "; ".join(
-            f"{model} on {data}: {', '.join(str(d) for d, r in reports if (r['model'], r['data'].get('name')) == (model, data))}"
-            for model, data in sorted(kinds, key=str)
-        )
+    reports = [check_run(Path(directory)) for directory in dirs]
+    groups: dict[str, list[str]] = {}
+    for directory, report in zip(dirs, reports, strict=True):
+        groups.setdefault(f"{report['model']} on {report['data'].get('name')}", []).append(str(directory))
+    if len(groups) > 1:
+        found = "; ".join(f"{kind}: {', '.join(folders)}" for kind, folders in sorted(groups.items()))
         raise ValueError(f"report compares runs of one model and task; got {found}. Report each group on its own")
-    rows: list[tuple[str, dict[str, Any]]] = [("FP32 baseline", reports[0][1]["baseline"]["metrics"])]
+    rows: list[tuple[str, dict[str, Any]]] = [("FP32 baseline", reports[0]["baseline"]["metrics"])]
     points = []
     notes = []
-    for _, report in reports:
+    for report in reports:
         rows.append(compressed_row(report))
         deployed = report.get("deployed")
         if deployed:
             rows.append((f"{report['name']}, deployed on {deployed['backend']}", deployed))
-        notes += [f"{report['name']}: {line}" for line in timing_lines(report) if line.startswith("**")]
+        notes += [f"{report['name']}: {line}" for line in timing_warnings(report)]
     for name, metrics in rows:
         if metrics.get("size_bytes") is not None:  # a deployed row has the size of its run's checkpoint
             label, value = quality(metrics)
