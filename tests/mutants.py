@@ -33,6 +33,55 @@ class Mutant:
 
 M = Mutant
 MUTANTS = [
+    # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
+    M(
+        "gptq",
+        "no error feedback inside a block",
+        "methods/gptq.py",
+        "            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)",
+        "            pass",
+        "tests/test_llm.py",
+    ),
+    M(
+        "gptq",
+        "no lazy update of later blocks",
+        "methods/gptq.py",
+        "        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]",
+        "        pass",
+        "tests/test_llm.py",
+    ),
+    M(
+        "gptq",
+        "act-order permutation not undone",
+        "methods/gptq.py",
+        "    return Q[:, torch.argsort(perm)], params",
+        "    return Q, params",
+        "tests/test_llm.py",
+    ),
+    M(
+        "awq",
+        "no scale search (ratio 0 only)",
+        "methods/awq.py",
+        "        scales = x_mean.pow(ratio).clamp(min=1e-4)",
+        "        scales = x_mean.pow(0.0).clamp(min=1e-4)",
+        "tests/test_llm.py",
+    ),
+    M(
+        "awq",
+        "scales not folded into the feeder",
+        "methods/awq.py",
+        "            topo.divide_feeder(block, group, scales)",
+        "            pass",
+        "tests/test_llm.py",
+    ),
+    M(
+        "gptq",
+        "blocks fed by the float model",
+        "sequential.py",
+        "        compress_block(name, block, inputs, topology)\n        hidden = run_block(block, inputs)",
+        "        hidden = run_block(block, inputs)\n        compress_block(name, block, inputs, topology)",
+        "tests/test_llm.py",
+    ),
     # -- quantization: post-training ---------------------------------------------------------------
     M(
         "ptq",

@@ -233,4 +233,8 @@ def run_recipe(
         meta = {"model": report["model"], "source": source, "task": task.kind, "recipe": resolved}
         writers["model.safetensors"] = lambda path: save(model, path, meta=meta)
     publish_run(out, writers)
+    if recipe.export.hf:
+        from bitsmith.export.hf import save_hf
+
+        save_hf(model, getattr(task, "tokenizer", None), out / "hf")
     return report

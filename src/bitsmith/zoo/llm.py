@@ -156,6 +156,8 @@ def load_causal_lm(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import bitsmith.export.hf  # noqa: F401  (registers the bitsmith quantizer: saved bitsmith LLMs reload)
+
     model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype="float32").eval()
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)

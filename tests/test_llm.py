@@ -1,0 +1,213 @@
+"""The LLM base on tiny random decoders: GPTQ's error compensation, AWQ's scale search and folding, the
+sequential runner, the Hugging Face round trip, the text readers and the loader's errors."""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bitsmith import build_method, compress
+from bitsmith.eval.lm import windows
+from bitsmith.methods.awq import search_scales
+from bitsmith.methods.gptq import gptq_quantize
+from bitsmith.nn import QLinear
+from bitsmith.sequential import run_block, sequential
+from bitsmith.topology import topology_of
+from bitsmith.zoo.llm import check_gguf
+from bitsmith.zoo.prose import _record, rst_prose
+from conftest import make_llama, token_batches
+
+BLOCKS = {"include": ["model.layers.*"]}
+
+
+def correlated_inputs(n: int = 512, d: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 8, generator=g)
+    return base @ torch.randn(8, d, generator=g) + 0.1 * torch.randn(n, d, generator=g)
+
+
+def rtn(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    from bitsmith.quant.uniform import UniformQuantizer
+
+    return UniformQuantizer(bits, False, "group", group_size=group).calibrate_(weight)(weight)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_compensates_the_rounding_error_through_the_hessian(act_order: bool) -> None:
+    """On correlated inputs GPTQ's output error ||X (W - Q)^T|| is far below round-to-nearest's at the same grid
+    (it fails if the error feedback to later columns is removed), and its values lie on that grid."""
+    x = correlated_inputs()
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    hessian = 2 * x.T @ x / x.shape[0]
+    q, params = gptq_quantize(weight, hessian, 3, 16, False, 0.01, act_order, 16)
+    error_gptq = (x @ (weight - q).T).pow(2).mean()
+    error_rtn = (x @ (weight - rtn(weight, 3, 16)).T).pow(2).mean()
+    assert error_gptq < 0.5 * error_rtn
+    codes = q.view(32, 4, 16) / params.scale[..., None] + params.zero[..., None]
+    assert torch.allclose(codes, codes.round(), atol=1e-3)  # on the group grid
+    assert codes.round().min() >= 0 and codes.round().max() <= 7
+
+
+def test_gptq_block_sees_the_quantized_blocks_before_it() -> None:
+    """The sequential runner feeds block 1 the output of the *quantized* block 0 (not the float one)."""
+    model = make_llama()
+    calib = token_batches()
+    seen: list[torch.Tensor] = []
+    float_model = copy.deepcopy(model)
+    blocks = topology_of(model).blocks(model)
+
+    def record(name: str, block: nn.Module, inputs, topology) -> None:
+        if name.endswith(".1"):
+            seen.extend(inputs.hidden)
+        else:
+            with torch.no_grad():
+                for p in block.parameters():
+                    p.mul_(0.5)  # "compress" block 0 visibly
+
+    sequential(model, calib, record)
+    captured = []
+    handle = (
+        topology_of(float_model).blocks(float_model)[1][1].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    )
+    with torch.no_grad():
+        float_model(**calib[0])
+    handle.remove()
+    assert len(seen) == len(calib) and not torch.allclose(seen[0], captured[0])
+    assert blocks[0][1] is model.model.layers[0]
+
+
+def test_gptq_and_awq_beat_rtn_on_the_model_output() -> None:
+    model = make_llama()
+    calib = token_batches(count=4, batch=4, length=32)
+    ids = calib[0]["input_ids"]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+
+    def error(entry: dict) -> float:
+        quantized = copy.deepcopy(model)
+        compress(quantized, [build_method({**entry, "bits": 3, "group_size": 32, "where": BLOCKS})], calib)
+        with torch.no_grad():
+            return float((quantized(input_ids=ids).logits - reference).pow(2).mean())
+
+    base = error({"name": "rtn"})
+    assert error({"name": "gptq"}) < base
+    assert error({"name": "awq", "n_grid": 10}) < base
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_folding_a_scale_into_the_norm_keeps_the_float_model(model_type: str) -> None:
+    """``divide_feeder`` + scaling the weights is an identity in float (Gemma's norm gain is 1 + w)."""
+    model = make_llama(model_type=model_type)
+    ids = token_batches()[0]["input_ids"]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        topology = topology_of(model)
+        block = topology.blocks(model)[0][1]
+        for group in topology.block_groups(block):
+            scales = torch.rand(block.get_submodule(group.linears[0]).weight.shape[1]) + 0.5
+            topology.divide_feeder(block, group, scales)
+            for name in group.linears:
+                block.get_submodule(name).weight.mul_(scales)
+        assert torch.allclose(model(input_ids=ids).logits, reference, atol=1e-4)
+
+
+def test_awq_search_protects_the_outlier_channel() -> None:
+    """With one input channel 30x larger than the rest, the searched ratio is above 0 and its error below
+    plain RTN's (ratio 0): the scale search is what AWQ adds."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=False)
+    layer = QLinear.from_float(linear)
+    from bitsmith.quant.layers import uniform_weight_quantizer
+
+    layer.weight_q = uniform_weight_quantizer("l", layer, 3, "group", 32, False, "minmax")
+    x = torch.randn(4, 16, 64)
+    x[..., 5] *= 30
+    block = nn.Module()
+    block.add_module("l", layer)
+    from bitsmith.topology import Group
+
+    scales, history = search_scales(block, Group("x", ("l",)), [x], None, n_grid=10)
+    assert min(history) < history[0] and not torch.allclose(scales, torch.ones_like(scales))
+    assert scales[5] == scales.max()
+
+
+def test_a_saved_hf_directory_reloads_with_identical_logits(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from bitsmith.export.hf import save_hf
+
+    model = make_llama()
+    calib = token_batches()
+    compress(model, [build_method({"name": "gptq", "bits": 4, "group_size": 32, "where": BLOCKS})], calib)
+    out = save_hf(model, None, tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    ids = calib[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert isinstance(reloaded.model.layers[0].mlp.down_proj, QLinear)
+
+
+def test_group_sizes_that_do_not_divide_a_layer_are_refused_with_the_numbers() -> None:
+    model = make_llama()
+    with pytest.raises(ValueError, match="group_size 48 does not divide the 64 inputs of layer"):
+        compress(model, [build_method({"name": "gptq", "group_size": 48, "where": BLOCKS})], token_batches())
+
+
+def test_text_shorter_than_one_window_is_refused_with_the_numbers() -> None:
+    with pytest.raises(ValueError, match="the text has 100 tokens, fewer than one window of 511"):
+        windows(torch.arange(100), 512, None, bos=1)
+    rows = windows(torch.arange(1000), 256, None, bos=None)
+    assert rows.shape == (3, 256) and torch.equal(rows[1], torch.arange(256, 512))
+
+
+def test_rst_prose_keeps_paragraphs_and_drops_code() -> None:
+    source = """Title\n=====\n\nThe json module encodes and decodes JSON text easily.\n\nExample::\n\n    import json\n    json.dumps(1)\n\n>>> json.loads('1')\n1\n\n.. function:: dumps(obj)\n\n   Serialize obj.\n\nAfter the code, more prose about the module follows here.\n"""
+    prose = rst_prose(source)
+    assert "json.dumps(1)" not in prose and "Serialize" not in prose and ">>>" not in prose
+    assert "The json module encodes" in prose and "more prose about the module" in prose
+
+
+def test_a_lazy_load_record_that_lies_about_its_size_is_refused() -> None:
+    payload = zlib.compress(b"x" * 1000)
+    good = (1000).to_bytes(4, "big") + payload
+    assert _record(good, 0, len(good), "t") == b"x" * 1000
+    with pytest.raises(ValueError, match="declares"):
+        _record((1 << 30).to_bytes(4, "big") + payload, 0, len(good), "t")
+    with pytest.raises(ValueError, match="outside"):
+        _record(good, 0, len(good) + 10, "t")
+
+
+def test_bad_gguf_files_are_named_with_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        check_gguf(tmp_path / "missing.gguf")
+    (tmp_path / "text.gguf").write_bytes(b"hello world" * 10)
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        check_gguf(tmp_path / "text.gguf")
+    (tmp_path / "short.gguf").write_bytes(b"GGUF" + b"\0" * 100)
+    with pytest.raises(ValueError, match="truncated GGUF file"):
+        check_gguf(tmp_path / "short.gguf")
+
+
+def test_a_model_without_a_topology_adapter_is_refused() -> None:
+    with pytest.raises(ValueError, match="has no topology adapter"):
+        topology_of(nn.Linear(2, 2))
+    assert run_block  # imported for the runner's API
+
+
+def test_awq_at_8_bits_keeps_the_float_model() -> None:
+    """AWQ's scales are folded (1/s into the norm or feeding linear, s into the weights): at 8 bits the model's
+    output stays that of the float model. Scaling the weights without the fold would change the function."""
+    model = make_llama()
+    calib = token_batches(count=2, batch=2, length=32)
+    ids = calib[0]["input_ids"]
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    compress(model, [build_method({"name": "awq", "bits": 8, "group_size": 32, "n_grid": 5, "where": BLOCKS})], calib)
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert (out - reference).pow(2).mean() < 1e-3 * reference.pow(2).mean()
