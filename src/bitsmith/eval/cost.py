@@ -115,6 +115,8 @@ def model_cost(model: nn.Module, example: Any | None = None) -> CostReport:
     owned: set[int] = set()
     for name, module in model.named_modules():
         if name and _is_weight_layer(module):
+            if id(getattr(module, "weight", None)) in owned:
+                continue  # a tied weight (an LM head sharing the embedding table) is stored and counted once
             layers.append(layer_cost(name, module))
             owned.update(id(b) for b in module.buffers(recurse=True))
             owned.update(id(p) for p in module.parameters(recurse=True))
