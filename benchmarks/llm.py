@@ -52,8 +52,9 @@ def configurations() -> list[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
     """(row name, methods, key fields) of every row."""
     out: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
         ("FP32", [], {"method": "fp32", "bits": 32, "group": 0}),
-        ("RTN W4 g32 (GGUF Q4_1 structure: lossless check)", recipe("rtn", 4, 32),
-         {"method": "gguf-check", "bits": 4, "group": 32}),
+        ("RTN W4 g32 float zero (GGUF Q4_1 structure: lossless check)", [{**recipe("rtn", 4, 32)[0], "float_zero": True}],
+         {"method": "gguf-check-float-zero", "bits": 4, "group": 32}),
+        ("RTN W4 g32 integer zero (GGUF Q4_1 structure)", recipe("rtn", 4, 32), {"method": "gguf-check", "bits": 4, "group": 32}),
     ]  # fmt: skip
     for bits, group in WEIGHT_ONLY:
         for method in METHODS:

@@ -211,3 +211,21 @@ def test_awq_at_8_bits_keeps_the_float_model() -> None:
     with torch.no_grad():
         out = model(input_ids=ids).logits
     assert (out - reference).pow(2).mean() < 1e-3 * reference.pow(2).mean()
+
+
+def test_float_zero_rtn_reproduces_a_min_offset_grid_exactly() -> None:
+    """Weights on a Q4_1-style grid ``min + d * k`` (the GGUF references) come back unchanged from RTN with
+    ``float_zero``; the integer-zero-point grid cannot hold them (the loader check depends on this)."""
+    g = torch.Generator().manual_seed(0)
+    lo, step = torch.randn(16, 4, 1, generator=g) - 1.0, torch.rand(16, 4, 1, generator=g) * 0.1 + 0.01
+    k = torch.randint(0, 16, (16, 4, 32), generator=g)
+    k[..., 0], k[..., 1] = 0, 15
+    weight = (lo + step * k).reshape(16, 128)
+    model = nn.Sequential(nn.Linear(128, 16, bias=False))
+    model[0].weight.data.copy_(weight)
+    compress(model, [build_method({"name": "rtn", "bits": 4, "group_size": 32, "float_zero": True})])
+    assert torch.allclose(model[0].effective_weight(), weight, atol=1e-6)
+    integer = nn.Sequential(nn.Linear(128, 16, bias=False))
+    integer[0].weight.data.copy_(weight)
+    compress(integer, [build_method({"name": "rtn", "bits": 4, "group_size": 32})])
+    assert not torch.allclose(integer[0].effective_weight(), weight, atol=1e-4)

@@ -40,7 +40,7 @@ def _layer_spec(name: str, layer: QLinear) -> dict[str, Any]:
         raise ValueError(f"layer {name!r}: the Hugging Face export holds weight-only uniform layers (per channel or "
                          "group); this one has activation quantization, a mask or smoothing. Use bitsmith.save")  # fmt: skip
     return {"bits": q.bits, "symmetric": q.symmetric, "group_size": q.group_size if q.granularity == "group" else 0,
-            "shape": list(layer.weight.shape), "bias": layer.bias is not None}  # fmt: skip
+            "shape": list(layer.weight.shape), "bias": layer.bias is not None, "float_zero": q.float_zero}  # fmt: skip
 
 
 def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -63,8 +63,7 @@ def packed_state(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[st
         encoded = layer.weight_q.encode(layer.weight)  # type: ignore[union-attr]
         state[f"{name}.qweight"] = pack(encoded.codes - encoded.code_min, encoded.code_bits)
         state[f"{name}.scales"] = encoded.params["scale"].float().reshape(-1).contiguous()
-        zero_type = torch.int8 if spec["symmetric"] else torch.uint8
-        state[f"{name}.zeros"] = encoded.params["zero_point"].reshape(-1).to(zero_type).contiguous()
+        state[f"{name}.zeros"] = encoded.params["zero_point"].reshape(-1).to(_zero_dtype(spec)).contiguous()
     return state
 
 
@@ -95,6 +94,11 @@ def save_hf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
     return out
 
 
+def _zero_dtype(spec: dict[str, Any]) -> torch.dtype:
+    """Zero points are integers (stored in 8 bits) unless the grid has a float zero (float32)."""
+    return torch.float32 if spec.get("float_zero") else torch.int8 if spec["symmetric"] else torch.uint8
+
+
 class PackedLinear(nn.Module):
     """Placeholder with the packed tensors' shapes, filled by the loader, then decoded into a ``QLinear``."""
 
@@ -105,18 +109,15 @@ class PackedLinear(nn.Module):
         self.spec = spec
         self.register_buffer("qweight", torch.zeros(packed_nbytes(rows * columns, spec["bits"]), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(rows * groups))
-        self.register_buffer(
-            "zeros", torch.zeros(rows * groups, dtype=torch.int8 if spec["symmetric"] else torch.uint8)
-        )
+        self.register_buffer("zeros", torch.zeros(rows * groups, dtype=_zero_dtype(spec)))
         self.bias = nn.Parameter(torch.zeros(rows)) if spec["bias"] else None
 
     def decoded(self) -> QLinear:
         spec = self.spec
         rows, columns = spec["shape"]
         granularity = "group" if spec["group_size"] else "channel"
-        q = UniformQuantizer(
-            spec["bits"], spec["symmetric"], granularity, ch_axis=0, group_size=spec["group_size"] or None
-        )
+        q = UniformQuantizer(spec["bits"], spec["symmetric"], granularity, ch_axis=0,
+                             group_size=spec["group_size"] or None, float_zero=bool(spec.get("float_zero")))  # fmt: skip
         q.scale, q.zero_point = self.scales.float().clone(), self.zeros.float().clone()
         codes = unpack(self.qweight, spec["bits"], rows * columns).reshape(rows, columns) + q.code_min
         from bitsmith.quant.base import Encoded

@@ -25,10 +25,12 @@ class RTN(Method):
     bits: Bits = 4
     group_size: GroupSize = 128
     symmetric: bool = False
+    float_zero: bool = False  # grid min + scale * k (llama.cpp Q4_1 / HQQ style) instead of an integer zero point
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
         c = self.layer_config(overrides)
-        return uniform_weight_quantizer(name, layer, c["bits"], "group", c["group_size"], c["symmetric"], "minmax")
+        return uniform_weight_quantizer(name, layer, c["bits"], "group", c["group_size"], c["symmetric"], "minmax",
+                                        float_zero=c["float_zero"])  # fmt: skip
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         return attach(model, self.where, self._weight_q, None)

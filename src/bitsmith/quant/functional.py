@@ -93,18 +93,22 @@ def fake_binary(x: Tensor, scale: Tensor) -> Tensor:
 
 
 def params_from_range(
-    lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool, eps: float = 1e-8
+    lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool, eps: float = 1e-8, float_zero: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Scale and zero point that map the range [lo, hi] onto the integer range [qmin, qmax].
 
     Symmetric: ``scale = max(|lo|, |hi|) / qmax``, zero point 0. Affine: the range is widened to
     contain 0 (so that 0 is exactly representable), ``scale = (hi - lo) / (qmax - qmin)`` and
-    ``z = round(qmin - lo / scale)``.
+    ``z = round(qmin - lo / scale)``. ``float_zero`` (min-offset grids, as llama.cpp's Q4_1 or HQQ): the
+    range is not widened and ``z = qmin - lo / scale`` is not rounded, so the grid is ``lo + scale * k``.
     """
     if symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         scale = torch.clamp(amax / qmax, min=eps)
         return scale, torch.zeros_like(scale)
+    if float_zero:
+        scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
+        return scale, qmin - lo / scale
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
     scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)

@@ -48,7 +48,14 @@ def weight_input_size(module: nn.Module) -> int:
 
 
 def uniform_weight_quantizer(
-    name: str, module: nn.Module, bits: int, granularity: str, group_size: int | None, symmetric: bool, observer: str
+    name: str,
+    module: nn.Module,
+    bits: int,
+    granularity: str,
+    group_size: int | None,
+    symmetric: bool,
+    observer: str,
+    float_zero: bool = False,
 ) -> UniformQuantizer:
     """A weight quantizer calibrated on ``module``'s weight. Groups that do not divide the layer's
     input size fall back to per-channel scales, with a warning naming the layer."""
@@ -59,7 +66,9 @@ def uniform_weight_quantizer(
             stacklevel=2,
         )
         granularity = "channel"
-    q = UniformQuantizer(bits, symmetric, granularity, ch_axis=0, group_size=group_size, observer=observer)
+    q = UniformQuantizer(
+        bits, symmetric, granularity, ch_axis=0, group_size=group_size, observer=observer, float_zero=float_zero
+    )
     masked = getattr(module, "masked_weight", None)  # a swapped layer's weight with its sparsity mask
     with torch.no_grad():
         q.calibrate_(masked() if callable(masked) else module.weight)

@@ -52,6 +52,8 @@ class UniformQuantizer(Quantizer):
         observer: observer name for ``calibrated`` (minmax, ema, percentile, mse, kl) and its options.
         dynamic: compute the min-max range from every input at run time (activations).
         lsq_batch_dim: for ``learned`` activations: exclude dim 0 (the batch) from LSQ's ``N``.
+        float_zero: asymmetric only: a float zero point (grid ``min + scale * k``, llama.cpp Q4_1 / HQQ style)
+            instead of an integer one (which keeps 0 exactly representable); stored as 32 bits.
     """
 
     kind = "uniform"
@@ -69,6 +71,7 @@ class UniformQuantizer(Quantizer):
         dynamic: bool = False,
         scale: float | None = None,
         lsq_batch_dim: bool = False,
+        float_zero: bool = False,
     ) -> None:
         super().__init__()
         int_range(bits, symmetric)  # validates bits
@@ -88,6 +91,9 @@ class UniformQuantizer(Quantizer):
         self.ch_axis, self.group_size, self.step = ch_axis, group_size, step
         self.observer_name, self.observer_args = observer, dict(observer_args or {})
         self.dynamic, self.fixed_scale, self.lsq_batch_dim = dynamic, scale, lsq_batch_dim
+        if float_zero and symmetric:
+            raise ValueError("float_zero is an asymmetric grid; set symmetric=False")
+        self.float_zero = float_zero
         self.binary = bits == 1 and symmetric
         self.qmin, self.qmax = (-1, 1) if self.binary else int_range(bits, symmetric)
         empty = torch.empty(0)
@@ -120,12 +126,13 @@ class UniformQuantizer(Quantizer):
             "granularity": self.granularity, "ch_axis": self.ch_axis, "group_size": self.group_size,
             "step": self.step, "observer": self.observer_name, "observer_args": self.observer_args,
             "dynamic": self.dynamic, "scale": self.fixed_scale, "lsq_batch_dim": self.lsq_batch_dim,
+            **({"float_zero": True} if self.float_zero else {}),
         }  # fmt: skip
 
     def overhead_bits(self) -> int:
         if self.dynamic:
             return 0
-        zero_bits = 0 if self.symmetric else storage_bits(self._bits)
+        zero_bits = 0 if self.symmetric else 32 if self.float_zero else storage_bits(self._bits)
         return self.scale.numel() * (32 + zero_bits)
 
     # -- layout: rows share one scale -----------------------------------------------------------
@@ -178,7 +185,9 @@ class UniformQuantizer(Quantizer):
     @torch.no_grad()
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
         """Set scale and zero point from a clipping range per row."""
-        scale, zero_point = params_from_range(lo.float(), hi.float(), self.qmin, self.qmax, self.symmetric)
+        scale, zero_point = params_from_range(
+            lo.float(), hi.float(), self.qmin, self.qmax, self.symmetric, float_zero=self.float_zero
+        )
         if isinstance(self.scale, nn.Parameter):
             self.scale = nn.Parameter(scale)
         else:
