@@ -62,6 +62,18 @@ def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: in
     return (q - zero_point) * scale
 
 
+def fake_quant_float_zero(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``fake_quant`` for a float zero point: the codes are ``round(x/scale + z)`` (the grid ``lo + scale * k``);
+    with an integer ``z`` this differs from ``fake_quant`` only at exact ties."""
+    q = torch.clamp(round_ste(x / scale + zero_point), qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def quantize_codes_float_zero(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Integer codes of ``fake_quant_float_zero``."""
+    return torch.clamp(torch.round(x / scale + zero_point), qmin, qmax).to(torch.int32)
+
+
 def quantize_codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     """Integer codes in [qmin, qmax] (int32) of ``x``: the same arithmetic as ``fake_quant``."""
     q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)

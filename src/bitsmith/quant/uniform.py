@@ -16,10 +16,12 @@ from bitsmith.quant.functional import (
     dequantize_codes,
     fake_binary,
     fake_quant,
+    fake_quant_float_zero,
     grad_scale,
     int_range,
     params_from_range,
     quantize_codes,
+    quantize_codes_float_zero,
 )
 from bitsmith.quant.observers import OBSERVERS, Observer, build_observer
 
@@ -227,7 +229,8 @@ class UniformQuantizer(Quantizer):
         if self.binary:
             out = self._apply(x, (scale,), fake_binary)
         else:
-            out = self._apply(x, (scale, zero_point), lambda v, s, z: fake_quant(v, s, z, self.qmin, self.qmax))
+            fake = fake_quant_float_zero if self.float_zero else fake_quant
+            out = self._apply(x, (scale, zero_point), lambda v, s, z: fake(v, s, z, self.qmin, self.qmax))
         return out.to(x.dtype)
 
     @torch.no_grad()
@@ -236,7 +239,8 @@ class UniformQuantizer(Quantizer):
         if self.binary:
             codes = self._apply(x, (scale,), lambda v, s: (v / s >= 0).to(torch.int32))
         else:
-            codes = self._apply(x, (scale, zero_point), lambda v, s, z: quantize_codes(v, s, z, self.qmin, self.qmax))
+            quantize = quantize_codes_float_zero if self.float_zero else quantize_codes
+            codes = self._apply(x, (scale, zero_point), lambda v, s, z: quantize(v, s, z, self.qmin, self.qmax))
         return Encoded(codes, {"scale": scale, "zero_point": zero_point}, self._bits, self.code_min)
 
     @torch.no_grad()
