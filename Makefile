@@ -78,6 +78,7 @@ bench-sparsity: $(STAMP) data
 
 bench-llm: $(STAMP) data
 	$(PY) benchmarks/llm.py
+	$(PY) benchmarks/llm_speed.py
 
 bench-speed: $(STAMP) data
 	$(PY) benchmarks/speed.py
