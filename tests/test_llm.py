@@ -81,8 +81,10 @@ def test_gptq_block_sees_the_quantized_blocks_before_it() -> None:
     assert blocks[0][1] is model.model.layers[0]
 
 
-def test_gptq_and_awq_beat_rtn_on_the_model_output() -> None:
-    model = make_llama()
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_gptq_and_awq_beat_rtn_on_the_model_output(model_type: str) -> None:
+    """Also on Gemma 3, whose blocks alternate sliding-window and global attention (per-block keyword inputs)."""
+    model = make_llama(model_type=model_type)
     calib = token_batches(count=4, batch=4, length=32)
     ids = calib[0]["input_ids"]
     with torch.no_grad():
