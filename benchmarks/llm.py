@@ -124,7 +124,7 @@ def write(rows: list[dict[str, Any]]) -> None:
         f"the first {KL_WINDOWS} Persuasion windows. Calibration: {CALIB_WINDOWS} random 512-token windows of *Emma* "
         "and *Mansfield Park*, seed 0. Only the Linear layers of the 30 decoder blocks are quantized; the tied "
         "embedding / `lm_head` stays FP32 in every row. Size: packed weights plus scales and zero points "
-        "(`model_cost`). Peak memory: the calibration's growth of the process's resident memory over what it held "
+        "(`model_cost`); avg w bits averages over every weight layer, the FP32 embedding included. Peak memory: the calibration's growth of the process's resident memory over what it held "
         "before (the FP32 model and its reference copy).",
         "",
         "The reference is de-quantized from a Q4_1 GGUF file (4 bits, blocks of 32, asymmetric), so its weights "
