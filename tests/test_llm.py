@@ -16,7 +16,7 @@ from bitsmith.eval.lm import windows
 from bitsmith.methods.awq import search_scales
 from bitsmith.methods.gptq import gptq_quantize
 from bitsmith.nn import QLinear
-from bitsmith.sequential import run_block, sequential
+from bitsmith.sequential import sequential
 from bitsmith.topology import topology_of
 from bitsmith.zoo.llm import check_gguf
 from bitsmith.zoo.prose import _record, rst_prose
@@ -198,7 +198,6 @@ def test_bad_gguf_files_are_named_with_what_is_wrong(tmp_path: Path) -> None:
 def test_a_model_without_a_topology_adapter_is_refused() -> None:
     with pytest.raises(ValueError, match="has no topology adapter"):
         topology_of(nn.Linear(2, 2))
-    assert run_block  # imported for the runner's API
 
 
 def test_awq_at_8_bits_keeps_the_float_model() -> None:

@@ -116,3 +116,20 @@ def test_a_manifest_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
     (tmp_path / MANIFEST).write_text(json.dumps({"files": ["report.json"]}))
     with pytest.raises(IncompleteRun, match="unreadable"):
         check_run(tmp_path)
+
+
+def test_atomic_folder_is_whole_or_absent_and_keeps_a_folder_written_meanwhile(tmp_path: Path) -> None:
+    from bitsmith.files import atomic_folder
+
+    def fail(folder: Path) -> None:
+        (folder / "half").write_text("x")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        atomic_folder(tmp_path / "out", fail)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    atomic_folder(tmp_path / "out", lambda folder: (folder / "a").write_text("1"))
+    atomic_folder(tmp_path / "out", lambda folder: (folder / "b").write_text("2"))  # replaced
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"]
+    atomic_folder(tmp_path / "out", lambda folder: (folder / "c").write_text("3"), replace=False)  # kept
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"]

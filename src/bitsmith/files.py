@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,28 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def atomic_folder(path: str | os.PathLike[str], write: Callable[[Path], None], replace: bool = True) -> Path:
+    """Write the folder ``path`` by calling ``write(temporary folder)`` beside it, then renaming it into place:
+    it exists whole or not at all. ``replace``: an existing folder is replaced; otherwise one that appeared
+    meanwhile (another process wrote it) is kept and this copy dropped."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o777 & ~_umask())
+        if replace and path.exists():
+            shutil.rmtree(path)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if replace or not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -82,9 +82,10 @@ def capture_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], batche
 
     def keep_kwargs(index: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-            seen.append({**kw, **({"hidden_states": args[0]} if index == 0 and args else {})})
-            if index == 0 and not args:
-                seen[-1]["hidden_states"] = kw["hidden_states"]
+            entry = {k: v for k, v in kw.items() if k != "hidden_states"}
+            if index == 0:  # only the first block's hidden input is kept; the rest are computed block by block
+                entry["hidden_states"] = args[0] if args else kw["hidden_states"]
+            seen.append(entry)
             if stop_at_first and index == 0:
                 raise StopBlock
 
@@ -101,7 +102,7 @@ def capture_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], batche
                     run_forward(model, batch)
                 hidden.append(seen[0].pop("hidden_states"))
                 if not stop_at_first:
-                    by_shape[shape] = [{k: v for k, v in kw.items() if k != "hidden_states"} for kw in seen]
+                    by_shape[shape] = list(seen)  # the first entry gave its hidden states to ``hidden`` above
                 for index in range(len(blocks)):
                     kwargs[index].append(by_shape[shape][index])
     finally:

@@ -77,29 +77,32 @@ def logits_of(model: nn.Module, ids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, rows: Tensor) -> float:
-    """``exp`` of the mean next-token negative log-likelihood over every scored token of ``rows``."""
-    total, count = 0.0, 0
+def score(model: nn.Module, rows: Tensor, reference: nn.Module | None = None, compared: int = 0) -> dict[str, float]:
+    """``perplexity``: ``exp`` of the mean next-token negative log-likelihood over every scored token of
+    ``rows``. With a ``reference``, its first ``compared`` rows also give ``kl``, the mean KL(P_ref || P_model)
+    per token (nats), and ``top1_agreement``, from the same forward passes of ``model``."""
+    nll, scored, kl, agree, positions = 0.0, 0, 0.0, 0, 0
     with eval_mode(model):
-        for row in rows.split(1):
-            logits = logits_of(model, row)[0, :-1]
-            total += float(F.cross_entropy(logits, row[0, 1:], reduction="sum"))
-            count += row.shape[1] - 1
-    return math.exp(total / count)
-
-
-@torch.no_grad()
-def agreement(model: nn.Module, reference: nn.Module, rows: Tensor) -> dict[str, float]:
-    """Mean KL(P_ref || P_model) per token (nats) and the fraction of tokens whose top-1 agrees."""
-    kl, agree, count = 0.0, 0, 0
-    with eval_mode(model), eval_mode(reference):
-        for row in rows.split(1):
-            ref = F.log_softmax(logits_of(reference, row)[0], dim=-1)
-            out = F.log_softmax(logits_of(model, row)[0], dim=-1)
+        for index, row in enumerate(rows.split(1)):
+            logits = logits_of(model, row)[0]
+            nll += float(F.cross_entropy(logits[:-1], row[0, 1:], reduction="sum"))
+            scored += row.shape[1] - 1
+            if reference is None or index >= compared:
+                continue
+            with eval_mode(reference):
+                ref = F.log_softmax(logits_of(reference, row)[0], dim=-1)
+            out = F.log_softmax(logits, dim=-1)
             kl += float(F.kl_div(out, ref, log_target=True, reduction="sum"))
             agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
-            count += row.shape[1]
-    return {"kl": kl / count, "top1_agreement": agree / count}
+            positions += row.shape[1]
+    result = {"perplexity": math.exp(nll / scored)}
+    if positions:
+        result.update(kl=kl / positions, top1_agreement=agree / positions)
+    return result
+
+
+def perplexity(model: nn.Module, rows: Tensor) -> float:
+    return score(model, rows)["perplexity"]
 
 
 @torch.no_grad()
@@ -149,9 +152,11 @@ class LanguageModelTask:
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         if self.reference is None:  # the first model evaluated is the FP32 reference
             self.reference = copy.deepcopy(model).eval()
-        out = {name: perplexity(model, rows) for name, rows in self.eval_rows.items()}
-        first = next(iter(self.eval_rows.values()))
-        out.update(agreement(model, self.reference, first[: self.kl_windows]))
+        out: dict[str, float] = {}
+        for index, (name, rows) in enumerate(self.eval_rows.items()):  # KL / agreement on the first text
+            scores = score(model, rows, self.reference if index == 0 else None, self.kl_windows)
+            out[name] = scores.pop("perplexity")
+            out.update(scores)
         return out
 
     def samples(self, model: nn.Module) -> list[dict[str, str]]:

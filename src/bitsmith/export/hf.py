@@ -15,8 +15,6 @@ points; integers by construction), ``L.bias`` when the layer has one.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from bitsmith.export.pack import pack, packed_nbytes, unpack
+from bitsmith.files import atomic_folder
 from bitsmith.nn import QLinear
+from bitsmith.quant.base import Encoded
+from bitsmith.quant.layers import weight_only_uniform
 from bitsmith.quant.uniform import UniformQuantizer
 from bitsmith.swap import set_submodule
 
@@ -34,9 +35,8 @@ FORMAT = "packed-uniform-v1"
 
 
 def _layer_spec(name: str, layer: QLinear) -> dict[str, Any]:
-    q = layer.weight_q
-    simple = layer.input_q is None and layer.mask is None and layer.smooth is None
-    if not (isinstance(q, UniformQuantizer) and simple and not q.dynamic and q.granularity in ("channel", "group")):
+    q = weight_only_uniform(layer)
+    if q is None:
         raise ValueError(f"layer {name!r}: the Hugging Face export holds weight-only uniform layers (per channel or "
                          "group); this one has activation quantization, a mask or smoothing. Use bitsmith.save")  # fmt: skip
     return {"bits": q.bits, "symmetric": q.symmetric, "group_size": q.group_size if q.granularity == "group" else 0,
@@ -76,22 +76,16 @@ def save_hf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
         raise ValueError("the model has no quantized Linear layers; save a float model with model.save_pretrained")
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "layers": layers}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_file(packed_state(model, layers), tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+    def write(folder: Path) -> None:
+        save_file(packed_state(model, layers), folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(folder)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+            tokenizer.save_pretrained(folder)
+
+    return atomic_folder(out, write)
 
 
 def _zero_dtype(spec: dict[str, Any]) -> torch.dtype:
@@ -120,8 +114,6 @@ class PackedLinear(nn.Module):
                              group_size=spec["group_size"] or None, float_zero=bool(spec.get("float_zero")))  # fmt: skip
         q.scale, q.zero_point = self.scales.float().clone(), self.zeros.float().clone()
         codes = unpack(self.qweight, spec["bits"], rows * columns).reshape(rows, columns) + q.code_min
-        from bitsmith.quant.base import Encoded
-
         weight = q.decode(Encoded(codes, {"scale": q.scale, "zero_point": q.zero_point}, q.bits, q.code_min))
         linear = nn.Linear(columns, rows, bias=spec["bias"])
         with torch.no_grad():

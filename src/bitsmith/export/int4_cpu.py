@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from bitsmith.nn import QLinear
+from bitsmith.quant.layers import weight_only_uniform
 from bitsmith.quant.uniform import UniformQuantizer
 from bitsmith.swap import set_submodule
 
@@ -26,16 +27,13 @@ KERNEL_GROUPS = (32, 64, 128, 256)
 
 def supported(layer: nn.Module) -> bool:
     """Whether ``layer`` is a 4-bit asymmetric per-group (or per-channel) weight-only QLinear the kernel takes."""
-    if (
-        not isinstance(layer, QLinear)
-        or layer.input_q is not None
-        or layer.mask is not None
-        or layer.smooth is not None
-    ):
-        return False
-    q = layer.weight_q
-    return (isinstance(q, UniformQuantizer) and q.bits == 4 and not q.symmetric and not q.dynamic
-            and (q.granularity == "channel" or q.group_size in KERNEL_GROUPS))  # fmt: skip
+    q = weight_only_uniform(layer)
+    return (
+        q is not None
+        and q.bits == 4
+        and not q.symmetric
+        and (q.granularity == "channel" or q.group_size in KERNEL_GROUPS)
+    )
 
 
 class Int4CPULinear(nn.Module):

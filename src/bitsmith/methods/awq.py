@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bitsmith.method import Method, register_method
 from bitsmith.nn import QLinear
-from bitsmith.quant.layers import attach, float_weights, uniform_weight_quantizer
+from bitsmith.quant.layers import attach, float_weights, grouped_weight_quantizer
 from bitsmith.quant.uniform import Bits, UniformQuantizer
 from bitsmith.sequential import BlockInputs, run_block, sequential
 from bitsmith.topology import DecoderTopology, Group
@@ -49,8 +49,8 @@ class Captured:
     calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]]
 
 
-def capture(block: nn.Module, inputs: BlockInputs, groups: list[Group], windows: int) -> Captured:
-    """Run the block (float weights) on its first ``windows`` batches, recording what AWQ needs."""
+def capture(block: nn.Module, inputs: BlockInputs, groups: list[Group], batches: int) -> Captured:
+    """Run the block (float weights) on its first ``batches`` calibration batches, recording what AWQ needs."""
     out = Captured({}, {})
     hooks: dict[nn.Module, Any] = {}
     pre: list[Any] = []
@@ -64,7 +64,7 @@ def capture(block: nn.Module, inputs: BlockInputs, groups: list[Group], windows:
             pre.append(module.register_forward_pre_hook(
                 lambda m, a, kw, key=group.inspect: out.calls[key].append((a, kw)), with_kwargs=True))  # fmt: skip
     try:
-        run_block(block, inputs, hooks, batches=windows)
+        run_block(block, inputs, hooks, batches=batches)
     finally:
         for handle in pre:
             handle.remove()
@@ -163,12 +163,7 @@ class AWQ(Method):
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         def weight_q(name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
             c = self.layer_config(overrides)
-            size = c["group_size"] or None
-            if size and layer.weight.shape[1] % size:
-                raise ValueError(f"awq: group_size {size} does not divide the {layer.weight.shape[1]} inputs of "
-                                 f"layer {name!r}; choose a divisor (e.g. 32, 64) or group_size 0 (per channel)")  # fmt: skip
-            granularity = "group" if size else "channel"
-            return uniform_weight_quantizer(name, layer, c["bits"], granularity, size, c["symmetric"], "minmax")
+            return grouped_weight_quantizer("awq", name, layer, c["bits"], c["group_size"], c["symmetric"])
 
         self._specs = attach(model, self.where, weight_q, None)
         return self._specs

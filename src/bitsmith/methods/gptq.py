@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from bitsmith.method import Method, register_method
 from bitsmith.nn import QLinear
 from bitsmith.quant.functional import int_range, params_from_range
-from bitsmith.quant.layers import attach, float_weights, uniform_weight_quantizer
+from bitsmith.quant.layers import attach, float_weights, grouped_weight_quantizer
 from bitsmith.quant.uniform import Bits, UniformQuantizer
 from bitsmith.sequential import BlockInputs, StopBlock, run_block, sequential
 from bitsmith.topology import DecoderTopology
@@ -139,12 +139,7 @@ class GPTQ(Method):
             if isinstance(layer.weight_q, UniformQuantizer):  # bits chosen by an earlier method (mixed)
                 return layer.weight_q
             c = self.layer_config(overrides)
-            granularity = "group" if c["group_size"] else "channel"
-            size = c["group_size"] or None
-            if size and layer.weight.shape[1] % size:
-                raise ValueError(f"gptq: group_size {size} does not divide the {layer.weight.shape[1]} inputs of "
-                                 f"layer {name!r}; choose a divisor (e.g. 32, 64) or group_size 0 (per channel)")  # fmt: skip
-            return uniform_weight_quantizer(name, layer, c["bits"], granularity, size, c["symmetric"], "minmax")
+            return grouped_weight_quantizer("gptq", name, layer, c["bits"], c["group_size"], c["symmetric"])
 
         self._specs = attach(model, self.where, weight_q, None)
         return self._specs

@@ -75,6 +75,28 @@ def uniform_weight_quantizer(
     return q
 
 
+def grouped_weight_quantizer(method: str, name: str, module: nn.Module, bits: int, group_size: int,
+                             symmetric: bool) -> UniformQuantizer:  # fmt: skip
+    """The weight quantizer of the LLM weight-only methods: groups of ``group_size`` inputs (0: per output
+    channel), min-max. A group size that does not divide the layer is refused with the numbers (no fallback)."""
+    inputs = weight_input_size(module)
+    if group_size and inputs % group_size:
+        raise ValueError(f"{method}: group_size {group_size} does not divide the {inputs} inputs of layer {name!r}; "
+                         "choose a divisor (e.g. 32, 64) or group_size 0 (per channel)")  # fmt: skip
+    granularity = "group" if group_size else "channel"
+    return uniform_weight_quantizer(name, module, bits, granularity, group_size or None, symmetric, "minmax")
+
+
+def weight_only_uniform(module: nn.Module) -> UniformQuantizer | None:
+    """The weight quantizer of a weight-only, static, per-channel or per-group uniform ``QLinear`` (no input
+    quantizer, mask or smoothing): the layers that pack to codes + scales; None for any other module."""
+    if not isinstance(module, QLinear) or module.input_q is not None or module.mask is not None:
+        return None
+    q = module.weight_q
+    plain = module.smooth is None and isinstance(q, UniformQuantizer) and not q.dynamic
+    return q if plain and q.granularity in ("channel", "group") else None  # type: ignore[return-value]
+
+
 def attach(
     model: nn.Module,
     where: Selection,

@@ -12,14 +12,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from bitsmith.files import atomic_folder
 from bitsmith.progress import log
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
@@ -121,20 +120,12 @@ def convert_gguf(path: Path, out: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     model.hf_quantizer = None  # de-quantized to float32 on load: saved as a plain float model
     vars(model.config).pop("quantization_config", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
-        try:
-            tmp.rename(out)
-        except OSError:  # another process converted it meanwhile
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return atomic_folder(out, write, replace=False)  # another process may have converted it meanwhile
 
 
 def llm_dir(name: str) -> Path:
