@@ -56,17 +56,31 @@ def configurations() -> list[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
          {"method": "gguf-check-float-zero", "bits": 4, "group": 32}),
         ("RTN W4 g32 integer zero (GGUF Q4_1 structure)", recipe("rtn", 4, 32), {"method": "gguf-check", "bits": 4, "group": 32}),
     ]  # fmt: skip
-    for bits, group in WEIGHT_ONLY:
-        for method in METHODS:
-            methods = rtn_per_channel(bits) if method == "rtn" and group == 0 else recipe(method, bits, group)
-            label = f"{method.upper()} W{bits} {'per-channel' if group == 0 else f'g{group}'}"
-            out.append((label, methods, {"method": method, "bits": bits, "group": group}))
+    for bits, group in WEIGHT_ONLY[:4]:
+        out += weight_only_rows(bits, group)
     smooth = [{"name": "smoothquant", "alpha": 0.5, "where": BLOCKS},
               {"name": "ptq", "w_bits": 8, "a_bits": 8, "a_granularity": "token", "a_dynamic": True, "where": BLOCKS}]  # fmt: skip
     out.append(
         ("SmoothQuant W8A8 (per-token dynamic activations)", smooth, {"method": "smoothquant", "bits": 8, "group": 0})
     )
     out.append(("W8A8 without smoothing", smooth[1:], {"method": "w8a8", "bits": 8, "group": 0}))
+    mixed = {"name": "mixed", "sensitivity": "fisher", "sensitivity_batches": 1, "candidates": [2, 3, 4, 8],
+             "avg_bits": 3.0, "a_bits": None, "w_granularity": "group", "w_group_size": 64, "w_symmetric": False,
+             "where": BLOCKS}  # fmt: skip
+    out.append(("Mixed-precision GPTQ, 3.0 avg bits g64 (Fisher, bits 2/3/4/8)", [mixed, recipe("gptq", 3, 64)[0]],
+                {"method": "mixed-gptq", "bits": 3, "group": 64}))  # fmt: skip
+    for bits, group in WEIGHT_ONLY[4:]:
+        out += weight_only_rows(bits, group)
+    return out
+
+
+def weight_only_rows(bits: int, group: int) -> list[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
+    """RTN, GPTQ and AWQ at one width and group size (0: per channel)."""
+    out = []
+    for method in METHODS:
+        methods = rtn_per_channel(bits) if method == "rtn" and group == 0 else recipe(method, bits, group)
+        label = f"{method.upper()} W{bits} {'per-channel' if group == 0 else f'g{group}'}"
+        out.append((label, methods, {"method": method, "bits": bits, "group": group}))
     return out
 
 
@@ -168,7 +182,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in zip(axes, ("perplexity", "perplexity_docs"), ("Persuasion", "Python docs"), strict=True):
-        for method, marker in (("rtn", "o"), ("gptq", "s"), ("awq", "^")):
+        for method, marker in (("rtn", "o"), ("gptq", "s"), ("awq", "^"), ("mixed-gptq", "D")):
             points = sorted((r["avg_weight_bits"], r[key]) for r in rows if r["method"] == method and key in r)
             if points:
                 ax.plot(*zip(*points, strict=True), marker, label=method.upper(), alpha=0.8)

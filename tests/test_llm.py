@@ -230,3 +230,57 @@ def test_float_zero_rtn_reproduces_a_min_offset_grid_exactly() -> None:
     integer[0].weight.data.copy_(weight)
     compress(integer, [build_method({"name": "rtn", "bits": 4, "group_size": 32})])
     assert not torch.allclose(integer[0].effective_weight(), weight, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_smoothquant_smooths_decoder_blocks_in_place_and_keeps_the_float_model(model_type: str) -> None:
+    """Block by block, ``1/s`` is folded into the RMSNorm gains (Gemma's ``1 + w`` too) and the feeding
+    linears, so logits are unchanged, and the outlier channel fed to q/k/v shrinks relative to the rest."""
+    model = make_llama(model_type=model_type)
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[7] = 40.0  # one outlier channel into block 1's q/k/v
+    calib = token_batches(count=2, batch=2, length=16)
+    ids = calib[0]["input_ids"]
+    seen: dict[str, torch.Tensor] = {}
+
+    def spread(m: nn.Module) -> float:
+        handle = m.model.layers[1].self_attn.q_proj.register_forward_pre_hook(
+            lambda mod, a: seen.__setitem__("x", a[0].abs().amax(dim=(0, 1)))
+        )
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits
+        handle.remove()
+        seen["logits"] = logits
+        return float(seen["x"][7] / seen["x"].median())
+
+    before = spread(model)
+    reference = seen["logits"]
+    compress(model, [build_method({"name": "smoothquant", "alpha": 0.5, "layers": "all", "where": BLOCKS})], calib)
+    after = spread(model)
+    assert torch.allclose(seen["logits"], reference, atol=1e-4, rtol=1e-4)
+    assert after < 0.5 * before
+    assert all(getattr(m, "smooth", None) is None for m in model.modules() if isinstance(m, QLinear))
+
+
+def test_mixed_scores_a_causal_lm_on_next_tokens_and_gptq_keeps_its_bits() -> None:
+    """``mixed`` measures a decoder's sensitivity on its own objective (the HF next-token loss, not the
+    model's argmax), and ``[mixed, gptq]`` is mixed-precision GPTQ: every layer keeps its allocated bits."""
+    from bitsmith.methods.mixed import MixedPrecision
+
+    model = make_llama()
+    calib = token_batches(count=2, batch=4, length=16)
+    entry = {"name": "mixed", "sensitivity": "fisher", "candidates": [2, 3, 4], "avg_bits": 3.0, "a_bits": None,
+             "w_granularity": "group", "w_group_size": 32, "w_symmetric": False, "where": BLOCKS}  # fmt: skip
+    mixed = build_method(entry)
+    assert isinstance(mixed, MixedPrecision)
+    inputs, labels = mixed._inputs_and_labels(model, calib[0])
+    with torch.no_grad():
+        out = model(**inputs, labels=inputs["input_ids"])
+        assert torch.allclose(mixed.objective(out.logits, labels), out.loss, atol=1e-5)
+    compress(model, [mixed, build_method({"name": "gptq", "where": BLOCKS})], calib)
+    allocation = {name: bits["w_bits"] for name, bits in mixed.allocation.items()}
+    layers = {name: model.get_submodule(name) for name in allocation}
+    assert {name: layer.weight_q.bits for name, layer in layers.items()} == allocation
+    numel = {name: layer.weight.numel() for name, layer in layers.items()}
+    assert len(set(allocation.values())) > 1
+    assert sum(allocation[n] * numel[n] for n in numel) <= 3.0 * sum(numel.values()) + 1e-6

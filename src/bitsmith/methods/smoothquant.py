@@ -11,6 +11,12 @@ the model's output (post-LN BERT/MiniLM, where the norm's output also feeds a re
 the division stays in the layer, where a deployed model fuses it into the activation quantize step
 (a per-channel activation scale). ``layers: all`` also smooths layers not fed by a norm (attention
 output, fc2) that way — an extension; the paper smooths only norm-fed layers (the default).
+
+Decoder LLMs (a ``bitsmith.topology`` adapter: Llama, Gemma) are smoothed block by block through
+``bitsmith.sequential``, so only one block's activations are held: the maxima are observed on the block's
+inputs as produced by the blocks before it, and ``1/s`` is folded with the adapter (RMSNorm gain, Gemma's
+``1 + w`` included; ``layers: all`` adds ``v_proj -> o_proj`` and ``up_proj -> down_proj``), exact by
+construction, so no fold check is needed.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from bitsmith.data import drop_padding
 from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn import QLinear, QuantizedMixin
 from bitsmith.quant.layers import to_quantized
+from bitsmith.sequential import BlockInputs, run_block, sequential
 from bitsmith.swap import swap
+from bitsmith.topology import DecoderTopology, has_topology
 
 Key = tuple[int, tuple[int, ...], tuple[int, ...]]
 
@@ -94,9 +102,18 @@ class SmoothQuant(Method):
         self._layers = [n for n in specs if isinstance(model.get_submodule(n), QLinear)]
         return {n: specs[n] for n in self._layers}
 
+    def smoothing_scale(self, a_max: Tensor, weights: list[Tensor]) -> Tensor:
+        """``s_j = max|x_j|^alpha / max|W_j|^(1-alpha)`` over the linears fed by one tensor (1 where x_j is 0)."""
+        w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+        scale = a_max.clamp(min=1e-5).pow(self.alpha) / w_max.clamp(min=1e-5).pow(1 - self.alpha)
+        return torch.where(a_max > 0, scale.clamp(min=1e-5), torch.ones_like(scale))
+
     @torch.no_grad()
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
         batches = list(batches)
+        if has_topology(model):
+            self._stats = sequential(model, batches, self._block, "smoothquant").__dict__
+            return
         keys, act_max, norm_of = self._observe(model, batches)
         probe = _probe(batches[0])
         with eval_mode(model):
@@ -109,12 +126,7 @@ class SmoothQuant(Method):
                 if norm_name is None and self.layers == "norm-fed":
                     continue
                 layers = [model.get_submodule(n) for n in names]
-                w_max = torch.stack([layer.weight.abs().amax(dim=0) for layer in layers]).amax(dim=0)
-                a_max = act_max[names[0]]
-                scale = (a_max.clamp(min=1e-5).pow(self.alpha) / w_max.clamp(min=1e-5).pow(1 - self.alpha)).clamp(
-                    min=1e-5
-                )
-                scale = torch.where(a_max > 0, scale, torch.ones_like(scale))
+                scale = self.smoothing_scale(act_max[names[0]], [layer.weight for layer in layers])
                 folded = (
                     norm_name is not None
                     and self.fold
@@ -125,6 +137,33 @@ class SmoothQuant(Method):
                         layer.set_smooth(scale)
                 for name in names:
                     self.report[name] = {"norm": norm_name, "folded": folded, "max_scale": float(scale.max())}
+
+    @torch.no_grad()
+    def _block(self, name: str, block: nn.Module, inputs: BlockInputs, topo: DecoderTopology) -> None:
+        """Smooth one decoder block: observe its groups' input maxima, fold ``1/s`` into each feeder."""
+        mine = {n for n, _ in block.named_modules() if f"{name}.{n}" in self._layers}
+        groups = [g for g in topo.block_groups(block) if set(g.linears) <= mine]
+        if self.layers == "norm-fed":
+            groups = [g for g in groups if not isinstance(block.get_submodule(g.prev), nn.Linear)]
+        act_max: dict[str, Tensor] = {}
+
+        def observe(key: str) -> Any:
+            def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+                m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
+                act_max[key] = m if key not in act_max else torch.maximum(act_max[key], m)
+
+            return hook
+
+        run_block(block, inputs, {block.get_submodule(g.linears[0]): observe(g.linears[0]) for g in groups})
+        for group in groups:  # in execution order; a feeder linear is smoothed after the group it feeds
+            layers = [block.get_submodule(n) for n in group.linears]
+            scale = self.smoothing_scale(act_max[group.linears[0]], [layer.weight for layer in layers])
+            topo.divide_feeder(block, group, scale)
+            for layer in layers:
+                layer.weight.mul_(scale.to(layer.weight)[None, :])
+            for n in group.linears:
+                self.report[f"{name}.{n}"] = {"norm": f"{name}.{group.prev}", "folded": True,
+                                              "max_scale": float(scale.max())}  # fmt: skip
 
     def _observe(
         self, model: nn.Module, batches: list[Any]

@@ -92,6 +92,12 @@ TOPOLOGIES = {
 }  # fmt: skip
 
 
+def has_topology(model: nn.Module) -> bool:
+    """Whether ``model`` is a decoder family with an adapter (its methods then calibrate block by block)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return any(model_type in topology.model_types for topology in TOPOLOGIES.values())
+
+
 def topology_of(model: nn.Module) -> DecoderTopology:
     """The adapter of ``model``'s family, from its Hugging Face ``config.model_type``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
