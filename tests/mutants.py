@@ -35,6 +35,14 @@ M = Mutant
 MUTANTS = [
     # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
     M(
+        "export-ct",
+        "zero points not shifted to signed codes",
+        "export/compressed_tensors.py",
+        "shift = 2 ** (q.bits - 1)",
+        "shift = 0",
+        "tests/test_compressed_tensors.py",
+    ),
+    M(
         "gptq",
         "no error feedback inside a block",
         "methods/gptq.py",

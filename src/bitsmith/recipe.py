@@ -126,6 +126,9 @@ class EvalSpec(_Strict):
 class ExportSpec(_Strict):
     checkpoint: bool = True
     hf: bool = Field(False, description="also write a Hugging Face directory (hf/) that from_pretrained reloads (LLMs)")
+    compressed_tensors: bool = Field(
+        False, description="also write a compressed-tensors directory (compressed-tensors/, the format vLLM reads)"
+    )
     deploy: Literal["none", "auto", "onnxruntime", "torchao", "torch"] = Field(
         "none", description="also deploy on this backend and report its metrics and latency next to FP32"
     )

@@ -237,4 +237,8 @@ def run_recipe(
         from bitsmith.export.hf import save_hf
 
         save_hf(model, getattr(task, "tokenizer", None), out / "hf")
+    if recipe.export.compressed_tensors:
+        from bitsmith.export.compressed_tensors import save_compressed_tensors
+
+        save_compressed_tensors(model, getattr(task, "tokenizer", None), out / "compressed-tensors")
     return report
