@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
+PEERS  := .venv-peers/.installed
 
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
@@ -76,9 +77,17 @@ bench-hero: $(STAMP) data
 bench-sparsity: $(STAMP) data
 	$(PY) benchmarks/sparsity.py
 
-bench-llm: $(STAMP) data
+bench-llm: $(STAMP) data $(PEERS)
 	$(PY) benchmarks/llm.py
+	$(PY) benchmarks/llm_peers.py
 	$(PY) benchmarks/llm_speed.py
+
+# The peers' LLM toolkits pin other transformers versions: they live in their own venv, run as subprocesses.
+$(PEERS):
+	test -x .venv-peers/bin/python || $(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt \
+		torch==2.13.0 llmcompressor==0.14.0.1
+	touch $(PEERS)
 
 bench-speed: $(STAMP) data
 	$(PY) benchmarks/speed.py

@@ -13,26 +13,17 @@ from bitsmith import build_method, compress
 from conftest import make_llama, token_batches
 
 pytest.importorskip("compressed_tensors")
-from compressed_tensors.compressors import BaseCompressor  # noqa: E402
 from compressed_tensors.quantization import QuantizationConfig  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
-from bitsmith.export.compressed_tensors import save_compressed_tensors  # noqa: E402
+from bitsmith.export.compressed_tensors import read_compressed_tensors, save_compressed_tensors  # noqa: E402
 
 BLOCKS = {"include": ["model.layers.*"]}
 
 
 def decompressed(out: Path) -> tuple[QuantizationConfig, dict[str, torch.Tensor]]:
-    """Every quantized layer's weight as the compressed-tensors library decompresses it from ``out``."""
+    """The saved config and every quantized layer's weight as the compressed-tensors library decompresses it."""
     config = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
-    state = load_file(out / "model.safetensors")
-    weights = {}
-    for scheme in config.config_groups.values():
-        compressor = BaseCompressor.load_from_registry(scheme.format or config.format)
-        for name in scheme.targets:
-            local = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
-            weights[name] = compressor.decompress(local, scheme)["weight"]
-    return config, weights
+    return config, read_compressed_tensors(out)
 
 
 def quantized_weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

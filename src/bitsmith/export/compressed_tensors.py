@@ -138,3 +138,38 @@ def save_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path) -
             tokenizer.save_pretrained(folder)
 
     return atomic_folder(Path(out), write)
+
+
+def _scheme_of(name: str, groups: dict[str, Any]) -> Any:
+    """The config group that targets layer ``name``: by its name, a ``re:`` pattern, or ``Linear``."""
+    import re
+
+    for scheme in groups.values():
+        for target in scheme.targets:
+            if target in (name, "Linear") or (target.startswith("re:") and re.match(target[3:], name)):
+                return scheme
+    raise ValueError(f"compressed-tensors: layer {name!r} has quantized tensors but no config group targets it")
+
+
+def read_compressed_tensors(path: str | Path) -> dict[str, Tensor]:
+    """Every quantized layer's float weight, decompressed by the compressed-tensors library from directory
+    ``path`` (bitsmith's or another tool's: llm-compressor writes the same format)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text()[:10_000_000]).get("quantization_config")
+    if not raw or raw.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"{path}: config.json has no compressed-tensors quantization_config")
+    config = QuantizationConfig.model_validate(raw)
+    state: dict[str, Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    weights = {}
+    for name in sorted({key.rsplit(".", 1)[0] for key in state if key.endswith(".weight_scale")}):
+        scheme = _scheme_of(name, config.config_groups)
+        local = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(f"{name}.")}
+        compressor = BaseCompressor.load_from_registry(scheme.format or config.format)
+        weights[name] = compressor.decompress(local, scheme)["weight"]
+    return weights

@@ -1,0 +1,148 @@
+"""Peers on the same SmolLM2 rows as ``benchmarks/llm.py`` (same model, text, windows and calibration):
+llm-compressor's GPTQ (run in ``.venv-peers``, which pins its own transformers; its compressed-tensors output is
+decompressed with the library and evaluated here) and torchao's int4 weight-only quantizer, both its default
+(tinygemm) parameters and its HQQ option. Rows go to docs/results/llm.json and resume.
+
+torchao 0.18 builds its int4 weights only for CUDA kernels (tinygemm, mslk) and has no CPU int4 layout, so the
+torchao rows use torchao's own quantization primitives on CPU (``_choose_qparams_affine_tinygemm``,
+``_choose_qparams_and_quantize_affine_hqq``, the tinygemm quantize / dequantize) on bfloat16 weights, as its
+config does, and evaluate the dequantized weights in FP32: the quality of torchao int4, not its speed.
+Sizes of peer rows are those of bitsmith's packing of the same bits and groups (the RTN row's).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import Rows
+from llm import BLOCKS, CALIB_BATCH, CALIB_WINDOWS, EVAL_WINDOWS, KL_WINDOWS, MODEL, ROWS, write
+from torch import nn
+
+from bitsmith.eval.lm import LanguageModelTask, language_model_task
+from bitsmith.sequential import peak_rss, reset_peak_rss
+
+PEERS_PY = Path(".venv-peers/bin/python")
+LLMCOMPRESSOR = [(4, 64), (3, 64), (4, 32)]
+TORCHAO = [64, 32]
+
+
+def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    prefix = BLOCKS["include"][0].rstrip("*")
+    return {n: m for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def torchao_int4(weight: torch.Tensor, group: int, hqq: bool) -> torch.Tensor:
+    """``weight`` through torchao's int4 weight-only quantizer (bfloat16, asymmetric 0..15, float zero)."""
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        _choose_qparams_affine_tinygemm,
+        _choose_qparams_and_quantize_affine_hqq,
+        _dequantize_affine_tinygemm,
+        _quantize_affine_tinygemm,
+    )
+
+    w = weight.to(torch.bfloat16)
+    block = (1, group)
+    if hqq:
+        codes, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
+            w, nbits=4, group_size=group, axis=1, compute_dtype=torch.bfloat16, device="cpu"
+        )
+        codes = codes.to(torch.int32)
+    else:
+        scale, zero = _choose_qparams_affine_tinygemm(w, MappingType.ASYMMETRIC, block, torch.int32, 0, 15,
+                                                      scale_dtype=w.dtype, zero_point_dtype=w.dtype)  # fmt: skip
+        codes = _quantize_affine_tinygemm(w, block, scale, zero, torch.int32, 0, 15)
+    out = _dequantize_affine_tinygemm(codes, block, scale, zero, torch.int32, 0, 15, output_dtype=torch.bfloat16)
+    return out.float().reshape(weight.shape)
+
+
+def evaluate_with(model: nn.Module, task: LanguageModelTask, weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The task's metrics and samples with the named Linear weights replaced (then restored)."""
+    layers = block_linears(model)
+    saved = {n: layers[n].weight.detach().clone() for n in weights}
+    try:
+        with torch.no_grad():
+            for n, w in weights.items():
+                layers[n].weight.copy_(w)
+        return {**task.evaluate(model), "samples": task.samples(model)}
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                layers[n].weight.copy_(w)
+
+
+def llmcompressor_weights(model_dir: Path, task: LanguageModelTask, bits: int, group: int) -> tuple[dict, dict]:
+    """llm-compressor GPTQ in its own venv on the task's calibration windows: decompressed weights, timing."""
+    from safetensors.torch import save_file
+
+    from bitsmith.export.compressed_tensors import read_compressed_tensors
+
+    if not PEERS_PY.exists():
+        raise RuntimeError("llm-compressor's venv is missing: run `make .venv-peers/.installed`")
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = torch.cat([batch["input_ids"] for batch in task.calibration])
+        save_file({"input_ids": ids.contiguous()}, f"{tmp}/calib.safetensors")
+        command = [str(PEERS_PY), "benchmarks/peers/llmcompressor_gptq.py", str(model_dir), f"{tmp}/calib.safetensors",
+                   f"{tmp}/out", str(bits), str(group)]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"llm-compressor failed: {done.stderr.strip().splitlines()[-1][:200]}")
+        timing = json.loads(Path(f"{tmp}/out/timing.json").read_text())
+        return read_compressed_tensors(f"{tmp}/out"), timing
+
+
+def configurations() -> list[tuple[str, dict[str, Any]]]:
+    out = [(f"llm-compressor GPTQ W{b} g{g}", {"method": "llmcompressor-gptq", "bits": b, "group": g})
+           for b, g in LLMCOMPRESSOR]  # fmt: skip
+    for group in TORCHAO:
+        out.append((f"torchao int4 weight-only g{group}", {"method": "torchao-int4", "bits": 4, "group": group}))
+        out.append((f"torchao int4 HQQ g{group}", {"method": "torchao-int4-hqq", "bits": 4, "group": group}))
+    return out
+
+
+def run() -> None:
+    from bitsmith.zoo.llm import llm_dir, load_llm
+
+    torch.set_num_threads(2)
+    rows = Rows(ROWS)
+    model, tokenizer = load_llm(MODEL)
+    task = language_model_task(tokenizer, EVAL_WINDOWS, CALIB_WINDOWS, CALIB_BATCH, seed=0, kl_windows=KL_WINDOWS)
+    task.evaluate(model)  # the FP32 reference
+    layers = block_linears(model)
+    for label, key in configurations():
+        if rows.done(**key):
+            continue
+        print(f"{label} ...", flush=True)
+        try:
+            if key["method"] == "llmcompressor-gptq":
+                weights, timing = llmcompressor_weights(llm_dir(MODEL), task, key["bits"], key["group"])
+                seconds, extra = timing["seconds"], timing["calib_extra_bytes"]
+            else:
+                reset_peak_rss()
+                before, start = peak_rss(), time.perf_counter()
+                hqq = key["method"].endswith("hqq")
+                weights = {n: torchao_int4(m.weight.detach(), key["group"], hqq) for n, m in layers.items()}
+                seconds, extra = time.perf_counter() - start, peak_rss() - before
+            same = next(
+                r for r in rows.rows if (r["method"], r["bits"], r["group"]) == ("rtn", key["bits"], key["group"])
+            )
+            row = {**evaluate_with(model, task, weights), "quant_seconds": round(seconds, 1),
+                   "calib_extra_mib": round(extra / 2**20), "size_mib": same["size_mib"],
+                   "avg_weight_bits": same["avg_weight_bits"], "threads": 2}  # fmt: skip
+        except (ValueError, RuntimeError, StopIteration) as exc:
+            row = {"error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}
+        rows.add({"name": label, **key, **row, "methods": []})
+        print(f"  { ({k: v for k, v in rows.rows[-1].items() if k not in ('samples', 'methods')}) }", flush=True)
+        write(rows.rows)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
