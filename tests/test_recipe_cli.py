@@ -171,6 +171,14 @@ def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
     assert check_run(out) == report  # published whole, with its manifest
     if report["recipe"].get("train"):  # the history per epoch, in the report and as a plot
         assert [row["epoch"] for row in report["training"]] == [1] and (out / "training.png").is_file()
+    if report["data"]["name"] == "austen":  # `bitsmith eval` reloads the LLM checkpoint and scores it the same
+        from bitsmith.run import load_checkpoint
+
+        model, _, task = load_checkpoint(str(out / "model.safetensors"), None, None, windows=2)
+        again = task.evaluate(model)
+        assert again["perplexity"] == pytest.approx(report["compressed"]["metrics"]["perplexity"], rel=1e-4)
+        if report["recipe"]["export"].get("compressed_tensors"):
+            assert (out / "compressed-tensors" / "config.json").is_file()
 
 
 @needs_data

@@ -88,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitsmith.eval.cost import model_cost
     from bitsmith.run import load_checkpoint
 
-    model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data)
+    model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data, args.windows)
     metrics = task.evaluate(model)
     cost = model_cost(model, task.first(task.example(1))).totals
     console.print(
@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--model", help="zoo model name or HF directory (default: from the checkpoint)")
     evaluate.add_argument("--data", help="Fashion-MNIST directory")
+    evaluate.add_argument(
+        "--windows", type=positive_int, help="LLMs: 512-token text windows to score (default: the recipe's)"
+    )
     evaluate.add_argument("--backend", choices=["auto", *BACKENDS], help="also deploy and time it against FP32")
     _timing_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)

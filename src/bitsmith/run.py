@@ -83,29 +83,41 @@ def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
     return model, embedding_task(tokenizer, eval_size, calib_size, data.calib_batch_size, data.seed)
 
 
-def load_checkpoint(path: str, model_name: str | None, data_root: str | None) -> tuple[nn.Module, nn.Module, Task]:
-    """(compressed model, its FP32 original for timing, task) of a checkpoint written by ``bitsmith run``;
-    ``model_name`` (zoo name or HF directory) overrides the one the checkpoint names."""
+def load_checkpoint(
+    path: str, model_name: str | None, data_root: str | None, windows: int | None = None
+) -> tuple[nn.Module, nn.Module, Task]:
+    """(compressed model, its FP32 original (timing; the reference of cosine or KL), task) of a checkpoint
+    written by ``bitsmith run``; ``model_name`` (zoo name or HF directory) overrides the one the checkpoint
+    names. An LLM is scored on ``windows`` text windows (default: its recipe's ``eval_size``)."""
     from bitsmith.export.checkpoint import load, read_metadata
 
     meta = json.loads(read_metadata(path).get("meta", "{}"))
     name = model_name or meta.get("model")
     if name is None:
         raise ValueError(f"{path}: the checkpoint does not name its model; pass --model NAME")
-    seed = meta.get("recipe", {}).get("data", {}).get("seed", 0)
+    data = meta.get("recipe", {}).get("data", {})
+    seed = data.get("seed", 0)
     if name in ZOO:  # the FP32 model is only timed: the zoo architecture, untrained, times the same
         task = classification_task(data_root, None, 1, 1, seed)
         return load(path, ZOO[name].build()).eval(), ZOO[name].build().eval(), task
-    from bitsmith.zoo.minilm import load_hf_encoder, minilm_dir
-
-    if model_name is None and name not in HF_MODELS:  # never read a path that the file names
+    if model_name is None and name not in HF_MODELS and name not in LLM_MODELS:  # never open a path a file names
         raise ValueError(
             f"{path}: the checkpoint was made from the model directory {str(meta.get('source'))[:200]!r}; "
             "pass --model DIR to load it (bitsmith does not open paths named inside a checkpoint)"
         )
-    fp32, tokenizer = load_hf_encoder(str(minilm_dir()) if model_name is None else model_name)
-    task = embedding_task(tokenizer, None, 1, 1, seed)
-    task.evaluate(fp32)  # the FP32 model is the cosine reference
+    if meta.get("task") == "language-model" or name in LLM_MODELS:
+        from bitsmith.eval.lm import language_model_task
+        from bitsmith.zoo.llm import load_llm
+
+        fp32, tokenizer = load_llm(name)
+        count = windows or min(int(data.get("eval_size") or 80), 10_000)
+        task: Task = language_model_task(tokenizer, count, 1, 1, seed, kl_windows=min(16, count))
+    else:
+        from bitsmith.zoo.minilm import load_hf_encoder, minilm_dir
+
+        fp32, tokenizer = load_hf_encoder(str(minilm_dir()) if model_name is None else model_name)
+        task = embedding_task(tokenizer, None, 1, 1, seed)
+    task.evaluate(fp32)  # the FP32 model is the reference of cosine similarity / KL
     return load(path, copy.deepcopy(fp32)).eval(), fp32, task
 
 
