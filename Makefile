@@ -9,7 +9,7 @@ PEERS  := .venv-peers/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install install-gemma data demo test lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm clean
+.PHONY: install install-gemma data demo test lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ bench-llm: $(STAMP) data $(PEERS)
 	$(PY) benchmarks/llm.py
 	$(PY) benchmarks/llm_peers.py
 	$(PY) benchmarks/llm_speed.py
+
+# The second architecture (Gemma Terms of Use): its own target, as its install is optional.
+bench-llm-gemma: install-gemma data
+	$(PY) benchmarks/llm_gemma.py
 
 # The peers' LLM toolkits pin other transformers versions: they live in their own venv, run as subprocesses.
 $(PEERS):
