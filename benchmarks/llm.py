@@ -148,6 +148,15 @@ def write(rows: list[dict[str, Any]]) -> None:
         "SmolLM2's hidden size (576) is not a multiple of 128: group 128 is refused for it, and the tables use "
         "groups of 64 and 32 where the issue names 128 and 64.",
         "",
+        "Peers (`benchmarks/llm_peers.py`, same model, windows and calibration): llm-compressor `0.14.0.1` GPTQ "
+        "(asymmetric, static act-order, dampening `0.01`, blocks of `128`, as bitsmith's) runs in its own venv "
+        "(`.venv-peers`, it pins transformers `<=5.17`); its compressed-tensors output is decompressed with the "
+        "compressed-tensors library and scored here. torchao `0.18` builds int4 weights only for CUDA kernels "
+        "(no CPU layout), so its rows apply torchao's own int4 quantizer functions (tinygemm parameters, or HQQ) "
+        "on CPU to the bfloat16 weights and score the de-quantized weights in FP32: torchao's quality, not its "
+        "speed. Peer sizes are bitsmith's packing of the same bits and groups. GPTQModel `7.7.0` needs torch "
+        "`>=2.14.1`; this machine's CPU build is `2.13.0`, so it is not run.",
+        "",
         "| row | ppl Persuasion | ppl Python docs | KL to FP32 | top-1 agree % | size MiB | avg w bits | quant s | "
         "calib peak +MiB | threads | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -182,7 +191,8 @@ def plot(rows: list[dict[str, Any]]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in zip(axes, ("perplexity", "perplexity_docs"), ("Persuasion", "Python docs"), strict=True):
-        for method, marker in (("rtn", "o"), ("gptq", "s"), ("awq", "^"), ("mixed-gptq", "D")):
+        for method, marker in (("rtn", "o"), ("gptq", "s"), ("awq", "^"), ("mixed-gptq", "D"),
+                               ("llmcompressor-gptq", "x"), ("torchao-int4", "+"), ("torchao-int4-hqq", "*")):  # fmt: skip
             points = sorted((r["avg_weight_bits"], r[key]) for r in rows if r["method"] == method and key in r)
             if points:
                 ax.plot(*zip(*points, strict=True), marker, label=method.upper(), alpha=0.8)
