@@ -33,7 +33,7 @@ BLOCKS = {"include": ["model.layers.*"]}
 ROWS = RESULTS / "llm.json"
 
 # (label, bits, group) in the order they are measured: the targets' rows first
-WEIGHT_ONLY = [(4, 64), (3, 64), (4, 0), (3, 0), (4, 32), (3, 32), (2, 32)]
+WEIGHT_ONLY = [(4, 64), (3, 64), (4, 0), (3, 0), (4, 32), (3, 32), (2, 32), (2, 64)]
 METHODS = ("rtn", "gptq", "awq")
 
 
