@@ -80,6 +80,7 @@ bench-sparsity: $(STAMP) data
 bench-llm: $(STAMP) data $(PEERS)
 	$(PY) benchmarks/llm.py
 	$(PY) benchmarks/llm_peers.py
+	$(PY) benchmarks/llm_alone.py
 	$(PY) benchmarks/llm_speed.py
 
 # The second architecture (Gemma Terms of Use): its own target, as its install is optional.
