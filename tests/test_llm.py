@@ -284,3 +284,13 @@ def test_mixed_scores_a_causal_lm_on_next_tokens_and_gptq_keeps_its_bits() -> No
     numel = {name: layer.weight.numel() for name, layer in layers.items()}
     assert len(set(allocation.values())) > 1
     assert sum(allocation[n] * numel[n] for n in numel) <= 3.0 * sum(numel.values()) + 1e-6
+
+
+def test_capturing_block_inputs_never_runs_the_lm_head() -> None:
+    """The calibration pass stops at the last block's inputs: the LM head (vocabulary-sized logits, the
+    largest activation of a small LLM) never runs, so it does not set the peak memory."""
+    model = make_llama()
+    calls: list[int] = []
+    model.lm_head.register_forward_hook(lambda m, a, o: calls.append(1))
+    sequential(model, token_batches(), lambda *a: None)
+    assert calls == []

@@ -86,8 +86,8 @@ def capture_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], batche
             if index == 0:  # only the first block's hidden input is kept; the rest are computed block by block
                 entry["hidden_states"] = args[0] if args else kw["hidden_states"]
             seen.append(entry)
-            if stop_at_first and index == 0:
-                raise StopBlock
+            if (stop_at_first and index == 0) or index == len(blocks) - 1:
+                raise StopBlock  # nothing after the last block's inputs is needed (the LM head's logits are big)
 
         return hook
 
