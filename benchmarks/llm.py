@@ -139,7 +139,9 @@ def write(rows: list[dict[str, Any]]) -> None:
         "and *Mansfield Park*, seed 0. Only the Linear layers of the 30 decoder blocks are quantized; the tied "
         "embedding / `lm_head` stays FP32 in every row. Size: packed weights plus scales and zero points "
         "(`model_cost`); avg w bits averages over every weight layer, the FP32 embedding included. Peak memory: the calibration's growth of the process's resident memory over what it held "
-        "before (the FP32 model and its reference copy).",
+        "before (the FP32 model and its reference copy); all rows share one long process, so a row measured after "
+        "a larger one reuses memory the allocator kept and can show little or no growth (0): the time and memory "
+        "target is measured alone in a fresh process, [llm_alone.md](llm_alone.md).",
         "",
         "The reference is de-quantized from a Q4_1 GGUF file (4 bits, blocks of 32, asymmetric), so its weights "
         "already lie on a 4-bit g32 grid: the 'GGUF structure' row must reproduce FP32 (it checks the loader), "
