@@ -31,6 +31,9 @@ METRIC_COLUMNS = [
 ]
 
 
+HEADLINE = {"accuracy", "cosine", "retrieval", "perplexity", "perplexity_docs", "kl"}
+
+
 def save_figure(fig: Any, path: Path) -> Path:
     """Save a matplotlib figure atomically and close it."""
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip("."), dpi=110))
@@ -49,7 +52,8 @@ def quality(metrics: dict[str, Any]) -> tuple[str, float]:
 
 def headline(base: dict[str, Any], comp: dict[str, Any]) -> str:
     """One line: quality, size and bits before -> after."""
-    parts = [f"{title} {fmt(base[key])} -> {fmt(comp[key])}" for key, title, fmt in METRIC_COLUMNS[:3] if key in comp]
+    parts = [f"{title} {fmt(base[key])} -> {fmt(comp[key])}" for key, title, fmt in METRIC_COLUMNS if key in HEADLINE
+             and comp.get(key) is not None and base.get(key) is not None]  # fmt: skip
     parts.append(f"size {base['size_bytes'] / 1024:.1f} KB -> {comp['size_bytes'] / 1024:.1f} KB")
     parts.append(f"avg weight bits {comp['avg_weight_bits']:.2f}")
     if comp.get("sparsity", 0) >= 0.005:
