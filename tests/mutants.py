@@ -35,6 +35,22 @@ M = Mutant
 MUTANTS = [
     # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
     M(
+        "liftquant",
+        "codebook M not trained",
+        "quant/lattice.py",
+        "                optimizer.step()",
+        "                pass",
+        "tests/test_liftquant.py",
+    ),
+    M(
+        "liftquant",
+        "one padding only: no candidate search",
+        "quant/lattice.py",
+        "pads = sign_table(self.n - self.m).to(z)",
+        "pads = sign_table(self.n - self.m).to(z)[:1]",
+        "tests/test_liftquant.py",
+    ),
+    M(
         "export-ct",
         "zero points not shifted to signed codes",
         "export/compressed_tensors.py",
