@@ -14,9 +14,11 @@ inputs unevenly): the tables use groups of 64 and 32 where the issue names 128 a
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -104,27 +106,45 @@ def measure(model: torch.nn.Module, task: LanguageModelTask, methods: list[dict[
             "samples": samples, "threads": torch.get_num_threads()}  # fmt: skip
 
 
-def run() -> None:
+def reference(name: str) -> tuple[torch.nn.Module, LanguageModelTask]:
+    """The FP32 zoo LLM ``name`` and the task (text windows, calibration) with its FP32 reference made."""
     from bitsmith.zoo.llm import load_llm
 
     torch.set_num_threads(2)
-    rows = Rows(ROWS)
-    model, tokenizer = load_llm(MODEL)
+    model, tokenizer = load_llm(name)
     task = language_model_task(tokenizer, EVAL_WINDOWS, CALIB_WINDOWS, CALIB_BATCH, seed=0, kl_windows=KL_WINDOWS)
     task.evaluate(model)  # makes the FP32 reference
-    fp32_mib = sum(p.numel() * 4 for p in model.parameters()) / 2**20
-    for label, methods, key in configurations():
+    return model, task
+
+
+Entry = tuple[str, dict[str, Any], dict[str, Any], Callable[[], dict[str, Any]]]
+
+
+def fill(rows: Rows, entries: list[Entry], write: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Measure each ``(label, key, fields, measure)`` whose key has no row yet; a failure becomes an error row.
+    The page is rewritten after every row and at the end."""
+    for label, key, fields, measure_row in entries:
         if rows.done(**key):
             continue
         print(f"{label} ...", flush=True)
         try:
-            row = measure(model, task, methods)
+            row = measure_row()
         except (ValueError, RuntimeError) as exc:
-            row = {"error": str(exc).splitlines()[0][:200]}
-        rows.add({"name": label, **key, **row, "fp32_mib": round(fp32_mib, 1), "methods": methods})
+            row = {"error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}
+        rows.add({"name": label, **key, **row, **fields})
         print(f"  { ({k: v for k, v in rows.rows[-1].items() if k not in ('samples', 'methods')}) }", flush=True)
         write(rows.rows)
     write(rows.rows)
+
+
+def run() -> None:
+    model, task = reference(MODEL)
+    fp32_mib = round(sum(p.numel() * 4 for p in model.parameters()) / 2**20, 1)
+    entries: list[Entry] = [
+        (label, key, {"fp32_mib": fp32_mib, "methods": methods}, functools.partial(measure, model, task, methods))
+        for label, methods, key in configurations()
+    ]
+    fill(Rows(ROWS), entries, write)
 
 
 def write(rows: list[dict[str, Any]]) -> None:

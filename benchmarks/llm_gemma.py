@@ -10,15 +10,13 @@ reproduce exactly, so there is no lossless row.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any
 
-import torch
 from common import RESULTS, Rows
-from llm import CALIB_BATCH, CALIB_WINDOWS, EVAL_WINDOWS, KL_WINDOWS, measure, recipe
-
-from bitsmith.eval.lm import language_model_task
+from llm import CALIB_WINDOWS, EVAL_WINDOWS, KL_WINDOWS, Entry, fill, measure, recipe, reference
 
 MODEL = "gemma3"
 ROWS = RESULTS / "llm_gemma3.json"
@@ -37,24 +35,10 @@ def configurations() -> list[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
 
 
 def run() -> None:
-    from bitsmith.zoo.llm import load_llm
-
-    torch.set_num_threads(2)
-    rows = Rows(ROWS)
-    model, tokenizer = load_llm(MODEL)
-    task = language_model_task(tokenizer, EVAL_WINDOWS, CALIB_WINDOWS, CALIB_BATCH, seed=0, kl_windows=KL_WINDOWS)
-    task.evaluate(model)
-    for label, methods, key in configurations():
-        if rows.done(**key):
-            continue
-        print(f"{label} ...", flush=True)
-        try:
-            row = measure(model, task, methods)
-        except (ValueError, RuntimeError) as exc:
-            row = {"error": str(exc).splitlines()[0][:200]}
-        rows.add({"name": label, **key, **row, "methods": methods})
-        print(f"  { ({k: v for k, v in rows.rows[-1].items() if k not in ('samples', 'methods')}) }", flush=True)
-        write(rows.rows)
+    model, task = reference(MODEL)
+    entries: list[Entry] = [(label, key, {"methods": methods}, functools.partial(measure, model, task, methods))
+                            for label, methods, key in configurations()]  # fmt: skip
+    fill(Rows(ROWS), entries, write)
 
 
 def write(rows: list[dict[str, Any]]) -> None:

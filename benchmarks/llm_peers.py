@@ -12,6 +12,7 @@ Sizes of peer rows are those of bitsmith's packing of the same bits and groups (
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -22,10 +23,10 @@ from typing import Any
 
 import torch
 from common import Rows
-from llm import BLOCKS, CALIB_BATCH, CALIB_WINDOWS, EVAL_WINDOWS, KL_WINDOWS, MODEL, ROWS, write
+from llm import BLOCKS, MODEL, ROWS, Entry, fill, reference, write
 from torch import nn
 
-from bitsmith.eval.lm import LanguageModelTask, language_model_task
+from bitsmith.eval.lm import LanguageModelTask
 from bitsmith.sequential import peak_rss, reset_peak_rss
 
 PEERS_PY = Path(".venv-peers/bin/python")
@@ -108,40 +109,33 @@ def configurations() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def run() -> None:
-    from bitsmith.zoo.llm import llm_dir, load_llm
+def peer_row(model: nn.Module, task: LanguageModelTask, rows: Rows, key: dict[str, Any]) -> dict[str, Any]:
+    """One peer's quantized weights, timed, scored; sizes from bitsmith's RTN row of the same bits and group."""
+    from bitsmith.zoo.llm import llm_dir
 
-    torch.set_num_threads(2)
+    same = [r for r in rows.rows if (r["method"], r["bits"], r["group"]) == ("rtn", key["bits"], key["group"])]
+    if not same:
+        raise ValueError(f"no RTN W{key['bits']} g{key['group']} row to take the size from: run benchmarks/llm.py")
+    if key["method"] == "llmcompressor-gptq":
+        weights, timing = llmcompressor_weights(llm_dir(MODEL), task, key["bits"], key["group"])
+        seconds, extra = timing["seconds"], timing["calib_extra_bytes"]
+    else:
+        reset_peak_rss()
+        before, start = peak_rss(), time.perf_counter()
+        hqq = key["method"].endswith("hqq")
+        weights = {n: torchao_int4(m.weight.detach(), key["group"], hqq) for n, m in block_linears(model).items()}
+        seconds, extra = time.perf_counter() - start, peak_rss() - before
+    return {**evaluate_with(model, task, weights), "quant_seconds": round(seconds, 1),
+            "calib_extra_mib": round(extra / 2**20), "size_mib": same[0]["size_mib"],
+            "avg_weight_bits": same[0]["avg_weight_bits"], "threads": 2}  # fmt: skip
+
+
+def run() -> None:
+    model, task = reference(MODEL)
     rows = Rows(ROWS)
-    model, tokenizer = load_llm(MODEL)
-    task = language_model_task(tokenizer, EVAL_WINDOWS, CALIB_WINDOWS, CALIB_BATCH, seed=0, kl_windows=KL_WINDOWS)
-    task.evaluate(model)  # the FP32 reference
-    layers = block_linears(model)
-    for label, key in configurations():
-        if rows.done(**key):
-            continue
-        print(f"{label} ...", flush=True)
-        try:
-            if key["method"] == "llmcompressor-gptq":
-                weights, timing = llmcompressor_weights(llm_dir(MODEL), task, key["bits"], key["group"])
-                seconds, extra = timing["seconds"], timing["calib_extra_bytes"]
-            else:
-                reset_peak_rss()
-                before, start = peak_rss(), time.perf_counter()
-                hqq = key["method"].endswith("hqq")
-                weights = {n: torchao_int4(m.weight.detach(), key["group"], hqq) for n, m in layers.items()}
-                seconds, extra = time.perf_counter() - start, peak_rss() - before
-            same = next(
-                r for r in rows.rows if (r["method"], r["bits"], r["group"]) == ("rtn", key["bits"], key["group"])
-            )
-            row = {**evaluate_with(model, task, weights), "quant_seconds": round(seconds, 1),
-                   "calib_extra_mib": round(extra / 2**20), "size_mib": same["size_mib"],
-                   "avg_weight_bits": same["avg_weight_bits"], "threads": 2}  # fmt: skip
-        except (ValueError, RuntimeError, StopIteration) as exc:
-            row = {"error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}
-        rows.add({"name": label, **key, **row, "methods": []})
-        print(f"  { ({k: v for k, v in rows.rows[-1].items() if k not in ('samples', 'methods')}) }", flush=True)
-        write(rows.rows)
+    entries: list[Entry] = [(label, key, {"methods": []}, functools.partial(peer_row, model, task, rows, key))
+                            for label, key in configurations()]  # fmt: skip
+    fill(rows, entries, write)
 
 
 if __name__ == "__main__":
