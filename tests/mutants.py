@@ -248,7 +248,7 @@ MUTANTS = [
         "causal LM scored against its own argmax, not the next token",
         "methods/mixed.py",
         'return inputs, inputs["input_ids"][:, 1:]',
-        "return inputs, logits_of(run_forward(model, inputs)).argmax(-1)[:, 1:]",
+        "return inputs, output_logits(run_forward(model, inputs)).argmax(-1)[:, 1:]",
         "tests/test_llm.py",
     ),
     M(

@@ -173,6 +173,13 @@ def run_forward(model: nn.Module, batch: Any) -> Any:
         return model(batch)
 
 
+def output_logits(output: Any) -> Tensor:
+    """The logits of a model output: a tensor, a Hugging Face output's ``logits``, or a tuple's first item."""
+    if isinstance(output, Tensor):
+        return output
+    return output.logits if hasattr(output, "logits") else output[0]
+
+
 @torch.no_grad()
 def forward_with_hooks(model: nn.Module, batch: Any, hooks: dict[nn.Module, Callable[..., Any]]) -> Any:
     """One forward of ``batch`` in eval mode with ``hooks`` as forward hooks of their modules, removed

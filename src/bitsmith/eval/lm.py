@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bitsmith.method import eval_mode
+from bitsmith.method import eval_mode, output_logits
 
 CALIB_NOVELS = ("emma", "mansfieldpark")
 PROMPTS = (
@@ -72,8 +72,7 @@ def random_windows(stream: Tensor, window: int, count: int, bos: int | None, see
 
 def logits_of(model: nn.Module, ids: Tensor) -> Tensor:
     """``(batch, tokens, vocab)`` float32 next-token logits."""
-    out = model(input_ids=ids)
-    return (out.logits if hasattr(out, "logits") else out[0]).float()
+    return output_logits(model(input_ids=ids)).float()
 
 
 @torch.no_grad()

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from bitsmith.files import atomic_folder
+from bitsmith.export.hf import float_state, write_hf_folder
 from bitsmith.nn import QLinear
 from bitsmith.quant.uniform import UniformQuantizer
 
@@ -108,13 +107,7 @@ def compressed_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, dic
     quantized_owners = set(layers) | {
         f"{n}.{child}" for n, m in layers.items() for child, _ in m.named_modules() if child
     }
-    state: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, value in model.state_dict().items():
-        if key.rsplit(".", 1)[0] in quantized_owners or value.data_ptr() in seen:
-            continue
-        seen.add(value.data_ptr())
-        state[key] = value.detach().cpu().contiguous().clone()
+    state = float_state(model, lambda key: key.rsplit(".", 1)[0] in quantized_owners)
     for name, layer in layers.items():
         scheme = QuantizationScheme(targets=[name], **schemes[name])
         state.update({f"{name}.{k}": v for k, v in _compressed_layer(layer, scheme).items()})
@@ -125,19 +118,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer: Any, out: str | Path) -
     """Write ``model`` (a transformers causal LM with bitsmith-quantized Linears) and ``tokenizer`` as a
     compressed-tensors directory ``out``, whole or not at all."""
     state, schemes = compressed_state(model)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["quantization_config"] = quantization_config(schemes)
-
-    def write(folder: Path) -> None:
-        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-
-    return atomic_folder(Path(out), write)
+    return write_hf_folder(Path(out), model, tokenizer, state, quantization_config(schemes))
 
 
 def _scheme_of(name: str, groups: dict[str, Any]) -> Any:

@@ -15,6 +15,7 @@ points; integers by construction), ``L.bias`` when the layer has one.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,16 +49,42 @@ def quantized_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: _layer_spec(name, m) for name, m in model.named_modules() if isinstance(m, QLinear) and m.weight_q}
 
 
-def packed_state(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
-    """The state dict with each quantized layer's weight as packed codes, scales and zero points; tensors
-    shared by several names (tied embeddings) written once, under the first name."""
+def float_state(model: nn.Module, skip: Callable[[str], bool]) -> dict[str, Tensor]:
+    """The model's state dict but the keys ``skip`` names, copied to CPU; a tensor shared by several names (tied
+    embeddings) is kept once, under the first name."""
     state: dict[str, Tensor] = {}
     seen: set[int] = set()
     for key, value in model.state_dict().items():
-        if any(key.startswith(f"{name}.weight") for name in layers) or value.data_ptr() in seen:
+        if skip(key) or value.data_ptr() in seen:
             continue
         seen.add(value.data_ptr())
         state[key] = value.detach().cpu().contiguous().clone()
+    return state
+
+
+def write_hf_folder(
+    out: Path, model: nn.Module, tokenizer: Any, state: dict[str, Tensor], quantization_config: dict[str, Any]
+) -> Path:
+    """A Hugging Face directory ``out``, whole or not at all: ``state`` as ``model.safetensors``, the model's
+    config with ``quantization_config``, its generation config and the tokenizer files."""
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config
+
+    def write(folder: Path) -> None:
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    return atomic_folder(out, write)
+
+
+def packed_state(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
+    """The state dict with each quantized layer's weight as packed codes, scales and zero points; tensors
+    shared by several names (tied embeddings) written once, under the first name."""
+    state = float_state(model, lambda key: any(key.startswith(f"{name}.weight") for name in layers))
     for name, spec in layers.items():
         layer: QLinear = model.get_submodule(name)  # type: ignore[assignment]
         encoded = layer.weight_q.encode(layer.weight)  # type: ignore[union-attr]
@@ -74,18 +101,8 @@ def save_hf(model: nn.Module, tokenizer: Any, out: str | Path) -> Path:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("the model has no quantized Linear layers; save a float model with model.save_pretrained")
-    config = model.config.to_dict()
-    config["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "layers": layers}
-
-    def write(folder: Path) -> None:
-        save_file(packed_state(model, layers), folder / "model.safetensors", metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-
-    return atomic_folder(out, write)
+    config = {"quant_method": QUANT_METHOD, "format": FORMAT, "layers": layers}
+    return write_hf_folder(out, model, tokenizer, packed_state(model, layers), config)
 
 
 def _zero_dtype(spec: dict[str, Any]) -> torch.dtype:

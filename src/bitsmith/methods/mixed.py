@@ -50,7 +50,7 @@ from bitsmith.alloc import Budget, allocate
 from bitsmith.critical import critical_loss
 from bitsmith.data import concat_batches, drop_padding, first_example, real_tokens
 from bitsmith.eval.cost import measure_macs
-from bitsmith.method import eval_mode, register_method, run_forward
+from bitsmith.method import eval_mode, output_logits, register_method, run_forward
 from bitsmith.methods.ptq import PTQ
 from bitsmith.quant.layers import attach, observe_inputs
 from bitsmith.sensitivity import Target, captured_inputs, fisher_traces, hutchinson_traces, top_eigenvalues
@@ -115,7 +115,7 @@ class MixedPrecision(PTQ):
         if isinstance(batch, (tuple, list)):
             return inputs, batch[1]
         with torch.no_grad():
-            return inputs, logits_of(run_forward(model, inputs)).argmax(-1)
+            return inputs, output_logits(run_forward(model, inputs)).argmax(-1)
 
     def measure(self, model: nn.Module, batch: Any, target: Target = "weight") -> dict[str, float]:
         """``S_l`` per selected layer, in its weight or its input (1 for ``error``)."""
@@ -125,7 +125,7 @@ class MixedPrecision(PTQ):
             inputs, labels = self._inputs_and_labels(model, batch)
 
             def loss(m: nn.Module, n: int | None = None, reduction: str = "mean") -> Tensor:
-                logits = logits_of(run_forward(m, inputs if n is None else _first(inputs, n)))
+                logits = output_logits(run_forward(m, inputs if n is None else _first(inputs, n)))
                 return self.objective(logits, labels if n is None else labels[:n], reduction)
 
             if self.sensitivity == "hessian":
@@ -236,7 +236,7 @@ class MixedPrecision(PTQ):
         inputs, labels = self._inputs_and_labels(model, batch)
 
         def loss() -> float:
-            return float(self.objective(logits_of(run_forward(model, inputs)), labels))
+            return float(self.objective(output_logits(run_forward(model, inputs)), labels))
 
         base = loss()
         w_cost: PerLayer = {}
@@ -264,11 +264,6 @@ def _error(q: Any, x: Tensor) -> float:
     """``||Q(x) - x||^2``."""
     with torch.no_grad():
         return float((q(x) - x).pow(2).sum())
-
-
-def logits_of(output: Any) -> Tensor:
-    """The logits of a model output: a tensor, or a Hugging Face output's ``logits``."""
-    return output if isinstance(output, Tensor) else output.logits
 
 
 def _first(inputs: Any, n: int) -> Any:

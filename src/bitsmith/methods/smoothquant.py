@@ -147,14 +147,9 @@ class SmoothQuant(Method):
             groups = [g for g in groups if not isinstance(block.get_submodule(g.prev), nn.Linear)]
         act_max: dict[str, Tensor] = {}
 
-        def observe(key: str) -> Any:
-            def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-                m = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(dim=0).float()
-                act_max[key] = m if key not in act_max else torch.maximum(act_max[key], m)
-
-            return hook
-
-        run_block(block, inputs, {block.get_submodule(g.linears[0]): observe(g.linears[0]) for g in groups})
+        hooks = {block.get_submodule(g.linears[0]): lambda m, a, o, key=g.linears[0]: _track_max(act_max, key, a[0])
+                 for g in groups}  # fmt: skip
+        run_block(block, inputs, hooks)
         for group in groups:  # in execution order; a feeder linear is smoothed after the group it feeds
             layers = [block.get_submodule(n) for n in group.linears]
             scale = self.smoothing_scale(act_max[group.linears[0]], [layer.weight for layer in layers])
@@ -180,8 +175,7 @@ class SmoothQuant(Method):
             if first[0]:
                 keys[name] = tensor_key(x)
                 alive.append(x)
-            m = drop_padding(x.detach()).abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-            act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
+            _track_max(act_max, name, x)
 
         def on_norm(name: str, module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
             if first[0] and isinstance(out, Tensor):
@@ -227,6 +221,12 @@ class SmoothQuant(Method):
         for layer, weight in zip(layers, weights, strict=True):
             layer.weight.copy_(weight)
         return False
+
+
+def _track_max(act_max: dict[str, Tensor], key: str, x: Tensor) -> None:
+    """Fold ``x``'s per-channel max |x| (last dim; padding dropped) into the running maximum ``act_max[key]``."""
+    m = drop_padding(x.detach()).abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+    act_max[key] = m if key not in act_max else torch.maximum(act_max[key], m)
 
 
 def _probe(batch: Any, size: int = 4) -> Any:

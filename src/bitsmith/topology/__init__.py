@@ -92,18 +92,22 @@ TOPOLOGIES = {
 }  # fmt: skip
 
 
+def _adapter(model: nn.Module) -> DecoderTopology | None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return next((t for t in TOPOLOGIES.values() if model_type in t.model_types), None)
+
+
 def has_topology(model: nn.Module) -> bool:
     """Whether ``model`` is a decoder family with an adapter (its methods then calibrate block by block)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return any(model_type in topology.model_types for topology in TOPOLOGIES.values())
+    return _adapter(model) is not None
 
 
 def topology_of(model: nn.Module) -> DecoderTopology:
     """The adapter of ``model``'s family, from its Hugging Face ``config.model_type``."""
+    topology = _adapter(model)
+    if topology is not None:
+        return topology
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for topology in TOPOLOGIES.values():
-        if model_type in topology.model_types:
-            return topology
     known = sorted(t for topology in TOPOLOGIES.values() for t in topology.model_types)
     raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) has no topology adapter; "
                      f"supported model types: {known}")  # fmt: skip
