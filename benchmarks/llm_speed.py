@@ -11,6 +11,7 @@ Writes docs/results/llm_speed.{json,md}; ``--write-only`` rewrites the page.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -56,24 +57,19 @@ def variants(model: torch.nn.Module, calib: list) -> list[tuple[str, Any]]:
     def bf16() -> torch.nn.Module:
         return copy.deepcopy(model).to(torch.bfloat16)
 
-    def int4() -> torch.nn.Module:
+    def int4(head: bool = False) -> torch.nn.Module:
+        """RTN W4 g64 blocks on the int4 kernel; with ``head`` also the LM head, untied from the embedding
+        (whose lookup stays bfloat16)."""
         from bitsmith import build_method, compress
         from bitsmith.export.int4_cpu import deploy_int4
 
         quantized = copy.deepcopy(model)
-        compress(quantized, [build_method({"name": "rtn", "bits": 4, "group_size": 64, "where": BLOCKS})])
-        return deploy_int4(quantized)[0]
-
-    def int4_with_head() -> torch.nn.Module:
-        """Also the LM head in int4: untied from the embedding (whose lookup stays bfloat16), RTN W4 g64."""
-        from bitsmith import build_method, compress
-        from bitsmith.export.int4_cpu import deploy_int4
-
-        quantized = copy.deepcopy(model)
-        quantized.lm_head.weight = torch.nn.Parameter(quantized.lm_head.weight.detach().clone())
-        quantized.config.tie_word_embeddings = False
-        where = {"include": [*BLOCKS["include"], "lm_head"]}
-        compress(quantized, [build_method({"name": "rtn", "bits": 4, "group_size": 64, "where": where})])
+        include = list(BLOCKS["include"])
+        if head:
+            quantized.lm_head.weight = torch.nn.Parameter(quantized.lm_head.weight.detach().clone())
+            quantized.config.tie_word_embeddings = False
+            include.append("lm_head")
+        compress(quantized, [build_method({"name": "rtn", "bits": 4, "group_size": 64, "where": {"include": include}})])
         return deploy_int4(quantized)[0]
 
     def w8a8() -> torch.nn.Module:
@@ -88,7 +84,7 @@ def variants(model: torch.nn.Module, calib: list) -> list[tuple[str, Any]]:
         return quantized
 
     return [("FP32", fp32), ("bfloat16", bf16), ("W4 g64 int4 CPU kernel (bf16 activations)", int4),
-            ("W4 g64 int4, LM head int4 too (untied)", int4_with_head),
+            ("W4 g64 int4, LM head int4 too (untied)", functools.partial(int4, head=True)),
             ("W8A8 torchao int8 dynamic", w8a8)]  # fmt: skip
 
 
