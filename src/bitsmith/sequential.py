@@ -21,7 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from bitsmith.method import eval_mode, run_forward
+from bitsmith.nn import QuantizedMixin
 from bitsmith.progress import log
+from bitsmith.quant.layers import float_weights
 from bitsmith.topology import DecoderTopology, topology_of
 
 
@@ -92,8 +94,9 @@ def capture_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], batche
         return hook
 
     handles = [block.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, (_, block) in enumerate(blocks)]
-    try:
-        with eval_mode(model):
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedMixin) and m.weight_q is not None]
+    try:  # the blocks' outputs here are never used: their weights stay float (quantizers may not be ready yet)
+        with eval_mode(model), float_weights(quantized):
             for batch in batches:
                 shape = tuple(_input_ids(batch).shape)
                 seen.clear()

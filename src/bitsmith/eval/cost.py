@@ -8,6 +8,7 @@ float32, and every other parameter or persistent buffer at its dtype's width.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -74,7 +75,7 @@ def layer_cost(name: str, module: nn.Module) -> LayerCost:
         w_bits = wq.bits if wq is not None else _dtype_bits(weight)
         code_bits = wq.code_bits if wq is not None else _dtype_bits(weight)
         kept = params if module.mask is None else int(module.mask.sum())  # pruned entries are not stored
-        size = kept * code_bits + (wq.overhead_bits() if wq is not None else 0)
+        size = math.ceil(kept * code_bits) + (wq.overhead_bits() if wq is not None else 0)
         size += params if module.mask is not None else 0  # the mask, one bit per weight
         size += iq.overhead_bits() if iq is not None else 0
         a_bits = iq.bits if iq is not None else 32

@@ -33,6 +33,7 @@ CODES = ".codes"
 PARAM = ".codes_param."
 KEPT = ".kept"  # the unpruned entries of a masked float weight
 MIN_ZEROS = 16  # all-zero tensors at least this large are stored as their shape and dtype
+MAX_CODES_PER_WEIGHT = 16  # a layer stores at most this many codes per weight (LiftQuant: n sign bits per m)
 
 
 class CheckpointError(ValueError):
@@ -222,14 +223,14 @@ def _load_into(
             f"{path}: does not fit this model; missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(result.unexpected_keys)[:5]}"
         )
-    for name, weight in decoded.items():
-        model.get_submodule(name).weight_q.restore(weight)
+    for name, (weight, enc) in decoded.items():
+        model.get_submodule(name).weight_q.restore(weight, enc)
     return model
 
 
 def _codes(path: Path, state: dict[str, torch.Tensor], name: str, info: dict[str, Any], limit: int) -> torch.Tensor:
     """A layer's unpacked codes in its weight's shape (pruned entries of a sparse layer get code 0)."""
-    shape = _shape(path, f"layer {name!r}", info["shape"], limit)
+    shape = _shape(path, f"layer {name!r}", info["shape"], limit * MAX_CODES_PER_WEIGHT)
     bits = info["bits"]
     if type(bits) is not int or not 1 <= bits <= 32 or type(info["min"]) is not int:
         raise CheckpointError(f"{path}: layer {name!r} has bad code bits {str(bits)[:20]} or minimum")
@@ -244,7 +245,7 @@ def _codes(path: Path, state: dict[str, torch.Tensor], name: str, info: dict[str
 
 def _unpack_state(
     path: Path, model: nn.Module, tensors: dict[str, torch.Tensor], table: dict[str, Any], limit: int
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, Encoded]]]:
     state = dict(tensors)
     for key, (shape, dtype) in table.pop("__zeros__", {}).items():
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -261,7 +262,7 @@ def _unpack_state(
         except (KeyError, RuntimeError, IndexError) as exc:
             raise CheckpointError(f"{path}: sparse weight of layer {name!r} cannot be restored: {exc}") from None
         state[f"{name}.weight"] = weight
-    decoded: dict[str, torch.Tensor] = {}
+    decoded: dict[str, tuple[torch.Tensor, Encoded]] = {}
     for name, info in table.items():
         try:
             layer = model.get_submodule(name)
@@ -269,9 +270,10 @@ def _unpack_state(
             prefix = f"{name}.weight{PARAM}"
             params = {k[len(prefix) :]: state.pop(k) for k in list(state) if k.startswith(prefix)}
             params |= {key: state[f"{name}.weight_q.{key}"] for key in info.get("shared", [])}
-            weight = layer.weight_q.decode(Encoded(codes + info["min"], params, info["bits"], info["min"]))
+            enc = Encoded(codes + info["min"], params, info["bits"], info["min"])
+            weight = layer.weight_q.decode(enc)
         except (AttributeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: packed weight of layer {name!r} cannot be decoded: {exc}") from None
         state[f"{name}.weight"] = weight.to(layer.weight.dtype)
-        decoded[name] = weight
+        decoded[name] = weight, enc
     return state, decoded

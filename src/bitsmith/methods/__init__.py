@@ -9,6 +9,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     fisher_reg,
     gptq,
     hero,
+    liftquant,
     mixed,
     msq,
     noisyquant,

@@ -23,6 +23,7 @@ is mixed-precision GPTQ.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -58,6 +59,32 @@ def hessian_hook(hessians: dict[str, Tensor], counts: dict[str, int], name: str,
     return hook
 
 
+def layer_hessians(
+    selected: set[str], name: str, block: nn.Module, inputs: BlockInputs, topo: DecoderTopology,
+    true_sequential: bool,
+) -> Iterator[tuple[QLinear, Tensor]]:  # fmt: skip
+    """The selected layers of decoder block ``name`` with the Hessians of their inputs, group by group:
+    with ``true_sequential`` in the order the layers run (q/k/v, o, gate/up, down), each group's Hessians
+    taken after the caller has compressed the groups before it (a generator: the next group runs only when
+    the caller asks for it)."""
+    mine = [n for n, _ in block.named_modules() if f"{name}.{n}" in selected]
+    order = topo.sequential_order(block) if true_sequential else [tuple(mine)]
+    order = [[n for n in group if n in mine] for group in order]
+    leftover = [n for n in mine if not any(n in group for group in order)]
+    for group in [g for g in order if g] + [[n] for n in leftover]:
+        layers = [block.get_submodule(n) for n in group]
+        hessians: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        fired: set[str] = set()
+        hooks = {
+            layer: hessian_hook(hessians, counts, n, fired, set(group)) for n, layer in zip(group, layers, strict=True)
+        }
+        with float_weights(layers):
+            run_block(block, inputs, hooks)
+        for n, layer in zip(group, layers, strict=True):
+            yield layer, hessians[n]
+
+
 class GroupParams:
     """Scale and zero point of each (row, group), filled as the column walk reaches each group."""
 
@@ -78,18 +105,30 @@ class GroupParams:
         return (torch.clamp(torch.round(column / s) + z, self.qmin, self.qmax) - z) * s
 
 
+def without_dead_columns(weight: Tensor, hessian: Tensor) -> tuple[Tensor, Tensor]:
+    """Float copies of ``weight`` and ``hessian`` with the never-active input columns zeroed (their diagonal
+    set to 1), as the official code does."""
+    W, H = weight.detach().clone().float(), hessian.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
+def inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
+    """The upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``: row ``j`` spreads column ``j``'s error."""
+    H = H + damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0])
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric: bool, damp: float,
     act_order: bool, block_size: int,
 ) -> tuple[Tensor, GroupParams]:  # fmt: skip
     """The GPTQ-quantized ``weight`` ``(out, in)`` (values on the grid) and its group parameters."""
-    W = weight.detach().clone().float()
-    H = hessian.clone()
+    W, H = without_dead_columns(weight, hessian)
     rows, columns = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
     params = GroupParams(rows, columns, bits, group_size, symmetric)
     size = params.group_size
     static = act_order or size == columns  # per-channel, or act-order: parameters before any update
@@ -98,8 +137,7 @@ def gptq_quantize(
             params.fit(g, W[:, g * size : (g + 1) * size])
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(columns)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = inverse_hessian_factor(H, damp)
     Q = torch.zeros_like(W)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
@@ -151,23 +189,8 @@ class GPTQ(Method):
     def _block(
         self, selected: set[str], name: str, block: nn.Module, inputs: BlockInputs, topo: DecoderTopology
     ) -> None:
-        mine = [n for n, _ in block.named_modules() if f"{name}.{n}" in selected]
-        order = topo.sequential_order(block) if self.true_sequential else [tuple(mine)]
-        order = [[n for n in group if n in mine] for group in order]
-        leftover = [n for n in mine if not any(n in group for group in order)]
-        for group in [g for g in order if g] + [[n] for n in leftover]:
-            layers = [block.get_submodule(n) for n in group]
-            hessians: dict[str, Tensor] = {}
-            counts: dict[str, int] = {}
-            fired: set[str] = set()
-            hooks = {
-                layer: hessian_hook(hessians, counts, n, fired, set(group))
-                for n, layer in zip(group, layers, strict=True)
-            }
-            with float_weights(layers):
-                run_block(block, inputs, hooks)
-            for n, layer in zip(group, layers, strict=True):
-                self._quantize(layer, hessians[n])
+        for layer, hessian in layer_hessians(selected, name, block, inputs, topo, self.true_sequential):
+            self._quantize(layer, hessian)
 
     def _quantize(self, layer: QLinear, hessian: Tensor) -> None:
         q: UniformQuantizer = layer.weight_q  # type: ignore[assignment]

@@ -76,8 +76,9 @@ class Quantizer(nn.Module):
         quantizer folded a correction into its layer's bias (NoisyQuant's denoising bias)."""
         return bias
 
-    def restore(self, decoded: Tensor) -> None:
-        """Re-derive ``packed_exclude`` state from decoded values after loading a packed checkpoint."""
+    def restore(self, decoded: Tensor, enc: Encoded | None = None) -> None:
+        """Re-derive ``packed_exclude`` state from the decoded values (and the codes ``enc`` they came from)
+        after loading a packed checkpoint."""
 
     # -- observation ----------------------------------------------------------------------
     def start_observing(self) -> None:

@@ -164,5 +164,5 @@ class BitPlaneQuantizer(SignMagnitude):
             self._bits = self.pos.shape[0]
 
     @torch.no_grad()
-    def restore(self, decoded: Tensor) -> None:
+    def restore(self, decoded: Tensor, enc: Encoded | None = None) -> None:
         self._set(torch.round(decoded / self.step), self.step.detach(), self.bits)

@@ -135,7 +135,7 @@ class CSQQuantizer(SignMagnitude):
         return Encoded(codes, {"step": step.clone()}, self.code_bits, -self.levels)
 
     @torch.no_grad()
-    def restore(self, decoded: Tensor) -> None:
+    def restore(self, decoded: Tensor, enc: Encoded | None = None) -> None:
         """Exact logits from the decoded weight; the selection keeps the positions the checkpoint had."""
         integers = torch.round(decoded / self.step)
         self._set_integers(integers, HARD_LOGIT)
