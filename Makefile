@@ -9,7 +9,7 @@ PEERS  := .venv-peers/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install install-gemma data demo test lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma clean
+.PHONY: install install-gemma data demo test lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -86,6 +86,10 @@ bench-llm: $(STAMP) data $(PEERS)
 # The second architecture (Gemma Terms of Use): its own target, as its install is optional.
 bench-llm-gemma: install-gemma data
 	$(PY) benchmarks/llm_gemma.py
+
+# LiftQuant / MoBiQuant / NPFT / routing (issue 19); Gemma rows when `make install-gemma` has run
+bench-llm-methods: $(STAMP) data
+	$(PY) benchmarks/llm_methods.py
 
 # The peers' LLM toolkits pin other transformers versions: they live in their own venv, run as subprocesses.
 $(PEERS):

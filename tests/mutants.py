@@ -75,6 +75,22 @@ MUTANTS = [
         "tests/test_liftquant.py",
     ),
     M(
+        "mobiquant",
+        "router trained on inverted gains",
+        "methods/mobiquant.py",
+        "        goal = torch.log(gains / budget_weight).T  # (T, E-1)",
+        "        goal = -torch.log(gains / budget_weight).T  # (T, E-1)",
+        "tests/test_mobiquant.py",
+    ),
+    M(
+        "mobiquant",
+        "fewer slices re-round instead of dropping LSBs",
+        "quant/slices.py",
+        'torch.div(codes, 2**r, rounding_mode="floor")',
+        "torch.round(codes / 2**r).clamp(max=2 ** (total * slice_bits - r) - 1)",
+        "tests/test_mobiquant.py",
+    ),
+    M(
         "export-ct",
         "zero points not shifted to signed codes",
         "export/compressed_tensors.py",

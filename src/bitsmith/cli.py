@@ -8,6 +8,7 @@ import logging
 import sys
 import typing
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitsmith.run import load_checkpoint
 
     model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data, args.windows)
+    if args.slices or args.threshold:
+        return _eval_precisions(args, model, task)
     metrics = task.evaluate(model)
     cost = model_cost(model, task.first(task.example(1))).totals
     console.print(
@@ -99,6 +102,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.backend is not None:
         _deploy_and_time(args, model, fp32, task)
+    return 0
+
+
+def _eval_precisions(args: argparse.Namespace, model: Any, task: Any) -> int:
+    """One MoBiQuant checkpoint read at several fixed slice counts and router thresholds, never re-quantized."""
+    from bitsmith.routing import average_bits, set_operating_point
+
+    points = [(f"{k} slices", {"slices": k}) for k in args.slices or []]
+    points += [(f"router threshold {t:g}", {"threshold": t}) for t in args.threshold or []]
+    for label, point in points:
+        set_operating_point(model, **point)
+        metrics = task.evaluate(model)
+        console.print(f"{args.checkpoint} at {label}: {_summary(metrics)}, {average_bits(model):.2f} weight bits per "
+                      "weight (token average)", highlight=False)  # fmt: skip
     return 0
 
 
@@ -172,6 +189,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def probability(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {value}")
+    return value
+
+
+def number_list(parse: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """An argparse type: comma-separated values, each read by ``parse``."""
+
+    def parse_all(text: str) -> list[Any]:
+        return [parse(part.strip()) for part in text.split(",") if part.strip()]
+
+    return parse_all
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
     try:
@@ -239,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="Fashion-MNIST directory")
     evaluate.add_argument(
         "--windows", type=positive_int, help="LLMs: 512-token text windows to score (default: the recipe's)"
+    )
+    evaluate.add_argument(
+        "--slices", type=number_list(positive_int), help="MoBiQuant: read at these slice counts, e.g. 1,2,4"
+    )
+    evaluate.add_argument(
+        "--threshold", type=number_list(probability), help="MoBiQuant: route at these thresholds, e.g. 0.3,0.5"
     )
     evaluate.add_argument("--backend", choices=["auto", *BACKENDS], help="also deploy and time it against FP32")
     _timing_options(evaluate)

@@ -11,6 +11,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     hero,
     liftquant,
     mixed,
+    mobiquant,
     msq,
     noisyquant,
     nvit,
