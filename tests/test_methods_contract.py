@@ -22,6 +22,7 @@ TINY_CONFIG: dict[str, dict] = {
     "awq": {"group_size": 32, "n_grid": 4},
     "liftquant": {"hadamard": 16, "codebook_steps": 30, "codebook_restarts": 1},
     "mobiquant": {"group_size": 32, "router_steps": 10},
+    "npft": {"steps": 2, "rounds": 1, "fisher_batches": 1},
 }
 MODELS = {
     "nvit": make_vit,
@@ -29,8 +30,9 @@ MODELS = {
     "awq": make_llama,
     "liftquant": make_llama,
     "mobiquant": make_llama,
+    "npft": make_llama,
 }  # methods that need another architecture
-DECODER_LMS = {"gptq", "awq", "liftquant", "mobiquant"}  # calibrated on token batches, block by block
+DECODER_LMS = {"gptq", "awq", "liftquant", "mobiquant", "npft"}  # calibrated on token batches, block by block
 PRELUDE: dict[str, list[dict]] = {"noisyquant": [{"name": "ptq", "a_bits": 6, "a_symmetric": True}]}  # runs first
 
 

@@ -14,6 +14,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     mobiquant,
     msq,
     noisyquant,
+    npft,
     nvit,
     prune,
     ptq,
