@@ -123,6 +123,14 @@ MUTANTS = [
         "tests/test_npft.py",
     ),
     M(
+        "precision-routing",
+        "router trained on inverted KL",
+        "methods/precision_routing.py",
+        "targets.append(torch.log(",
+        "targets.append(-torch.log(",
+        "tests/test_precision_routing.py",
+    ),
+    M(
         "export-ct",
         "zero points not shifted to signed codes",
         "export/compressed_tensors.py",

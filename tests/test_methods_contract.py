@@ -23,6 +23,7 @@ TINY_CONFIG: dict[str, dict] = {
     "liftquant": {"hadamard": 16, "codebook_steps": 30, "codebook_restarts": 1},
     "mobiquant": {"group_size": 32, "router_steps": 10},
     "npft": {"steps": 2, "rounds": 1, "fisher_batches": 1},
+    "precision_routing": {"windows": 2, "steps": 10},
 }
 MODELS = {
     "nvit": make_vit,
@@ -31,9 +32,20 @@ MODELS = {
     "liftquant": make_llama,
     "mobiquant": make_llama,
     "npft": make_llama,
+    "precision_routing": make_llama,
 }  # methods that need another architecture
-DECODER_LMS = {"gptq", "awq", "liftquant", "mobiquant", "npft"}  # calibrated on token batches, block by block
-PRELUDE: dict[str, list[dict]] = {"noisyquant": [{"name": "ptq", "a_bits": 6, "a_symmetric": True}]}  # runs first
+DECODER_LMS = {
+    "gptq",
+    "awq",
+    "liftquant",
+    "mobiquant",
+    "npft",
+    "precision_routing",
+}  # calibrated on token batches, block by block
+PRELUDE: dict[str, list[dict]] = {
+    "noisyquant": [{"name": "ptq", "a_bits": 6, "a_symmetric": True}],
+    "precision_routing": [{"name": "mobiquant", "group_size": 32, "router": False}],
+}  # runs first
 
 
 @pytest.mark.parametrize("name", METHODS.names())

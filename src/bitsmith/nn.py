@@ -326,7 +326,7 @@ class LowRankConv2d(LowRankMixin, nn.Module):
 
 
 def is_compressed(module: nn.Module) -> bool:
-    return isinstance(module, (QuantizedMixin, LowRankMixin))
+    return isinstance(module, (QuantizedMixin, LowRankMixin)) or type(module) in COMPRESSED.values()
 
 
 def compressed_layers(model: nn.Module) -> dict[str, dict[str, Any]]:

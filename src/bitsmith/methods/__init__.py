@@ -16,6 +16,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     noisyquant,
     npft,
     nvit,
+    precision_routing,
     prune,
     ptq,
     qat,

@@ -75,20 +75,25 @@ def search_clipping(q: SliceQuantizer, weight: Tensor, energy: Tensor, readings:
     q.set_range(weight, low * best, high * best)
 
 
-def train_router(layer: RoutedQLinear, tokens: Tensor, reference: Tensor, steps: int, lr: float, budget_weight: float,
+@torch.no_grad()
+def slice_errors(layer: RoutedQLinear, tokens: Tensor, reference: Tensor) -> Tensor:
+    """Each token's squared output error at every slice count, relative to its own float output
+    ``tokens @ reference^T``: ``(slices, T)``."""
+    q: SliceQuantizer = layer.weight_q  # type: ignore[assignment]
+    target = tokens @ reference.T  # (T, out)
+    scale = target.pow(2).sum(-1).clamp(min=1e-20)  # (T,)
+    return torch.stack([(tokens @ q.read(layer.weight, k).T - target).pow(2).sum(-1) / scale
+                        for k in range(1, q.slices + 1)])  # fmt: skip
+
+
+def train_router(layer: RoutedQLinear, tokens: Tensor, errors: Tensor, steps: int, lr: float, budget_weight: float,
                  seed: int) -> None:  # fmt: skip
     """Fit the layer's router on ``tokens`` (``T x in``) as a predictor of what each extra slice buys each token:
     gate ``e``'s logit regresses ``log(gain_e / budget_weight)``, where ``gain_e`` is the drop of the token's
-    squared output error (relative to its own float output ``tokens @ reference^T``) when slice ``e + 1`` is
-    added. A gate then opens when the predicted gain exceeds ``budget_weight * t / (1 - t)`` at threshold ``t``:
-    one knob trades error for bits at the same marginal rate for every slice and token."""
-    q: SliceQuantizer = layer.weight_q  # type: ignore[assignment]
-    weight = layer.weight.detach()
+    relative output error (``errors``, from ``slice_errors``) when slice ``e + 1`` is added. A gate then opens
+    when the predicted gain exceeds ``budget_weight * t / (1 - t)`` at threshold ``t``: one knob trades error for
+    bits at the same marginal rate for every slice and token."""
     with torch.no_grad():
-        target = tokens @ reference.T  # (T, out)
-        scale = target.pow(2).sum(-1).clamp(min=1e-20)  # (T,)
-        errors = torch.stack([(tokens @ q.read(weight, k).T - target).pow(2).sum(-1) / scale
-                              for k in range(1, q.slices + 1)])  # (E, T)  # fmt: skip
         gains = (errors[:-1] - errors[1:]).clamp(min=1e-12)  # (E-1, T)
         goal = torch.log(gains / budget_weight).T  # (T, E-1)
     torch.manual_seed(seed)
@@ -182,8 +187,10 @@ class MoBiQuant(Method):
             reference = layer.weight.detach().clone()
             search_clipping(q, layer.weight, tokens.pow(2).mean(0), self.clip_slices, self.clip_grid)
             layer.weight.copy_(q.read(layer.weight, q.slices))  # onto the full grid: the stored codes
+        errors = slice_errors(layer, tokens, reference)
+        layer.mean_errors = errors.mean(1)  # what a static allocation weighs (``routing.static_mix``)
         if self.router:
             layer.attach_router(self.router_hidden).threshold.fill_(self.threshold)
-            train_router(layer, tokens, reference, self.router_steps, self.router_lr, self.budget_weight, self.seed)
+            train_router(layer, tokens, errors, self.router_steps, self.router_lr, self.budget_weight, self.seed)
             layer.router.requires_grad_(False)  # type: ignore[union-attr]
         layer.counts.zero_()
