@@ -9,7 +9,7 @@ PEERS  := .venv-peers/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install install-gemma data demo test lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods clean
+.PHONY: install install-gemma data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,9 +41,12 @@ demo: $(STAMP) data
 	$(VENV)/bin/bitsmith run recipes/cnn-ptq-w4a8.yaml --out $(RUNS)/cnn-ptq-w4a8
 	$(VENV)/bin/bitsmith report $(RUNS)/cnn-ptq-w8a8 $(RUNS)/cnn-ptq-w4a8 --out $(RUNS)/demo
 
+test-heavy: $(STAMP) data
+	$(PY) -m pytest -q -n 2 -m heavy
+
 test: $(STAMP) data
 	$(PY) -m ruff check src tests examples benchmarks
-	$(PY) -m pytest -q -n 2 --durations=10
+	$(PY) -m pytest -q -n 2 --durations=10 -m "not heavy"
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks

@@ -133,11 +133,17 @@ def point_entries(model: str, prepared: Prepared, curve: Prepared) -> list[Entry
                 {"method": f"finetune-{tune}", "bits": bits or 32, "variant": ""},
                 functools.partial(after_finetune, prepared, tune, rtn))  # fmt: skip
     for k in (1, 2, 3, 4):
-        add(f"curve: {k} slices", {"method": "mobiquant-curve", "bits": 2 * k, "variant": "fixed"},
-            functools.partial(at_point, curve, "mobi", [MOBI], {"slices": k}))
+        add(
+            f"curve: {k} slices",
+            {"method": "mobiquant-curve", "bits": 2 * k, "variant": "fixed"},
+            functools.partial(at_point, curve, "mobi", [MOBI], {"slices": k}),
+        )
     for t in THRESHOLDS:
-        add(f"curve: MoBiRoute threshold {t}", {"method": "mobiquant-curve", "bits": t, "variant": "router"},
-            functools.partial(at_point, curve, "mobi", [MOBI], {"threshold": t}))
+        add(
+            f"curve: MoBiRoute threshold {t}",
+            {"method": "mobiquant-curve", "bits": t, "variant": "router"},
+            functools.partial(at_point, curve, "mobi", [MOBI], {"threshold": t}),
+        )
     routing = [{**MOBI, "router": False}, {"name": "precision_routing", "low_slices": 2, "high_slices": 3}]
     for f in FRACTIONS:
         add(f"curve: token routing 4/6 bits, {int(100 * f)} % high", {"method": "routing-curve", "bits": f,
@@ -190,24 +196,37 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 SECTIONS = [  # (title, which rows, note)
-    ("LiftQuant", lambda r: r["method"] in ("fp32", "liftquant"), "n sign bits per m = 4 weights, one FP32 scale "
-     "per row; error feedback = GPTQ-style compensation in the Hadamard-rotated space."),
-    ("MoBiQuant: one stored model read at 2 / 4 / 6 / 8 bits", lambda r: r["method"] in ("mobiquant", "gptq"),
-     "One calibration (groups of 64, clipping searched per group); each row reads the same codes at fewer slices. "
-     "The size column counts all stored slices (8 bits per weight plus scales): the model is stored once. GPTQ rows "
-     "are separately calibrated models at each width (W2 / W3 / W4 g64 in the baselines below)."),
-    ("NPFT vs plain LoRA vs no fine-tune", lambda r: r["method"].startswith("finetune-"),
-     f"LoRA (peft, rank 8, alpha 32, dropout 0.05, AdamW lr 1e-4) on the 30 blocks' Linears, {NPFT_STEPS} steps of one "
-     "512-token calibration window (Emma / Mansfield Park), 3 rounds; NPFT adds zero-mean noise on the top 0.05 % "
-     "Fisher weights during training. The fine-tune text is by the same author as Persuasion: compare each "
-     "model's RTN rows with its own unquantized row."),
-    (f"Router curves ({CURVE_WINDOWS} windows per text)", lambda r: r["method"] in ("mobiquant-curve", "routing-curve"),
-     f"Every curve row is scored on the first {CURVE_WINDOWS} windows of each text (KL on the same), so many operating "
-     "points fit the budget; compare curve rows with each other only. MoBiRoute: the per-layer token routers of one "
-     "MoBiQuant model at several thresholds vs the same model at fixed slices. Token routing: one router before "
-     "block 1 picks 3 slices (6 bits) or 2 slices (4 bits) per token for blocks 1-29, trained on the KL between "
-     "the two readings; static mix: the same two readings assigned per layer (the layers whose calibration error "
-     "drops most per weight read 6 bits) at the same share of weights. Routed bits are measured token averages."),
+    (
+        "LiftQuant",
+        lambda r: r["method"] in ("fp32", "liftquant"),
+        "n sign bits per m = 4 weights, one FP32 scale "
+        "per row; error feedback = GPTQ-style compensation in the Hadamard-rotated space.",
+    ),
+    (
+        "MoBiQuant: one stored model read at 2 / 4 / 6 / 8 bits",
+        lambda r: r["method"] in ("mobiquant", "gptq"),
+        "One calibration (groups of 64, clipping searched per group); each row reads the same codes at fewer slices. "
+        "The size column counts all stored slices (8 bits per weight plus scales): the model is stored once. GPTQ rows "
+        "are separately calibrated models at each width (W2 / W3 / W4 g64 in the baselines below).",
+    ),
+    (
+        "NPFT vs plain LoRA vs no fine-tune",
+        lambda r: r["method"].startswith("finetune-"),
+        f"LoRA (peft, rank 8, alpha 32, dropout 0.05, AdamW lr 1e-4) on the 30 blocks' Linears, {NPFT_STEPS} steps of one "
+        "512-token calibration window (Emma / Mansfield Park), 3 rounds; NPFT adds zero-mean noise on the top 0.05 % "
+        "Fisher weights during training. The fine-tune text is by the same author as Persuasion: compare each "
+        "model's RTN rows with its own unquantized row.",
+    ),
+    (
+        f"Router curves ({CURVE_WINDOWS} windows per text)",
+        lambda r: r["method"] in ("mobiquant-curve", "routing-curve"),
+        f"Every curve row is scored on the first {CURVE_WINDOWS} windows of each text (KL on the same), so many operating "
+        "points fit the budget; compare curve rows with each other only. MoBiRoute: the per-layer token routers of one "
+        "MoBiQuant model at several thresholds vs the same model at fixed slices. Token routing: one router before "
+        "block 1 picks 3 slices (6 bits) or 2 slices (4 bits) per token for blocks 1-29, trained on the KL between "
+        "the two readings; static mix: the same two readings assigned per layer (the layers whose calibration error "
+        "drops most per weight read 6 bits) at the same share of weights. Routed bits are measured token averages.",
+    ),
 ]
 
 

@@ -142,7 +142,12 @@ def test_methods_and_zoo_listings(capsys: pytest.CaptureFixture) -> None:
     assert "cnn" in out and "vit" in out and "fashion-mnist" in out
 
 
-def _requirement(recipe: Path) -> pytest.MarkDecorator:
+HEAVY_RECIPES = {"smollm2-liftquant-2.5bit", "smollm2-mobiquant"}  # minutes on 2 cores: `make test-heavy`
+
+
+def _requirement(recipe: Path) -> pytest.MarkDecorator | list[pytest.MarkDecorator]:
+    if recipe.stem in HEAVY_RECIPES:
+        return [needs_llm, pytest.mark.heavy]
     if recipe.stem.startswith(("smollm2", "gemma3")):
         return needs_llm
     return needs_minilm if "minilm" in recipe.stem else needs_data

@@ -25,6 +25,7 @@ bitsmith's own generator, so it is not the official ``lattice/*.pt`` file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -43,12 +44,16 @@ from bitsmith.quant.lift import LiftQuantizer, rotate, row_rms
 from bitsmith.sequential import BlockInputs, sequential
 from bitsmith.topology import DecoderTopology
 
+SHIPPED = Path(__file__).resolve().parent.parent / "quant" / "codebooks"  # default-setting M's, as trained here
+
 
 def trained_codebook(m: int, n: int, steps: int, restarts: int, seed: int) -> LiftCodebook:
-    """``M`` for ``(m, n)``, trained once and cached (``lift-{n}to{m}-...safetensors`` in the bitsmith cache)."""
+    """``M`` for ``(m, n)``: shipped with bitsmith for the default settings (trained by this same function), else
+    trained once and cached (``lift-{n}to{m}-...safetensors`` in the bitsmith cache)."""
     from bitsmith.zoo import cache_dir
 
-    path = cache_dir() / "lattice" / f"lift-{n}to{m}-steps{steps}-restarts{restarts}-seed{seed}.safetensors"
+    name = f"lift-{n}to{m}-steps{steps}-restarts{restarts}-seed{seed}.safetensors"
+    path = SHIPPED / name if (SHIPPED / name).is_file() else cache_dir() / "lattice" / name
     if path.exists():
         try:
             matrix = load_file(path)["matrix"]
