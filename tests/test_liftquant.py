@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from bitsmith import build_method, compress, load, model_cost, save
 from bitsmith.methods.liftquant import lift_gptq
@@ -151,5 +152,13 @@ def test_bad_liftquant_settings_are_refused_with_the_fix(tmp_path: Path, monkeyp
         compress(make_llama(), [build_method({"name": "liftquant", "hadamard": 128, **small})], token_batches())
     with pytest.raises(ValueError, match="power of two"):
         compress(make_llama(), [build_method({"name": "liftquant", "hadamard": 24, **small})], token_batches())
+    wrong = tmp_path / "m.safetensors"
+    save_file({"matrix": torch.randn(4, 8)}, str(wrong))
+    with pytest.raises(ValueError, match="holds a 4x8 M; bits 2.5 .group 4. needs a finite 4x10 M"):
+        compress(make_llama(), [build_method({"name": "liftquant", "codebook_file": str(wrong)})], token_batches())
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot be read as safetensors"):
+        compress(make_llama(), [build_method({"name": "liftquant", "codebook_file": str(tmp_path / "junk.safetensors")})],
+                 token_batches())  # fmt: skip
     with pytest.raises(ValueError, match="vectors of 4"):
         LiftQuantizer(4, 10).quantize_weight(torch.randn(3, 6))

@@ -68,6 +68,19 @@ def trained_codebook(m: int, n: int, steps: int, restarts: int, seed: int) -> Li
     return codebook
 
 
+def codebook_from_file(path: Path, m: int, n: int, bits: float) -> LiftCodebook:
+    """A user's ``M`` (safetensors, key ``matrix``), checked against the ``(m, n)`` that ``bits`` needs."""
+    try:
+        matrix = load_file(path)["matrix"]
+    except Exception as exc:
+        raise ValueError(f"liftquant: codebook_file {path} cannot be read as safetensors with a 'matrix' "
+                         f"tensor ({str(exc)[:120]})") from None  # fmt: skip
+    if tuple(matrix.shape) != (m, n) or not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"liftquant: codebook_file {path} holds a {'x'.join(map(str, matrix.shape))} M; bits {bits} "
+                         f"(group {m}) needs a finite {m}x{n} M (n / m bits per weight)")  # fmt: skip
+    return LiftCodebook(matrix.float())
+
+
 @torch.no_grad()
 def lift_gptq(weight: Tensor, hessian: Tensor, q: LiftQuantizer, damp: float, block_size: int) -> Tensor:
     """GPTQ with the lift codebook: the signs (``out, in / m, n``) of ``weight`` in ``q``'s rotated, row-normalised
@@ -113,6 +126,7 @@ class LiftQuant(Method):
     damp: Annotated[float, Field(gt=0, le=1)] = 0.01
     block_size: Annotated[int, Field(ge=1)] = 128
     true_sequential: bool = True
+    codebook_file: str | None = None  # a safetensors file with `matrix` (m x n) instead of training one
     codebook_steps: Annotated[int, Field(ge=1)] = 3000
     codebook_restarts: Annotated[int, Field(ge=1)] = 5
     seed: int = 0
@@ -122,7 +136,10 @@ class LiftQuant(Method):
         self.m, self.n = rate_pair(self.bits, self.group)
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
-        codebook = trained_codebook(self.m, self.n, self.codebook_steps, self.codebook_restarts, self.seed)
+        if self.codebook_file is not None:
+            codebook = codebook_from_file(Path(self.codebook_file), self.m, self.n, self.bits)
+        else:
+            codebook = trained_codebook(self.m, self.n, self.codebook_steps, self.codebook_restarts, self.seed)
         matrix = codebook.matrix.tolist()
 
         def weight_q(name: str, layer: nn.Module, overrides: dict[str, Any]) -> LiftQuantizer:
