@@ -86,6 +86,12 @@ def check_finite(batches: list[Any], what: str = "calibration") -> None:
 _REAL_TOKENS: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("real_tokens", default=None)
 
 
+def token_windows(batches: list[Any]) -> list[Tensor]:
+    """Every row of token batches (dicts with ``input_ids``, or ``(ids, ...)`` tuples) as a ``(1, length)`` tensor."""
+    ids = [b["input_ids"] if isinstance(b, dict) else b[0] for b in batches]
+    return [row[None] for batch in ids for row in batch]
+
+
 @contextlib.contextmanager
 def real_tokens(batch: Any) -> Iterator[None]:
     """While a padded text batch (a dict with ``attention_mask``) runs through the model inside this block,

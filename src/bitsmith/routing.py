@@ -32,10 +32,6 @@ class SliceRouter(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, slices - 1))
         self.register_buffer("threshold", torch.tensor(0.5))
 
-    def keep_probabilities(self, x: Tensor) -> Tensor:
-        """Soft nested gates (``..., slices - 1``): the probability that each optional slice is used."""
-        return torch.cumprod(torch.sigmoid(self.net(x)), dim=-1)
-
     @torch.no_grad()
     def slices_used(self, x: Tensor) -> Tensor:
         """Slices per token (``...``, int64 in ``1..slices``) at the current threshold."""

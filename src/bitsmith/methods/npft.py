@@ -28,14 +28,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith.data import token_windows
 from bitsmith.method import Method, register_method
 from bitsmith.progress import log
-
-
-def windows_of(batches: list[Any]) -> list[Tensor]:
-    """Every calibration window as a ``(1, length)`` id tensor."""
-    ids = [b["input_ids"] if isinstance(b, dict) else b[0] for b in batches]
-    return [row[None] for batch in ids for row in batch]
 
 
 def lm_loss(model: nn.Module, ids: Tensor) -> Tensor:
@@ -107,7 +102,7 @@ class NPFT(Method):
     def calibrate(self, model: nn.Module, batches: Any) -> None:
         from peft import LoraConfig, get_peft_model
 
-        windows = windows_of(list(batches))
+        windows = token_windows(list(batches))
         if not windows:
             raise ValueError("npft needs calibration windows to fine-tune on")
         torch.manual_seed(self.seed)

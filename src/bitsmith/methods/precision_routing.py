@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith.data import token_windows
 from bitsmith.method import Method, eval_mode, register_method
 from bitsmith.nn import _compressed
 from bitsmith.progress import log
@@ -90,8 +91,8 @@ def token_router(model: nn.Module) -> TokenRoutedBlock:
     return found[0]
 
 
-def token_kl(model: nn.Module, ids: Tensor, slices: int) -> tuple[Tensor, Tensor]:
-    """Log-probabilities of ``model`` with every token read at ``slices`` slices (routed layers)."""
+def log_probs_at(model: nn.Module, ids: Tensor, slices: int) -> Tensor:
+    """Next-token log-probabilities of ``model`` with every token-routed layer read at ``slices`` slices."""
     TOKEN_SLICES.set(None)
     for layer in routed_layers(model):
         if layer.follows_tokens:
@@ -138,18 +139,19 @@ class PrecisionRouting(Method):
         hidden_size = int(model.config.hidden_size)
         routed = TokenRoutedBlock(block, hidden_size, self.hidden, self.low_slices, self.high_slices)
         set_submodule(model, name, routed)
-        return {name: routed.spec(), **{n: m.spec() for n, m in model.named_modules() if m in layers}}
+        routed_ids = {id(m) for m in layers}
+        return {name: routed.spec(), **{n: m.spec() for n, m in model.named_modules() if id(m) in routed_ids}}
 
     def calibrate(self, model: nn.Module, batches: Any) -> None:
         router = token_router(model)
-        ids = [row[None] for b in batches for row in (b["input_ids"] if isinstance(b, dict) else b[0])][: self.windows]
+        ids = token_windows(list(batches))[: self.windows]
         features, targets = [], []
         handle = router.register_forward_pre_hook(lambda m, args: features.append(args[0].detach().float()[0]))
         try:
             with eval_mode(model), torch.no_grad():
                 for row in ids:
-                    high = token_kl(model, row, self.high_slices)
-                    low = token_kl(model, row, self.low_slices)
+                    high = log_probs_at(model, row, self.high_slices)
+                    low = log_probs_at(model, row, self.low_slices)
                     features.pop()  # the low pass's copy (the same hidden states: earlier blocks read high)
                     targets.append(torch.log((high.exp() * (high - low)).sum(-1)[0].clamp(min=1e-8)))
         finally:

@@ -161,13 +161,15 @@ class LiftQuantizer(Quantizer):
         if matrix.shape != self.matrix.shape or enc.codes.shape != (scale.numel(), enc.codes.shape[1]):
             raise ValueError(f"lift codes {tuple(enc.codes.shape)} / matrix {tuple(matrix.shape)} do not fit "
                              f"m={self.m}, n={self.n} with {scale.numel()} rows")  # fmt: skip
-        signs = (enc.codes.float() * 2 - 1).reshape(scale.numel(), -1, self.n)
-        return self.assemble(signs, scale.float(), matrix)
+        return self.assemble(self._signs(enc), scale.float(), matrix)
+
+    def _signs(self, enc: Encoded) -> Tensor:
+        """The +-1 signs (``out, in / m, n``) of 0/1 codes."""
+        return (enc.codes.float() * 2 - 1).reshape(enc.params["row_scale"].numel(), -1, self.n)
 
     def restore(self, decoded: Tensor, enc: Encoded | None = None) -> None:
         if enc is not None:
-            signs = (enc.codes.float() * 2 - 1).reshape(enc.params["row_scale"].numel(), -1, self.n)
-            self.set_codes(signs, enc.params["row_scale"])
+            self.set_codes(self._signs(enc), enc.params["row_scale"])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

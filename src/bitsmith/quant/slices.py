@@ -95,10 +95,10 @@ class SliceQuantizer(Quantizer):
         return (self.lo[:, None] + self.step[:, None] * position).reshape(weight.shape).to(weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.observing or not self.ready:
-            if self.observing:
-                self.set_range(x)
-                return x
+        if self.observing:
+            self.set_range(x)
+            return x
+        if not self.ready:
             raise RuntimeError("slices quantizer has no grid: run the mobiquant method's calibration first")
         return self.read(x, self.active) + (x - x.detach())
 
