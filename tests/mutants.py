@@ -35,6 +35,38 @@ M = Mutant
 MUTANTS = [
     # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
     M(
+        "factorllm",
+        "pseudo-labels are the experts farthest from the dense output",
+        "moe.py",
+        "(-mse).topk(top_k, -1)",
+        "mse.topk(top_k, -1)",
+        "tests/test_factorllm.py",
+    ),
+    M(
+        "factorllm",
+        "router not trained in the PA stage",
+        "methods/factorllm.py",
+        "        optimizer.step()\n    with torch.no_grad():",
+        "        pass\n    with torch.no_grad():",
+        "tests/test_factorllm.py",
+    ),
+    M(
+        "factorllm",
+        "output not rescaled by E / k",
+        "moe.py",
+        "return (out * (self.num_experts / self.top_k)).reshape(shape)",
+        "return out.reshape(shape)",
+        "tests/test_factorllm.py",
+    ),
+    M(
+        "factorllm",
+        "all experts run on every token",
+        "moe.py",
+        "rows = mask[:, e].nonzero().squeeze(1)",
+        "rows = torch.arange(mask.shape[0])",
+        "tests/test_factorllm.py",
+    ),
+    M(
         "liftquant",
         "codebook M not trained",
         "quant/lattice.py",

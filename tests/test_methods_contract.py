@@ -24,6 +24,7 @@ TINY_CONFIG: dict[str, dict] = {
     "mobiquant": {"group_size": 32, "router_steps": 10},
     "npft": {"steps": 2, "rounds": 1, "fisher_batches": 1},
     "precision_routing": {"windows": 2, "steps": 10},
+    "factorllm": {"router_steps": 5, "steps": 2},
 }
 MODELS = {
     "nvit": make_vit,
@@ -33,6 +34,7 @@ MODELS = {
     "mobiquant": make_llama,
     "npft": make_llama,
     "precision_routing": make_llama,
+    "factorllm": make_llama,
 }  # methods that need another architecture
 DECODER_LMS = {
     "gptq",
@@ -41,6 +43,7 @@ DECODER_LMS = {
     "mobiquant",
     "npft",
     "precision_routing",
+    "factorllm",
 }  # calibrated on token batches, block by block
 PRELUDE: dict[str, list[dict]] = {
     "noisyquant": [{"name": "ptq", "a_bits": 6, "a_symmetric": True}],

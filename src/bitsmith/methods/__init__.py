@@ -6,6 +6,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     bsq,
     csq,
     deephoyer,
+    factorllm,
     fisher_reg,
     gptq,
     hero,

@@ -31,6 +31,7 @@ class DecoderTopology:
     layers: str
     groups: tuple[Group, ...]
     norm_offset: float = 0.0
+    ffn: str = "mlp"  # the block's feed-forward module (FactorLLM splits it into experts)
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(name, block)`` of every decoder block, in order."""
