@@ -25,6 +25,7 @@ TINY_CONFIG: dict[str, dict] = {
     "npft": {"steps": 2, "rounds": 1, "fisher_batches": 1},
     "precision_routing": {"windows": 2, "steps": 10},
     "factorllm": {"router_steps": 5, "steps": 2},
+    "gemq": {"group_size": 32, "gradient_windows": 2},
 }
 MODELS = {
     "nvit": make_vit,
@@ -35,6 +36,7 @@ MODELS = {
     "npft": make_llama,
     "precision_routing": make_llama,
     "factorllm": make_llama,
+    "gemq": make_llama,
 }  # methods that need another architecture
 DECODER_LMS = {
     "gptq",
@@ -44,10 +46,12 @@ DECODER_LMS = {
     "npft",
     "precision_routing",
     "factorllm",
+    "gemq",
 }  # calibrated on token batches, block by block
 PRELUDE: dict[str, list[dict]] = {
     "noisyquant": [{"name": "ptq", "a_bits": 6, "a_symmetric": True}],
     "precision_routing": [{"name": "mobiquant", "group_size": 32, "router": False}],
+    "gemq": [{"name": "factorllm", "router_steps": 5}],
 }  # runs first
 
 

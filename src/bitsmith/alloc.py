@@ -30,8 +30,20 @@ class Budget:
         return sum(min(choices.values()) for choices in self.use.values())
 
 
-def allocate(cost: dict[str, dict[Choice, float]], budgets: list[Budget]) -> dict[str, Choice]:
-    """``{layer: choice}`` minimising ``sum cost`` within every budget.
+@dataclass
+class AtLeast:
+    """At least ``count`` of the ``(layer, choice)`` pairs in ``pairs`` are chosen (e.g. GEMQ's "c2c3": one
+    expert of every MoE layer at the highest width)."""
+
+    name: str
+    pairs: list[tuple[str, Hashable]]
+    count: int
+
+
+def allocate(
+    cost: dict[str, dict[Choice, float]], budgets: list[Budget], at_least: list[AtLeast] | None = None
+) -> dict[str, Choice]:
+    """``{layer: choice}`` minimising ``sum cost`` within every budget (and every ``at_least`` side condition).
 
     Raises ``ValueError`` naming the smallest feasible limit when a budget is below it (every layer at
     its cheapest choice for that budget), or the solver's message when the budgets together conflict.
@@ -51,8 +63,12 @@ def allocate(cost: dict[str, dict[Choice, float]], budgets: list[Budget]) -> dic
     for budget in budgets:
         row = np.array([[budget.use[layer][choice] for layer, choice in choices]])
         constraints.append(LinearConstraint(row, -np.inf, budget.limit))
+    for condition in at_least or []:
+        wanted = set(condition.pairs)
+        row = np.array([[1.0 if pair in wanted else 0.0 for pair in choices]])
+        constraints.append(LinearConstraint(row, condition.count, np.inf))
     result = milp(c, constraints=constraints, integrality=np.ones(len(choices)), bounds=Bounds(0, 1))
     if result.x is None:
-        names = " and ".join(b.name for b in budgets)
+        names = " and ".join([b.name for b in budgets] + [a.name for a in at_least or []])
         raise ValueError(f"no allocation meets the {names} budgets together ({result.message}); relax one of them")
     return {layer: choice for layer, choice in (choices[i] for i in np.flatnonzero(result.x > 0.5))}

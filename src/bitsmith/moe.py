@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bitsmith.nn import _compressed
+from bitsmith.select import Selection
 
 ROUTINGS = ("learned", "random")
 
@@ -187,6 +188,15 @@ class _DenseFFN(nn.Module):
 
 def moe_layers(model: nn.Module) -> dict[str, MoEFeedForward]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoEFeedForward)}
+
+
+def selected_moe_layers(model: nn.Module, where: Selection, method: str) -> dict[str, MoEFeedForward]:
+    """The MoE blocks whose names ``where``'s include / exclude patterns keep (its type filter is for Linears)."""
+    found = moe_layers(model)
+    if not found:
+        raise ValueError(f"{method} needs a mixture-of-experts model: run factorllm before it in `methods`")
+    chosen = Selection(include=where.include, exclude=where.exclude, types=["MoEFeedForward"]).resolve(model)
+    return {name: moe for name, moe in found.items() if name in chosen}
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     deephoyer,
     factorllm,
     fisher_reg,
+    gemq,
     gptq,
     hero,
     liftquant,

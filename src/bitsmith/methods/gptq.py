@@ -82,6 +82,8 @@ def layer_hessians(
         with float_weights(layers):
             run_block(block, inputs, hooks)
         for n, layer in zip(group, layers, strict=True):
+            if n not in hessians:  # an expert no calibration token was routed to: RTN (an identity Hessian)
+                hessians[n] = torch.eye(layer.weight.shape[1])
             yield layer, hessians[n]
 
 
