@@ -9,7 +9,7 @@ PEERS  := .venv-peers/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install install-gemma data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods clean
+.PHONY: install install-gemma data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-moe clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ bench-llm-gemma: install-gemma data
 # LiftQuant / MoBiQuant / NPFT / routing (issue 19); Gemma rows when `make install-gemma` has run
 bench-llm-methods: $(STAMP) data
 	$(PY) benchmarks/llm_methods.py
+
+# FactorLLM / GEMQ rows share the cores with anything; the speed rows run alone afterwards.
+bench-moe: $(STAMP) data
+	$(PY) benchmarks/moe.py
+	$(PY) benchmarks/moe.py --speed
 
 # The peers' LLM toolkits pin other transformers versions: they live in their own venv, run as subprocesses.
 $(PEERS):

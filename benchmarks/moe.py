@@ -1,0 +1,257 @@
+"""Mixtures and structure for LLMs on SmolLM2-135M: FactorLLM (dense FFN -> top-k experts) against random routing
+and against training without the prior-approximate loss, at 50 % active FFN FLOPs; GEMQ's global expert-level
+allocation against per-layer and uniform allocation at the same average bits, on the FactorLLM model.
+
+Protocol of ``benchmarks/llm.py`` (perplexity on 80 + 80 windows of 512 tokens of *Persuasion* / the Python docs,
+KL and top-1 agreement with FP32 on 16, calibration on 32 windows of *Emma* + *Mansfield Park*, seed 0). Every
+trained row states its budget: PA-stage steps (router only, per block), end-to-end steps (one 512-token window
+each) and wall seconds. Tokens/s rows are timed alone (``--speed``, on an idle machine; the load is recorded).
+Writes docs/results/moe.{json,md,png}; rows resume; ``--write-only`` rewrites the page.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import sys
+import time
+import warnings
+from typing import Any
+
+import torch
+from common import RESULTS, Rows, save_figure
+from llm import BLOCKS, CALIB_WINDOWS, EVAL_WINDOWS, KL_WINDOWS, Entry, fill, reference
+
+from bitsmith.eval.cost import model_cost
+from bitsmith.eval.latency import time_forward
+from bitsmith.method import build_method, compress
+from bitsmith.moe import active_ffn_fraction
+
+ROWS = RESULTS / "moe.json"
+ROUTER_STEPS = 200  # PA stage, per block (router only, 1024 tokens per step)
+STEPS = 100  # end-to-end stage: one 512-token calibration window per step
+GROUP = 64  # SmolLM2's 576 inputs are not a multiple of 128 (the paper's group)
+SPEED_RUNS = 10
+
+
+def factor(experts: int, routing: str = "learned", prior: bool = True) -> dict[str, Any]:
+    learned = routing == "learned"
+    return {"name": "factorllm", "experts": experts, "top_k": experts // 2, "routing": routing, "prior_loss": prior,
+            "router_steps": ROUTER_STEPS if learned and prior else 0, "steps": STEPS if learned else 0}  # fmt: skip
+
+
+class Trained:
+    """Models compressed once and reused by several rows (the FactorLLM model GEMQ starts from)."""
+
+    def __init__(self, model: torch.nn.Module, task: Any) -> None:
+        self.model, self.task = model, task
+        self.cache: dict[str, tuple[torch.nn.Module, float]] = {}
+
+    def get(self, methods: list[dict[str, Any]]) -> tuple[torch.nn.Module, float]:
+        key = json.dumps(methods, sort_keys=True)
+        if key not in self.cache:
+            model = copy.deepcopy(self.model)
+            start = time.perf_counter()
+            run(model, methods, self.task)
+            self.cache[key] = model, time.perf_counter() - start
+        return self.cache[key]
+
+
+def run(model: torch.nn.Module, methods: list[dict[str, Any]], task: Any) -> list[Any]:
+    built = [build_method(m) for m in methods]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress(model, built, task.calibration)
+    return built
+
+
+def score(model: torch.nn.Module, task: Any) -> dict[str, Any]:
+    example = task.first(task.example(1))
+    cost = model_cost(model, example).totals
+    return {**task.evaluate(model), "size_mib": round(cost["size_bytes"] / 2**20, 1), "macs": cost["macs"],
+            "active_ffn": active_ffn_fraction(model)}  # fmt: skip
+
+
+def factor_row(trained: Trained, methods: list[dict[str, Any]]) -> dict[str, Any]:
+    model, seconds = trained.get(methods)
+    return {**score(model, trained.task), "train_seconds": round(seconds, 1)}
+
+
+def gemq_row(trained: Trained, base: list[dict[str, Any]], entry: dict[str, Any]) -> dict[str, Any]:
+    model, _ = trained.get(base)
+    model = copy.deepcopy(model)
+    start = time.perf_counter()
+    (gemq,) = run(model, [entry], trained.task)
+    seconds = time.perf_counter() - start
+    row = {**score(model, trained.task), "train_seconds": round(seconds, 1), "expert_bits": gemq.average_bits,
+           "allocation": gemq.assigned}  # fmt: skip
+    return row
+
+
+def speed_row(model: torch.nn.Module, task: Any, methods: list[dict[str, Any]]) -> dict[str, Any]:
+    """Forward tokens/s on one 512-token window (2 threads), untrained routers (the cost does not depend on them)."""
+    copy_ = copy.deepcopy(model)
+    run(copy_, methods, task)
+    example = task.first(task.example(1))
+    timing = time_forward(copy_, example, runs=SPEED_RUNS, warmup=2, num_threads=2)
+    tokens = example["input_ids"].numel()
+    return {"tokens_per_s": round(tokens / (timing.median_ms / 1000), 1), "timing": timing.to_dict(),
+            "macs": model_cost(copy_, example).totals["macs"], "active_ffn": active_ffn_fraction(copy_)}  # fmt: skip
+
+
+def entries(model: torch.nn.Module, task: Any) -> list[Entry]:
+    trained = Trained(model, task)
+    out: list[Entry] = [("FP32 (dense)", {"section": "factorllm", "variant": "fp32"}, {},
+                         functools.partial(factor_row, trained, []))]  # fmt: skip
+    for experts in (4, 8):
+        k = experts // 2
+        for label, routing, prior in (("PA stage + KD", "learned", True), ("random routing", "random", True),
+                                      ("no PA loss (KD only)", "learned", False)):  # fmt: skip
+            methods = [factor(experts, routing, prior)]
+            out.append((f"FactorLLM top-{k} of {experts}, {label}",
+                        {"section": "factorllm", "experts": experts, "variant": f"{routing}-{'pa' if prior else 'kd'}"},
+                        {"methods": methods}, functools.partial(factor_row, trained, methods)))  # fmt: skip
+        methods = [{**factor(experts), "train_experts": True, "lr": 1e-4}]
+        out.append((f"FactorLLM top-{k} of {experts}, PA stage + KD, experts trained too", {"section": "factorllm",
+                    "experts": experts, "variant": "learned-pa-experts"}, {"methods": methods},
+                    functools.partial(factor_row, trained, methods)))  # fmt: skip
+    base = [factor(4)]
+    for bits in (2.0, 2.5):
+        for allocation in ("global", "layer", "uniform"):
+            if allocation == "uniform" and bits != int(bits):
+                continue
+            entry = {"name": "gemq", "bits": bits, "allocation": allocation, "group_size": GROUP, "where": BLOCKS}
+            out.append((f"GEMQ {bits} bits/expert weight, {allocation} allocation (GPTQ g{GROUP}, router fine-tune)",
+                        {"section": "gemq", "bits": bits, "variant": allocation}, {"methods": [*base, entry]},
+                        functools.partial(gemq_row, trained, base, entry)))  # fmt: skip
+    return out
+
+
+def speed_entries(model: torch.nn.Module, task: Any) -> list[Entry]:
+    out: list[Entry] = [("dense FFN", {"section": "speed", "experts": 0}, {},
+                         functools.partial(speed_row, model, task, []))]  # fmt: skip
+    for experts in (4, 8):
+        methods = [{"name": "factorllm", "experts": experts, "router_steps": 0}]
+        out.append((f"FactorLLM top-{experts // 2} of {experts}", {"section": "speed", "experts": experts},
+                    {"methods": methods}, functools.partial(speed_row, model, task, methods)))  # fmt: skip
+    return out
+
+
+def measure_all(speed: bool) -> None:
+    model, task = reference("smollm2")
+    fill(Rows(ROWS), speed_entries(model, task) if speed else entries(model, task), write)
+
+
+def table(rows: list[dict[str, Any]], extra: list[tuple[str, Any]]) -> list[str]:
+    head = ["row", "ppl Persuasion", "ppl Python docs", "KL to FP32", "top-1 agree %", "active FFN %", "GMACs / window",
+            *[name for name, _ in extra], "load"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        active = f"{100 * r['active_ffn']:.0f}" if r.get("active_ffn") is not None else "100"
+        cells = [r["name"], f"{r['perplexity']:.2f}", f"{r['perplexity_docs']:.2f}", f"{r['kl']:.4f}",
+                 f"{100 * r['top1_agreement']:.1f}", active, f"{r['macs'] / 1e9:.1f}",
+                 *[fmt(r) for _, fmt in extra], f"{r.get('load', [0])[0]:.1f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def budget(r: dict[str, Any]) -> str:
+    methods = r.get("methods") or [{}]
+    f = methods[0]
+    if not f:
+        return "none"
+    trained = "routers + experts" if f.get("train_experts") else "routers"
+    return f"{f.get('router_steps', 0)} PA + {f.get('steps', 0)} KD steps ({trained}, lr {f.get('lr', 1e-3):g})"
+
+
+def write(rows: list[dict[str, Any]]) -> None:
+    fp32 = next((r for r in rows if r.get("variant") == "fp32" and "error" not in r), None)
+    lines = [
+        "# Mixtures and structure for LLMs",
+        "",
+        "Regenerate: `make bench-moe` (`python benchmarks/moe.py`, then `python benchmarks/moe.py --speed` alone on "
+        "an idle machine; rows resume; `--write-only` rewrites this page). SmolLM2-135M-Instruct, protocol of "
+        f"[llm.md](llm.md): perplexity on the first {EVAL_WINDOWS} windows of 512 tokens of *Persuasion* and of the "
+        f"Python library docs, KL and top-1 agreement with FP32 on the first {KL_WINDOWS}, training and calibration "
+        f"on {CALIB_WINDOWS} random 512-token windows of *Emma* and *Mansfield Park* (seed 0). Seconds are wall time "
+        "on 2 cores, shared with other benchmarks where the load column says so. GMACs per window: measured MACs of "
+        "one 512-token forward pass (the experts count only the tokens routed to them).",
+        "",
+        "## FactorLLM: dense FFNs as top-k mixtures of experts",
+        "",
+        f"Each of the 30 FFNs (intermediate 1536) split into E contiguous experts; top E/2 per token (50 % of the FFN "
+        f"FLOPs). PA stage: {ROUTER_STEPS} Adam steps per block on the router alone (1024 of the block's 8192 "
+        f"calibration tokens per step). KD: {STEPS} end-to-end steps, one 512-token window each, AdamW on the "
+        "routers (experts frozen, except in the rows that say otherwise), KL to the dense teacher's logits plus the PA and balance terms (KD only: without "
+        "the PA stage and term). Random routing: k experts drawn uniformly per token, nothing trained.",
+        "",
+        *table(
+            [r for r in rows if r.get("section") == "factorllm"],
+            [("budget", budget), ("train s", lambda r: f"{r.get('train_seconds', 0):.1f}")],
+        ),  # fmt: skip
+        "",
+    ]
+    gemq = [r for r in rows if r.get("section") == "gemq"]
+    if gemq:
+        lines += [
+            "## GEMQ: expert-level bit allocation",
+            "",
+            f"On the FactorLLM top-2-of-4 model above (PA + KD). Only the 120 experts' projections are quantized "
+            f"(GPTQ, groups of {GROUP}, widths 1 / 2 / 3 bits), at the stated average bits per expert weight; "
+            "coefficients from 8 calibration windows; then one epoch (32 windows) of router-only fine-tuning. Global: "
+            "one integer program over all experts; layer: one per layer with the same budget; uniform: every expert "
+            "at the average. Compare with the FactorLLM top-2-of-4 row (unquantized experts).",
+            "",
+            *table(
+                gemq,
+                [
+                    ("expert bits", lambda r: f"{r.get('expert_bits', 0):.2f}"),
+                    ("quant s", lambda r: f"{r.get('train_seconds', 0):.1f}"),
+                ],
+            ),  # fmt: skip
+            "",
+        ]
+    speed = [r for r in rows if r.get("section") == "speed" and "error" not in r]
+    if speed:
+        lines += ["## Speed", "", f"Forward pass of one 512-token window, 2 threads, median of {SPEED_RUNS} runs after "
+                  "2 warm-up runs, timed alone (load in the last column).", "",
+                  "| row | tokens/s | median ms | GMACs / window | active FFN % | load |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in speed:
+            active = f"{100 * r['active_ffn']:.0f}" if r.get("active_ffn") is not None else "100"
+            lines.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {r['timing']['median_ms']:.1f} | "
+                         f"{r['macs'] / 1e9:.1f} | {active} | {r.get('load', [0])[0]:.1f} |")  # fmt: skip
+        lines.append("")
+    if fp32:
+        lines += ["![perplexity of the rows](moe.png)", ""]
+    (RESULTS / "moe.md").write_text("\n".join(lines))
+    plot(rows)
+
+
+def plot(rows: list[dict[str, Any]]) -> None:
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "error" not in r and r.get("section") in ("factorllm", "gemq")]
+    if not done:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(done) + 1.5))
+    names = [r["name"] for r in done]
+    ax.barh(range(len(done)), [r["perplexity"] for r in done], color=["C0" if r["section"] == "factorllm" else "C1"
+                                                                      for r in done])  # fmt: skip
+    ax.set_yticks(range(len(done)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity, Persuasion (log)")
+    ax.set_title("SmolLM2-135M: FactorLLM and GEMQ")
+    ax.grid(alpha=0.3, axis="x")
+    save_figure(fig, "moe.png")
+
+
+if __name__ == "__main__":
+    if "--write-only" in sys.argv:
+        write(json.loads(ROWS.read_text()))
+    else:
+        measure_all(speed="--speed" in sys.argv)
