@@ -26,6 +26,8 @@ TINY_CONFIG: dict[str, dict] = {
     "precision_routing": {"windows": 2, "steps": 10},
     "factorllm": {"router_steps": 5, "steps": 2},
     "gemq": {"group_size": 32, "gradient_windows": 2},
+    "pat": {"target": 48, "steps": 3, "hsm_rank": 4},
+    "hidden-prune": {"target": 48, "steps": 2},
 }
 MODELS = {
     "nvit": make_vit,
@@ -37,6 +39,8 @@ MODELS = {
     "precision_routing": make_llama,
     "factorllm": make_llama,
     "gemq": make_llama,
+    "pat": make_llama,
+    "hidden-prune": make_llama,
 }  # methods that need another architecture
 DECODER_LMS = {
     "gptq",
@@ -47,6 +51,8 @@ DECODER_LMS = {
     "precision_routing",
     "factorllm",
     "gemq",
+    "pat",
+    "hidden-prune",
 }  # calibrated on token batches, block by block
 PRELUDE: dict[str, list[dict]] = {
     "noisyquant": [{"name": "ptq", "a_bits": 6, "a_symmetric": True}],

@@ -22,6 +22,7 @@ from torch import nn
 
 from bitsmith.export.pack import pack, unpack
 from bitsmith.files import atomic_write
+from bitsmith.hidden import pruned_hidden_size, shrink_hidden_to
 from bitsmith.nn import QuantizedMixin, compressed_layers
 from bitsmith.quant.base import Encoded
 from bitsmith.structure import is_vit, shrink_to, structure_counts
@@ -134,6 +135,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
     }
     if is_vit(model):  # structured pruning changes widths: the counts rebuild the shapes on load
         metadata["structure"] = json.dumps(structure_counts(model))
+    hidden = pruned_hidden_size(model)
+    if hidden is not None:  # PAT / hidden-prune: the decoder's residual width, rebuilt on load
+        metadata["hidden_size"] = str(hidden)
     metadata["sha256"] = _digest(tensors, metadata)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -208,6 +212,8 @@ def _load_into(
     try:
         if "structure" in metadata:
             shrink_to(model, json.loads(metadata["structure"]))
+        if "hidden_size" in metadata:
+            shrink_hidden_to(model, int(metadata["hidden_size"]))
         rebuild(model, layers)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: does not fit this model: {exc}") from None

@@ -32,6 +32,8 @@ class DecoderTopology:
     groups: tuple[Group, ...]
     norm_offset: float = 0.0
     ffn: str = "mlp"  # the block's feed-forward module (FactorLLM splits it into experts)
+    writers: tuple[str, ...] = ()  # the linears whose outputs are added to the residual stream (PAT's HSM sites)
+    final_norm: str = "model.norm"
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """``(name, block)`` of every decoder block, in order."""
@@ -84,11 +86,12 @@ TOPOLOGIES = {
     "llama": DecoderTopology(
         "llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers",
         (_ATTENTION, _OUTPUT, Group("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"), _DOWN),
+        writers=("self_attn.o_proj", "mlp.down_proj"),
     ),
     "gemma": DecoderTopology(
         "gemma", ("gemma", "gemma2", "gemma3_text"), "model.layers",
         (_ATTENTION, _OUTPUT, Group("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"), _DOWN),
-        norm_offset=1.0,
+        norm_offset=1.0,  # no ``writers``: Gemma's post-norms sit between the writers and the residual stream
     ),
 }  # fmt: skip
 
