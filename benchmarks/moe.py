@@ -33,6 +33,7 @@ ROUTER_STEPS = 200  # PA stage, per block (router only, 1024 tokens per step)
 STEPS = 100  # end-to-end stage: one 512-token calibration window per step
 GROUP = 64  # SmolLM2's 576 inputs are not a multiple of 128 (the paper's group)
 SPEED_RUNS = 10
+PAT_TARGET, PAT_STEPS = 432, 100  # hidden 576 -> 432 (25 % of the channels pruned)
 
 
 def factor(experts: int, routing: str = "learned", prior: bool = True) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def score(model: torch.nn.Module, task: Any) -> dict[str, Any]:
     example = task.first(task.example(1))
     cost = model_cost(model, example).totals
     return {**task.evaluate(model), "size_mib": round(cost["size_bytes"] / 2**20, 1), "macs": cost["macs"],
-            "active_ffn": active_ffn_fraction(model)}  # fmt: skip
+            "params": cost["params"], "active_ffn": active_ffn_fraction(model)}  # fmt: skip
 
 
 def factor_row(trained: Trained, methods: list[dict[str, Any]]) -> dict[str, Any]:
@@ -125,6 +126,18 @@ def entries(model: torch.nn.Module, task: Any) -> list[Entry]:
             out.append((f"GEMQ {bits} bits/expert weight, {allocation} allocation (GPTQ g{GROUP}, router fine-tune)",
                         {"section": "gemq", "bits": bits, "variant": allocation}, {"methods": [*base, entry]},
                         functools.partial(gemq_row, trained, base, entry)))  # fmt: skip
+    for label, entry in (
+        ("PAT", {"name": "pat", "target": PAT_TARGET, "steps": PAT_STEPS}),
+        ("magnitude pruning + LoRA", {"name": "hidden-prune", "target": PAT_TARGET, "score": "magnitude", "steps": PAT_STEPS}),
+        ("activation-norm pruning + LoRA", {"name": "hidden-prune", "target": PAT_TARGET, "score": "activation",
+                                            "steps": PAT_STEPS}),
+        ("magnitude pruning, no fine-tune", {"name": "hidden-prune", "target": PAT_TARGET, "score": "magnitude", "steps": 0}),
+        ("activation-norm pruning, no fine-tune", {"name": "hidden-prune", "target": PAT_TARGET, "score": "activation",
+                                                   "steps": 0}),
+    ):  # fmt: skip
+        variant = f"{entry['name']}-{entry.get('score', '')}-{entry['steps']}"
+        out.append((f"{label} (hidden 576 -> {PAT_TARGET}, {entry['steps']} steps)", {"section": "pat",
+                    "variant": variant}, {"methods": [entry]}, functools.partial(factor_row, trained, [entry])))  # fmt: skip
     return out
 
 
@@ -215,6 +228,27 @@ def write(rows: list[dict[str, Any]]) -> None:
             ),  # fmt: skip
             "",
         ]
+    pat = [r for r in rows if r.get("section") == "pat"]
+    if pat:
+        lines += [
+            "## PAT: pruning the hidden dimension while tuning",
+            "",
+            f"Hidden size 576 -> {PAT_TARGET} (25 % of the residual channels removed from every layer, the embedding "
+            "and the tied LM head). Every fine-tune: LoRA (peft) rank 8, alpha 16, dropout 0.05 on every Linear but "
+            f"the LM head, AdamW lr 1e-4, gradient clipping 0.3, one 512-token calibration window per step, {PAT_STEPS} "
+            "steps; PAT also trains its HSMs (rank 200) and the shared mask (lr 1e-2). The post-hoc rows keep the "
+            "channels with the largest weight norm or residual-stream RMS (8 calibration windows), remove the rest, "
+            "then fine-tune the same way. Parameters: the pruned models are equal in size.",
+            "",
+            *table(
+                pat,
+                [
+                    ("params M", lambda r: f"{r.get('params', 0) / 1e6:.1f}"),
+                    ("train s", lambda r: f"{r.get('train_seconds', 0):.1f}"),
+                ],
+            ),  # fmt: skip
+            "",
+        ]
     speed = [r for r in rows if r.get("section") == "speed" and "error" not in r]
     if speed:
         lines += ["## Speed", "", f"Forward pass of one 512-token window, 2 threads, median of {SPEED_RUNS} runs after "
@@ -234,18 +268,18 @@ def write(rows: list[dict[str, Any]]) -> None:
 def plot(rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if "error" not in r and r.get("section") in ("factorllm", "gemq")]
+    done = [r for r in rows if "error" not in r and r.get("section") in ("factorllm", "gemq", "pat")]
     if not done:
         return
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(done) + 1.5))
     names = [r["name"] for r in done]
-    ax.barh(range(len(done)), [r["perplexity"] for r in done], color=["C0" if r["section"] == "factorllm" else "C1"
+    ax.barh(range(len(done)), [r["perplexity"] for r in done], color=[{"factorllm": "C0", "gemq": "C1"}.get(r["section"], "C2")
                                                                       for r in done])  # fmt: skip
     ax.set_yticks(range(len(done)), names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("perplexity, Persuasion (log)")
-    ax.set_title("SmolLM2-135M: FactorLLM and GEMQ")
+    ax.set_title("SmolLM2-135M: FactorLLM, GEMQ, PAT")
     ax.grid(alpha=0.3, axis="x")
     save_figure(fig, "moe.png")
 
