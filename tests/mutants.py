@@ -131,6 +131,22 @@ MUTANTS = [
         "tests/test_pat.py tests/test_hidden.py",
     ),
     M(
+        "t-rex",
+        "one routing matrix for every token (the mean)",
+        "methods/trex.py",
+        'mixed = torch.einsum("...i,...ij->...j", x @ self.A.T, routing)',
+        'mixed = torch.einsum("...i,...ij->...j", x @ self.A.T, routing.reshape(-1, self.r1, self.r2).mean(0))',
+        "tests/test_trex.py",
+    ),
+    M(
+        "t-rex",
+        "semantic prior ignored",
+        "methods/trex.py",
+        "        prior = PRIOR.get()\n",
+        "        prior = None\n",
+        "tests/test_trex.py",
+    ),
+    M(
         "liftquant",
         "codebook M not trained",
         "quant/lattice.py",

@@ -28,6 +28,7 @@ TINY_CONFIG: dict[str, dict] = {
     "gemq": {"group_size": 32, "gradient_windows": 2},
     "pat": {"target": 48, "steps": 3, "hsm_rank": 4},
     "hidden-prune": {"target": 48, "steps": 2},
+    "t-rex": {"where": {"types": ["Linear"]}},
 }
 MODELS = {
     "nvit": make_vit,

@@ -27,4 +27,5 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     rtn,
     smoothquant,
     svd_train,
+    trex,
 )
