@@ -30,6 +30,7 @@ install-gemma: $(STAMP)
 data: $(STAMP)
 	@$(PY) -m bitsmith.zoo.prose >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && $(PY) -m bitsmith.zoo.prose >/dev/null; } \
 		|| echo "LLM text is missing: run apt-get update, then $(PY) -m bitsmith.zoo.prose"
+	@$(PY) -m bitsmith.zoo.sentiment >/dev/null 2>&1 || echo "sentiment sentences are missing: run $(PY) -m bitsmith.zoo.sentiment"
 	@if [ -n "$$BITSMITH_DATA" ] || [ -d $(FMNIST) ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST is missing; install it with: sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"; fi

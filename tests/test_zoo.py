@@ -97,3 +97,18 @@ def test_version_and_quiet_dependencies(capsys: pytest.CaptureFixture) -> None:
     assert "Failed to load" not in quiet.stderr and "W1" not in quiet.stderr  # torchao's .so lines, torch's W-lines
     loud = subprocess.run([sys.executable, "-c", code.format(True)], capture_output=True, text=True, check=True)
     assert len(loud.stderr) >= len(quiet.stderr)  # --debug shows what the dependencies say
+
+
+def test_sentiment_sentences_are_read_and_split_by_rating(tmp_path, monkeypatch) -> None:
+    from bitsmith.zoo.sentiment import rated_sentences, sentiment_split
+
+    folder = tmp_path / "vader-sentiment"
+    folder.mkdir()
+    lines = ["1\t2.5\tA fine film.", "2\t-1.2\tDull.", "3\t0\tNeutral.", "bad line", "4\tx\tno rating", "5\t0.3\tOkay."]
+    (folder / "movieReviewSnippets_GroundTruth.txt").write_text("\r\n".join(lines))
+    monkeypatch.setenv("BITSMITH_TEXT", str(tmp_path))
+    assert rated_sentences() == [("A fine film.", 2.5), ("Dull.", -1.2), ("Neutral.", 0.0), ("Okay.", 0.3)]
+    train, test = sentiment_split(test_fraction=0.34)
+    assert sorted(train + test) == [("A fine film.", 1), ("Dull.", 0), ("Okay.", 1)]
+    with pytest.raises(ValueError, match="unknown sentiment collection"):
+        rated_sentences("poems")
