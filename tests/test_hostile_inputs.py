@@ -69,10 +69,22 @@ def test_a_huge_recipe_file_is_refused(tmp_path: Path) -> None:
         ({"model": {"name": "cnn"}, "data": {"root": "/no/such/dir"}}, r"data\.root: no such directory"),
         ({"model": {"name": "cnn"}, "methods": [{"name": "x" * 10_000}]}, r"unknown method 'xxx.*\(10002 characters\)"),
         ({"model": {"name": "cnn"}, "methods": [{"name": "ptq", "where": {"include": ["re:("]}}]}, r"methods\.0"),
-        ({"model": {"name": "cnn"}, "methods": [{"name": "factorllm", "experts": 1}]}, r"methods\.0\.experts: .*greater than or equal to 2"),
-        ({"model": {"name": "cnn"}, "methods": [{"name": "t-rex", "r1": 0}]}, r"methods\.0\.r1: .*greater than or equal to 1"),
-        ({"model": {"name": "cnn"}, "methods": [{"name": "pat", "target": 0}]}, r"methods\.0\.target: .*greater than or equal to 1"),
-        ({"model": {"name": "cnn"}, "methods": [{"name": "gemq", "bits": 5.0}]}, r"methods\.0.*candidates' range 1\.\.3"),
+        (
+            {"model": {"name": "cnn"}, "methods": [{"name": "factorllm", "experts": 1}]},
+            r"methods\.0\.experts: .*greater than or equal to 2",
+        ),
+        (
+            {"model": {"name": "cnn"}, "methods": [{"name": "t-rex", "r1": 0}]},
+            r"methods\.0\.r1: .*greater than or equal to 1",
+        ),
+        (
+            {"model": {"name": "cnn"}, "methods": [{"name": "pat", "target": 0}]},
+            r"methods\.0\.target: .*greater than or equal to 1",
+        ),
+        (
+            {"model": {"name": "cnn"}, "methods": [{"name": "gemq", "bits": 5.0}]},
+            r"methods\.0.*candidates' range 1\.\.3",
+        ),
     ],
 )
 def test_bad_values_are_one_short_line(raw: dict[str, Any], match: str) -> None:
