@@ -86,15 +86,38 @@ def weight_only_rows(bits: int, group: int) -> list[tuple[str, list[dict[str, An
     return out
 
 
+def compress_quietly(model: torch.nn.Module, methods: list[dict[str, Any]], task: Any) -> list[Any]:
+    """Build ``methods`` and compress ``model`` with them on the task's calibration (warnings silenced)."""
+    built = [build_method(entry) for entry in methods]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compress(model, built, task.calibration)
+    return built
+
+
+class Prepared:
+    """Models compressed once and reused by several rows (operating points, fine-tuned starting points)."""
+
+    def __init__(self, model: torch.nn.Module, task: Any) -> None:
+        self.model, self.task = model, task
+        self.cache: dict[str, tuple[torch.nn.Module, float]] = {}
+
+    def get(self, key: str, methods: list[dict[str, Any]]) -> tuple[torch.nn.Module, float]:
+        """The model compressed by ``methods`` (cached under ``key``) and the seconds that took."""
+        if key not in self.cache:
+            compressed = copy.deepcopy(self.model)
+            start = time.perf_counter()
+            compress_quietly(compressed, methods, self.task)
+            self.cache[key] = compressed, time.perf_counter() - start
+        return self.cache[key]
+
+
 def measure(model: torch.nn.Module, task: LanguageModelTask, methods: list[dict[str, Any]]) -> dict[str, Any]:
     quantized = copy.deepcopy(model)
-    built = [build_method(entry) for entry in methods]
     reset_peak_rss()
     rss_before = peak_rss()
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compress(quantized, built, task.calibration)
+    compress_quietly(quantized, methods, task)
     seconds = time.perf_counter() - start
     peak = peak_rss()
     cost = model_cost(quantized, task.first(task.example(1)))

@@ -12,14 +12,23 @@ import functools
 import importlib.util
 import json
 import sys
-import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from common import RESULTS, Rows, save_figure
-from llm import BLOCKS, CALIB_BATCH, CALIB_WINDOWS, EVAL_WINDOWS, KL_WINDOWS, Entry, fill, measure, reference
+from llm import (
+    BLOCKS,
+    CALIB_BATCH,
+    CALIB_WINDOWS,
+    EVAL_WINDOWS,
+    KL_WINDOWS,
+    Entry,
+    Prepared,
+    fill,
+    measure,
+    reference,
+)
 
 from bitsmith.eval.cost import model_cost
 from bitsmith.eval.lm import language_model_task
@@ -60,24 +69,6 @@ def configurations(model: str) -> list[tuple[str, list[dict[str, Any]], dict[str
         out.append(("LiftQuant 2.5 b/w, no Hadamard", liftquant(model, 2.5, hadamard=0),
                     {"model": model, "method": "liftquant", "bits": 2.5, "variant": "no-hadamard"}))  # fmt: skip
     return out
-
-
-class Prepared:
-    """Models compressed once and scored at several operating points (MoBiQuant, NPFT), kept for the run."""
-
-    def __init__(self, model: torch.nn.Module, task: Any) -> None:
-        self.model, self.task = model, task
-        self.cache: dict[str, tuple[torch.nn.Module, float]] = {}
-
-    def get(self, key: str, methods: list[dict[str, Any]]) -> tuple[torch.nn.Module, float]:
-        if key not in self.cache:
-            quantized = copy.deepcopy(self.model)
-            start = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                compress(quantized, [build_method(m) for m in methods], self.task.calibration)
-            self.cache[key] = quantized, time.perf_counter() - start
-        return self.cache[key]
 
 
 def score(model: torch.nn.Module, task: Any, seconds: float, **extra: Any) -> dict[str, Any]:

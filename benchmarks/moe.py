@@ -16,17 +16,15 @@ import functools
 import json
 import sys
 import time
-import warnings
 from typing import Any
 
 import torch
 from adapters import lm_row, sentiment_row
 from common import RESULTS, Rows, save_figure
-from llm import BLOCKS, CALIB_WINDOWS, EVAL_WINDOWS, KL_WINDOWS, Entry, fill, reference
+from llm import BLOCKS, CALIB_WINDOWS, EVAL_WINDOWS, KL_WINDOWS, Entry, Prepared, compress_quietly, fill, reference
 
 from bitsmith.eval.cost import model_cost
 from bitsmith.eval.latency import time_forward
-from bitsmith.method import build_method, compress
 from bitsmith.moe import active_ffn_fraction
 
 ROWS = RESULTS / "moe.json"
@@ -44,29 +42,8 @@ def factor(experts: int, routing: str = "learned", prior: bool = True) -> dict[s
             "router_steps": ROUTER_STEPS if learned and prior else 0, "steps": STEPS if learned else 0}  # fmt: skip
 
 
-class Trained:
-    """Models compressed once and reused by several rows (the FactorLLM model GEMQ starts from)."""
-
-    def __init__(self, model: torch.nn.Module, task: Any) -> None:
-        self.model, self.task = model, task
-        self.cache: dict[str, tuple[torch.nn.Module, float]] = {}
-
-    def get(self, methods: list[dict[str, Any]]) -> tuple[torch.nn.Module, float]:
-        key = json.dumps(methods, sort_keys=True)
-        if key not in self.cache:
-            model = copy.deepcopy(self.model)
-            start = time.perf_counter()
-            run(model, methods, self.task)
-            self.cache[key] = model, time.perf_counter() - start
-        return self.cache[key]
-
-
-def run(model: torch.nn.Module, methods: list[dict[str, Any]], task: Any) -> list[Any]:
-    built = [build_method(m) for m in methods]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compress(model, built, task.calibration)
-    return built
+def trained(prepared: Prepared, methods: list[dict[str, Any]]) -> tuple[torch.nn.Module, float]:
+    return prepared.get(json.dumps(methods, sort_keys=True), methods)
 
 
 def score(model: torch.nn.Module, task: Any) -> dict[str, Any]:
@@ -76,18 +53,17 @@ def score(model: torch.nn.Module, task: Any) -> dict[str, Any]:
             "params": cost["params"], "active_ffn": active_ffn_fraction(model)}  # fmt: skip
 
 
-def factor_row(trained: Trained, methods: list[dict[str, Any]]) -> dict[str, Any]:
-    model, seconds = trained.get(methods)
-    return {**score(model, trained.task), "train_seconds": round(seconds, 1)}
+def factor_row(prepared: Prepared, methods: list[dict[str, Any]]) -> dict[str, Any]:
+    model, seconds = trained(prepared, methods)
+    return {**score(model, prepared.task), "train_seconds": round(seconds, 1)}
 
 
-def gemq_row(trained: Trained, base: list[dict[str, Any]], entry: dict[str, Any]) -> dict[str, Any]:
-    model, _ = trained.get(base)
-    model = copy.deepcopy(model)
+def gemq_row(prepared: Prepared, base: list[dict[str, Any]], entry: dict[str, Any]) -> dict[str, Any]:
+    model = copy.deepcopy(trained(prepared, base)[0])
     start = time.perf_counter()
-    (gemq,) = run(model, [entry], trained.task)
+    (gemq,) = compress_quietly(model, [entry], prepared.task)
     seconds = time.perf_counter() - start
-    row = {**score(model, trained.task), "train_seconds": round(seconds, 1), "expert_bits": gemq.average_bits,
+    row = {**score(model, prepared.task), "train_seconds": round(seconds, 1), "expert_bits": gemq.average_bits,
            "allocation": gemq.assigned}  # fmt: skip
     return row
 
@@ -95,7 +71,7 @@ def gemq_row(trained: Trained, base: list[dict[str, Any]], entry: dict[str, Any]
 def speed_row(model: torch.nn.Module, task: Any, methods: list[dict[str, Any]]) -> dict[str, Any]:
     """Forward tokens/s on one 512-token window (2 threads), untrained routers (the cost does not depend on them)."""
     copy_ = copy.deepcopy(model)
-    run(copy_, methods, task)
+    compress_quietly(copy_, methods, task)
     example = task.first(task.example(1))
     timing = time_forward(copy_, example, runs=SPEED_RUNS, warmup=2, num_threads=2)
     tokens = example["input_ids"].numel()
@@ -104,9 +80,9 @@ def speed_row(model: torch.nn.Module, task: Any, methods: list[dict[str, Any]]) 
 
 
 def entries(model: torch.nn.Module, task: Any) -> list[Entry]:
-    trained = Trained(model, task)
+    prepared = Prepared(model, task)
     out: list[Entry] = [("FP32 (dense)", {"section": "factorllm", "variant": "fp32"}, {},
-                         functools.partial(factor_row, trained, []))]  # fmt: skip
+                         functools.partial(factor_row, prepared, []))]  # fmt: skip
     for experts in (4, 8):
         k = experts // 2
         for label, routing, prior in (("PA stage + KD", "learned", True), ("random routing", "random", True),
@@ -114,11 +90,11 @@ def entries(model: torch.nn.Module, task: Any) -> list[Entry]:
             methods = [factor(experts, routing, prior)]
             out.append((f"FactorLLM top-{k} of {experts}, {label}",
                         {"section": "factorllm", "experts": experts, "variant": f"{routing}-{'pa' if prior else 'kd'}"},
-                        {"methods": methods}, functools.partial(factor_row, trained, methods)))  # fmt: skip
+                        {"methods": methods}, functools.partial(factor_row, prepared, methods)))  # fmt: skip
         methods = [{**factor(experts), "train_experts": True, "lr": 1e-4}]
         out.append((f"FactorLLM top-{k} of {experts}, PA stage + KD, experts trained too", {"section": "factorllm",
                     "experts": experts, "variant": "learned-pa-experts"}, {"methods": methods},
-                    functools.partial(factor_row, trained, methods)))  # fmt: skip
+                    functools.partial(factor_row, prepared, methods)))  # fmt: skip
     base = [factor(4)]
     for bits in (2.0, 2.5):
         for allocation in ("global", "layer", "uniform"):
@@ -127,7 +103,7 @@ def entries(model: torch.nn.Module, task: Any) -> list[Entry]:
             entry = {"name": "gemq", "bits": bits, "allocation": allocation, "group_size": GROUP, "where": BLOCKS}
             out.append((f"GEMQ {bits} bits/expert weight, {allocation} allocation (GPTQ g{GROUP}, router fine-tune)",
                         {"section": "gemq", "bits": bits, "variant": allocation}, {"methods": [*base, entry]},
-                        functools.partial(gemq_row, trained, base, entry)))  # fmt: skip
+                        functools.partial(gemq_row, prepared, base, entry)))  # fmt: skip
     for label, entry in (
         ("PAT", {"name": "pat", "target": PAT_TARGET, "steps": PAT_STEPS}),
         ("magnitude pruning + LoRA", {"name": "hidden-prune", "target": PAT_TARGET, "score": "magnitude", "steps": PAT_STEPS}),
@@ -139,7 +115,7 @@ def entries(model: torch.nn.Module, task: Any) -> list[Entry]:
     ):  # fmt: skip
         variant = f"{entry['name']}-{entry.get('score', '')}-{entry['steps']}"
         out.append((f"{label} (hidden 576 -> {PAT_TARGET}, {entry['steps']} steps)", {"section": "pat",
-                    "variant": variant}, {"methods": [entry]}, functools.partial(factor_row, trained, [entry])))  # fmt: skip
+                    "variant": variant}, {"methods": [entry]}, functools.partial(factor_row, prepared, [entry])))  # fmt: skip
     for kind, label in (("trex", "T-REX r1 = r2 = 4, semantic prior"), ("trex-noprior", "T-REX r1 = r2 = 4, no prior"),
                         ("lora", "LoRA (peft), equal parameters"), ("head", "head only (no adapter)")):  # fmt: skip
         out.append((f"sentiment: {label}", {"section": "t-rex", "task": "sentiment", "variant": kind}, {},
@@ -189,8 +165,8 @@ def budget(r: dict[str, Any]) -> str:
     f = methods[0]
     if not f:
         return "none"
-    trained = "routers + experts" if f.get("train_experts") else "routers"
-    return f"{f.get('router_steps', 0)} PA + {f.get('steps', 0)} KD steps ({trained}, lr {f.get('lr', 1e-3):g})"
+    which = "routers + experts" if f.get("train_experts") else "routers"
+    return f"{f.get('router_steps', 0)} PA + {f.get('steps', 0)} KD steps ({which}, lr {f.get('lr', 1e-3):g})"
 
 
 def write(rows: list[dict[str, Any]]) -> None:

@@ -3,13 +3,29 @@ pruning baseline so that both get the same adapters, optimizer and step budget."
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from bitsmith.progress import log
+
+
+@contextlib.contextmanager
+def only_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Inside this block only ``params`` require gradients (none when empty); every flag is restored after."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in saved:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
 
 
 @dataclass

@@ -15,7 +15,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bitsmith.topology import DecoderTopology, has_topology, topology_of
+from bitsmith.swap import set_submodule
+from bitsmith.topology import DecoderTopology, Group, has_topology, topology_of
 
 
 def hidden_topology(model: nn.Module) -> DecoderTopology:
@@ -26,19 +27,14 @@ def hidden_topology(model: nn.Module) -> DecoderTopology:
     return topology
 
 
-def readers(block: nn.Module, topology: DecoderTopology) -> list[nn.Linear]:
+def _norm_groups(block: nn.Module, topology: DecoderTopology) -> list[Group]:
+    """The block's groups fed by a norm of the residual stream (not by another linear)."""
+    return [g for g in topology.groups if not isinstance(block.get_submodule(g.prev), nn.Linear)]
+
+
+def reader_names(block: nn.Module, topology: DecoderTopology) -> list[str]:
     """The block's linears that read a norm of the residual stream (their input columns are hidden channels)."""
-    out = []
-    for group in topology.groups:
-        if not isinstance(block.get_submodule(group.prev), nn.Linear):
-            out += [block.get_submodule(name) for name in group.linears]
-    return out
-
-
-def norms(block: nn.Module, topology: DecoderTopology) -> list[nn.Module]:
-    return [
-        block.get_submodule(g.prev) for g in topology.groups if not isinstance(block.get_submodule(g.prev), nn.Linear)
-    ]
+    return [name for group in _norm_groups(block, topology) for name in group.linears]
 
 
 def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
@@ -66,17 +62,15 @@ def remove_hidden_channels(model: nn.Module, keep: Tensor) -> nn.Module:
     embed.weight = nn.Parameter(embed.weight[:, index].contiguous())
     embed.embedding_dim = kept
     gain = math.sqrt(hidden / kept)
+    all_norms = []
     for _, block in topology.blocks(model):
         for writer_name in topology.writers:
             w = block.get_submodule(writer_name)
-            _replace(block, writer_name, _linear(w.weight[index], None if w.bias is None else w.bias[index]))
-        for group in topology.groups:
-            if isinstance(block.get_submodule(group.prev), nn.Linear):
-                continue
-            for linear_name in group.linears:
-                r = block.get_submodule(linear_name)
-                _replace(block, linear_name, _linear(r.weight[:, index], r.bias))
-    all_norms = [n for _, block in topology.blocks(model) for n in norms(block, topology)]
+            set_submodule(block, writer_name, _linear(w.weight[index], None if w.bias is None else w.bias[index]))
+        for reader_name in reader_names(block, topology):
+            r = block.get_submodule(reader_name)
+            set_submodule(block, reader_name, _linear(r.weight[:, index], r.bias))
+        all_norms += [block.get_submodule(g.prev) for g in _norm_groups(block, topology)]
     for norm in {id(n): n for n in [*all_norms, model.get_submodule(topology.final_norm)]}.values():
         offset = topology.norm_offset
         norm.weight = nn.Parameter(((norm.weight[index] + offset) * gain - offset).contiguous())
@@ -97,11 +91,6 @@ def remove_hidden_channels(model: nn.Module, keep: Tensor) -> nn.Module:
     return model
 
 
-def _replace(block: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, child, module)
-
-
 @torch.no_grad()
 def channel_scores(model: nn.Module, how: str, windows: list[Tensor] | None = None) -> Tensor:
     """Importance of every hidden channel for post-hoc pruning: ``magnitude`` (L2 norm of every weight that
@@ -112,7 +101,7 @@ def channel_scores(model: nn.Module, how: str, windows: list[Tensor] | None = No
         total = embed.weight.pow(2).sum(0)
         for _, block in topology.blocks(model):
             total += sum(block.get_submodule(w).weight.pow(2).sum(1) for w in topology.writers)
-            total += sum(r.weight.pow(2).sum(0) for r in readers(block, topology))
+            total += sum(block.get_submodule(r).weight.pow(2).sum(0) for r in reader_names(block, topology))
         head = getattr(model, "lm_head", None)
         if head is not None and head.weight is not embed.weight:
             total += head.weight.pow(2).sum(0)

@@ -113,9 +113,9 @@ class MoEFeedForward(nn.Module):
 
     @torch.no_grad()
     def to_float(self) -> nn.Module:
-        """One dense FFN holding every expert's neurons (what all experts on computes)."""
+        """One dense FFN (an ``Expert`` over all the neurons): what all experts on computes."""
         weights = [e.gate_proj.weight for e in self.experts]
-        dense = _DenseFFN(self.hidden, sum(w.shape[0] for w in weights), self.experts[0].act_fn)
+        dense = Expert(self.hidden, sum(w.shape[0] for w in weights), self.experts[0].act_fn)
         dense.gate_proj.weight.copy_(torch.cat(weights))
         dense.up_proj.weight.copy_(torch.cat([e.up_proj.weight for e in self.experts]))
         dense.down_proj.weight.copy_(torch.cat([e.down_proj.weight for e in self.experts], 1))
@@ -172,18 +172,6 @@ class MoEFeedForward(nn.Module):
             yield
         finally:
             self.top_k, self.routing = saved, saved_routing
-
-
-class _DenseFFN(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, act: nn.Module) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self.act_fn = act
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoEFeedForward]:

@@ -149,6 +149,13 @@ def run_block(
     return outputs
 
 
+def module_inputs(block: nn.Module, inputs: BlockInputs, module: nn.Module) -> list[Tensor]:
+    """The first positional input of ``module`` inside ``block`` for every batch (each pass stops after it)."""
+    captured: list[Tensor] = []
+    run_block(block, inputs, {module: lambda m, args, out: captured.append(args[0])}, stop_after=module)
+    return captured
+
+
 def sequential(
     model: nn.Module,
     batches: Iterable[Any],

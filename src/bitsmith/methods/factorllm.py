@@ -39,6 +39,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.data import token_windows
+from bitsmith.finetune import only_trainable
 from bitsmith.method import Method, register_method
 from bitsmith.moe import (
     MoEFeedForward,
@@ -51,7 +52,7 @@ from bitsmith.moe import (
 )
 from bitsmith.progress import log
 from bitsmith.select import Selection
-from bitsmith.sequential import BlockInputs, run_block, sequential
+from bitsmith.sequential import BlockInputs, module_inputs, sequential
 from bitsmith.swap import set_submodule
 from bitsmith.topology import DecoderTopology, topology_of
 
@@ -148,10 +149,7 @@ class FactorLLM(Method):
         moe = block.get_submodule(topology.ffn)
         if not isinstance(moe, MoEFeedForward):
             return
-        captured: list[Tensor] = []
-        run_block(block, inputs, {moe: lambda m, args, out: captured.append(args[0].reshape(-1, args[0].shape[-1]))},
-                  stop_after=moe)  # fmt: skip
-        x = torch.cat(captured).float()
+        x = torch.cat([h.reshape(-1, h.shape[-1]) for h in module_inputs(block, inputs, moe)]).float()
         generator = torch.Generator().manual_seed(self.seed)
         if x.shape[0] > self.router_tokens:
             x = x[torch.randperm(x.shape[0], generator=generator)[: self.router_tokens]]
@@ -163,35 +161,28 @@ class FactorLLM(Method):
         """End-to-end stage: KD to the dense teacher + PA + balance; routers (and experts) trained."""
         layers = list(moe_layers(model).values())
         trainable = [p for m in layers for p in (m.parameters() if self.train_experts else m.router.parameters())]
-        saved = {p: p.requires_grad for p in model.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in trainable:
-            p.requires_grad_(True)
         optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=1e-5)
         history: list[float] = []
         try:
             for moe in layers:
                 moe.straight_through, moe.keep = True, True
             model.eval()  # no dropout; the teacher and the student see the same network
-            for step in range(self.steps):
-                ids = windows[step % len(windows)]
-                with torch.no_grad(), dense_teacher(model):
-                    teacher = model(input_ids=ids).logits
-                loss = kd_loss(model(input_ids=ids).logits, teacher) + self._router_terms(layers)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                history.append(float(loss.detach()))
-                if (step + 1) % 10 == 0 or step + 1 == self.steps:
-                    log.info(
-                        f"factorllm: step {step + 1}/{self.steps}, loss {sum(history[-10:]) / len(history[-10:]):.4f}"
-                    )
+            with only_trainable(model, trainable):
+                for step in range(self.steps):
+                    ids = windows[step % len(windows)]
+                    with torch.no_grad(), dense_teacher(model):
+                        teacher = model(input_ids=ids).logits
+                    loss = kd_loss(model(input_ids=ids).logits, teacher) + self._router_terms(layers)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    history.append(float(loss.detach()))
+                    if (step + 1) % 10 == 0 or step + 1 == self.steps:
+                        recent = history[-10:]
+                        log.info(f"factorllm: step {step + 1}/{self.steps}, loss {sum(recent) / len(recent):.4f}")
         finally:
             for moe in layers:
                 moe.straight_through, moe.keep, moe.last = False, False, None
-            for p, flag in saved.items():
-                p.requires_grad_(flag)
         return history
 
     def _router_terms(self, layers: list[MoEFeedForward]) -> Tensor:

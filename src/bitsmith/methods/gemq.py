@@ -41,11 +41,12 @@ from torch import Tensor, nn
 
 from bitsmith.alloc import AtLeast, Budget, allocate
 from bitsmith.data import token_windows
+from bitsmith.finetune import only_trainable
 from bitsmith.method import Method, build_method, register_method
 from bitsmith.moe import Expert, MoEFeedForward, selected_moe_layers
 from bitsmith.progress import log
 from bitsmith.quant.layers import grouped_weight_quantizer
-from bitsmith.sequential import BlockInputs, run_block, sequential
+from bitsmith.sequential import BlockInputs, module_inputs, sequential
 from bitsmith.topology import DecoderTopology, topology_of
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -67,17 +68,13 @@ def output_gradients(
     embed = model.get_input_embeddings()
     handles = [moe.register_forward_hook(keep(name)) for name, moe in moes.items()]
     handles.append(embed.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
-    saved = {p: p.requires_grad for p in model.parameters()}
     try:
-        for p in saved:
-            p.requires_grad_(False)  # activations' gradients only; no weight gradients
-        for ids in windows:
-            model(input_ids=ids, labels=ids).loss.backward()
+        with only_trainable(model, []):  # activations' gradients only; no weight gradients
+            for ids in windows:
+                model(input_ids=ids, labels=ids).loss.backward()
     finally:
         for handle in handles:
             handle.remove()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
     return squares
 
 
@@ -175,8 +172,7 @@ class GEMQ(Method):
             if moe_name not in moes:
                 return
             moe = moes[moe_name]
-            captured: list[Tensor] = []
-            run_block(module, inputs, {moe: lambda m, args, out: captured.append(args[0])}, stop_after=moe)
+            captured = module_inputs(module, inputs, moe)
             coefficients.update(expert_coefficients(moe, moe_name, captured, squares[moe_name], self.candidates,
                                                     self.group_size))  # fmt: skip
 
@@ -222,29 +218,23 @@ class GEMQ(Method):
 
     def _tune_routers(self, model: nn.Module, moes: dict[str, MoEFeedForward], windows: list[Tensor]) -> list[float]:
         routers = [p for m in moes.values() for p in m.router.parameters()]
-        saved = {p: p.requires_grad for p in model.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in routers:
-            p.requires_grad_(True)
         optimizer = torch.optim.AdamW(routers, lr=self.router_lr, weight_decay=1e-4)
         history: list[float] = []
         try:
             for moe in moes.values():
                 moe.straight_through = True
             model.eval()
-            for _ in range(self.router_epochs):
-                for step, ids in enumerate(windows):
-                    loss = model(input_ids=ids, labels=ids).loss
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    history.append(float(loss.detach()))
-                    if (step + 1) % 10 == 0:
-                        log.info(f"gemq: router fine-tune step {step + 1}/{len(windows)}, loss {history[-1]:.4f}")
+            with only_trainable(model, routers):
+                for _ in range(self.router_epochs):
+                    for step, ids in enumerate(windows):
+                        loss = model(input_ids=ids, labels=ids).loss
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        history.append(float(loss.detach()))
+                        if (step + 1) % 10 == 0:
+                            log.info(f"gemq: router fine-tune step {step + 1}/{len(windows)}, loss {history[-1]:.4f}")
         finally:
             for moe in moes.values():
                 moe.straight_through = False
-            for p, flag in saved.items():
-                p.requires_grad_(flag)
         return history

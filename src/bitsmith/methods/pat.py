@@ -40,6 +40,7 @@ from bitsmith.finetune import LoraSettings, lora_finetune
 from bitsmith.hidden import hidden_topology, remove_hidden_channels
 from bitsmith.method import Method, register_method
 from bitsmith.progress import log
+from bitsmith.swap import set_submodule
 
 FREEZE_AT = 0.8
 
@@ -157,9 +158,7 @@ class PAT(Method):
         model.set_input_embeddings(WithHSM(embed, HSM(hidden, self.hsm_rank, self._mask, not tied), self._mask))
         for _, block in topology.blocks(model):
             for name in topology.writers:
-                parent, _, child = name.rpartition(".")
-                owner = block.get_submodule(parent)
-                setattr(owner, child, WithHSM(getattr(owner, child), HSM(hidden, self.hsm_rank, self._mask)))
+                set_submodule(block, name, WithHSM(block.get_submodule(name), HSM(hidden, self.hsm_rank, self._mask)))
         return {}
 
     def calibrate(self, model: nn.Module, batches: Any) -> None:
@@ -208,14 +207,12 @@ class PAT(Method):
             model.lm_head.weight = embed.weight
         for _, block in topology.blocks(model):
             for name in topology.writers:
-                parent, _, child = name.rpartition(".")
-                owner = block.get_submodule(parent)
-                module = getattr(owner, child)
+                module = block.get_submodule(name)
                 weight, bias = module.hsm.fold(module.inner.weight, module.inner.bias)
                 module.inner.weight = nn.Parameter(weight.contiguous())
                 if bias is not None:
                     module.inner.bias = nn.Parameter(bias.contiguous())
-                setattr(owner, child, module.inner)
+                set_submodule(block, name, module.inner)
         remove_hidden_channels(model, keep)
         self.kept = int(keep.sum())
         del self._mask
