@@ -131,6 +131,14 @@ MUTANTS = [
         "tests/test_pat.py tests/test_hidden.py",
     ),
     M(
+        "hidden-prune",
+        "the lowest-scoring channels kept",
+        "hidden.py",
+        "keep[scores.topk(target).indices] = True",
+        "keep[(-scores).topk(target).indices] = True",
+        "tests/test_hidden.py",
+    ),
+    M(
         "t-rex",
         "one routing matrix for every token (the mean)",
         "methods/trex.py",
