@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import sys
 import time
 import warnings
@@ -129,11 +130,16 @@ def measure(model: torch.nn.Module, task: LanguageModelTask, methods: list[dict[
             "samples": samples, "threads": torch.get_num_threads()}  # fmt: skip
 
 
+def bench_threads() -> int:
+    """Torch threads for accuracy rows: 2, or ``BITSMITH_BENCH_THREADS`` (1 when two benchmarks share 2 cores)."""
+    return int(os.environ.get("BITSMITH_BENCH_THREADS", "2"))
+
+
 def reference(name: str) -> tuple[torch.nn.Module, LanguageModelTask]:
     """The FP32 zoo LLM ``name`` and the task (text windows, calibration) with its FP32 reference made."""
     from bitsmith.zoo.llm import load_llm
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(bench_threads())
     model, tokenizer = load_llm(name)
     task = language_model_task(tokenizer, EVAL_WINDOWS, CALIB_WINDOWS, CALIB_BATCH, seed=0, kl_windows=KL_WINDOWS)
     task.evaluate(model)  # makes the FP32 reference

@@ -76,7 +76,8 @@ def score(model: torch.nn.Module, task: Any, seconds: float, **extra: Any) -> di
     metrics = task.evaluate(model)
     bits = average_bits(model) if routed_layers(model) else None
     return {**metrics, "quant_seconds": round(seconds, 1), "size_mib": round(cost["size_bytes"] / 2**20, 1),
-            "avg_weight_bits": cost["avg_weight_bits"], "routed_bits": bits, **extra}  # fmt: skip
+            "avg_weight_bits": cost["avg_weight_bits"], "routed_bits": bits, "threads": torch.get_num_threads(),
+            **extra}  # fmt: skip
 
 
 def at_point(prepared: Prepared, key: str, methods: list[dict[str, Any]], point: dict[str, Any]) -> dict[str, Any]:
@@ -156,8 +157,7 @@ def run() -> None:
             curve_task = language_model_task(task.tokenizer, CURVE_WINDOWS, CALIB_WINDOWS, CALIB_BATCH, seed=0,
                                              kl_windows=KL_WINDOWS)  # fmt: skip
             curve_task.evaluate(model)  # its FP32 reference
-            head, tail = entries[:2], entries[2:]
-            entries = head + point_entries(name, Prepared(model, task), Prepared(model, curve_task)) + tail
+            entries += point_entries(name, Prepared(model, task), Prepared(model, curve_task))
         fill(rows, entries, write)
         del model, task
 
