@@ -34,6 +34,47 @@ class Mutant:
 M = Mutant
 MUTANTS = [
     # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
+    # -- robustness: attacks, adversarial training ------------------------------------------------------
+    M(
+        "adv-train",
+        "PGD steps descend the loss instead of ascending it",
+        "robust/attacks.py",
+        "adv = (x + _project(adv.detach() + spec.alpha * step - x, spec.eps, spec.norm)).clamp(LOW, HIGH)",
+        "adv = (x + _project(adv.detach() - spec.alpha * step - x, spec.eps, spec.norm)).clamp(LOW, HIGH)",
+        "tests/test_robust.py",
+    ),
+    M(
+        "adv-train",
+        "training batch left clean",
+        "methods/adv_train.py",
+        "return pgd(model, x, y, self.spec(self.eps)), y",
+        "return x, y",
+        "tests/test_robust.py",
+    ),
+    M(
+        "mat",
+        "mixed MAT drops the clean examples",
+        "methods/mat.py",
+        "return torch.cat([x, *crafted]), y.repeat(len(crafted) + 1)",
+        "return torch.cat(crafted), y.repeat(len(crafted))",
+        "tests/test_robust.py",
+    ),
+    M(
+        "mat",
+        "max MAT keeps the weakest strength",
+        "methods/mat.py",
+        "worst = losses.argmax(0)",
+        "worst = losses.argmin(0)",
+        "tests/test_robust.py",
+    ),
+    M(
+        "robust-eval",
+        "transfer examples crafted on the evaluated model",
+        "robust/evaluate.py",
+        "crafted = pgd(source, images, labels, transfer_spec)",
+        "crafted = pgd(model, images, labels, transfer_spec)",
+        "tests/test_robust.py",
+    ),
     M(
         "factorllm",
         "pseudo-labels are the experts farthest from the dense output",

@@ -170,3 +170,11 @@ def test_fake_quant_formula() -> None:
     y = fake_quant(x, torch.tensor(0.5), torch.tensor(2.0), 0, 7)
     # codes: round(0.52)+2=3, round(-1.48)+2=1, round(6)+2=8->7
     assert y.tolist() == [0.5, -0.5, 2.5]
+
+
+def test_quantized_model_moves_with_to() -> None:
+    """``model.to(...)`` walks every submodule's ``_apply``: a quantizer must not shadow it (ART calls ``to``)."""
+    from bitsmith.quant.uniform import UniformQuantizer
+
+    q = UniformQuantizer(bits=4)
+    assert q.to(torch.float64) is q and q.to("cpu") is q

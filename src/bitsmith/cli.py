@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import sys
 import typing
@@ -90,6 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitsmith.run import load_checkpoint
 
     model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data, args.windows)
+    if args.attack:
+        return _eval_attacks(args, model, task)
     if args.slices or args.threshold:
         return _eval_precisions(args, model, task)
     metrics = task.evaluate(model)
@@ -102,6 +105,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if args.backend is not None:
         _deploy_and_time(args, model, fp32, task)
+    return 0
+
+
+def _eval_attacks(args: argparse.Namespace, model: Any, task: Any) -> int:
+    """Clean and robust top-1 under each attack and eps, white-box (through the fake-quant modules) and transferred
+    from the trained FP32 zoo model; ``--json`` also writes the report and a RobustBench-style entry."""
+    from bitsmith.data import subset
+    from bitsmith.export.checkpoint import read_metadata
+    from bitsmith.files import atomic_write_text
+    from bitsmith.robust import attack_spec, robust_evaluate
+    from bitsmith.zoo import pretrained
+
+    if getattr(task, "kind", "") != "classification":
+        raise ValueError("--attack evaluates image classifiers (the zoo CNN / ViT); this checkpoint's task is "
+                         f"{getattr(task, 'kind', 'unknown')}")  # fmt: skip
+    specs = [attack_spec("attack", name=name, eps=eps, norm=args.norm, steps=args.steps, restarts=args.restarts)
+             for name in args.attack for eps in args.eps]  # fmt: skip
+    meta = json.loads(read_metadata(args.checkpoint).get("meta", "{}"))
+    name = args.model or meta.get("model")
+    images, labels = subset(*task.test, args.subset, seed=0)
+    source = None
+    if args.transfer:
+        try:
+            source = pretrained(name, args.data, train_if_missing=False)
+        except FileNotFoundError as err:
+            console.print(f"no transfer attack: {err}", highlight=False)
+    report = robust_evaluate(model, images, labels, specs, source=source)
+    scope = "all" if args.subset is None or args.subset >= len(task.test[1]) else f"a seeded subset of {len(labels)}"
+    console.print(f"{args.checkpoint} ({scope} test images; transfer source: "
+                  f"{'the trained FP32 ' + name if source is not None else 'none'})", highlight=False)  # fmt: skip
+    for line in report.lines():
+        console.print(f"  {line}", highlight=False)
+    if args.json:
+        entry = report.robustbench_entry(name, meta.get("recipe"))
+        atomic_write_text(args.json, json.dumps({"report": report.to_dict(), "robustbench": entry}, indent=2))
+        console.print(f"wrote {args.json}", highlight=False)
     return 0
 
 
@@ -283,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--threshold", type=number_list(probability), help="MoBiQuant: route at these thresholds, e.g. 0.3,0.5"
     )
+    evaluate.add_argument(
+        "--attack", type=number_list(str), help="robust top-1 under these attacks: fgsm,pgd,autoattack"
+    )
+    evaluate.add_argument("--eps", type=number_list(float), default=[0.1], help="attack strengths, e.g. 0.05,0.1")
+    evaluate.add_argument("--norm", default="inf", help="attack norm: inf or 2")
+    evaluate.add_argument("--steps", type=int, default=20, help="PGD / APGD iterations")
+    evaluate.add_argument("--restarts", type=int, default=1, help="random restarts")
+    evaluate.add_argument("--subset", type=positive_int, help="attack a seeded subset of the test images (quick runs)")
+    evaluate.add_argument("--no-transfer", dest="transfer", action="store_false",
+                          help="skip the transfer attack from the trained FP32 zoo model")  # fmt: skip
+    evaluate.add_argument("--json", help="write the robust report and a RobustBench-style entry here")
     evaluate.add_argument("--backend", choices=["auto", *BACKENDS], help="also deploy and time it against FP32")
     _timing_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)

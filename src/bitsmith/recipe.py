@@ -134,6 +134,24 @@ class ExportSpec(_Strict):
     )
 
 
+class AttackSection(_Strict):
+    """Robust evaluation of the FP32 and the compressed model (zoo classifiers)."""
+
+    attacks: list[Literal["fgsm", "pgd", "autoattack"]] = Field(["pgd"], min_length=1)
+    eps: list[float] = Field([0.1], min_length=1, description="strengths in the input's units ([0, 1] images)")
+    norm: Literal["inf", "2"] = "inf"
+    steps: int = Field(20, ge=1)
+    restarts: int = Field(1, ge=1)
+    subset: int | None = Field(None, ge=1, description="attack a seeded subset of the test images (all when null)")
+    transfer: bool = Field(True, description="also attack the compressed model with examples crafted on the FP32 one")
+
+    def specs(self) -> list[Any]:
+        from bitsmith.robust import attack_spec
+
+        return [attack_spec("attack", name=name, eps=eps, norm=self.norm, steps=self.steps, restarts=self.restarts)
+                for name in self.attacks for eps in self.eps]  # fmt: skip
+
+
 class Recipe(_Strict):
     model: ModelSpec
     data: DataSpec = DataSpec()
@@ -141,6 +159,7 @@ class Recipe(_Strict):
     train: dict[str, Any] | None = None
     eval: EvalSpec = EvalSpec()
     export: ExportSpec = ExportSpec()
+    attack: AttackSection | None = None
 
     def build_methods(self) -> list[Method]:
         return [validate_method(entry, f"methods.{i}") for i, entry in enumerate(self.methods)]
@@ -286,6 +305,13 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         raise RecipeError(f"eval.critical_classes: {bad} are not Fashion-MNIST classes (0..9)")
     if expected != "fashion-mnist" and recipe.train is not None:
         raise RecipeError("train: training needs a labelled classification task; HF models are post-training only")
+    if recipe.attack is not None:
+        if expected != "fashion-mnist":
+            raise RecipeError("attack: robust evaluation attacks image classifiers (zoo cnn / vit); remove it here")
+        try:
+            recipe.attack.specs()
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
     recipe.build_methods()
     recipe.train_config()
     return recipe

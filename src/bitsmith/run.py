@@ -28,7 +28,7 @@ from bitsmith.zoo import HF_MODELS, LLM_MODELS, ZOO, checkpoint_path, get_zoo_mo
 from bitsmith.zoo.data import load_fashion_mnist
 
 SMOKE = {"eval_size": 200, "text_eval_size": 32, "calib_size": 32, "latency_runs": 2, "latency_batch": 16,
-         "train_examples": 256, "lm_eval_windows": 2, "lm_calib_windows": 1}  # fmt: skip
+         "train_examples": 256, "lm_eval_windows": 2, "lm_calib_windows": 1, "attack_examples": 64}  # fmt: skip
 
 
 def model_source(recipe: Recipe) -> str:
@@ -162,6 +162,27 @@ def measure(model: nn.Module, task: Task, recipe: Recipe, smoke: bool) -> dict[s
     return {"metrics": metrics, "layers": cost.to_dict()["layers"], "timing": timing and timing.to_dict()}
 
 
+def robust_section(recipe: Recipe, fp32: nn.Module, model: nn.Module, task: Task, smoke: bool) -> dict[str, Any]:
+    """The recipe's attacks on the FP32 and the compressed model (white-box; the compressed one also under the
+    transfer attack from FP32), and a RobustBench-style entry for the compressed one."""
+    from bitsmith.robust import robust_evaluate
+
+    assert recipe.attack is not None and isinstance(task, ClassificationTask)
+    size = (
+        min(recipe.attack.subset or SMOKE["attack_examples"], SMOKE["attack_examples"])
+        if smoke
+        else recipe.attack.subset
+    )
+    images, labels = subset(*task.test, size, seed=recipe.data.seed)
+    specs = recipe.attack.specs()
+    log.info(f"attacking the FP32 and the compressed model on {len(labels)} test images: "
+             + ", ".join(s.label() for s in specs))  # fmt: skip
+    base = robust_evaluate(fp32, images, labels, specs)
+    comp = robust_evaluate(model, images, labels, specs, source=fp32 if recipe.attack.transfer else None)
+    return {"baseline": base.to_dict(), "compressed": comp.to_dict(),
+            "robustbench": comp.robustbench_entry(str(recipe.model.name), recipe.model_dump(mode="json"))}  # fmt: skip
+
+
 def run_fingerprint(resolved: dict[str, Any], source: str, smoke: bool) -> str:
     """Digest of what a run computes (resolved recipe, model source, smoke): a training state in ``--out``
     resumes only into the run that started it."""
@@ -185,6 +206,7 @@ def run_recipe(
     log.info(f"measuring the FP32 baseline on {task.eval_examples} examples")
     baseline = measure(model, task, recipe, smoke)
     methods = recipe.build_methods()
+    fp32 = copy.deepcopy(model) if recipe.attack is not None else None
     start = time.perf_counter()
     train_cfg = recipe.train_config()
     trains = train_cfg is not None and isinstance(task, ClassificationTask)
@@ -213,6 +235,7 @@ def run_recipe(
     compressed["metrics"]["compress_seconds"] = round(compress_seconds, 3)
     calibration_stats = {m.registered_name: m._stats for m in methods if isinstance(getattr(m, "_stats", None), dict)}
     samples = task.samples(model) if hasattr(task, "samples") else None
+    robustness = robust_section(recipe, fp32, model, task, smoke) if fp32 is not None else None
     deployed = None
     if recipe.export.deploy != "none":
         example = task.example(SMOKE["latency_batch"] if smoke else recipe.eval.latency_batch)
@@ -233,6 +256,7 @@ def run_recipe(
         "compressed_layers": layer_map,
         "training": history,
         "deployed": deployed,
+        "robustness": robustness,
         "calibration": calibration_stats,
         "samples": samples,
         "recipe": resolved,

@@ -184,6 +184,7 @@ def run_markdown(report: dict[str, Any]) -> str:
         "![per-layer bits](layers.png)",
         "",
     ]
+    md += robustness_lines(report.get("robustness"))
     if report.get("samples"):
         md += ["## Greedy generations", "", "| prompt | FP32 | compressed |", "|---|---|---|"]
         md += [f"| {cell(s['prompt'])} | {cell(s['fp32'])} | {cell(s['compressed'])} |" for s in report["samples"]]
@@ -199,6 +200,20 @@ def run_markdown(report: dict[str, Any]) -> str:
         ]
         md += ["", "![training](training.png)", ""]
     return "\n".join(md)
+
+
+def robustness_lines(robust: dict[str, Any] | None) -> list[str]:
+    """The robust-accuracy table of a run with an ``attack`` section (percent top-1)."""
+    if not robust:
+        return []
+    base, comp = robust["baseline"], robust["compressed"]
+    md = ["## Robustness", "", f"Top-1 % on {comp['examples']} test images; transfer = examples crafted on the FP32 "
+          "model, evaluated on the compressed one.", "", "| attack | FP32 | compressed | compressed, transfer from FP32 |",
+          "|---|---|---|---|", f"| none (clean) | {100 * base['clean']:.2f} | {100 * comp['clean']:.2f} | |"]  # fmt: skip
+    for b, c in zip(base["results"], comp["results"], strict=True):
+        transfer = f"{100 * c['transfer_accuracy']:.2f}" if c["transfer_accuracy"] is not None else ""
+        md.append(f"| {c['attack']} | {100 * b['accuracy']:.2f} | {100 * c['accuracy']:.2f} | {transfer} |")
+    return md + [""] + [f"**Warning:** {flag}" for flag in comp["flags"]] + [""]
 
 
 def cell(text: str) -> str:

@@ -1,6 +1,7 @@
 """Methods, one file per paper or baseline. Importing this package registers them all."""
 
 from bitsmith.methods import (  # noqa: F401  (imported to register)
+    adv_train,
     awq,
     bitslice,
     bsq,
@@ -13,6 +14,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     hero,
     hidden_prune,
     liftquant,
+    mat,
     mixed,
     mobiquant,
     msq,

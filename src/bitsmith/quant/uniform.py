@@ -158,7 +158,7 @@ class UniformQuantizer(Quantizer):
             )
         return flat.reshape(x.shape[0], -1, self.group_size)  # type: ignore[arg-type]
 
-    def _apply(self, x: Tensor, params: tuple[Tensor, ...], op: Callable[..., Tensor]) -> Tensor:
+    def _per_granularity(self, x: Tensor, params: tuple[Tensor, ...], op: Callable[..., Tensor]) -> Tensor:
         """Run ``op(x_view, *params_view)`` with params broadcast to their rows, in ``x``'s shape."""
         if self.granularity == "tensor":
             return op(x, *(p.reshape(()) for p in params))
@@ -227,25 +227,27 @@ class UniformQuantizer(Quantizer):
             return x
         scale, zero_point = self._params(x)
         if self.binary:
-            out = self._apply(x, (scale,), fake_binary)
+            out = self._per_granularity(x, (scale,), fake_binary)
         else:
             fake = fake_quant_float_zero if self.float_zero else fake_quant
-            out = self._apply(x, (scale, zero_point), lambda v, s, z: fake(v, s, z, self.qmin, self.qmax))
+            out = self._per_granularity(x, (scale, zero_point), lambda v, s, z: fake(v, s, z, self.qmin, self.qmax))
         return out.to(x.dtype)
 
     @torch.no_grad()
     def encode(self, x: Tensor) -> Encoded:
         scale, zero_point = (p.detach() for p in self._params(x))
         if self.binary:
-            codes = self._apply(x, (scale,), lambda v, s: (v / s >= 0).to(torch.int32))
+            codes = self._per_granularity(x, (scale,), lambda v, s: (v / s >= 0).to(torch.int32))
         else:
             quantize = quantize_codes_float_zero if self.float_zero else quantize_codes
-            codes = self._apply(x, (scale, zero_point), lambda v, s, z: quantize(v, s, z, self.qmin, self.qmax))
+            codes = self._per_granularity(
+                x, (scale, zero_point), lambda v, s, z: quantize(v, s, z, self.qmin, self.qmax)
+            )
         return Encoded(codes, {"scale": scale, "zero_point": zero_point}, self._bits, self.code_min)
 
     @torch.no_grad()
     def decode(self, enc: Encoded) -> Tensor:
         params = (enc.params["scale"], enc.params["zero_point"])
         if self.binary:
-            return self._apply(enc.codes, params[:1], lambda c, s: (2 * c.to(s.dtype) - 1) * s)
-        return self._apply(enc.codes, params, dequantize_codes)
+            return self._per_granularity(enc.codes, params[:1], lambda c, s: (2 * c.to(s.dtype) - 1) * s)
+        return self._per_granularity(enc.codes, params, dequantize_codes)
