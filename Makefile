@@ -9,7 +9,7 @@ PEERS  := .venv-peers/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install install-gemma data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-moe clean
+.PHONY: install install-gemma data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-moe bench-robust clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -94,6 +94,11 @@ bench-llm-gemma: install-gemma data
 # LiftQuant / MoBiQuant / NPFT / routing (issue 19); Gemma rows when `make install-gemma` has run
 bench-llm-methods: $(STAMP) data
 	$(PY) benchmarks/llm_methods.py
+
+# Robust training rows share the cores with anything; the PGD-20 timing row runs alone afterwards.
+bench-robust: $(STAMP) data
+	$(PY) benchmarks/robust.py
+	$(PY) benchmarks/robust.py --speed
 
 # FactorLLM / GEMQ rows share the cores with anything; the speed rows run alone afterwards.
 bench-moe: $(STAMP) data
