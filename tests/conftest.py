@@ -32,6 +32,13 @@ def make_cnn(seed: int = 0) -> TinyCNN:
     return TinyCNN().eval()
 
 
+def make_ensemble(seed: int = 0, members: int = 2) -> nn.Module:
+    """Tiny CNNs (different seeds) averaged as one :class:`bitsmith.Ensemble`."""
+    from bitsmith import Ensemble
+
+    return Ensemble([make_cnn(seed + i) for i in range(members)], torch.zeros(1, 1, 12, 12)).eval()
+
+
 def make_vit(seed: int = 0) -> nn.Module:
     """A two-block ViT for the 12x12 test images."""
     from bitsmith.zoo.vision import ViT

@@ -276,7 +276,7 @@ def test_mixed_scores_a_causal_lm_on_next_tokens_and_gptq_keeps_its_bits() -> No
     inputs, labels = mixed._inputs_and_labels(model, calib[0])
     with torch.no_grad():
         out = model(**inputs, labels=inputs["input_ids"])
-        assert torch.allclose(mixed.objective(out.logits, labels), out.loss, atol=1e-5)
+        assert torch.allclose(mixed.calibration_loss(out.logits, labels), out.loss, atol=1e-5)
     compress(model, [mixed, build_method({"name": "gptq", "where": BLOCKS})], calib)
     allocation = {name: bits["w_bits"] for name, bits in mixed.allocation.items()}
     layers = {name: model.get_submodule(name) for name in allocation}

@@ -13,7 +13,7 @@ import torch
 
 from bitsmith import METHODS, build_method, compress, load, model_cost, run_forward, save, strip
 from bitsmith.method import HOOKS
-from conftest import make_cnn, make_llama, make_vit, token_batches
+from conftest import make_cnn, make_ensemble, make_llama, make_vit, token_batches
 
 TINY_CONFIG: dict[str, dict] = {
     "smoothquant": {"layers": "all"},
@@ -29,6 +29,9 @@ TINY_CONFIG: dict[str, dict] = {
     "pat": {"target": 48, "steps": 3, "hsm_rank": 4},
     "hidden-prune": {"target": 48, "steps": 2},
     "t-rex": {"where": {"types": ["Linear"]}},
+    "dverge": {"steps": 2},
+    "adv-train": {"steps": 2},
+    "mat": {"steps": 2},
 }
 MODELS = {
     "nvit": make_vit,
@@ -42,6 +45,8 @@ MODELS = {
     "gemq": make_llama,
     "pat": make_llama,
     "hidden-prune": make_llama,
+    "ensemble": make_ensemble,
+    "dverge": make_ensemble,
 }  # methods that need another architecture
 DECODER_LMS = {
     "gptq",
@@ -89,6 +94,8 @@ def test_method_contract(name: str, tmp_path: Path, images: torch.Tensor, calib:
         batch = method.perturb(model, calib[0])
         loss = torch.nn.functional.cross_entropy(run_forward(model, batch), batch[1]) + method.penalty(model, batch)
         loss.backward()
+    if cls.uses("objective"):
+        method.objective(model, calib[0]).backward()
     out = call(model)
     assert out.shape == reference.shape and torch.isfinite(out).all()
     assert model_cost(model, calib[0] if name in DECODER_LMS else images).totals["size_bits"] > 0

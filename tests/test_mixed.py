@@ -215,5 +215,5 @@ def test_the_critical_objective_adds_the_merged_class_loss() -> None:
     logits, labels = torch.randn(16, 10, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
     method = MixedPrecision(critical=[1, 3], critical_weight=2.0)
     expected = nn.functional.cross_entropy(logits, labels) + 2.0 * critical_loss(logits, labels, [1, 3])
-    assert torch.allclose(method.objective(logits, labels), expected)
-    assert not torch.allclose(MixedPrecision().objective(logits, labels), expected)
+    assert torch.allclose(method.calibration_loss(logits, labels), expected)
+    assert not torch.allclose(MixedPrecision().calibration_loss(logits, labels), expected)

@@ -2,6 +2,7 @@
 robust training) with the methods of one research line on one small core."""
 
 from bitsmith import methods as _methods  # noqa: F401  (registers the built-in methods)
+from bitsmith.ensemble import Ensemble
 from bitsmith.eval.cost import model_cost
 from bitsmith.export.checkpoint import CheckpointError, load, save
 from bitsmith.method import METHODS, Method, build_method, compress, register_method, run_forward
@@ -21,7 +22,7 @@ from bitsmith.swap import rebuild, swap
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "OBSERVERS", "QUANTIZERS", "BitPlaneQuantizer", "CheckpointError", "CodebookQuantizer",
+    "METHODS", "OBSERVERS", "QUANTIZERS", "BitPlaneQuantizer", "CheckpointError", "CodebookQuantizer", "Ensemble",
     "LowRankConv2d", "LowRankLinear", "Method", "QConv2d", "QLinear", "Quantizer", "Selection",
     "UniformQuantizer", "build_method", "build_quantizer", "compress", "compressed_layers", "load",
     "model_cost", "rebuild", "register_method", "run_forward", "save", "strip", "swap",

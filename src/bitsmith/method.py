@@ -1,4 +1,4 @@
-"""The Method base dataclass (hooks ``prepare``, ``calibrate``, ``perturb``, ``penalty``,
+"""The Method base dataclass (hooks ``prepare``, ``calibrate``, ``perturb``, ``objective``, ``penalty``,
 ``after_backward``, ``after_step``, ``schedule``, ``resume``, ``finalize``; ``state_dict`` for resumable runs),
 its registry, and ``compress()`` which runs a list of methods on a model."""
 
@@ -19,8 +19,9 @@ from bitsmith.select import Selection, as_selection
 
 METHODS: Registry[Method] = Registry("method", entry_point_group="bitsmith.methods")
 register_method = METHODS.register
-HOOKS = ("prepare", "calibrate", "perturb", "penalty", "after_backward", "after_step", "schedule", "finalize")
-TRAINING_HOOKS = ("perturb", "penalty", "after_backward", "after_step", "schedule")
+HOOKS = ("prepare", "calibrate", "perturb", "objective", "penalty", "after_backward", "after_step", "schedule",
+         "finalize")  # fmt: skip
+TRAINING_HOOKS = ("perturb", "objective", "penalty", "after_backward", "after_step", "schedule")
 
 
 @dataclass
@@ -58,6 +59,11 @@ class Method:
     def perturb(self, model: nn.Module, batch: Any) -> Any:
         """Return a perturbed (e.g. adversarial) version of a training batch."""
         return batch
+
+    def objective(self, model: nn.Module, batch: Any) -> Tensor | None:
+        """The training loss of ``batch`` in place of the task loss (e.g. per-member losses of an ensemble), or
+        None to keep the task loss. The first method that returns one wins."""
+        return None
 
     def penalty(self, model: nn.Module, batch: Any) -> Tensor:
         """A regulariser added to the task loss."""

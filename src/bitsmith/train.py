@@ -219,8 +219,11 @@ def fit(
             for method in methods:
                 batch = method.perturb(model, batch)
             x, y = batch
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            objectives = [method.objective(model, batch) for method in methods]
+            logits = model(x) if all(o is None for o in objectives) else None
+            loss = next((o for o in objectives if o is not None), None)
+            if loss is None:
+                loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             for method in methods:
                 loss = loss + method.penalty(model, batch)
             if not torch.isfinite(loss):
@@ -240,6 +243,9 @@ def fit(
                     method.after_step(model)
             state.step += 1
             loss_sum += loss.item() * y.shape[0]
+            if logits is None:  # an objective replaced the task loss: training top-1 of the model's own output
+                with torch.no_grad():
+                    logits = model(x)
             correct += int((logits.argmax(1) == y).sum())
             seen += y.shape[0]
         state.epoch = epoch + 1

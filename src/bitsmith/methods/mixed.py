@@ -126,7 +126,7 @@ class MixedPrecision(PTQ):
 
             def loss(m: nn.Module, n: int | None = None, reduction: str = "mean") -> Tensor:
                 logits = output_logits(run_forward(m, inputs if n is None else _first(inputs, n)))
-                return self.objective(logits, labels if n is None else labels[:n], reduction)
+                return self.calibration_loss(logits, labels if n is None else labels[:n], reduction)
 
             if self.sensitivity == "hessian":
                 return hutchinson_traces(model, loss, self._layers, self.max_probes, seed=self.seed, target=target)
@@ -135,7 +135,7 @@ class MixedPrecision(PTQ):
             n = FISHER_EXAMPLES if target == "weight" else None
             return fisher_traces(model, lambda m: loss(m, n, "none"), self._layers, target=target)
 
-    def objective(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    def calibration_loss(self, logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
         """``L_F`` (cross-entropy), plus ``critical_weight * L_A`` with critical classes; for a causal LM the
         next-token cross-entropy, per example the mean over its tokens."""
         if getattr(self, "_next_token", False):
@@ -236,7 +236,7 @@ class MixedPrecision(PTQ):
         inputs, labels = self._inputs_and_labels(model, batch)
 
         def loss() -> float:
-            return float(self.objective(output_logits(run_forward(model, inputs)), labels))
+            return float(self.calibration_loss(output_logits(run_forward(model, inputs)), labels))
 
         base = loss()
         w_cost: PerLayer = {}
