@@ -30,6 +30,7 @@ TINY_CONFIG: dict[str, dict] = {
     "hidden-prune": {"target": 48, "steps": 2},
     "t-rex": {"where": {"types": ["Linear"]}},
     "dverge": {"steps": 2},
+    "clat": {"steps": 2, "budget": 0.3},
     "adv-train": {"steps": 2},
     "mat": {"steps": 2},
 }
@@ -47,6 +48,7 @@ MODELS = {
     "hidden-prune": make_llama,
     "ensemble": make_ensemble,
     "dverge": make_ensemble,
+    "hce": make_ensemble,
 }  # methods that need another architecture
 DECODER_LMS = {
     "gptq",
