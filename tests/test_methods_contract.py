@@ -31,6 +31,7 @@ TINY_CONFIG: dict[str, dict] = {
     "t-rex": {"where": {"types": ["Linear"]}},
     "dverge": {"steps": 2},
     "clat": {"steps": 2, "budget": 0.3},
+    "safer": {"steps": 2, "layers": 2},
     "adv-train": {"steps": 2},
     "mat": {"steps": 2},
 }
@@ -49,6 +50,7 @@ MODELS = {
     "ensemble": make_ensemble,
     "dverge": make_ensemble,
     "hce": make_ensemble,
+    "safer": make_vit,
 }  # methods that need another architecture
 DECODER_LMS = {
     "gptq",

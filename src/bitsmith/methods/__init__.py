@@ -31,6 +31,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     ptq,
     qat,
     rtn,
+    safer,
     smoothquant,
     svd_train,
     trex,

@@ -51,6 +51,13 @@ def layer_outputs(model: nn.Module, names: Iterable[str], x: Tensor) -> dict[str
     return seen
 
 
+def train_only(model: nn.Module, names: Iterable[str]) -> None:
+    """Freeze every parameter but those of the named Conv2d / Linear layers."""
+    trainable = {id(p) for name in names for p in parameter_layers(model)[name].parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
 def criticality(clean: dict[str, Tensor], adversarial: dict[str, Tensor]) -> dict[str, Tensor]:
     """``C_i`` per layer: the mean over examples of ``||f_i(x_adv) - f_i(x)||^2 / ||f_i(x)||^2``."""
     out = {}
@@ -111,9 +118,7 @@ class CLAT(PGDSettings):
         self._freeze(model)
 
     def _freeze(self, model: nn.Module) -> None:
-        trainable = {id(p) for name in self._selected for p in parameter_layers(model)[name].parameters()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trainable)
+        train_only(model, self._selected)
 
     def perturb(self, model: nn.Module, batch: Any) -> Any:
         x, y = batch
