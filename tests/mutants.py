@@ -156,6 +156,14 @@ MUTANTS = [
         "tests/test_safer.py",
     ),
     M(
+        "label-space",
+        "proxy is the least related surrogate class",
+        "robust/label_space.py",
+        "proxy = int(matrix[:, target].argmax())",
+        "proxy = int(matrix[:, target].argmin())",
+        "tests/test_robust.py",
+    ),
+    M(
         "robust-eval",
         "transfer examples crafted on the evaluated model",
         "robust/evaluate.py",

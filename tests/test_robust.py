@@ -199,3 +199,30 @@ def test_recipe_attack_section_is_refused_for_text_models() -> None:
 
     with pytest.raises(RecipeError, match="image classifiers"):
         parse_recipe({"model": {"name": "minilm"}, "attack": {}})
+
+
+def test_label_space_attack_transfers_through_the_proxy_class() -> None:
+    """A surrogate trained on MNIST digits (no label in common) makes the Fashion-MNIST model say the target class
+    far more often through the most-related proxy digit than through the least-related one."""
+    from bitsmith.robust.label_space import correspondence, label_space_attack, targeted_pgd
+    from bitsmith.zoo.digits import load_mnist_digits
+
+    digits, digit_labels = load_mnist_digits()
+    order = torch.randperm(len(digit_labels), generator=torch.Generator().manual_seed(0))[:4000]
+    digits, digit_labels = digits[order], digit_labels[order]
+    torch.manual_seed(0)
+    surrogate = TinyCNN()
+    fit(surrogate, digits, digit_labels, TrainConfig(epochs=3, batch_size=64, optimizer="adamw", lr=3e-3,
+                                                      weight_decay=0.0))  # fmt: skip
+    blackbox = trained()
+    matrix = correspondence(blackbox, digits, digit_labels, 10)
+    assert torch.allclose(matrix.sum(1), torch.ones(10))
+    target = int(matrix.max(0).values.argmax())  # the black-box class some digit maps to most clearly
+    _, _, x, y = fashion()
+    x = x[y != target][:300]
+    spec = AttackSpec(eps=0.2, steps=20)
+    _, success = label_space_attack(surrogate.eval(), blackbox, matrix, x, target, spec)
+    unrelated = targeted_pgd(surrogate, x, torch.full((len(x),), int(matrix[:, target].argmin())), spec)
+    baseline = float((blackbox(unrelated).argmax(1) == target).float().mean())
+    clean = float((blackbox(x).argmax(1) == target).float().mean())
+    assert success > baseline + 0.08 and success > clean + 0.08, (success, baseline, clean)
