@@ -49,7 +49,7 @@ def data() -> tuple[torch.Tensor, ...]:
     return (*train, *test)
 
 
-def train(label: str, methods: list[dict[str, Any]]) -> tuple[torch.nn.Module, float]:
+def train(methods: list[dict[str, Any]]) -> tuple[torch.nn.Module, float]:
     """The shipped CNN fine-tuned with ``methods``; the training state is kept so a killed run resumes."""
     x, y, _, _ = data()
     torch.manual_seed(0)
@@ -63,8 +63,8 @@ def train(label: str, methods: list[dict[str, Any]]) -> tuple[torch.nn.Module, f
     return model.eval(), time.perf_counter() - start
 
 
-def sweep_row(label: str, methods: list[dict[str, Any]]) -> dict[str, Any]:
-    model, seconds = train(label, methods)
+def sweep_row(methods: list[dict[str, Any]]) -> dict[str, Any]:
+    model, seconds = train(methods)
     _, _, xt, yt = data()
     row: dict[str, Any] = {"clean": accuracy(model, xt, yt), "train_seconds": round(seconds, 1), "pgd": {}, "fgsm": {}}
     for eps in SWEEP:
@@ -96,7 +96,7 @@ def speed_row() -> dict[str, Any]:
 
 def entries() -> list[Entry]:
     return [(label, {"section": "training", "variant": label}, {"methods": methods},
-             functools.partial(sweep_row, label, methods)) for label, methods in TRAININGS]  # fmt: skip
+             functools.partial(sweep_row, methods)) for label, methods in TRAININGS]  # fmt: skip
 
 
 def write(rows: list[dict[str, Any]]) -> None:

@@ -39,8 +39,8 @@ MUTANTS = [
         "adv-train",
         "PGD steps descend the loss instead of ascending it",
         "robust/attacks.py",
-        "adv = (x + _project(adv.detach() + spec.alpha * step - x, spec.eps, spec.norm)).clamp(LOW, HIGH)",
-        "adv = (x + _project(adv.detach() - spec.alpha * step - x, spec.eps, spec.norm)).clamp(LOW, HIGH)",
+        "alpha = spec.alpha if ascend else -spec.alpha",
+        "alpha = -spec.alpha if ascend else spec.alpha",
         "tests/test_robust.py",
     ),
     M(
@@ -87,8 +87,8 @@ MUTANTS = [
         "ensemble",
         "ensemble averages logits instead of probabilities",
         "ensemble.py",
-        "log_probs = torch.log_softmax(self.member_logits(x), dim=-1)",
-        "log_probs = self.member_logits(x)",
+        "log_probs = torch.log_softmax(member_logits, dim=-1)",
+        "log_probs = member_logits",
         "tests/test_ensemble.py",
     ),
     M(
@@ -162,6 +162,14 @@ MUTANTS = [
         "proxy = int(matrix[:, target].argmax())",
         "proxy = int(matrix[:, target].argmin())",
         "tests/test_robust.py",
+    ),
+    M(
+        "ensemble",
+        "deep ensemble trains the averaged prediction instead of each member",
+        "methods/deep_ensemble.py",
+        "return sum(nn.functional.cross_entropy(member(x), y) for member in members) / len(members)",
+        "return nn.functional.cross_entropy(model(x), y)",
+        "tests/test_ensemble.py",
     ),
     M(
         "robust-eval",

@@ -114,14 +114,14 @@ def _eval_attacks(args: argparse.Namespace, model: Any, task: Any) -> int:
     from bitsmith.data import subset
     from bitsmith.export.checkpoint import read_metadata
     from bitsmith.files import atomic_write_text
-    from bitsmith.robust import attack_spec, robust_evaluate
+    from bitsmith.robust import attack_specs, robust_evaluate
     from bitsmith.zoo import pretrained
 
-    if getattr(task, "kind", "") != "classification":
-        raise ValueError("--attack evaluates image classifiers (the zoo CNN / ViT); this checkpoint's task is "
-                         f"{getattr(task, 'kind', 'unknown')}")  # fmt: skip
-    specs = [attack_spec("attack", name=name, eps=eps, norm=args.norm, steps=args.steps, restarts=args.restarts)
-             for name in args.attack for eps in args.eps]  # fmt: skip
+    if task.kind != "classification":
+        raise ValueError(
+            f"--attack evaluates image classifiers (the zoo CNN / ViT); this checkpoint's task is {task.kind}"
+        )
+    specs = attack_specs(args.attack, args.eps, args.norm, args.steps, args.restarts)
     meta = json.loads(read_metadata(args.checkpoint).get("meta", "{}"))
     name = args.model or meta.get("model")
     images, labels = subset(*task.test, args.subset, seed=0)

@@ -47,8 +47,13 @@ class Ensemble(nn.Module):
         return torch.stack([member(x) for member in self.members])
 
     def forward(self, x: Tensor) -> Tensor:
-        log_probs = torch.log_softmax(self.member_logits(x), dim=-1)
-        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))  # log mean softmax
+        return combine(self.member_logits(x))
+
+
+def combine(member_logits: Tensor) -> Tensor:
+    """Log of the members' mean softmax, from their ``(members, batch, classes)`` logits."""
+    log_probs = torch.log_softmax(member_logits, dim=-1)
+    return torch.logsumexp(log_probs, dim=0) - math.log(len(member_logits))
 
 
 def members_of(model: nn.Module, method: str) -> nn.ModuleList:

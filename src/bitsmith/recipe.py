@@ -146,10 +146,9 @@ class AttackSection(_Strict):
     transfer: bool = Field(True, description="also attack the compressed model with examples crafted on the FP32 one")
 
     def specs(self) -> list[Any]:
-        from bitsmith.robust import attack_spec
+        from bitsmith.robust import attack_specs
 
-        return [attack_spec("attack", name=name, eps=eps, norm=self.norm, steps=self.steps, restarts=self.restarts)
-                for name in self.attacks for eps in self.eps]  # fmt: skip
+        return attack_specs(list(self.attacks), self.eps, self.norm, self.steps, self.restarts)
 
 
 class Recipe(_Strict):

@@ -219,10 +219,13 @@ def fit(
             for method in methods:
                 batch = method.perturb(model, batch)
             x, y = batch
-            objectives = [method.objective(model, batch) for method in methods]
-            logits = model(x) if all(o is None for o in objectives) else None
-            loss = next((o for o in objectives if o is not None), None)
+            logits, loss = None, None
+            for method in methods:  # the first objective replaces the task loss; later ones are not computed
+                loss = method.objective(model, batch)
+                if loss is not None:
+                    break
             if loss is None:
+                logits = model(x)
                 loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             for method in methods:
                 loss = loss + method.penalty(model, batch)

@@ -17,7 +17,6 @@ Deviations: the exact diversity term of the paper is not public; ``D`` follows t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -25,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bitsmith.ensemble import members_of
+from bitsmith.ensemble import combine, members_of
 from bitsmith.method import Method, register_method
 
 
@@ -65,5 +64,5 @@ class HCE(Method):
         members_of(model, "hce")
         logits = model.member_logits(x)  # (members, batch, classes)
         own = sum(nn.functional.cross_entropy(member, y) for member in logits) / len(logits)
-        ensemble = torch.logsumexp(torch.log_softmax(logits, -1), 0) - math.log(len(logits))
-        return own + self.lam * nn.functional.nll_loss(ensemble, y) - self.mu * non_target_diversity(logits, y)
+        ensemble = nn.functional.nll_loss(combine(logits), y)
+        return own + self.lam * ensemble - self.mu * non_target_diversity(logits, y)

@@ -14,7 +14,9 @@ quantized model is differentiated through its quantizers, not around them.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 import numpy as np
@@ -92,6 +94,13 @@ def attack_spec(what: str = "attack", **fields: object) -> AttackSpec:
         raise ValueError("; ".join(lines)) from None
 
 
+def attack_specs(names: list[str], eps: list[float], norm: str, steps: int, restarts: int) -> list[AttackSpec]:
+    """One validated :class:`AttackSpec` per (attack, eps): the suite of ``bitsmith eval --attack`` and of a
+    recipe's ``attack`` section."""
+    return [attack_spec("attack", name=name, eps=e, norm=norm, steps=steps, restarts=restarts)
+            for name in names for e in eps]  # fmt: skip
+
+
 def _per_example_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
@@ -119,16 +128,10 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec) -> Tensor:
     best = x.clone()
     broken = torch.zeros(x.shape[0], dtype=torch.bool)
     random_start = spec.name != "fgsm"
-    with eval_mode(model), _frozen(model):
+    with attacking(model):
         for _ in range(spec.restarts if random_start else 1):
             delta = _random_start(x, spec.eps, spec.norm, generator) if random_start else torch.zeros_like(x)
-            adv = (x + delta).clamp(LOW, HIGH)
-            for _ in range(spec.iterations):
-                adv = adv.detach().requires_grad_(True)
-                loss = nn.functional.cross_entropy(model(adv), y)
-                (grad,) = torch.autograd.grad(loss, adv)
-                step = grad.sign() if spec.norm == "inf" else grad / _per_example_norm(grad)
-                adv = (x + _project(adv.detach() + spec.alpha * step - x, spec.eps, spec.norm)).clamp(LOW, HIGH)
+            adv = pgd_steps(model, x, (x + delta).clamp(LOW, HIGH), y, spec)
             with torch.no_grad():
                 fooled = model(adv).argmax(1) != y
             take = fooled & ~broken
@@ -138,19 +141,33 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, spec: AttackSpec) -> Tensor:
     return best.detach()
 
 
-class _frozen:
-    """Parameters need no gradient while an attack differentiates the input."""
+def pgd_steps(model: nn.Module, x: Tensor, start: Tensor, y: Tensor, spec: AttackSpec, ascend: bool = True) -> Tensor:
+    """``spec.iterations`` projected steps from ``start``: up the cross-entropy of ``y`` (untargeted), or down it
+    (``ascend=False``: a targeted attack toward ``y``); each step signed (L-inf) or unit-norm (L2), projected onto
+    the ``eps`` ball around ``x`` and into ``[0, 1]``. Run it inside :func:`attacking`."""
+    alpha = spec.alpha if ascend else -spec.alpha
+    adv = start
+    for _ in range(spec.iterations):
+        adv = adv.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(adv), y), adv)
+        step = grad.sign() if spec.norm == "inf" else grad / _per_example_norm(grad)
+        adv = (x + _project(adv.detach() + alpha * step - x, spec.eps, spec.norm)).clamp(LOW, HIGH)
+    return adv.detach()
 
-    def __init__(self, model: nn.Module) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def __enter__(self) -> None:
-        for p in self.params:
+@contextlib.contextmanager
+def attacking(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode (batch norm uses its running statistics) and its parameters without gradients while
+    an attack differentiates the input; both restored afterwards."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with eval_mode(model):
+        for p in params:
             p.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for p in self.params:
-            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
 
 def art_classifier(model: nn.Module, example: Tensor, classes: int):  # noqa: ANN201  (ART's type)

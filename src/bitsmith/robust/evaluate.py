@@ -63,9 +63,10 @@ def noise_margin(p: float, n: int) -> float:
     return max(2 * math.sqrt(max(p * (1 - p), 1e-12) / n), 1 / n)
 
 
-def attacked_accuracy(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> float:
-    """Top-1 on ``x_adv``; an example the model already misclassifies clean counts as broken."""
-    clean = predict(model, x) == y
+def attacked_accuracy(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, clean: Tensor | None = None) -> float:
+    """Top-1 on ``x_adv``; an example the model already misclassifies clean counts as broken. ``clean``: the
+    model's clean correctness on ``x`` when already known."""
+    clean = predict(model, x) == y if clean is None else clean
     return float((clean & (predict(model, x_adv) == y)).float().mean())
 
 
@@ -73,15 +74,16 @@ def robust_evaluate(model: nn.Module, images: Tensor, labels: Tensor, attacks: l
                     source: nn.Module | None = None, attacker: Attacker = art_attack) -> RobustReport:  # fmt: skip
     """Clean and robust top-1 of ``model``; with ``source``, also under each attack crafted on ``source``.
     ``attacker`` makes the white-box examples (ART by default; :func:`pgd` is bitsmith's own)."""
-    report = RobustReport(clean=float((predict(model, images) == labels).float().mean()), examples=len(labels))
+    correct = predict(model, images) == labels  # clean, once for every attack
+    report = RobustReport(clean=float(correct.float().mean()), examples=len(labels))
     for spec in attacks:
         start = time.perf_counter()
-        accuracy = attacked_accuracy(model, images, labels, attacker(model, images, labels, spec))
+        accuracy = attacked_accuracy(model, images, labels, attacker(model, images, labels, spec), correct)
         result = AttackResult(spec.label(), spec.name, spec.eps, spec.norm, accuracy)
         if source is not None:
             transfer_spec = spec if spec.name != "autoattack" else spec.model_copy(update={"name": "pgd"})
             crafted = pgd(source, images, labels, transfer_spec)
-            result.transfer_accuracy = attacked_accuracy(model, images, labels, crafted)
+            result.transfer_accuracy = attacked_accuracy(model, images, labels, crafted, correct)
             margin = noise_margin(result.transfer_accuracy, len(labels))
             if accuracy > result.transfer_accuracy + margin:
                 report.flags.append(

@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bitsmith.method import eval_mode
-from bitsmith.robust.attacks import HIGH, LOW, AttackSpec, _frozen, _project
+from bitsmith.robust.attacks import AttackSpec, attacking, pgd_steps
 from bitsmith.train import predict
 
 
@@ -31,15 +30,8 @@ def correspondence(blackbox: nn.Module, images: Tensor, labels: Tensor, classes:
 
 def targeted_pgd(model: nn.Module, x: Tensor, target: Tensor, spec: AttackSpec) -> Tensor:
     """PGD that *descends* the cross-entropy of ``target`` (L-inf or L2, no random start)."""
-    adv = x.clone()
-    with eval_mode(model), _frozen(model):
-        for _ in range(spec.iterations):
-            adv = adv.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(adv), target), adv)
-            step = grad.sign() if spec.norm == "inf" else grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(
-                -1, *([1] * (x.dim() - 1)))  # fmt: skip
-            adv = (x + _project(adv.detach() - spec.alpha * step - x, spec.eps, spec.norm)).clamp(LOW, HIGH)
-    return adv.detach()
+    with attacking(model):
+        return pgd_steps(model, x, x.clone(), target, spec, ascend=False)
 
 
 def label_space_attack(surrogate: nn.Module, blackbox: nn.Module, matrix: Tensor, x: Tensor, target: int,
