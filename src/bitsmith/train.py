@@ -246,8 +246,8 @@ def fit(
                     method.after_step(model)
             state.step += 1
             loss_sum += loss.item() * y.shape[0]
-            if logits is None:  # an objective replaced the task loss: training top-1 of the model's own output
-                with torch.no_grad():
+            if logits is None:  # an objective replaced the task loss: training top-1 of the model's own output,
+                with torch.no_grad(), eval_mode(model):  # in eval mode (batch norm statistics not updated again)
                     logits = model(x)
             correct += int((logits.argmax(1) == y).sum())
             seen += y.shape[0]
