@@ -50,6 +50,7 @@ MODELS = {
     "ensemble": make_ensemble,
     "dverge": make_ensemble,
     "hce": make_ensemble,
+    "sharpbalance": make_ensemble,
     "safer": make_vit,
 }  # methods that need another architecture
 DECODER_LMS = {

@@ -32,6 +32,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     qat,
     rtn,
     safer,
+    sharpbalance,
     smoothquant,
     svd_train,
     trex,
