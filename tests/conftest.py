@@ -39,6 +39,19 @@ def make_ensemble(seed: int = 0, members: int = 2) -> nn.Module:
     return Ensemble([make_cnn(seed + i) for i in range(members)], torch.zeros(1, 1, 12, 12)).eval()
 
 
+def make_split_ensemble(seed: int = 0) -> nn.Module:
+    """A shared conv trunk and two branches (classes 0-4 and 5-9, each with an OOD class) for 12x12 images."""
+    from bitsmith import SplitEnsemble
+
+    torch.manual_seed(seed)
+    groups = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    trunk = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+    branches = [
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(576, 6)) for _ in groups
+    ]
+    return SplitEnsemble(trunk, branches, groups).eval()
+
+
 def make_vit(seed: int = 0) -> nn.Module:
     """A two-block ViT for the 12x12 test images."""
     from bitsmith.zoo.vision import ViT

@@ -13,7 +13,7 @@ import torch
 
 from bitsmith import METHODS, build_method, compress, load, model_cost, run_forward, save, strip
 from bitsmith.method import HOOKS
-from conftest import make_cnn, make_ensemble, make_llama, make_vit, token_batches
+from conftest import make_cnn, make_ensemble, make_llama, make_split_ensemble, make_vit, token_batches
 
 TINY_CONFIG: dict[str, dict] = {
     "smoothquant": {"layers": "all"},
@@ -51,6 +51,7 @@ MODELS = {
     "dverge": make_ensemble,
     "hce": make_ensemble,
     "sharpbalance": make_ensemble,
+    "split-ensemble": make_split_ensemble,
     "safer": make_vit,
 }  # methods that need another architecture
 DECODER_LMS = {

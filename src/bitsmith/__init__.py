@@ -17,6 +17,7 @@ from bitsmith.quant import (
     build_quantizer,
 )
 from bitsmith.select import Selection
+from bitsmith.split_ensemble import SplitEnsemble
 from bitsmith.swap import rebuild, swap
 
 __version__ = "0.1.0"
@@ -24,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS", "OBSERVERS", "QUANTIZERS", "BitPlaneQuantizer", "CheckpointError", "CodebookQuantizer", "Ensemble",
     "LowRankConv2d", "LowRankLinear", "Method", "QConv2d", "QLinear", "Quantizer", "Selection",
-    "UniformQuantizer", "build_method", "build_quantizer", "compress", "compressed_layers", "load",
+    "SplitEnsemble", "UniformQuantizer", "build_method", "build_quantizer", "compress", "compressed_layers", "load",
     "model_cost", "rebuild", "register_method", "run_forward", "save", "strip", "swap",
 ]  # fmt: skip

@@ -34,6 +34,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     safer,
     sharpbalance,
     smoothquant,
+    split_ensemble,
     svd_train,
     trex,
 )

@@ -123,3 +123,25 @@ class ViT(nn.Module):
         x = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2)  # (b, tokens, dim)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def split_cnn(groups: list[list[int]], widths: tuple[int, int, int] = (16, 32, 64)) -> nn.Module:
+    """The CNN as a :class:`bitsmith.split_ensemble.SplitEnsemble`: normalisation, stem and the first stage shared,
+    one branch (stages 2 and 3, pool, a classifier over the group's classes + OOD) per class group. The branches'
+    widths are the largest common fraction of ``widths[1:]`` that keeps the total MACs within the single CNN's."""
+    from bitsmith.eval.cost import model_cost
+    from bitsmith.split_ensemble import SplitEnsemble
+
+    example = torch.zeros(1, 1, 28, 28)
+    budget = model_cost(ResNetCNN(widths), example).totals["macs"]
+    w1, w2, w3 = widths
+    for percent in range(100, 0, -2):
+        a, b = max(1, round(w2 * percent / 100)), max(1, round(w3 * percent / 100))
+        trunk = nn.Sequential(Normalize(), nn.Conv2d(1, w1, 3, 1, 1, bias=False), nn.BatchNorm2d(w1), nn.ReLU(),
+                              BasicBlock(w1, w1))  # fmt: skip
+        branches = [nn.Sequential(BasicBlock(w1, a, stride=2), BasicBlock(a, b, stride=2), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(b, len(g) + 1)) for g in groups]  # fmt: skip
+        model = SplitEnsemble(trunk, branches, groups)
+        if model_cost(model, example).totals["macs"] <= budget:
+            return model
+    raise ValueError(f"no branch width keeps {len(groups)} branches within the single CNN's MACs")
