@@ -98,6 +98,7 @@ bench-llm-methods: $(STAMP) data
 # Robust training rows share the cores with anything; the PGD-20 timing row runs alone afterwards.
 bench-robust: $(STAMP) data
 	$(PY) benchmarks/robust.py
+	$(PY) benchmarks/robust_ensembles.py
 	$(PY) benchmarks/robust.py --speed
 
 # FactorLLM / GEMQ rows share the cores with anything; the speed rows run alone afterwards.
