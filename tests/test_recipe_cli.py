@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from bitsmith.cli import main
@@ -100,6 +101,16 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: py
         ({"model": {"name": "resnet50"}}, "model.name: unknown model 'resnet50'; zoo models: cnn, vit, minilm"),
         ({"model": {"name": "minilm"}, "data": {"name": "fashion-mnist"}}, "data.name: minilm is evaluated on 'docst"),
         ({"model": {"name": "minilm"}, "train": {"epochs": 1}}, "train: training needs a labelled classification"),
+        ({"model": {"name": "cnn", "members": 1}}, "model.members: Input should be greater than or equal to 2"),
+        ({"model": {"name": "minilm", "members": 2}}, "model.members / split / init: ensembles and fresh starts"),
+        ({"model": {"name": "cnn", "init": "scratch"}}, "model.init: scratch starts from random weights; add a train"),
+        (
+            {"model": {"name": "vit", "split": 3}, "train": {}},
+            "model.split: the Split-Ensemble is built from the zoo cnn",
+        ),
+        ({"model": {"name": "cnn", "split": 3}}, "model.split: a Split-Ensemble is trained from scratch; add a train"),
+        ({"model": {"name": "cnn", "split": [[0, 1], [1, 2]]}, "train": {}}, "model.split: the groups must partition"),
+        ({"model": {"name": "cnn", "split": 3, "members": 2}, "train": {}}, "give members (an Ensemble) or split"),
     ],
 )
 def test_bad_recipes_name_field_value_and_allowed(raw: dict, message: str) -> None:
@@ -169,7 +180,16 @@ def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
         )
     # a smoke run trains one tiny epoch: too little for SVD training's rank cut to pay off yet; MAT hardens only
     size, baseline_size = report["compressed"]["metrics"]["size_bytes"], report["baseline"]["metrics"]["size_bytes"]
-    assert size <= baseline_size if recipe.stem in ("cnn-svd-train", "cnn-mat") else size < baseline_size
+    uncompressed = ("cnn-svd-train", "cnn-mat", "cnn-split-ensemble")  # the split model is the baseline too
+    assert size <= baseline_size if recipe.stem in uncompressed else size < baseline_size
+    if report["recipe"]["model"].get("members") or report["recipe"]["model"].get("split"):
+        from bitsmith.run import load_checkpoint  # an ensemble / split checkpoint rebuilds its own structure
+
+        model = load_checkpoint(str(out / "model.safetensors"), None, None)[0]
+        assert type(model).__name__ in ("Ensemble", "SplitEnsemble") and model(torch.rand(2, 1, 28, 28)).shape == (
+            2,
+            10,
+        )
     if report["recipe"].get("attack"):  # robust top-1 of both models, the transfer column for the compressed one
         robust = report["robustness"]
         assert robust["compressed"]["results"][0]["transfer_accuracy"] is not None

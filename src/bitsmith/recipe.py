@@ -34,6 +34,13 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     name: str | None = Field(None, description="zoo model name (see `bitsmith zoo`)")
     path: str | None = Field(None, description="a Hugging Face model directory (local files only)")
+    init: Literal["pretrained", "scratch"] = Field(
+        "pretrained", description="zoo classifiers: the trained checkpoint, or a fresh seeded initialisation (train)"
+    )
+    members: int | None = Field(None, ge=2, le=16, description="an Ensemble of this many zoo classifiers")
+    split: int | list[list[int]] | None = Field(
+        None, description="a Split-Ensemble of the zoo CNN: a number of class groups (clustered by the trained CNN's "
+        "class-mean features) or the groups themselves; trained from scratch")  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
@@ -280,6 +287,28 @@ def task_data(name: str | None, path: str | None) -> str:
     return "docstrings"
 
 
+def check_structure(recipe: Recipe) -> None:
+    """``model.members`` / ``split`` / ``init``: zoo classifiers only, split of the CNN only, fresh starts train."""
+    model = recipe.model
+    if model.name not in ZOO and (model.members or model.split is not None or model.init != "pretrained"):
+        raise RecipeError("model.members / split / init: ensembles and fresh starts are for zoo classifiers "
+                          f"({', '.join(ZOO)})")  # fmt: skip
+    if model.split is None:
+        if model.init == "scratch" and recipe.train is None:
+            raise RecipeError("model.init: scratch starts from random weights; add a train section")
+        return
+    if model.members:
+        raise RecipeError("model: give members (an Ensemble) or split (a Split-Ensemble), not both")
+    if model.name != "cnn":
+        raise RecipeError(f"model.split: the Split-Ensemble is built from the zoo cnn, not {model.name}")
+    if recipe.train is None:
+        raise RecipeError("model.split: a Split-Ensemble is trained from scratch; add a train section")
+    if isinstance(model.split, int) and not 2 <= model.split <= 10:
+        raise RecipeError(f"model.split: {model.split} class groups; choose 2..10")
+    if isinstance(model.split, list) and sorted(c for g in model.split for c in g) != list(range(10)):
+        raise RecipeError(f"model.split: the groups must partition the classes 0..9 (got {model.split})")
+
+
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError("recipe: expected a mapping with model, data, methods, train, eval, export")
@@ -297,6 +326,7 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         raise RecipeError(f"data.name: {recipe.model.name or recipe.model.path} is evaluated on {expected!r} "
                           f"(got {recipe.data.name!r})")  # fmt: skip
     recipe.data.name = expected
+    check_structure(recipe)
     bad = [c for c in recipe.eval.critical_classes or [] if not 0 <= c < 10]
     if expected != "fashion-mnist" and recipe.eval.critical_classes:
         raise RecipeError("eval.critical_classes: only classification tasks have classes (remove it for HF models)")

@@ -14,6 +14,7 @@ import yaml
 from torch import nn
 
 from bitsmith.data import subset
+from bitsmith.ensemble import Ensemble
 from bitsmith.eval.cost import model_cost
 from bitsmith.eval.latency import time_forward
 from bitsmith.eval.report import run_report_writers
@@ -23,8 +24,18 @@ from bitsmith.files import atomic_write_text, publish_run, writable_folder
 from bitsmith.method import compress
 from bitsmith.progress import duration, log
 from bitsmith.recipe import Recipe
+from bitsmith.split_ensemble import class_groups, penultimate_features
 from bitsmith.train import TrainConfig, fit
-from bitsmith.zoo import HF_MODELS, LLM_MODELS, ZOO, checkpoint_path, get_zoo_model, pretrained
+from bitsmith.zoo import (
+    HF_MODELS,
+    LLM_MODELS,
+    ZOO,
+    build_structure,
+    checkpoint_path,
+    get_zoo_model,
+    pretrained,
+    structure_of,
+)
 from bitsmith.zoo.data import load_fashion_mnist
 
 SMOKE = {"eval_size": 200, "text_eval_size": 32, "calib_size": 32, "latency_runs": 2, "latency_batch": 16,
@@ -46,6 +57,27 @@ def model_source(recipe: Recipe) -> str:
     return str(recipe.model.name)
 
 
+def load_structured_classifier(recipe: Recipe, smoke: bool) -> nn.Module:
+    """The recipe's zoo classifier: one model, an Ensemble of ``members`` or a Split-Ensemble (``split``), from the
+    trained checkpoint (``init: pretrained``) or fresh seeded weights (``init: scratch``; a split is always fresh)."""
+    spec, data = recipe.model, recipe.data
+    name = str(spec.name)
+    if spec.split is not None:
+        groups = spec.split
+        if isinstance(groups, int):
+            images, labels = subset(*load_fashion_mnist("train", data.root), 5000, seed=data.seed)
+            cnn = load_classifier(name, data.root, smoke)
+            groups = class_groups(penultimate_features(cnn, images), labels, groups)
+            log.info(f"split-ensemble class groups (by the trained CNN's class-mean features): {groups}")
+        return build_structure(name, {"split": groups}, data.seed)
+    if spec.init == "scratch":
+        return build_structure(name, {"members": spec.members}, data.seed)
+    if spec.members:
+        one = load_classifier(name, data.root, smoke)
+        return Ensemble([copy.deepcopy(one) for _ in range(spec.members)], torch.zeros(1, 1, 28, 28))
+    return load_classifier(name, data.root, smoke)
+
+
 def load_classifier(name: str, root: str | None, smoke: bool) -> nn.Module:
     """A zoo classifier. A smoke run without a cached checkpoint trains one tiny epoch instead."""
     entry = get_zoo_model(name)
@@ -63,7 +95,7 @@ def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
     data = recipe.data
     calib_size = min(data.calib_size, SMOKE["calib_size"]) if smoke else data.calib_size
     if recipe.data.name == "fashion-mnist":
-        model = load_classifier(str(recipe.model.name), data.root, smoke)
+        model = load_structured_classifier(recipe, smoke)
         eval_size = SMOKE["eval_size"] if smoke else data.eval_size
         critical = recipe.eval.critical_classes
         return model, classification_task(data.root, eval_size, calib_size, data.calib_batch_size, data.seed, critical)
@@ -99,7 +131,8 @@ def load_checkpoint(
     seed = data.get("seed", 0)
     if name in ZOO:  # the FP32 model is only timed: the zoo architecture, untrained, times the same
         task = classification_task(data_root, None, 1, 1, seed)
-        return load(path, ZOO[name].build()).eval(), ZOO[name].build().eval(), task
+        structure = meta.get("structure") if isinstance(meta.get("structure"), dict) else None
+        return load(path, build_structure(name, structure)).eval(), build_structure(name, structure).eval(), task
     if model_name is None and name not in HF_MODELS and name not in LLM_MODELS:  # never open a path a file names
         raise ValueError(
             f"{path}: the checkpoint was made from the model directory {str(meta.get('source'))[:200]!r}; "
@@ -266,7 +299,8 @@ def run_recipe(
         "recipe.resolved.yaml": lambda path: atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False)),
     }
     if recipe.export.checkpoint:
-        meta = {"model": report["model"], "source": source, "task": task.kind, "recipe": resolved}
+        meta = {"model": report["model"], "source": source, "task": task.kind, "recipe": resolved,
+                "structure": structure_of(model)}  # fmt: skip
         writers["model.safetensors"] = lambda path: save(model, path, meta=meta)
     publish_run(out, writers)
     if recipe.export.hf:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -157,3 +158,39 @@ def pretrained(name: str, data_root: str | None = None, train_if_missing: bool =
     if not train_if_missing:
         raise FileNotFoundError(f"{path}: no cached checkpoint; run `bitsmith train {name}` first")
     return train_zoo_model(name, data_root)[0].eval()
+
+
+def structure_of(model: nn.Module) -> dict[str, Any]:
+    """What ``build_structure`` needs to rebuild ``model``'s architecture: its ensemble members or split groups."""
+    from bitsmith.ensemble import Ensemble
+    from bitsmith.split_ensemble import SplitEnsemble
+
+    if isinstance(model, Ensemble):
+        return {"members": len(model.members)}
+    if isinstance(model, SplitEnsemble):
+        return {"split": model.groups}
+    return {}
+
+
+def build_structure(name: str, structure: dict[str, Any] | None, seed: int = 0) -> nn.Module:
+    """The zoo architecture ``name`` (fresh weights, seeded): plain, an Ensemble of ``members`` or (the CNN) split
+    into class ``groups``."""
+    from bitsmith.ensemble import Ensemble
+    from bitsmith.zoo.vision import split_cnn
+
+    structure = structure or {}
+    entry = get_zoo_model(name)
+    if structure.get("split"):
+        torch.manual_seed(seed)
+        return split_cnn([[int(c) for c in g] for g in structure["split"]])
+    members = int(structure.get("members") or 0)
+    if members:
+        if not 2 <= members <= 16:
+            raise ValueError(f"an ensemble of {members} members: 2..16 are supported")
+        parts = []
+        for i in range(members):
+            torch.manual_seed(seed + i)
+            parts.append(entry.build())
+        return Ensemble(parts, torch.zeros(1, 1, 28, 28))
+    torch.manual_seed(seed)
+    return entry.build()
