@@ -8,6 +8,7 @@ docs/results/robustness.{json,md,png}; rows resume (a training killed mid-way re
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -19,7 +20,9 @@ import torch
 from common import RESULTS, Rows, save_figure
 from llm import Entry, bench_threads, fill
 
+from bitsmith import compress, load, save
 from bitsmith.data import subset
+from bitsmith.eval.cost import model_cost
 from bitsmith.method import build_method
 from bitsmith.robust import AttackSpec, art_attack, pgd
 from bitsmith.robust.evaluate import attacked_accuracy
@@ -49,25 +52,112 @@ def data() -> tuple[torch.Tensor, ...]:
     return (*train, *test)
 
 
-def train(methods: list[dict[str, Any]]) -> tuple[torch.nn.Module, float]:
-    """The shipped CNN fine-tuned with ``methods``; the training state is kept so a killed run resumes."""
+def train(methods: list[dict[str, Any]], cfg: TrainConfig = CONFIG, start: str = "cnn",
+          examples: int = TRAIN_EXAMPLES) -> tuple[torch.nn.Module, float]:  # fmt: skip
+    """``start`` (a zoo model, or ``at-0.1``: the PGD-AT eps 0.1 CNN) fine-tuned with ``methods`` on ``examples``
+    training images; the result is cached (other rows start from it) and a killed run resumes from its last epoch."""
     x, y, _, _ = data()
+    x, y = x[:examples], y[:examples]
     torch.manual_seed(0)
-    model = pretrained("cnn")
-    digest = hashlib.sha256(json.dumps([methods, str(CONFIG), TRAIN_EXAMPLES], sort_keys=True).encode()).hexdigest()
+    model = train(AT_BASE)[0] if start == "at-0.1" else pretrained(start)
+    digest = hashlib.sha256(json.dumps([methods, str(cfg), examples, start], sort_keys=True).encode()).hexdigest()
     state = cache_dir() / "bench" / f"robust-{digest[:16]}.pt"
+    final = state.with_suffix(".safetensors")
     state.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    fit(model, x, y, CONFIG, [build_method(m) for m in methods], checkpoint=state)
-    state.unlink()
-    return model.eval(), time.perf_counter() - start
+    if final.is_file():
+        return load(final, model).eval(), json.loads(final.with_suffix(".json").read_text())["seconds"]
+    began = time.perf_counter()
+    built = [build_method(m) for m in methods]
+    compress(model, built, [(x[:256], y[:256])])
+    fit(model, x, y, cfg, built, checkpoint=state)
+    for method in built:
+        method.finalize(model)
+    seconds = time.perf_counter() - began
+    save(model, final)
+    final.with_suffix(".json").write_text(json.dumps({"seconds": round(seconds, 1)}))
+    state.unlink(missing_ok=True)
+    return model.eval(), seconds
+
+
+AT_BASE = [{"name": "adv-train", "eps": 0.1, "steps": TRAIN_STEPS}]
+TUNE = TrainConfig(epochs=1, batch_size=128, optimizer="adamw", lr=5e-4, weight_decay=0.0)
+CONTINUED = [  # from the PGD-AT eps 0.1 CNN, one more epoch
+    ("full PGD-AT, 1 more epoch", [{"name": "adv-train", "eps": 0.1, "steps": TRAIN_STEPS}]),
+    ("CLAT (5 % of parameters), 1 more epoch", [{"name": "clat", "eps": 0.1, "steps": TRAIN_STEPS, "budget": 0.05}]),
+]
+VIT_EXAMPLES = 5_000
+VIT_TUNING = [  # from the shipped ViT
+    ("ViT: full PGD-AT eps 0.1", [{"name": "adv-train", "eps": 0.1, "steps": TRAIN_STEPS}]),
+    ("ViT: SAFER (3 sharpest layers, rho 0.05)", [{"name": "safer", "eps": 0.1, "steps": TRAIN_STEPS}]),
+]
+COMPRESSED = [  # the PGD-AT eps 0.1 CNN compressed after training, attacked as it runs
+    ("FP32 (PGD-AT eps 0.1)", []),
+    ("W8A8 PTQ", [{"name": "ptq", "w_bits": 8, "a_bits": 8}]),
+    (
+        "W4A8 PTQ (first / last layer W8)",
+        [
+            {
+                "name": "ptq",
+                "w_bits": 4,
+                "a_bits": 8,
+                "where": {"overrides": {"@first": {"w_bits": 8}, "@last": {"w_bits": 8}}},
+            }
+        ],
+    ),
+    (
+        "2:4 sparse (magnitude, stem dense, no fine-tune)",
+        [{"name": "prune", "kind": "nm", "n": 2, "m": 4, "where": {"exclude": ["@first"]}}],
+    ),
+    ("mixed precision W{2..8} avg 4, A8 (Hessian)", [{"name": "mixed", "avg_bits": 4.0}]),
+]
+
+
+def trainable_share(methods: list[dict[str, Any]], start: str) -> float:
+    """The share of parameters a method leaves trainable (after its selection on calibration images)."""
+    x, y, _, _ = data()
+    model = train(AT_BASE)[0] if start == "at-0.1" else pretrained(start)
+    compress(model, [build_method(m) for m in methods], [(x[:256], y[:256])], finalize=False)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
+
+
+def tuned_row(methods: list[dict[str, Any]], start: str, examples: int) -> dict[str, Any]:
+    model, seconds = train(methods, TUNE, start, examples)
+    row = sweep(model, SWEEP[:4] if start == "vit" else SWEEP)
+    return {**row, "train_seconds": round(seconds, 1), "trainable": trainable_share(methods, start)}
+
+
+def compressed_row(methods: list[dict[str, Any]]) -> dict[str, Any]:
+    """Clean and PGD-20 (eps 0.05 / 0.1) top-1, white-box through the fake-quant modules and transferred from the
+    FP32 robust CNN."""
+    robust, _ = train(AT_BASE)
+    model = copy.deepcopy(robust)
+    x, y, xt, yt = data()
+    if methods:
+        compress(
+            model,
+            [build_method(m) for m in methods],
+            [(x[i : i + 128], y[i : i + 128]) for i in range(0, min(512, len(x)), 128)],
+        )
+    row: dict[str, Any] = {"clean": accuracy(model, xt, yt), "white": {}, "transfer": {},
+                           "avg_weight_bits": model_cost(model).totals["avg_weight_bits"]}  # fmt: skip
+    for eps in (0.05, 0.1):
+        spec = AttackSpec(eps=eps, steps=EVAL_STEPS)
+        row["white"][str(eps)] = attacked_accuracy(model, xt, yt, art_attack(model, xt, yt, spec))
+        row["transfer"][str(eps)] = attacked_accuracy(model, xt, yt, art_attack(robust, xt, yt, spec))
+    return {**row, "threads": torch.get_num_threads()}
 
 
 def sweep_row(methods: list[dict[str, Any]]) -> dict[str, Any]:
     model, seconds = train(methods)
+    return {**sweep(model), "train_seconds": round(seconds, 1)}
+
+
+def sweep(model: torch.nn.Module, strengths: tuple[float, ...] = SWEEP) -> dict[str, Any]:
+    """Clean top-1 and ART PGD-20 / FGSM top-1 at every eps of ``strengths``, with their mean and worst."""
     _, _, xt, yt = data()
-    row: dict[str, Any] = {"clean": accuracy(model, xt, yt), "train_seconds": round(seconds, 1), "pgd": {}, "fgsm": {}}
-    for eps in SWEEP:
+    row: dict[str, Any] = {"clean": accuracy(model, xt, yt), "pgd": {}, "fgsm": {}}
+    for eps in strengths:
         for name in ("pgd", "fgsm"):
             if eps == 0:
                 row[name][str(eps)] = row["clean"]
@@ -95,8 +185,15 @@ def speed_row() -> dict[str, Any]:
 
 
 def entries() -> list[Entry]:
-    return [(label, {"section": "training", "variant": label}, {"methods": methods},
-             functools.partial(sweep_row, methods)) for label, methods in TRAININGS]  # fmt: skip
+    out = [(label, {"section": "training", "variant": label}, {"methods": methods},
+            functools.partial(sweep_row, methods)) for label, methods in TRAININGS]  # fmt: skip
+    out += [(label, {"section": "compressed", "variant": label}, {"methods": methods},
+             functools.partial(compressed_row, methods)) for label, methods in COMPRESSED]  # fmt: skip
+    out += [(label, {"section": "continued", "variant": label}, {"methods": methods},
+             functools.partial(tuned_row, methods, "at-0.1", TRAIN_EXAMPLES)) for label, methods in CONTINUED]  # fmt: skip
+    out += [(label, {"section": "vit", "variant": label}, {"methods": methods},
+             functools.partial(tuned_row, methods, "vit", VIT_EXAMPLES)) for label, methods in VIT_TUNING]  # fmt: skip
+    return out
 
 
 def write(rows: list[dict[str, Any]]) -> None:
@@ -123,6 +220,22 @@ def write(rows: list[dict[str, Any]]) -> None:
         lines.append(f"| {r['name']} | {100 * r['clean']:.2f} | {cells} | {100 * r['pgd_mean']:.2f} | "
                      f"{100 * r['pgd_worst']:.2f} | {100 * r['fgsm_mean']:.2f} | {r['train_seconds']:.0f} | "
                      f"{r['load'][0]:.1f} |")  # fmt: skip
+    lines += compressed_lines([r for r in rows if r.get("section") == "compressed" and "error" not in r])
+    for section, title, start in (("continued", "CLAT vs full PGD-AT fine-tuning (zoo CNN)", "the PGD-AT eps 0.1 CNN "
+                                   f"above, {TUNE.epochs} more epoch on the same {TRAIN_EXAMPLES:,} images"),
+                                  ("vit", "SAFER vs full PGD-AT fine-tuning (zoo ViT)", f"the shipped ViT, "
+                                   f"{TUNE.epochs} epoch on the first {VIT_EXAMPLES:,} of those images")):  # fmt: skip
+        tuned = [r for r in rows if r.get("section") == section and "error" not in r]
+        if tuned:
+            eps = [e for e in SWEEP[1:] if str(e) in tuned[0]["pgd"]]
+            lines += ["", f"## {title}", "", f"From {start} (AdamW lr 5e-4, training attack PGD-{TRAIN_STEPS} eps 0.1); "
+                      f"evaluation as above; mean over eps in {{0, {', '.join(str(e) for e in eps)}}}.", "",
+                      f"| fine-tuning | trainable params % | clean | {' | '.join(f'PGD {e}' for e in eps)} | PGD mean | "
+                      "train s | load |", "|---|---|---|" + "---|" * len(eps) + "---|---|---|"]  # fmt: skip
+            lines += [f"| {r['name']} | {100 * r['trainable']:.1f} | {100 * r['clean']:.2f} | "
+                      + " | ".join(f"{100 * r['pgd'][str(e)]:.2f}" for e in eps)
+                      + f" | {100 * r['pgd_mean']:.2f} | {r['train_seconds']:.0f} | {r['load'][0]:.1f} |"
+                      for r in tuned]  # fmt: skip
     speed = [r for r in rows if r.get("section") == "speed" and "error" not in r]
     if speed:
         s = speed[-1]
@@ -134,6 +247,23 @@ def write(rows: list[dict[str, Any]]) -> None:
     lines += ["", "![accuracy vs eps](robustness.png)", ""]
     (RESULTS / "robustness.md").write_text("\n".join(lines))
     plot(trained)
+
+
+def compressed_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## The robust CNN compressed, attacked as deployed", "",
+             "The PGD-AT eps 0.1 CNN compressed after training (calibration: 512 training images). White-box: ART "
+             f"PGD-{EVAL_STEPS} through the fake-quant / masked layers (straight-through gradients); transfer: the "
+             "same attack crafted on the FP32 robust CNN. A white-box number above the transfer number would be "
+             "gradient masking.", "",
+             "| model | avg weight bits | clean | PGD 0.05 white-box | PGD 0.05 transfer | PGD 0.1 white-box | "
+             "PGD 0.1 transfer | load |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['avg_weight_bits']:.2f} | {100 * r['clean']:.2f} | "
+                     f"{100 * r['white']['0.05']:.2f} | {100 * r['transfer']['0.05']:.2f} | "
+                     f"{100 * r['white']['0.1']:.2f} | {100 * r['transfer']['0.1']:.2f} | {r['load'][0]:.1f} |")  # fmt: skip
+    return lines
 
 
 def plot(rows: list[dict[str, Any]]) -> None:
