@@ -20,7 +20,7 @@ import torch
 from common import RESULTS, Rows, save_figure
 from llm import Entry, bench_threads, fill
 
-from bitsmith import compress, load, save
+from bitsmith import Ensemble, compress, load, save
 from bitsmith.data import subset
 from bitsmith.eval.cost import model_cost
 from bitsmith.method import build_method
@@ -184,11 +184,20 @@ def speed_row() -> dict[str, Any]:
     return out
 
 
+def parallel_mat_row() -> dict[str, Any]:
+    """Parallel MAT: the PGD-AT models of each strength, averaged as one Ensemble."""
+    parts = [train([{"name": "adv-train", "eps": eps, "steps": TRAIN_STEPS}]) for eps in STRENGTHS]
+    model = Ensemble([m for m, _ in parts], torch.zeros(1, 1, 28, 28)).eval()
+    return {**sweep(model), "train_seconds": round(sum(s for _, s in parts), 1)}
+
+
 def entries() -> list[Entry]:
     out = [(label, {"section": "training", "variant": label}, {"methods": methods},
             functools.partial(sweep_row, methods)) for label, methods in TRAININGS]  # fmt: skip
     out += [(label, {"section": "compressed", "variant": label}, {"methods": methods},
              functools.partial(compressed_row, methods)) for label, methods in COMPRESSED]  # fmt: skip
+    out.append((f"parallel MAT: ensemble of the PGD-AT {STRENGTHS} models", {"section": "training",
+                "variant": "parallel MAT"}, {}, parallel_mat_row))  # fmt: skip
     out += [(label, {"section": "continued", "variant": label}, {"methods": methods},
              functools.partial(tuned_row, methods, "at-0.1", TRAIN_EXAMPLES)) for label, methods in CONTINUED]  # fmt: skip
     out += [(label, {"section": "vit", "variant": label}, {"methods": methods},
