@@ -60,7 +60,7 @@ def train(methods: list[dict[str, Any]], cfg: TrainConfig = CONFIG, start: str =
     x, y = x[:examples], y[:examples]
     torch.manual_seed(0)
     model = train(AT_BASE)[0] if start == "at-0.1" else pretrained(start)
-    digest = hashlib.sha256(json.dumps([methods, str(cfg), examples, start], sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([methods, str(cfg), len(y), start], sort_keys=True).encode()).hexdigest()
     state = cache_dir() / "bench" / f"robust-{digest[:16]}.pt"
     final = state.with_suffix(".safetensors")
     state.parent.mkdir(parents=True, exist_ok=True)
