@@ -33,8 +33,8 @@ from bitsmith.zoo.digits import load_mnist_digits
 from bitsmith.zoo.vision import ResNetCNN, split_cnn
 
 ROWS = RESULTS / "ensembles.json"
-TRAIN_EXAMPLES, EVAL_EXAMPLES, MEMBERS = 10_000, 2_000, 3
-SCRATCH = TrainConfig(epochs=3, batch_size=128, optimizer="adamw", lr=2e-3, weight_decay=0.01, warmup_epochs=0.3)
+TRAIN_EXAMPLES, EVAL_EXAMPLES, MEMBERS = 20_000, 2_000, 3
+SCRATCH = TrainConfig(epochs=5, batch_size=128, optimizer="adamw", lr=2e-3, weight_decay=0.01, warmup_epochs=0.3)
 TUNE = TrainConfig(epochs=1, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=0.0)
 CORRUPTIONS = (("noise", 0.2), ("blur", 0.1))  # Gaussian noise std 0.2; 3x3 box blur
 TRANSFER_EPS, TRANSFER_IMAGES = 0.05, 1_000
@@ -86,7 +86,7 @@ def members(seed: int) -> Callable[[], torch.nn.Module]:
 ENSEMBLES: dict[str, tuple[list[dict[str, Any]], str | None]] = {  # label: (methods, start)
     "deep ensemble": ([{"name": "ensemble"}], None),
     "SAM ensemble (rho 0.05)": ([{"name": "sharpbalance", "rho": 0.05, "balance_from": 1.0}], None),
-    "SharpBalance (rho 0.05, flat ratio 0.5; SAM epoch 1, balanced 2-3)": (
+    "SharpBalance (rho 0.05, flat ratio 0.5; SAM epochs 1-2, balanced 3-5)": (
         [{"name": "sharpbalance", "rho": 0.05, "balance_from": 0.33}],
         None,
     ),
