@@ -142,7 +142,11 @@ def split_row(split: bool) -> dict[str, Any]:
         model, seconds = trained("single", ResNetCNN, [], SCRATCH)
     _, _, xt, yt = data()
     digits = load_mnist_digits()[0][:EVAL_EXAMPLES]
-    return {"section": "split", "clean": accuracy(model, xt, yt), "groups": groups() if split else None,
+    extra = {}
+    if split:  # each branch's mean OOD-class probability on the digits: which branch claims them
+        with torch.no_grad():
+            extra["branch_ood_mnist"] = [float(torch.softmax(b, -1)[:, -1].mean()) for b in model.branch_logits(digits)]
+    return {**extra, "section": "split", "clean": accuracy(model, xt, yt), "groups": groups() if split else None,
             "auroc_mnist": ood_auroc(model, xt, digits), "auroc_inverted": ood_auroc(model, xt, corrupt(xt, "invert")),
             "macs": model_cost(model, EXAMPLE).totals["macs"], "train_seconds": round(seconds, 1),
             "threads": torch.get_num_threads()}  # fmt: skip
@@ -206,6 +210,12 @@ def write(rows: list[dict[str, Any]]) -> None:
         lines += [f"| {r['name']}{' ' + str(r['groups']) if r.get('groups') else ''} | {100 * r['clean']:.2f} | "
                   f"{100 * r['auroc_mnist']:.2f} | {100 * r['auroc_inverted']:.2f} | {r['macs'] / 1e6:.2f} | "
                   f"{r['train_seconds']:.0f} | {r['load'][0]:.1f} |" for r in split]  # fmt: skip
+        lines += [
+            f"\n{r['name']}: mean OOD-class probability of each branch on the MNIST digits: "
+            + ", ".join(f"{p:.2f}" for p in r["branch_ood_mnist"])
+            for r in split
+            if r.get("branch_ood_mnist")
+        ]
     ens = [r for r in ok if r["section"] == "ensembles"]
     if ens:
         lines += ["", "## Deep ensemble vs SAM ensemble vs SharpBalance vs DVERGE", "",
