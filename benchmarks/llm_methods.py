@@ -64,9 +64,6 @@ def configurations(model: str) -> list[tuple[str, list[dict[str, Any]], dict[str
         for bits in (6, 8):  # GPTQ W2 / W3 / W4 g64 are in llm.json
             out.append((f"GPTQ W{bits} g64", [{"name": "gptq", "bits": bits, "group_size": 64, "where": BLOCKS}],
                         {"model": model, "method": "gptq", "bits": bits, "variant": ""}))  # fmt: skip
-        out.append(("GPTQ W3 g128 (the LiftQuant 2.5 target)",  # the reference point
-                    [{"name": "gptq", "bits": 3, "group_size": 128, "where": BLOCKS}],
-                    {"model": model, "method": "gptq", "bits": 3, "variant": "g128"}))  # fmt: skip
         out.append(("LiftQuant 2.5 b/w, no error feedback", liftquant(model, 2.5, error_feedback=False),
                     {"model": model, "method": "liftquant", "bits": 2.5, "variant": "no-feedback"}))  # fmt: skip
         out.append(("LiftQuant 2.5 b/w, no Hadamard", liftquant(model, 2.5, hadamard=0),
@@ -192,13 +189,13 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 SECTIONS = [  # (title, which rows, note)
     (
         "LiftQuant",
-        lambda r: r["method"] in ("fp32", "liftquant") or r.get("variant") == "g128",
+        lambda r: r["method"] in ("fp32", "liftquant"),
         "n sign bits per m = 4 weights, one FP32 scale "
         "per row; error feedback = GPTQ-style compensation in the Hadamard-rotated space.",
     ),
     (
         "MoBiQuant: one stored model read at 2 / 4 / 6 / 8 bits",
-        lambda r: r["method"] == "mobiquant" or (r["method"] == "gptq" and r.get("variant") != "g128"),
+        lambda r: r["method"] in ("mobiquant", "gptq"),
         "One calibration (groups of 64, clipping searched per group); each row reads the same codes at fewer slices. "
         "The size column counts all stored slices (8 bits per weight plus scales): the model is stored once. GPTQ rows "
         "are separately calibrated models at each width (W2 / W3 / W4 g64 in the baselines below).",
