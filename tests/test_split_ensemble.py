@@ -106,3 +106,18 @@ def test_auroc_and_msp_scores() -> None:
     assert torch.equal(corrupt(x, "invert"), 1 - x)
     with pytest.raises(ValueError, match="unknown kind"):
         corrupt(x, "fog")
+
+
+def test_zoo_structures_rebuild_from_what_a_checkpoint_records() -> None:
+    from bitsmith import Ensemble
+    from bitsmith.zoo import build_structure, structure_of
+
+    for structure in ({}, {"members": 3}, {"split": [[0, 2, 4, 6], [1, 3, 8], [5, 7, 9]]}):
+        model = build_structure("cnn", structure)
+        assert structure_of(model) == structure
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    members = build_structure("cnn", {"members": 2}).members
+    assert isinstance(build_structure("cnn", {"members": 2}), Ensemble)
+    assert not torch.equal(members[0].fc.weight, members[1].fc.weight)  # seeded differently
+    with pytest.raises(ValueError, match="2..16"):
+        build_structure("cnn", {"members": 40})
