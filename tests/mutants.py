@@ -34,6 +34,47 @@ class Mutant:
 M = Mutant
 MUTANTS = [
     # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
+    # -- data-parallel training (torch.distributed) -----------------------------------------------------
+    M(
+        "distributed",
+        "each rank's loss not weighted by its share of the batch",
+        "train.py",
+        "(loss * weight if at.size > 1 else loss).backward()",
+        "loss.backward()",
+        "tests/test_distributed.py -k like_one",
+    ),
+    M(
+        "distributed",
+        "dynamic activation ranges from the rank's slice only",
+        "quant/uniform.py",
+        "lo, hi = distributed.batch_range(lo, hi)",
+        "lo, hi = lo, hi",
+        "tests/test_distributed.py -k like_one",
+    ),
+    M(
+        "tune",
+        "the least sensitive layers raised first",
+        "tune.py",
+        "trials = [Trial(k, order[:k],",
+        "trials = [Trial(k, order[::-1][:k],",
+        "tests/test_tune.py -k search",
+    ),
+    M(
+        "tune",
+        "bisection keeps the failing end",
+        "tune.py",
+        "new_high = min([k for k in ks if passed.get(k)] + [high])",
+        "new_high = min([k for k in ks if not passed.get(k)] + [high])",
+        "tests/test_tune.py -k search",
+    ),
+    M(
+        "sweep",
+        "a dominated run joins the Pareto front",
+        "sweep.py",
+        "if sign * value > best:",
+        "if sign * value >= best - 1e9:",
+        "tests/test_sweep.py -k front",
+    ),
     # -- robustness: attacks, adversarial training ------------------------------------------------------
     M(
         "adv-train",

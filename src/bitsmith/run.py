@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import nn
 
+from bitsmith import distributed
 from bitsmith.data import subset
 from bitsmith.ensemble import Ensemble
 from bitsmith.eval.cost import model_cost
@@ -235,9 +236,10 @@ def run_recipe(
     ``out``, published together (``files.publish_run``). A training state left in ``out`` by a killed run of
     the same recipe is resumed (``restart``: discarded)."""
     writable_folder(out)
+    at = distributed.world()  # under torchrun: every rank trains, rank 0 alone measures and writes
     model, task = load_task(recipe, smoke)
     log.info(f"measuring the FP32 baseline on {task.eval_examples} examples")
-    baseline = measure(model, task, recipe, smoke)
+    baseline = measure(model, task, recipe, smoke) if at.main else {}
     methods = recipe.build_methods()
     fp32 = copy.deepcopy(model) if recipe.attack is not None else None
     start = time.perf_counter()
@@ -259,6 +261,8 @@ def run_recipe(
         fingerprint = run_fingerprint(resolved, model_source(recipe), smoke)
         log.info(f"training {train_cfg.epochs} epoch(s) on {images.shape[0]} examples (resumable: {state})")
         history = fit(model, images, labels, train_cfg, methods, checkpoint=state, fingerprint=fingerprint)
+        if not at.main:
+            return {}
         state.unlink()
         for method in methods:
             method.finalize(model)

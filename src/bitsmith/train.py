@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bitsmith import distributed
 from bitsmith.data import batches, check_finite
 from bitsmith.files import atomic_write
 from bitsmith.method import Method, eval_mode, first_nonfinite_layer
@@ -196,9 +197,14 @@ def fit(
     ends (the shuffling is seeded per epoch; the RNG state is saved). ``fingerprint`` (e.g. a digest of
     the recipe and model) is stored with the state, and a state with another fingerprint is refused.
     ``callbacks`` run after each epoch (before the checkpoint), e.g. for schedules.
+
+    Under ``torchrun`` (``bitsmith.distributed``) every process trains on its slice of each batch, the gradients
+    are summed over processes before the methods' ``after_backward`` hooks, and rank 0 alone writes the state.
     """
     methods = methods or []
     check_finite([images], "training data")
+    at = distributed.world()
+    distributed.check_batch_size(cfg.batch_size, at.size)
     torch.manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(images.shape[0] / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
@@ -208,6 +214,8 @@ def fit(
         state, optimizer = load_training_state(path, model, cfg, methods, fingerprint)
     else:
         optimizer = make_optimizer(model, cfg)
+    if at.size > 1:
+        distributed.broadcast_state(model)
     model.train()
     started, first_epoch = time.perf_counter(), state.epoch
     for epoch in range(state.epoch, cfg.epochs):
@@ -216,6 +224,7 @@ def fit(
         for batch in track(epoch_batches, f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(state.step, total, warmup, cfg.lr)
+            batch, weight = distributed.shard(batch, at)
             for method in methods:
                 batch = method.perturb(model, batch)
             x, y = batch
@@ -237,7 +246,9 @@ def fit(
                     "lower the lr or check the method's settings"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if at.size > 1 else loss).backward()
+            if at.size > 1:
+                distributed.sum_gradients(model)
             if any([method.after_backward(model) for method in methods]):  # e.g. units removed
                 optimizer = make_optimizer(model, cfg)
             else:
@@ -251,6 +262,9 @@ def fit(
                     logits = model(x)
             correct += int((logits.argmax(1) == y).sum())
             seen += y.shape[0]
+        loss_sum, correct, seen = distributed.sum_counts([loss_sum, correct, seen])
+        if at.size > 1:
+            distributed.check_in_step(model)
         state.epoch = epoch + 1
         state.history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
         elapsed = time.perf_counter() - started
@@ -262,8 +276,9 @@ def fit(
             optimizer = make_optimizer(model, cfg)
         for callback in callbacks or []:
             callback(model, state)
-        if path is not None:
+        if path is not None and at.main:
             save_training_state(path, model, optimizer, state, methods, fingerprint)
+        distributed.barrier()
     model.eval()
     return state.history
 

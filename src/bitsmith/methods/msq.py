@@ -35,6 +35,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith import distributed
 from bitsmith.method import eval_mode, register_method
 from bitsmith.methods.bsq import PrecisionSearch, layers_with
 from bitsmith.nn import QuantizedMixin
@@ -110,6 +111,8 @@ class MSQ(PrecisionSearch):
             traces = hutchinson_traces(
                 model, lambda m: nn.functional.cross_entropy(m(inputs), labels), names, self.probes, seed=0
             )
+        (averaged,) = distributed.average([torch.tensor([traces[n] for n in names])])  # data-parallel: all ranks agree
+        traces = dict(zip(names, averaged.tolist(), strict=True))
         return set(sorted(names, key=lambda n: traces[n])[:count])
 
     def _adjust(self, q: RoundClampQuantizer, weight: Tensor, allowed: int) -> None:

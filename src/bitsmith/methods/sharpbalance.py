@@ -31,6 +31,7 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from bitsmith import distributed
 from bitsmith.ensemble import members_of
 from bitsmith.method import Method, eval_mode, register_method
 from bitsmith.sam import SharpnessStep
@@ -136,7 +137,14 @@ class SharpBalance(Method):
     def after_backward(self, model: nn.Module) -> bool:
         for step in self._steps:
             step.descend_back()
-        for p, g in self._sgd_grads:
+        pairs = self._sgd_grads
+        if distributed.world().size > 1:  # data-parallel: every rank adds the ranks' batch-weighted SGD parts
+            local = {id(p): g for p, g in pairs}
+            params = [p for m in members_of(model, "sharpbalance") for p in m.parameters() if p.requires_grad]
+            pairs = list(
+                zip(params, distributed.average([local.get(id(p), torch.zeros_like(p)) for p in params]), strict=True)
+            )
+        for p, g in pairs:
             p.grad = g.clone() if p.grad is None else p.grad + g
         self._sgd_grads = []
         return False

@@ -10,6 +10,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith import distributed
 from bitsmith.data import drop_padding
 from bitsmith.quant.base import QUANTIZERS, Encoded, Quantizer
 from bitsmith.quant.functional import (
@@ -206,7 +207,10 @@ class UniformQuantizer(Quantizer):
     def _params(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.dynamic:
             rows = self.rows(x.detach()).float()
-            return params_from_range(rows.amin(1), rows.amax(1), self.qmin, self.qmax, self.symmetric)
+            lo, hi = rows.amin(1), rows.amax(1)
+            if self.training and self.granularity in ("tensor", "channel"):  # a range over the batch: data-parallel
+                lo, hi = distributed.batch_range(lo, hi)  # training takes it over every rank's slice
+            return params_from_range(lo, hi, self.qmin, self.qmax, self.symmetric)
         if not self.ready:
             if self.step != "learned":
                 raise RuntimeError(

@@ -1,0 +1,65 @@
+"""Recipe sweeps on Ray: grid parsing and validation, the Pareto front, and a real 6-run smoke sweep on a local
+Ray that resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bitsmith.cli import main
+from bitsmith.recipe import RecipeError
+from bitsmith.sweep import check_reachable, combinations, pareto_front, parse_grid, run_name, run_sweep
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "cnn-ptq-w8a8.yaml"
+
+
+def test_a_grid_is_every_combination_of_its_values() -> None:
+    grid = parse_grid(["methods.0.w_bits=4,8", "methods.0.a_bits=6, 7,8"])
+    runs = combinations(grid)
+    assert len(runs) == 6 and runs[1] == ["methods.0.w_bits=4", "methods.0.a_bits=7"]
+    assert run_name(runs[1]) == "w_bits=4,a_bits=7"
+
+
+@pytest.mark.parametrize("item", ["methods.0.w_bits", "=4,8", "methods.0.w_bits=", "methods.0.w_bits=,"])
+def test_a_malformed_grid_item_is_refused(item: str) -> None:
+    with pytest.raises(RecipeError, match="FIELD=VALUE1,VALUE2"):
+        parse_grid([item])
+
+
+def test_the_front_keeps_only_runs_no_other_run_beats_on_cost_and_quality() -> None:
+    points = [("a", 10, 90.0), ("b", 20, 89.0), ("c", 30, 95.0), ("d", 5, 80.0), ("e", 30, 94.0)]
+    assert pareto_front(points) == ["d", "a", "c"]
+    assert pareto_front([("x", 1, 50.0), ("y", 2, 40.0)], higher_is_better=False) == ["x", "y"]
+
+
+def test_a_grid_over_a_field_the_recipe_lacks_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["sweep", str(RECIPE), "--grid", "methods.0.w_bitz=4,8", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--grid methods.0.w_bitz=4: methods.0.w_bitz: unknown field" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unreachable_ray_address_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ConnectionError, match="no Ray cluster answers there"):
+        check_reachable("127.0.0.1:1")
+    assert main(["sweep", str(RECIPE), "--grid", "methods.0.w_bits=4", "--out", str(tmp_path), "--smoke",
+                 "--address", "127.0.0.1:1"]) == 2  # fmt: skip
+    assert "--address 127.0.0.1:1: no Ray cluster answers there" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_ray_sweep_of_six_smoke_runs_finishes_resumes_and_reports(tmp_path: Path) -> None:
+    grid = parse_grid(["methods.0.w_bits=4,8", "methods.0.a_bits=6,7,8"])
+    fixed = ["export.deploy=none"]
+    first = run_sweep(RECIPE, grid, tmp_path, smoke=True, fixed=fixed)
+    assert len(first.ran) == 6 and not first.failed and not first.skipped
+    report = (tmp_path / "sweep.md").read_text()
+    assert report.count("| w_bits=") == 6 and "yes" in report and (tmp_path / "pareto.png").is_file()
+
+    again = run_sweep(RECIPE, grid, tmp_path, smoke=True, fixed=fixed)  # everything finished: nothing runs
+    assert again.ran == [] and len(again.skipped) == 6
+
+    (tmp_path / "runs" / "w_bits=8,a_bits=7" / "manifest.json").unlink()  # as a run killed mid-write leaves it
+    resumed = run_sweep(RECIPE, grid, tmp_path, smoke=True, fixed=fixed)
+    assert resumed.ran == ["w_bits=8,a_bits=7"] and len(resumed.skipped) == 5
