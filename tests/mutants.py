@@ -75,6 +75,22 @@ MUTANTS = [
         "if sign * value >= best - 1e9:",
         "tests/test_sweep.py -k front",
     ),
+    M(
+        "brecq",
+        "the learned rounding discarded (nearest rounding written)",
+        "reconstruct.py",
+        "layer.weight.copy_(rounder.rounded_weight(layer.masked_weight()))",
+        "layer.weight.copy_(rounder.base(layer.masked_weight()))",
+        "tests/test_brecq.py",
+    ),
+    M(
+        "brecq",
+        "targets taken from the quantized model instead of the float one",
+        "reconstruct.py",
+        "with float_layers(model, [n for n, m in model.named_modules() if isinstance(m, QuantizedMixin)]):",
+        "with contextlib.nullcontext():",
+        "tests/test_brecq.py",
+    ),
     # -- robustness: attacks, adversarial training ------------------------------------------------------
     M(
         "adv-train",

@@ -34,6 +34,7 @@ TINY_CONFIG: dict[str, dict] = {
     "safer": {"steps": 2, "layers": 2},
     "adv-train": {"steps": 2},
     "mat": {"steps": 2},
+    "brecq": {"iters": 5},
 }
 MODELS = {
     "nvit": make_vit,

@@ -4,6 +4,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     adv_train,
     awq,
     bitslice,
+    brecq,
     bsq,
     clat,
     csq,

@@ -1,0 +1,232 @@
+"""Block reconstruction (BRECQ, Li et al. 2021): quantize a model one unit at a time, each unit's weight rounding
+(AdaRound) and activation steps (LSQ) learned so that its output matches the float model's.
+
+A unit is a block the user names (any module: a residual block, a transformer block, a U-Net stage) or a single
+quantized layer outside every named block (layer-wise reconstruction). Units are reconstructed in the order the
+model runs them. A unit's inputs are those the already-quantized model feeds it (BRECQ's and Q-Diffusion's
+``asym`` setting); its targets are the float model's outputs of the same unit on the same calibration batches.
+The objective is ``mean_n sum |f_q(x) - f(x)|^p`` (p = 2.4 by default) plus ``lam * sum(1 - |2h(V) - 1|^beta)``
+with ``beta`` annealed from 20 to 2 after a warm-up without it; then the rounding is made hard and written into the
+weights, so the model is an ordinary uniformly quantized one (exported like any PTQ model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bitsmith.method import eval_mode, run_forward
+from bitsmith.nn import QuantizedMixin
+from bitsmith.progress import log
+from bitsmith.quant.adaround import AdaRound, rounding_regularizer
+from bitsmith.quant.uniform import UniformQuantizer
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    iters: int = 1000
+    batch_size: int = 32
+    lam: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    w_lr: float = 1e-3
+    a_lr: float = 4e-4
+    p: float = 2.4
+    seed: int = 0
+
+
+class StopForward(Exception):
+    """Raised by a capture hook: the rest of the forward pass is not needed."""
+
+
+def units(model: nn.Module, layers: list[str], blocks: list[str]) -> list[tuple[str, list[str]]]:
+    """``(unit module name, its quantized layers)`` in module order: each module matching a ``blocks`` glob (the
+    outermost match) with the layers inside it, then every other layer alone."""
+    names = [name for name, _ in model.named_modules() if name]
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in blocks)]
+    outer = [n for n in chosen if not any(n.startswith(f"{o}.") for o in chosen)]
+    out: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    for name in names:
+        if name in outer:
+            inside = [layer for layer in layers if layer == name or layer.startswith(f"{name}.")]
+            if inside:
+                out.append((name, inside))
+                seen.update(inside)
+        elif name in layers and name not in seen and not any(name.startswith(f"{o}.") for o in outer):
+            out.append((name, [name]))
+            seen.add(name)
+    return out
+
+
+@contextlib.contextmanager
+def float_layers(model: nn.Module, layers: list[str]) -> Iterator[None]:
+    """The quantized ``layers`` compute in float inside the block (weights and inputs)."""
+    found = [model.get_submodule(n) for n in layers]
+    saved = [(layer.weight_q, layer.input_q) for layer in found]
+    for layer in found:
+        layer.weight_q, layer.input_q = None, None
+    try:
+        yield
+    finally:
+        for layer, (w, a) in zip(found, saved, strict=True):
+            layer.weight_q, layer.input_q = w, a
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def capture(model: nn.Module, name: str, batches: list[Any], what: str) -> list[Any]:
+    """For each batch, the unit's call ``(args, kwargs)`` (``what="inputs"``) or its output (``"outputs"``)."""
+    module = model.get_submodule(name)
+    seen: list[Any] = []
+
+    def on_input(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.append((_detach(args), _detach(kwargs)))
+        raise StopForward
+
+    def on_output(_m: nn.Module, _args: Any, output: Any) -> None:
+        seen.append(_detach(output))
+        raise StopForward
+
+    handle = (module.register_forward_pre_hook(on_input, with_kwargs=True) if what == "inputs"
+              else module.register_forward_hook(on_output))  # fmt: skip
+    try:
+        with eval_mode(model):
+            for batch in batches:
+                with contextlib.suppress(StopForward):
+                    run_forward(model, batch)
+    finally:
+        handle.remove()
+    return seen
+
+
+def _tensors(output: Any) -> list[Tensor]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    if isinstance(output, dict):
+        return [t for item in output.values() for t in _tensors(item)]
+    return [t for t in (getattr(output, "sample", None),) if isinstance(t, Tensor)]
+
+
+def _rows(value: Any, index: Tensor, n: int) -> Any:
+    """The rows ``index`` of every tensor with ``n`` rows in a nested call; other values unchanged."""
+    if isinstance(value, Tensor):
+        return value[index] if value.dim() and value.shape[0] == n else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, index, n) for v in value)
+    if isinstance(value, dict):
+        return {k: _rows(v, index, n) for k, v in value.items()}
+    return value
+
+
+def _cat(values: list[Any]) -> Any:
+    """Concatenate calls of several batches along the batch dimension (tensors; other values from the first)."""
+    first = values[0]
+    if isinstance(first, Tensor):
+        return torch.cat(values) if first.dim() else first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_cat([v[i] for v in values]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _cat([v[k] for v in values]) for k in first}
+    return first
+
+
+def lp_loss(pred: list[Tensor], target: list[Tensor], p: float) -> Tensor:
+    return sum((a - b).abs().pow(p).flatten(1).sum(1).mean() for a, b in zip(pred, target, strict=True))  # type: ignore[return-value]
+
+
+def reconstruct_unit(model: nn.Module, name: str, layers: list[str], batches: list[Any], cfg: ReconstructionConfig) -> dict[str, float]:  # fmt: skip
+    """Learn the rounding of ``layers``' weights and their input steps so that unit ``name`` matches the float
+    model; write the hard rounding into the weights. Returns the unit's output error before and after."""
+    calls = _cat(capture(model, name, batches, "inputs"))
+    with float_layers(model, [n for n, m in model.named_modules() if isinstance(m, QuantizedMixin)]):
+        targets = [_cat(list(parts)) for parts in zip(*[_tensors(o) for o in capture(model, name, batches, "outputs")], strict=True)]  # fmt: skip
+    unit = model.get_submodule(name)
+    found = [model.get_submodule(n) for n in layers]
+    rounders = []
+    for layer in found:
+        if isinstance(layer.weight_q, UniformQuantizer):
+            layer.weight_q = AdaRound(layer.weight_q, layer.masked_weight())
+            rounders.append(layer.weight_q)
+    steps = [layer.input_q.scale for layer in found if isinstance(layer.input_q, UniformQuantizer) and layer.input_q.ready
+             and not layer.input_q.dynamic]  # fmt: skip
+    n = targets[0].shape[0]
+    args, kwargs = calls
+
+    def error(index: Tensor | None = None) -> Tensor:
+        index = torch.arange(n) if index is None else index
+        out = _tensors(unit(*_rows(args, index, n), **_rows(kwargs, index, n)))
+        return lp_loss(out, [t[index] for t in targets], cfg.p)
+
+    for rounder in rounders:  # "before": nearest rounding (the soft rounding starts at the float weight)
+        rounder.hard = True
+    with torch.no_grad(), eval_mode(unit):
+        before = float(error())
+    for rounder in rounders:
+        rounder.hard = False
+    optimizers = []
+    if rounders:
+        optimizers.append(torch.optim.Adam([r.alpha for r in rounders], lr=cfg.w_lr))
+    if steps:
+        for step in steps:
+            step.requires_grad_(True)
+        optimizers.append(torch.optim.Adam(steps, lr=cfg.a_lr))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    warm = int(cfg.warmup * cfg.iters)
+    with eval_mode(unit):
+        for it in range(cfg.iters if optimizers else 0):
+            index = torch.randint(0, n, (min(cfg.batch_size, n),), generator=generator)
+            loss = error(index)
+            if it >= warm and rounders:
+                progress = (it - warm) / max(1, cfg.iters - warm)
+                beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress)
+                loss = loss + cfg.lam * sum(rounding_regularizer(r.alpha, beta) for r in rounders)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            with torch.no_grad():
+                for step in steps:
+                    step.clamp_(min=1e-8)
+    for step in steps:
+        step.requires_grad_(False)
+    for layer in found:
+        if isinstance(layer.weight_q, AdaRound):
+            rounder = layer.weight_q
+            with torch.no_grad():
+                layer.weight.copy_(rounder.rounded_weight(layer.masked_weight()))
+            layer.weight_q = rounder.base
+    with torch.no_grad(), eval_mode(unit):
+        after = float(error())
+    log.debug(f"reconstructed {name}: output error {before:.4g} -> {after:.4g}")
+    return {"before": before, "after": after}
+
+
+def reconstruct(model: nn.Module, layers: list[str], blocks: list[str], batches: list[Any], cfg: ReconstructionConfig) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Reconstruct every unit of ``model`` in order (see the module); returns each unit's error before and after."""
+    result = {}
+    plan = units(model, layers, blocks)
+    for i, (name, inside) in enumerate(plan):
+        result[name] = reconstruct_unit(model, name, inside, batches, cfg)
+        log.info(f"block reconstruction {i + 1}/{len(plan)} {name} ({len(inside)} layer(s)): output error "
+                 f"{result[name]['before']:.4g} -> {result[name]['after']:.4g}")  # fmt: skip
+    return result
