@@ -44,13 +44,15 @@ def combinations(grid: dict[str, list[str]]) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(grid, values, strict=True)] for values in itertools.product(*grid.values())]
 
 
-def run_name(overrides: list[str]) -> str:
-    """A folder name for one combination: ``w_bits=2,alpha=0.5`` (the fields' last parts, file-safe)."""
+def run_name(overrides: list[str], varying: set[str] | None = None) -> str:
+    """A folder name for one combination: ``w_bits=2,alpha=0.5`` (the last parts of the fields in ``varying``, by
+    default all; file-safe)."""
     parts = []
     for item in overrides:
         key, _, value = item.partition("=")
-        parts.append(f"{key.split('.')[-1]}={value}")
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))[:200]
+        if varying is None or key in varying:
+            parts.append(f"{key.split('.')[-1]}={value}")
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(parts))[:200] or "base"
 
 
 def check_combinations(recipe: Path, runs: list[list[str]]) -> None:
@@ -129,7 +131,8 @@ def run_sweep(
     runs = combinations(grid)
     check_combinations(recipe, [[*(fixed or []), *o] for o in runs])
     writable_folder(out)
-    sweep = Sweep(folders={run_name(o): o for o in runs})
+    varying = {key for key, values in grid.items() if len(values) > 1}  # a one-value field names no run
+    sweep = Sweep(folders={run_name(o, varying): o for o in runs})
     pending = {}
     for name, overrides in sweep.folders.items():
         if finished(out / RUNS / name):
