@@ -8,9 +8,10 @@ from bitsmith.quant.lift import LiftQuantizer
 from bitsmith.quant.noisy import NoisyBias
 from bitsmith.quant.observers import OBSERVERS, Observer
 from bitsmith.quant.roundclamp import RoundClampQuantizer
+from bitsmith.quant.split import SplitQuantizer
 from bitsmith.quant.uniform import UniformQuantizer
 
 __all__ = [
     "OBSERVERS", "QUANTIZERS", "BitPlaneQuantizer", "CSQQuantizer", "CodebookQuantizer", "Encoded", "LiftQuantizer", "NoisyBias", "Observer",
-    "Quantizer", "RoundClampQuantizer", "UniformQuantizer", "build_quantizer", "kmeans_1d", "quantizers",
+    "Quantizer", "RoundClampQuantizer", "SplitQuantizer", "UniformQuantizer", "build_quantizer", "kmeans_1d", "quantizers",
 ]  # fmt: skip
