@@ -60,6 +60,21 @@ def make_vit(seed: int = 0) -> nn.Module:
     return ViT(patch=4, dim=16, depth=2, heads=2, mlp_dim=32, image=12).eval()
 
 
+def make_ddpm(seed: int = 0) -> nn.Module:
+    """A two-resolution diffusers U-Net noise predictor (8 / 16 channels) for 28x28 images."""
+    from bitsmith.zoo.diffusion import UNetConfig, build_ddpm
+
+    torch.manual_seed(seed)
+    return build_ddpm(UNetConfig(channels=(8, 16), norm_groups=4)).eval()
+
+
+def noisy_batches(count: int = 2, batch: int = 4, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches ``{"sample": x_t, "timestep": t}`` for ``make_ddpm``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [{"sample": torch.randn(batch, 1, 28, 28, generator=gen), "timestep": torch.randint(0, 1000, (batch,), generator=gen)}
+            for _ in range(count)]  # fmt: skip
+
+
 @pytest.fixture
 def cnn() -> TinyCNN:
     return make_cnn()

@@ -13,7 +13,16 @@ import torch
 
 from bitsmith import METHODS, build_method, compress, load, model_cost, run_forward, save, strip
 from bitsmith.method import HOOKS
-from conftest import make_cnn, make_ensemble, make_llama, make_split_ensemble, make_vit, token_batches
+from conftest import (
+    make_cnn,
+    make_ddpm,
+    make_ensemble,
+    make_llama,
+    make_split_ensemble,
+    make_vit,
+    noisy_batches,
+    token_batches,
+)
 
 TINY_CONFIG: dict[str, dict] = {
     "smoothquant": {"layers": "all"},
@@ -35,6 +44,7 @@ TINY_CONFIG: dict[str, dict] = {
     "adv-train": {"steps": 2},
     "mat": {"steps": 2},
     "brecq": {"iters": 5},
+    "q-diffusion": {"iters": 5},
 }
 MODELS = {
     "nvit": make_vit,
@@ -54,6 +64,7 @@ MODELS = {
     "sharpbalance": make_ensemble,
     "split-ensemble": make_split_ensemble,
     "safer": make_vit,
+    "q-diffusion": make_ddpm,
 }  # methods that need another architecture
 DECODER_LMS = {
     "gptq",
@@ -67,6 +78,7 @@ DECODER_LMS = {
     "pat",
     "hidden-prune",
 }  # calibrated on token batches, block by block
+DIFFUSION = {"q-diffusion"}  # calibrated on (x_t, t) batches of a tiny diffusers U-Net
 PRELUDE: dict[str, list[dict]] = {
     "noisyquant": [{"name": "ptq", "a_bits": 6, "a_symmetric": True}],
     "precision_routing": [{"name": "mobiquant", "group_size": 32, "router": False}],
@@ -90,6 +102,11 @@ def test_method_contract(name: str, tmp_path: Path, images: torch.Tensor, calib:
 
         def call(m: torch.nn.Module) -> torch.Tensor:
             return m(input_ids=images).logits
+    elif name in DIFFUSION:
+        calib = noisy_batches()
+
+        def call(m: torch.nn.Module) -> torch.Tensor:
+            return m(**calib[0])
     else:
 
         def call(m: torch.nn.Module) -> torch.Tensor:
@@ -105,7 +122,7 @@ def test_method_contract(name: str, tmp_path: Path, images: torch.Tensor, calib:
         method.objective(model, calib[0]).backward()
     out = call(model)
     assert out.shape == reference.shape and torch.isfinite(out).all()
-    assert model_cost(model, calib[0] if name in DECODER_LMS else images).totals["size_bits"] > 0
+    assert model_cost(model, calib[0] if name in DECODER_LMS | DIFFUSION else images).totals["size_bits"] > 0
 
     reloaded = load(save(model, tmp_path / f"{name}.safetensors"), make_model())
     assert torch.equal(call(reloaded), out)

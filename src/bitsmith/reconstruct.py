@@ -24,8 +24,7 @@ from torch import Tensor, nn
 from bitsmith.method import eval_mode, run_forward
 from bitsmith.nn import QuantizedMixin
 from bitsmith.progress import log
-from bitsmith.quant.adaround import AdaRound, rounding_regularizer
-from bitsmith.quant.uniform import UniformQuantizer
+from bitsmith.quant.adaround import AdaRound, SplitAdaRound, learnable_steps, rounding_for, rounding_regularizer
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,9 @@ def float_layers(model: nn.Module, layers: list[str]) -> Iterator[None]:
 
 def _detach(value: Any) -> Any:
     if isinstance(value, Tensor):
-        return value.detach()
+        return value.detach().clone(
+            memory_format=torch.contiguous_format
+        )  # an attention output's strides crashed backward
     if isinstance(value, (tuple, list)):
         return type(value)(_detach(v) for v in value)
     if isinstance(value, dict):
@@ -163,11 +164,11 @@ def reconstruct_unit(model: nn.Module, name: str, layers: list[str], batches: li
     found = [model.get_submodule(n) for n in layers]
     rounders = []
     for layer in found:
-        if isinstance(layer.weight_q, UniformQuantizer):
-            layer.weight_q = AdaRound(layer.weight_q, layer.masked_weight())
-            rounders.append(layer.weight_q)
-    steps = [layer.input_q.scale for layer in found if isinstance(layer.input_q, UniformQuantizer) and layer.input_q.ready
-             and not layer.input_q.dynamic]  # fmt: skip
+        rounder = rounding_for(layer.weight_q, layer.masked_weight())
+        if rounder is not None:
+            layer.weight_q = rounder
+            rounders.append(rounder)
+    steps = [step for layer in found for step in learnable_steps(layer.input_q)]
     n = targets[0].shape[0]
     args, kwargs = calls
 
@@ -177,14 +178,14 @@ def reconstruct_unit(model: nn.Module, name: str, layers: list[str], batches: li
         return lp_loss(out, [t[index] for t in targets], cfg.p)
 
     for rounder in rounders:  # "before": nearest rounding (the soft rounding starts at the float weight)
-        rounder.hard = True
+        rounder.set_hard(True)
     with torch.no_grad(), eval_mode(unit):
         before = float(error())
     for rounder in rounders:
-        rounder.hard = False
+        rounder.set_hard(False)
     optimizers = []
     if rounders:
-        optimizers.append(torch.optim.Adam([r.alpha for r in rounders], lr=cfg.w_lr))
+        optimizers.append(torch.optim.Adam([a for r in rounders for a in r.alphas()], lr=cfg.w_lr))
     if steps:
         for step in steps:
             step.requires_grad_(True)
@@ -198,7 +199,7 @@ def reconstruct_unit(model: nn.Module, name: str, layers: list[str], batches: li
             if it >= warm and rounders:
                 progress = (it - warm) / max(1, cfg.iters - warm)
                 beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress)
-                loss = loss + cfg.lam * sum(rounding_regularizer(r.alpha, beta) for r in rounders)
+                loss = loss + cfg.lam * sum(rounding_regularizer(a, beta) for r in rounders for a in r.alphas())
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -210,7 +211,7 @@ def reconstruct_unit(model: nn.Module, name: str, layers: list[str], batches: li
     for step in steps:
         step.requires_grad_(False)
     for layer in found:
-        if isinstance(layer.weight_q, AdaRound):
+        if isinstance(layer.weight_q, (AdaRound, SplitAdaRound)):
             rounder = layer.weight_q
             with torch.no_grad():
                 layer.weight.copy_(rounder.rounded_weight(layer.masked_weight()))
@@ -221,10 +222,34 @@ def reconstruct_unit(model: nn.Module, name: str, layers: list[str], batches: li
     return {"before": before, "after": after}
 
 
+@torch.no_grad()
+def execution_order(model: nn.Module, plan: list[tuple[str, list[str]]], batch: Any) -> list[tuple[str, list[str]]]:
+    """``plan`` sorted by when each unit first runs in a forward pass of ``batch`` (modules are not always
+    registered in the order they run: a U-Net's middle block runs before its decoder); units that never run last."""
+    first: dict[str, int] = {}
+
+    def seen(name: str) -> Any:
+        def hook(_m: nn.Module, _args: Any) -> None:
+            first.setdefault(name, len(first))
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(seen(name)) for name, _ in plan]
+    try:
+        quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedMixin)]
+        with float_layers(model, quantized), eval_mode(model):
+            run_forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sorted(plan, key=lambda unit: first.get(unit[0], len(plan)))
+
+
 def reconstruct(model: nn.Module, layers: list[str], blocks: list[str], batches: list[Any], cfg: ReconstructionConfig) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Reconstruct every unit of ``model`` in order (see the module); returns each unit's error before and after."""
+    """Reconstruct every unit of ``model`` in the order they run (see the module); returns each unit's error before
+    and after."""
     result = {}
-    plan = units(model, layers, blocks)
+    plan = execution_order(model, units(model, layers, blocks), batches[0])
     for i, (name, inside) in enumerate(plan):
         result[name] = reconstruct_unit(model, name, inside, batches, cfg)
         log.info(f"block reconstruction {i + 1}/{len(plan)} {name} ({len(inside)} layer(s)): output error "

@@ -30,6 +30,7 @@ from bitsmith.methods import (  # noqa: F401  (imported to register)
     precision_routing,
     prune,
     ptq,
+    q_diffusion,
     qat,
     rtn,
     safer,

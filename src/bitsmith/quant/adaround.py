@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from bitsmith.quant.split import SplitQuantizer
 from bitsmith.quant.uniform import UniformQuantizer
 
 ZETA, GAMMA = 1.1, -0.1
@@ -56,6 +57,12 @@ class AdaRound(nn.Module):
         q = torch.clamp(torch.floor(weight.detach() / scale) + self.rounding() + zero, self.base.qmin, self.base.qmax)
         return (q - zero) * scale
 
+    def alphas(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
+    def set_hard(self, hard: bool) -> None:
+        self.hard = hard
+
     @torch.no_grad()
     def rounded_weight(self, weight: Tensor) -> Tensor:
         """The hard-rounded weight, on the base quantizer's grid (quantizing it again with the base returns it)."""
@@ -64,3 +71,49 @@ class AdaRound(nn.Module):
             return self.forward(weight)
         finally:
             self.hard = hard
+
+
+class SplitAdaRound(nn.Module):
+    """AdaRound for a ``SplitQuantizer``'s weight: each part of the input channels rounds on its own grid."""
+
+    def __init__(self, base: SplitQuantizer, weight: Tensor) -> None:
+        super().__init__()
+        self.base = base
+        first, second = base._parts(weight)
+        if not isinstance(base.first, UniformQuantizer) or not isinstance(base.second, UniformQuantizer):
+            raise ValueError("AdaRound rounds the parts of a split of uniform quantizers")
+        self.parts = nn.ModuleList([AdaRound(base.first, first), AdaRound(base.second, second)])
+
+    def alphas(self) -> list[nn.Parameter]:
+        return [part.alpha for part in self.parts]  # type: ignore[misc]
+
+    def set_hard(self, hard: bool) -> None:
+        for part in self.parts:
+            part.hard = hard  # type: ignore[assignment]
+
+    def forward(self, weight: Tensor) -> Tensor:
+        first, second = self.base._parts(weight)
+        return torch.cat([self.parts[0](first), self.parts[1](second)], self.base.dim)
+
+    @torch.no_grad()
+    def rounded_weight(self, weight: Tensor) -> Tensor:
+        first, second = self.base._parts(weight)
+        return torch.cat([self.parts[0].rounded_weight(first), self.parts[1].rounded_weight(second)], self.base.dim)
+
+
+def rounding_for(quantizer: object, weight: Tensor) -> AdaRound | SplitAdaRound | None:
+    """The learnable rounding of a weight quantizer AdaRound can round (uniform, or a split of uniform ones)."""
+    if isinstance(quantizer, UniformQuantizer):
+        return AdaRound(quantizer, weight)
+    if isinstance(quantizer, SplitQuantizer):
+        return SplitAdaRound(quantizer, weight)
+    return None
+
+
+def learnable_steps(quantizer: object) -> list[Tensor]:
+    """The step sizes of a calibrated static activation quantizer (uniform, or both parts of a split one)."""
+    if isinstance(quantizer, SplitQuantizer):
+        return learnable_steps(quantizer.first) + learnable_steps(quantizer.second)
+    if isinstance(quantizer, UniformQuantizer) and quantizer.ready and not quantizer.dynamic:
+        return [quantizer.scale]
+    return []

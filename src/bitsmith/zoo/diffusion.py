@@ -1,8 +1,9 @@
 """The zoo's diffusion model: an unconditional DDPM on Fashion-MNIST 28x28, built from Hugging Face ``diffusers``
 (``UNet2DModel`` and ``DDPMScheduler``; sampling with ``DDIMScheduler`` in ``bitsmith.eval.generative``).
 
-The U-Net has three resolutions (28, 14, 7; channels 32 / 64 / 64), one ResNet block per resolution and way,
-no attention, and the usual skip concatenations in its decoder (what Q-Diffusion's split quantization is about).
+The U-Net has three resolutions (28, 14, 7; channels 32 / 64 / 64), one ResNet block per resolution in the encoder
+(two in the decoder), one attention layer only in the middle block (7x7, diffusers' default), and the usual skip
+concatenations in its decoder (what Q-Diffusion's split quantization is about).
 It predicts the noise ``eps`` of ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` on images scaled to [-1, 1];
 training draws the time steps uniformly from the 1,000 of a linear beta schedule (DDPM's). Training is
 resumable (a state per epoch, the noise and time steps seeded per epoch) and logs a line per epoch with an ETA.
@@ -40,7 +41,9 @@ class UNetConfig:
 
 DDPM_UNET = UNetConfig()
 DDPM_TRAIN = TrainConfig(epochs=6, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.0, warmup_epochs=0.1)
-DESCRIPTION = "DDPM (diffusers UNet2DModel 32/64/64, no attention, 1,000 linear-beta steps) for 28x28 images"
+DESCRIPTION = (
+    "DDPM (diffusers UNet2DModel 32/64/64, attention in the middle block, 1,000 linear-beta steps) for 28x28 images"
+)
 
 
 class NoisePredictor(nn.Module):

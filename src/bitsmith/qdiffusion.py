@@ -1,0 +1,81 @@
+"""Q-Diffusion's two diffusion-specific pieces: calibration data drawn from the float sampler's trajectories
+(uniformly over its time steps, or at one step: the naive baseline), and the layers fed by a U-Net decoder's skip
+concatenation with the channel where the concatenation splits."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bitsmith.eval.generative import sample
+from bitsmith.method import eval_mode, run_forward
+
+NAIVE_STEP = 800  # the single-step baseline's time step (Q-Diffusion's fallback)
+
+
+def calibration_steps(timesteps: list[int], count: int, uniform: bool = True) -> list[int]:
+    """The sampler's time steps to calibrate on: ``count`` spread uniformly over the trajectory (Q-Diffusion's
+    ``range(0, n, n // count)``), or only the step nearest ``NAIVE_STEP``."""
+    if not 1 <= count <= len(timesteps):
+        raise ValueError(
+            f"calibration steps {count}: the sampler has {len(timesteps)} steps; choose 1..{len(timesteps)}"
+        )
+    if not uniform:
+        return [min(timesteps, key=lambda t: abs(t - NAIVE_STEP))]
+    return [timesteps[i] for i in range(0, len(timesteps), len(timesteps) // count)][:count]
+
+
+@torch.no_grad()
+def trajectory_batches(
+    model: nn.Module, samples: int, sampler_steps: int, calib_steps: int, uniform: bool = True, seed: int = 1,
+    batch_size: int = 32,
+) -> list[dict[str, Tensor]]:  # fmt: skip
+    """Calibration batches ``{"sample": x_t, "timestep": t}`` of the float model's DDIM trajectories. Uniform:
+    ``samples`` trajectories, each kept at ``calib_steps`` time steps spread over the sampler's steps; single-step:
+    as many inputs in all (``samples * calib_steps`` trajectories), all at the step nearest t = 800."""
+    from bitsmith.eval.generative import ddim_scheduler
+
+    timesteps = [int(t) for t in ddim_scheduler(sampler_steps).timesteps]
+    keep = set(calibration_steps(timesteps, calib_steps, uniform))
+    runs = samples if uniform else samples * calib_steps
+    kept: list[tuple[int, Tensor]] = []
+    sample(model, runs, sampler_steps, seed, record=lambda t, x, _e: kept.append((t, x.clone())) if t in keep else None)
+    inputs = torch.cat([x for _, x in kept])
+    steps = torch.cat([torch.full((x.shape[0],), t, dtype=torch.long) for t, x in kept])
+    order = torch.randperm(len(steps), generator=torch.Generator().manual_seed(seed))
+    inputs, steps = inputs[order], steps[order]
+    return [{"sample": inputs[i : i + batch_size], "timestep": steps[i : i + batch_size]}
+            for i in range(0, len(steps), batch_size)]  # fmt: skip
+
+
+def concat_splits(model: nn.Module, batch: Any) -> dict[str, int]:
+    """``{layer name: channel}`` of the layers that read a decoder's skip concatenation ``cat(h, skip)`` directly
+    (the 1x1 shortcut convolutions of ``diffusers``' up blocks' ResNets), with the number of ``h`` channels."""
+    skips: dict[str, list[int]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if hasattr(module, "resnets") and type(module).__name__.endswith("UpBlock2D"):
+
+            def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
+                res = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else ())
+                skips[name] = [int(t.shape[1]) for t in res]
+
+            handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        with torch.no_grad(), eval_mode(model), contextlib.ExitStack():
+            run_forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    splits = {}
+    for name, channels in skips.items():
+        block = model.get_submodule(name)
+        for i, resnet in enumerate(block.resnets):
+            shortcut = getattr(resnet, "conv_shortcut", None)
+            if shortcut is not None and i < len(channels):
+                skip = channels[-(i + 1)]
+                splits[f"{name}.resnets.{i}.conv_shortcut"] = int(shortcut.in_channels) - skip
+    return splits

@@ -1,0 +1,52 @@
+"""Q-Diffusion's pieces on a tiny diffusers U-Net: the skip-concatenation layers and their split channel, the
+calibration time steps (uniform vs the single-step baseline), trajectory batches, and the method end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitsmith import build_method, compress
+from bitsmith.qdiffusion import calibration_steps, concat_splits, trajectory_batches
+from bitsmith.quant import SplitQuantizer
+from conftest import make_ddpm, noisy_batches
+
+
+def test_the_decoder_shortcut_convolutions_read_the_concatenation_split_at_the_upsampled_channels() -> None:
+    model = make_ddpm()
+    splits = concat_splits(model, noisy_batches(1)[0])
+    shortcuts = {n for n, m in model.named_modules() if n.startswith("unet.up_blocks") and n.endswith("conv_shortcut")}
+    assert set(splits) == shortcuts
+    for name, channel in splits.items():  # h has the previous block's channels, the skip the rest
+        conv = model.get_submodule(name)
+        assert 0 < channel < conv.in_channels
+    assert splits["unet.up_blocks.0.resnets.0.conv_shortcut"] == 16  # h from the 16-channel middle block
+
+
+def test_calibration_steps_spread_over_the_trajectory_or_sit_at_800() -> None:
+    timesteps = list(range(980, -1, -20))  # DDIM, 50 steps
+    assert calibration_steps(timesteps, 5) == [980, 780, 580, 380, 180]
+    assert calibration_steps(timesteps, 5, uniform=False) == [800]
+    with pytest.raises(ValueError, match="calibration steps 51: the sampler has 50 steps"):
+        calibration_steps(timesteps, 51)
+
+
+def test_trajectory_batches_hold_the_same_number_of_inputs_either_way() -> None:
+    model = make_ddpm()
+    uniform = trajectory_batches(model, samples=2, sampler_steps=4, calib_steps=2, batch_size=3)
+    naive = trajectory_batches(model, samples=2, sampler_steps=4, calib_steps=2, uniform=False, batch_size=3)
+    steps = lambda batches: torch.cat([b["timestep"] for b in batches])  # noqa: E731
+    assert len(steps(uniform)) == len(steps(naive)) == 4
+    assert len(set(steps(uniform).tolist())) == 2 and len(set(steps(naive).tolist())) == 1
+
+
+def test_q_diffusion_splits_the_concatenation_layers_and_reconstructs_the_blocks() -> None:
+    model = make_ddpm()
+    method = build_method({"name": "q-diffusion", "iters": 5})
+    compress(model, method, noisy_batches())
+    for name in method._splits:
+        layer = model.get_submodule(name)
+        assert isinstance(layer.weight_q, SplitQuantizer) and isinstance(layer.input_q, SplitQuantizer)
+    assert any(name.endswith("resnets.0") for name in method._stats)  # the ResNet blocks are units
+    batch = noisy_batches(1)[0]
+    assert torch.isfinite(model(**batch)).all()
