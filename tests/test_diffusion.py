@@ -71,7 +71,8 @@ def test_the_training_loss_of_the_oracle_is_zero_and_of_a_wrong_model_is_not() -
 def test_samples_depend_only_on_the_seed() -> None:
     model = build_ddpm(TINY)
     a, b = sample(model, 3, steps=2, seed=5, batch_size=2), sample(model, 3, steps=2, seed=5, batch_size=3)
-    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, sample(model, 3, steps=2, seed=6), atol=1e-3)
+    assert torch.allclose(a, b, atol=1e-4)  # batch-size-dependent kernels differ in the last digits
+    assert not torch.allclose(a, sample(model, 3, steps=2, seed=6), atol=1e-2)
 
 
 def test_the_noise_error_is_zero_against_itself_and_grows_with_a_change() -> None:
