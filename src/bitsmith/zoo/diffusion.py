@@ -1,12 +1,13 @@
 """The zoo's diffusion model: an unconditional DDPM on Fashion-MNIST 28x28, built from Hugging Face ``diffusers``
 (``UNet2DModel`` and ``DDPMScheduler``; sampling with ``DDIMScheduler`` in ``bitsmith.eval.generative``).
 
-The U-Net has three resolutions (28, 14, 7; channels 32 / 64 / 64), one ResNet block per resolution in the encoder
+The U-Net has three resolutions (28, 14, 7; channels 16 / 32 / 64; 0.64 M parameters), one ResNet block per resolution in the encoder
 (two in the decoder), one attention layer only in the middle block (7x7, diffusers' default), and the usual skip
 concatenations in its decoder (what Q-Diffusion's split quantization is about).
 It predicts the noise ``eps`` of ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` on images scaled to [-1, 1];
 training draws the time steps uniformly from the 1,000 of a linear beta schedule (DDPM's). Training is
-resumable (a state per epoch, the noise and time steps seeded per epoch) and logs a line per epoch with an ETA.
+resumable (a state per epoch, the noise and time steps seeded per epoch) and logs a line per epoch with an ETA;
+8 epochs at batch 64 take about 27 minutes on 2 cores (0.21 s per step measured alone).
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ TIMESTEPS = 1000
 class UNetConfig:
     """The ``UNet2DModel`` arguments the zoo DDPM fixes (recorded in its checkpoint)."""
 
-    channels: tuple[int, ...] = (32, 64, 64)
+    channels: tuple[int, ...] = (16, 32, 64)
     layers_per_block: int = 1
     norm_groups: int = 8
     image: int = 28
 
 
 DDPM_UNET = UNetConfig()
-DDPM_TRAIN = TrainConfig(epochs=6, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.0, warmup_epochs=0.1)
+DDPM_TRAIN = TrainConfig(epochs=8, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.0, warmup_epochs=0.1)
 DESCRIPTION = (
     "DDPM (diffusers UNet2DModel 32/64/64, attention in the middle block, 1,000 linear-beta steps) for 28x28 images"
 )
