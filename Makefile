@@ -9,7 +9,7 @@ PEERS  := .venv-peers/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install install-gemma data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-moe bench-robust bench-scale clean
+.PHONY: install install-gemma data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-moe bench-robust bench-scale bench-diffusion clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -108,6 +108,10 @@ bench-moe: $(STAMP) data
 
 bench-scale: $(STAMP) data
 	$(PY) benchmarks/scale.py
+
+bench-diffusion: $(STAMP) data
+	$(PY) -m bitsmith train ddpm
+	$(PY) benchmarks/diffusion.py
 
 # The peers' LLM toolkits pin other transformers versions: they live in their own venv, run as subprocesses.
 $(PEERS):

@@ -1,0 +1,188 @@
+"""Quantized diffusion (issue 22): the zoo DDPM at FP32, naive min-max PTQ (W8A8, W4A8, calibrated at one time
+step), timestep-uniform calibration, + split shortcuts, + block reconstruction (full Q-Diffusion), with FID / KID on
+zoo-CNN features, the per-step noise error against FP32, sample grids, and the split-vs-joint activation error at
+every skip-concatenation layer. Writes docs/results/diffusion.md.
+
+``python benchmarks/diffusion.py`` (rows resume; ``--write-only`` rewrites the page).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+import time
+from typing import Any
+
+import torch
+from common import RESULTS, Rows, save_figure
+from llm import Entry, fill
+
+from bitsmith import build_method, compress
+from bitsmith.eval.generative import generative_scores, noise_mse_per_step, sample, trajectories
+from bitsmith.qdiffusion import concat_splits, trajectory_batches
+from bitsmith.quant.split import SplitQuantizer
+from bitsmith.quant.uniform import UniformQuantizer
+from bitsmith.zoo.data import load_fashion_mnist
+from bitsmith.zoo.diffusion import pretrained_ddpm
+
+ROWS = RESULTS / "diffusion.json"
+SAMPLES, SAMPLER_STEPS, SEED = 2000, 50, 0
+CALIB_SAMPLES, CALIB_STEPS = 64, 20  # 1,280 calibration inputs (Q-Diffusion: 256 x 20)
+TRAJECTORY_SAMPLES = 16  # noise error: 16 seeded FP32 trajectories, every step
+GRID = 32  # samples drawn in each row's grid (same seeds)
+ITERS = 500  # block reconstruction iterations per unit
+
+
+def quantized(model: torch.nn.Module, method: dict[str, Any], uniform: bool) -> tuple[torch.nn.Module, float]:
+    copy_ = copy.deepcopy(model)
+    batches = trajectory_batches(model, CALIB_SAMPLES, SAMPLER_STEPS, CALIB_STEPS, uniform=uniform)
+    start = time.perf_counter()
+    compress(copy_, build_method(method), batches)
+    return copy_.eval(), time.perf_counter() - start
+
+
+@functools.cache
+def fp32() -> torch.nn.Module:
+    return pretrained_ddpm()
+
+
+@functools.cache
+def real_images() -> torch.Tensor:
+    images, _ = load_fashion_mnist("test")
+    return images[:SAMPLES]
+
+
+@functools.cache
+def reference_path() -> list[tuple[int, torch.Tensor]]:
+    return trajectories(fp32(), TRAJECTORY_SAMPLES, SAMPLER_STEPS)
+
+
+def scored(model: torch.nn.Module, seconds: float, name: str) -> dict[str, Any]:
+    generated = sample(model, SAMPLES, SAMPLER_STEPS, SEED)
+    scores = generative_scores(generated, real_images()).to_dict()
+    per_step = noise_mse_per_step(fp32(), model, reference_path())
+    save_grid(generated[:GRID], name)
+    return {**scores, "grid": f"diffusion-{slug(name)}.png", "noise_mse": sum(per_step.values()) / len(per_step), "noise_mse_per_step": per_step,
+            "quant_seconds": round(seconds, 1), "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def save_grid(images: torch.Tensor, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, GRID // 4, figsize=(GRID // 4, 4.2))
+    for ax, image in zip(axes.flat, images, strict=False):
+        ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.axis("off")
+    fig.suptitle(name, fontsize=9)
+    save_figure(fig, f"diffusion-{slug(name)}.png")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:60]
+
+
+def fp32_row() -> dict[str, Any]:
+    return scored(fp32(), 0.0, "FP32")
+
+
+def method_row(name: str, method: dict[str, Any], uniform: bool) -> dict[str, Any]:
+    model, seconds = quantized(fp32(), method, uniform)
+    return scored(model, seconds, name)
+
+
+def split_ablation_row(bits: int) -> dict[str, Any]:
+    """Activation quantization error (MSE) at every skip-concatenation layer's input, joint vs split, on the
+    timestep-uniform calibration inputs."""
+    model = fp32()
+    batches = trajectory_batches(model, CALIB_SAMPLES, SAMPLER_STEPS, CALIB_STEPS)
+    splits = concat_splits(model, batches[0])
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in splits}
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: inputs[n].append(a[0].detach()))
+               for n in splits]  # fmt: skip
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+    layers = {}
+    for name, channel in splits.items():
+        x = torch.cat(inputs[name])
+        joint = UniformQuantizer(bits, symmetric=False).calibrate_(x)
+        split = SplitQuantizer(UniformQuantizer(bits, symmetric=False), UniformQuantizer(bits, symmetric=False),
+                               channel).calibrate_(x)  # fmt: skip
+        with torch.no_grad():
+            layers[name] = {"joint": float((joint(x) - x).pow(2).mean()), "split": float((split(x) - x).pow(2).mean())}
+    return {"layers": layers}
+
+
+def entries() -> list[Entry]:
+    naive = {"name": "ptq", "w_symmetric": False, "a_observer": "minmax"}
+    rows: list[tuple[str, dict[str, Any], Any]] = [
+        ("FP32", {"section": "rows", "variant": "fp32"}, fp32_row),
+        ("W8A8 min-max PTQ, single-step calibration", {"section": "rows", "variant": "ptq-w8a8-single"},
+         functools.partial(method_row, "W8A8 PTQ single step", {**naive, "w_bits": 8, "a_bits": 8}, False)),
+        ("W4A8 min-max PTQ, single-step calibration", {"section": "rows", "variant": "ptq-w4a8-single"},
+         functools.partial(method_row, "W4A8 PTQ single step", {**naive, "w_bits": 4, "a_bits": 8}, False)),
+        ("W4A8 min-max PTQ, timestep-uniform calibration", {"section": "rows", "variant": "ptq-w4a8-uniform"},
+         functools.partial(method_row, "W4A8 PTQ uniform", {**naive, "w_bits": 4, "a_bits": 8}, True)),
+        ("W4A8 + split shortcuts (no reconstruction), uniform", {"section": "rows", "variant": "split-w4a8"},
+         functools.partial(method_row, "W4A8 split", {"name": "q-diffusion", "reconstruct": False}, True)),
+        ("W4A8 Q-Diffusion (uniform + split + block reconstruction)", {"section": "rows", "variant": "qdiff-w4a8"},
+         functools.partial(method_row, "W4A8 Q-Diffusion", {"name": "q-diffusion", "iters": ITERS}, True)),
+        ("W8A8 Q-Diffusion", {"section": "rows", "variant": "qdiff-w8a8"},
+         functools.partial(method_row, "W8A8 Q-Diffusion", {"name": "q-diffusion", "w_bits": 8, "iters": ITERS}, True)),
+        ("split vs joint, 8 bits", {"section": "split", "bits": 8}, functools.partial(split_ablation_row, 8)),
+        ("split vs joint, 4 bits", {"section": "split", "bits": 4}, functools.partial(split_ablation_row, 4)),
+    ]  # fmt: skip
+    return [(label, key, {}, measure) for label, key, measure in rows]
+
+
+def write(rows: list[dict[str, Any]]) -> None:
+    done = [r for r in rows if r.get("section") == "rows"]
+    base = next((r for r in done if r.get("variant") == "fp32" and "error" not in r), None)
+    lines = [
+        "# Quantized diffusion: the zoo DDPM",
+        "",
+        "Regenerate: `make bench-diffusion` (`python benchmarks/diffusion.py`; rows resume). The zoo DDPM (diffusers "
+        f"UNet2DModel, `bitsmith train ddpm`), DDIM with {SAMPLER_STEPS} steps from seeded noise (the same starts "
+        f"for every row). **FID (zoo-CNN features)** and KID: {SAMPLES:,} generated vs the first {SAMPLES:,} test "
+        "images, on the zoo CNN classifier's penultimate features (no Inception weights can be downloaded here: "
+        "not comparable with papers' FIDs). Noise MSE: the model's predicted noise against FP32's on "
+        f"{TRAJECTORY_SAMPLES} FP32 trajectories, every step, mean over steps. Calibration: {CALIB_SAMPLES} FP32 "
+        f"trajectories kept at {CALIB_STEPS} steps spread over the sampler (uniform), or "
+        f"{CALIB_SAMPLES * CALIB_STEPS} inputs at the step nearest t = 800 (single step).",
+        "",
+        "| row | FID (zoo-CNN features) | KID | noise MSE | quantization s | load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in done:
+        if "error" in r:
+            lines.append(f"| {r['name']} | error: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['fid_zoo_cnn']:.3f} | {r['kid_zoo_cnn']:.4f} | {r['noise_mse']:.5f} | "
+                     f"{r['quant_seconds']:.1f} | {r['load'][0]:.2f} |")  # fmt: skip
+    if base is not None:
+        lines += ["", f"Samples, the same {GRID} seeds in every grid:"]
+    for r in done:
+        if "grid" in r:
+            lines += ["", f"![{r['name']}]({r['grid']})"]
+    ablation = [r for r in rows if r.get("section") == "split" and "error" not in r]
+    if ablation:
+        lines += ["", "## Split vs joint activation quantization at the skip concatenations", "",
+                  "Input MSE of each layer that reads a decoder's `cat(h, skip)`, per-tensor asymmetric min-max on "
+                  "the uniform calibration inputs.", "", "| layer | bits | joint MSE | split MSE |", "|---|---|---|---|"]  # fmt: skip
+        for r in ablation:
+            for name, e in r["layers"].items():
+                lines.append(f"| `{name}` | {r['bits']} | {e['joint']:.3e} | {e['split']:.3e} |")
+    from bitsmith.files import atomic_write_text
+
+    atomic_write_text(RESULTS / "diffusion.md", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    if "--write-only" not in sys.argv:
+        fill(Rows(ROWS), entries(), write)
+    import json
+
+    write(json.loads(ROWS.read_text()))
