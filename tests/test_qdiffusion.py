@@ -3,6 +3,8 @@ calibration time steps (uniform vs the single-step baseline), trajectory batches
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from bitsmith import build_method, compress
 from bitsmith.qdiffusion import calibration_steps, concat_splits, trajectory_batches
 from bitsmith.quant import SplitQuantizer
 from conftest import make_ddpm, noisy_batches
+
+RECIPES = Path(__file__).parents[1] / "recipes"
 
 
 def test_the_decoder_shortcut_convolutions_read_the_concatenation_split_at_the_upsampled_channels() -> None:
@@ -50,3 +54,28 @@ def test_q_diffusion_splits_the_concatenation_layers_and_reconstructs_the_blocks
     assert any(name.endswith("resnets.0") for name in method._stats)  # the ResNet blocks are units
     batch = noisy_batches(1)[0]
     assert torch.isfinite(model(**batch)).all()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("generation.calib_steps=60", "generation.calib_steps 60: the sampler has 50 steps; choose 1..50"),
+        ("generation.samples=0", "generation.samples: Input should be greater than or equal to 1"),
+        ("generation.calib_timestep=1000", "generation.calib_timestep: Input should be less than or equal to 999"),
+        ("generation.sampler_steps=1001", "generation.sampler_steps: Input should be less than or equal to 1000"),
+    ],
+)
+def test_bad_generation_settings_name_the_field(override: str, message: str) -> None:
+    from bitsmith.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(RECIPES / "ddpm-q-diffusion-w4a8.yaml", [override])
+
+
+def test_the_generation_section_belongs_to_the_ddpm() -> None:
+    from bitsmith.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="generation: the generation task is the zoo ddpm's"):
+        load_recipe(RECIPES / "cnn-ptq-w8a8.yaml", ["generation.samples=10"])
+    recipe, _ = load_recipe(RECIPES / "ddpm-q-diffusion-w4a8.yaml")
+    assert recipe.data.name == "fashion-mnist" and recipe.generation.calib_steps == 20

@@ -17,6 +17,8 @@ from bitsmith.method import METHODS, Method
 from bitsmith.train import TrainConfig
 from bitsmith.zoo import HF_MODELS, LLM_MODELS, ZOO
 
+GENERATIVE = "ddpm"  # the zoo's diffusion model (bitsmith.zoo.diffusion), scored by the generation task
+
 
 class RecipeError(ValueError):
     """A recipe that cannot run: the message names the field path, the value and what is allowed."""
@@ -158,6 +160,20 @@ class AttackSection(_Strict):
         return attack_specs(list(self.attacks), self.eps, self.norm, self.steps, self.restarts)
 
 
+class GenerationSection(_Strict):
+    """The zoo DDPM's generation task: DDIM samples scored by FID / KID on zoo-CNN features, the noise error against
+    FP32, and calibration inputs from the FP32 sampler's trajectories."""
+
+    samples: int = Field(2000, ge=1, le=100_000, description="generated images scored against as many test images")
+    sampler_steps: int = Field(50, ge=1, le=1000, description="DDIM steps (the schedule has 1,000 time steps)")
+    seed: int = 0
+    calib_samples: int = Field(64, ge=1, le=10_000, description="FP32 trajectories the calibration inputs come from")
+    calib_steps: int = Field(20, ge=1, description="time steps kept per trajectory, spread over the sampler's steps")
+    calib_uniform: bool = Field(True, description="false: the single-step baseline (every input at calib_timestep)")
+    calib_timestep: int = Field(800, ge=0, le=999, description="the single-step baseline's time step (0..999)")
+    trajectories: int = Field(16, ge=1, le=1000, description="FP32 trajectories the per-step noise error is taken on")
+
+
 class Recipe(_Strict):
     model: ModelSpec
     data: DataSpec = DataSpec()
@@ -166,6 +182,7 @@ class Recipe(_Strict):
     eval: EvalSpec = EvalSpec()
     export: ExportSpec = ExportSpec()
     attack: AttackSection | None = None
+    generation: GenerationSection | None = None
 
     def build_methods(self) -> list[Method]:
         return [validate_method(entry, f"methods.{i}") for i, entry in enumerate(self.methods)]
@@ -279,8 +296,8 @@ def is_causal_lm(path: str) -> bool:
 
 
 def task_data(name: str | None, path: str | None) -> str:
-    """The data a model is evaluated on: fashion-mnist (zoo classifiers), austen (decoder LLMs), docstrings."""
-    if name in ZOO:
+    """The data a model is evaluated on: fashion-mnist (zoo classifiers, the DDPM), austen (decoder LLMs), docstrings."""
+    if name in ZOO or name == GENERATIVE:
         return "fashion-mnist"
     if name in LLM_MODELS or (path is not None and is_causal_lm(path)):
         return "austen"
@@ -309,6 +326,22 @@ def check_structure(recipe: Recipe) -> None:
         raise RecipeError(f"model.split: the groups must partition the classes 0..9 (got {model.split})")
 
 
+def check_generation(recipe: Recipe) -> None:
+    """The DDPM is scored by generation (a default ``generation`` section); the section is the DDPM's only."""
+    if recipe.model.name != GENERATIVE:
+        if recipe.generation is not None:
+            raise RecipeError(f"generation: the generation task is the zoo {GENERATIVE}'s; remove it for "
+                              f"{recipe.model.name or recipe.model.path}")  # fmt: skip
+        return
+    recipe.generation = recipe.generation or GenerationSection()
+    gen = recipe.generation
+    if gen.calib_steps > gen.sampler_steps:
+        raise RecipeError(f"generation.calib_steps {gen.calib_steps}: the sampler has {gen.sampler_steps} steps; "
+                          f"choose 1..{gen.sampler_steps}")  # fmt: skip
+    if recipe.train is not None or recipe.attack is not None or recipe.eval.critical_classes:
+        raise RecipeError("train / attack / eval.critical_classes: the DDPM takes post-training compression only")
+
+
 def parse_recipe(raw: dict[str, Any]) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError("recipe: expected a mapping with model, data, methods, train, eval, export")
@@ -316,7 +349,7 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError("; ".join(_format(e, "") for e in exc.errors())) from None
-    known = [*ZOO, *HF_MODELS, *LLM_MODELS]
+    known = [*ZOO, GENERATIVE, *HF_MODELS, *LLM_MODELS]
     if recipe.model.name is not None and recipe.model.name not in known:
         raise RecipeError(
             f"model.name: unknown model {recipe.model.name!r}; zoo models: {', '.join(known)} (or give 'path')"
@@ -341,6 +374,7 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
             recipe.attack.specs()
         except ValueError as err:
             raise RecipeError(str(err)) from None
+    check_generation(recipe)
     recipe.build_methods()
     recipe.train_config()
     return recipe

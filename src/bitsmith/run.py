@@ -24,7 +24,7 @@ from bitsmith.export.checkpoint import save
 from bitsmith.files import atomic_write_text, publish_run, writable_folder
 from bitsmith.method import compress
 from bitsmith.progress import duration, log
-from bitsmith.recipe import Recipe
+from bitsmith.recipe import GENERATIVE, GenerationSection, Recipe
 from bitsmith.split_ensemble import class_groups, penultimate_features
 from bitsmith.train import TrainConfig, fit
 from bitsmith.zoo import (
@@ -79,6 +79,20 @@ def load_structured_classifier(recipe: Recipe, smoke: bool) -> nn.Module:
     return load_classifier(name, data.root, smoke)
 
 
+def load_generative(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
+    """The zoo DDPM and its generation task. A smoke run without a trained DDPM uses fresh seeded weights (its
+    samples are noise; the run only exercises the pipeline)."""
+    from bitsmith.eval.generative import generation_task
+    from bitsmith.zoo.diffusion import build_ddpm, ddpm_path, pretrained_ddpm
+
+    if smoke and not ddpm_path().is_file():
+        torch.manual_seed(recipe.data.seed)
+        model = build_ddpm().eval()
+    else:
+        model = pretrained_ddpm(recipe.data.root)
+    return model, generation_task(model, recipe.generation, recipe.data.root, smoke)
+
+
 def load_classifier(name: str, root: str | None, smoke: bool) -> nn.Module:
     """A zoo classifier. A smoke run without a cached checkpoint trains one tiny epoch instead."""
     entry = get_zoo_model(name)
@@ -95,6 +109,8 @@ def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
     """The recipe's model and the task it is calibrated and evaluated on."""
     data = recipe.data
     calib_size = min(data.calib_size, SMOKE["calib_size"]) if smoke else data.calib_size
+    if recipe.model.name == GENERATIVE:
+        return load_generative(recipe, smoke)
     if recipe.data.name == "fashion-mnist":
         model = load_structured_classifier(recipe, smoke)
         eval_size = SMOKE["eval_size"] if smoke else data.eval_size
@@ -130,6 +146,15 @@ def load_checkpoint(
         raise ValueError(f"{path}: the checkpoint does not name its model; pass --model NAME")
     data = meta.get("recipe", {}).get("data", {})
     seed = data.get("seed", 0)
+    if name == GENERATIVE:  # scored against the zoo DDPM (the reference of the noise error)
+        from bitsmith.eval.generative import generation_task
+        from bitsmith.zoo.diffusion import build_ddpm, pretrained_ddpm
+
+        fp32 = pretrained_ddpm(data_root, train_if_missing=False)
+        spec = GenerationSection(**meta.get("recipe", {}).get("generation") or {})
+        task = generation_task(fp32, spec, data_root)
+        task.set_reference(fp32)
+        return load(path, build_ddpm()).eval(), fp32, task
     if name in ZOO:  # the FP32 model is only timed: the zoo architecture, untrained, times the same
         task = classification_task(data_root, None, 1, 1, seed)
         structure = meta.get("structure") if isinstance(meta.get("structure"), dict) else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitsmith.eval.report import quality, save_figure
+from bitsmith.eval.report import LOWER_IS_BETTER, quality, save_figure
 from bitsmith.files import IncompleteRun, atomic_write_text, check_run, writable_folder
 from bitsmith.progress import log
 from bitsmith.recipe import RecipeError, load_recipe
@@ -199,7 +199,7 @@ def write_sweep_report(out: Path, sweep: Sweep) -> None:
             metrics = check_run(folder)["compressed"]["metrics"]
             rows.append((name, overrides, metrics))
     label = quality(rows[0][2])[0] if rows else "quality"
-    higher = label != "perplexity"
+    higher = label not in LOWER_IS_BETTER
     by_size = pareto_front([(n, m["size_bytes"], quality(m)[1]) for n, _, m in rows], higher)
     by_bops = pareto_front([(n, m.get("bops") or 0.0, quality(m)[1]) for n, _, m in rows], higher)
     lines = [

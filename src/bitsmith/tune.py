@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bitsmith.data import concat_batches
-from bitsmith.eval.report import quality
+from bitsmith.eval.report import LOWER_IS_BETTER, quality
 from bitsmith.files import atomic_write_text, check_run, writable_folder
 from bitsmith.method import build_method
 from bitsmith.methods.ptq import PTQ
@@ -157,7 +157,7 @@ def score(trial: Trial, state: Tuning) -> None:
     report = check_run(Path(trial.folder))
     label, base = quality(report["baseline"]["metrics"])
     _, value = quality(report["compressed"]["metrics"])
-    drop = value - base if label == "perplexity" else base - value
+    drop = value - base if label in LOWER_IS_BETTER else base - value
     state.metric, state.baseline = label, base
     trial.quality, trial.drop = value, drop
     trial.size_kb = report["compressed"]["metrics"]["size_bytes"] / 1024

@@ -142,3 +142,70 @@ def generative_scores(generated: Tensor, real: Tensor, classifier: nn.Module | N
         raise ValueError(f"FID needs at least 2 images on each side (got {len(generated)} and {len(real)})")
     fake, true = zoo_cnn_features(generated, classifier), zoo_cnn_features(real, classifier)
     return GenerativeScores(frechet_distance(fake, true), kernel_inception_distance(fake, true), len(generated))
+
+
+@dataclass
+class GenerationTask:
+    """The zoo DDPM's task: FID / KID (zoo-CNN features) of ``samples`` DDIM samples against as many test images,
+    the mean per-step noise error against the first model evaluated (the FP32 reference), and calibration batches
+    ``{"sample": x_t, "timestep": t}`` from the FP32 sampler's trajectories."""
+
+    real: Tensor
+    calibration: list[dict[str, Tensor]]
+    sample_count: int = 2000
+    sampler_steps: int = 50
+    seed: int = 0
+    trajectory_count: int = 16
+    kind: str = "generation"
+    reference: nn.Module | None = None
+    path: list[tuple[int, Tensor]] | None = None
+
+    @property
+    def eval_examples(self) -> int:
+        return self.sample_count
+
+    @property
+    def calib_examples(self) -> int:
+        return sum(int(b["timestep"].shape[0]) for b in self.calibration)
+
+    def example(self, batch_size: int) -> dict[str, Tensor]:
+        return {"sample": start_noise(batch_size, self.seed), "timestep": torch.full((batch_size,), TIMESTEPS // 2)}
+
+    def first(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {key: value[:1] for key, value in batch.items()}
+
+    def set_reference(self, model: nn.Module) -> None:
+        """The float model the noise error is measured against, and its trajectories."""
+        import copy
+
+        self.reference = copy.deepcopy(model).eval()
+        self.path = trajectories(self.reference, self.trajectory_count, self.sampler_steps)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        if self.reference is None:  # the first model evaluated is the FP32 reference
+            self.set_reference(model)
+        generated = sample(model, self.sample_count, self.sampler_steps, self.seed)
+        per_step = noise_mse_per_step(self.reference, model, self.path or [])
+        return {
+            **generative_scores(generated, self.real).to_dict(),
+            "noise_mse": sum(per_step.values()) / len(per_step),
+        }
+
+
+def generation_task(model: nn.Module, spec: Any, data_root: str | None, smoke: bool = False) -> GenerationTask:
+    """The task of a recipe's ``generation`` section (``smoke``: 64 samples, 4 sampler steps, 2 trajectories)."""
+    from bitsmith.qdiffusion import trajectory_batches
+    from bitsmith.zoo.data import load_fashion_mnist
+
+    samples, steps = (
+        (min(spec.samples, 64), min(spec.sampler_steps, 4)) if smoke else (spec.samples, spec.sampler_steps)
+    )
+    calib_steps, calib_samples = (
+        min(spec.calib_steps, steps),
+        (min(spec.calib_samples, 4) if smoke else spec.calib_samples),
+    )
+    images, _ = load_fashion_mnist("test", data_root)
+    batches = trajectory_batches(
+        model, calib_samples, steps, calib_steps, spec.calib_uniform, single_step=spec.calib_timestep
+    )
+    return GenerationTask(images[:samples], batches, samples, steps, spec.seed, 2 if smoke else spec.trajectories)

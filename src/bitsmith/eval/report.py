@@ -22,6 +22,9 @@ METRIC_COLUMNS = [
     ("perplexity", "ppl Persuasion", lambda v: f"{v:.2f}"),
     ("perplexity_docs", "ppl Python docs", lambda v: f"{v:.2f}"),
     ("kl", "KL to FP32", lambda v: f"{v:.4f}"),
+    ("fid_zoo_cnn", "FID (zoo-CNN features)", lambda v: f"{v:.3f}"),
+    ("kid_zoo_cnn", "KID (zoo-CNN features)", lambda v: f"{v:.4f}"),
+    ("noise_mse", "noise MSE vs FP32", lambda v: f"{v:.5f}"),
     ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"),
     ("size_bytes", "size (KB)", lambda v: f"{v / 1024:.1f}"),
     ("avg_weight_bits", "avg w bits", lambda v: f"{v:.2f}"),
@@ -31,7 +34,7 @@ METRIC_COLUMNS = [
 ]
 
 
-HEADLINE = {"accuracy", "cosine", "retrieval", "perplexity", "perplexity_docs", "kl"}
+HEADLINE = {"accuracy", "cosine", "retrieval", "perplexity", "perplexity_docs", "kl", "fid_zoo_cnn", "noise_mse"}
 
 
 def save_figure(fig: Any, path: Path) -> Path:
@@ -41,12 +44,17 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
+LOWER_IS_BETTER = {"perplexity", "FID (zoo-CNN features)"}  # quality labels where a smaller value is better
+
+
 def quality(metrics: dict[str, Any]) -> tuple[str, float]:
     """The headline quality metric of a run, as (label, percent): top-1, else retrieval recall@1."""
     if metrics.get("accuracy") is not None:
         return "top-1 %", 100 * metrics["accuracy"]
     if metrics.get("perplexity") is not None:
         return "perplexity", metrics["perplexity"]
+    if metrics.get("fid_zoo_cnn") is not None:
+        return "FID (zoo-CNN features)", metrics["fid_zoo_cnn"]
     return "recall@1 %", 100 * metrics["retrieval"]
 
 
