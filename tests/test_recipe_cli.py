@@ -98,7 +98,7 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: py
         ({"model": {"name": "cnn"}, "train": {"epochs": -1.5}}, "train.epochs"),
         ({"model": {}}, "give either a zoo model 'name'"),
         ({"model": {"name": "cnn", "path": "."}}, "give either a zoo model 'name'"),
-        ({"model": {"name": "resnet50"}}, "model.name: unknown model 'resnet50'; zoo models: cnn, vit, minilm"),
+        ({"model": {"name": "resnet50"}}, "model.name: unknown model 'resnet50'; zoo models: cnn, vit, ddpm, minilm"),
         ({"model": {"name": "minilm"}, "data": {"name": "fashion-mnist"}}, "data.name: minilm is evaluated on 'docst"),
         ({"model": {"name": "minilm"}, "train": {"epochs": 1}}, "train: training needs a labelled classification"),
         ({"model": {"name": "cnn", "members": 1}}, "model.members: Input should be greater than or equal to 2"),
