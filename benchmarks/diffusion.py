@@ -34,11 +34,16 @@ GRID = 32  # samples drawn in each row's grid (same seeds)
 ITERS = 500  # block reconstruction iterations per unit
 
 
+@functools.cache
+def calibration(uniform: bool) -> list[dict[str, torch.Tensor]]:
+    """The FP32 sampler's calibration inputs (drawn once per kind; every row that uses them shares them)."""
+    return trajectory_batches(fp32(), CALIB_SAMPLES, SAMPLER_STEPS, CALIB_STEPS, uniform=uniform)
+
+
 def quantized(model: torch.nn.Module, method: dict[str, Any], uniform: bool) -> tuple[torch.nn.Module, float]:
     copy_ = copy.deepcopy(model)
-    batches = trajectory_batches(model, CALIB_SAMPLES, SAMPLER_STEPS, CALIB_STEPS, uniform=uniform)
     start = time.perf_counter()
-    compress(copy_, build_method(method), batches)
+    compress(copy_, build_method(method), calibration(uniform))
     return copy_.eval(), time.perf_counter() - start
 
 
@@ -95,7 +100,7 @@ def split_ablation_row(bits: int) -> dict[str, Any]:
     """Activation quantization error (MSE) at every skip-concatenation layer's input, joint vs split, on the
     timestep-uniform calibration inputs."""
     model = fp32()
-    batches = trajectory_batches(model, CALIB_SAMPLES, SAMPLER_STEPS, CALIB_STEPS)
+    batches = calibration(True)
     splits = concat_splits(model, batches[0])
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in splits}
     handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: inputs[n].append(a[0].detach()))

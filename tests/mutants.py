@@ -87,8 +87,8 @@ MUTANTS = [
         "brecq",
         "targets taken from the quantized model instead of the float one",
         "reconstruct.py",
-        "with float_layers(model, [n for n, m in model.named_modules() if isinstance(m, QuantizedMixin)]):",
-        "with contextlib.nullcontext():",
+        "    with float_layers(model):\n        targets = ",
+        "    with contextlib.nullcontext():\n        targets = ",
         "tests/test_brecq.py",
     ),
     # -- robustness: attacks, adversarial training ------------------------------------------------------

@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import subprocess
 import sys
 import typing
 import warnings
@@ -18,6 +17,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from bitsmith.cli_scale import add_scale_commands, launch_torchrun
 
 console = Console(soft_wrap=True)
 errors = Console(stderr=True, soft_wrap=True)
@@ -50,55 +51,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     line = headline(report["baseline"]["metrics"], report["compressed"]["metrics"])
     console.print(f"[bold]{report['name']}[/]: {line}; report: {Path(args.out) / 'report.md'}", highlight=False)
     return 0
-
-
-def launch_torchrun(args: argparse.Namespace) -> int:
-    """``bitsmith run --nproc N``: the same command under ``torchrun`` (N gloo processes on this machine)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "bitsmith", *(["--debug"] if args.debug else []), "run", args.recipe, "--out", args.out,
-               *(["--smoke"] if args.smoke else []), *(["--restart"] if args.restart else []), *args.overrides]  # fmt: skip
-    log = logging.getLogger("bitsmith")
-    log.info(f"training in {args.nproc} processes: {' '.join(command[1:])}")
-    return subprocess.run(
-        command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    ).returncode
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from bitsmith.recipe import RecipeError
-    from bitsmith.sweep import parse_grid, run_sweep
-
-    grid = parse_grid(args.grid)
-    fixed = [item for item in args.overrides if "=" in item]
-    if len(fixed) != len(args.overrides):
-        raise RecipeError(f"unrecognized arguments: {' '.join(set(args.overrides) - set(fixed))}")
-    overlap = sorted({item.partition("=")[0] for item in fixed} & set(grid))
-    if overlap:
-        raise RecipeError(f"{', '.join(overlap)}: both swept (--grid) and fixed; give it once")
-    sweep = run_sweep(Path(args.recipe), grid, Path(args.out), smoke=args.smoke, address=args.address, fixed=fixed)
-    console.print(f"sweep: {len(sweep.ran)} ran, {len(sweep.skipped)} already finished, {len(sweep.failed)} failed; "
-                  f"report: {Path(args.out) / 'sweep.md'}", highlight=False)  # fmt: skip
-    for name, error in sweep.failed.items():
-        errors.print(f"[bold red]failed:[/] {escape(name)}: {escape(error)}", highlight=False)
-    return 1 if sweep.failed else 0
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    from bitsmith.recipe import RecipeError
-    from bitsmith.tune import tune
-
-    if any("=" not in item for item in args.overrides):
-        raise RecipeError(f"unrecognized arguments: {' '.join(i for i in args.overrides if '=' not in i)}")
-    state = tune(Path(args.recipe), Path(args.out), args.max_drop, args.overrides, args.sensitivity, args.smoke,
-                 args.parallel, args.address)  # fmt: skip
-    best = state.best
-    if best is None:
-        raise ValueError("tune: no trial ran to the end; see the trial folders under --out")
-    what = "reached" if state.reached else "not reached (best found kept)"
-    console.print(f"tune {what}: {best.k} layer(s) at 8 bits, {state.metric} {best.quality:.2f} (FP32 "
-                  f"{state.baseline:.2f}), {len(state.trials)} trial(s); best model: {Path(args.out) / 'best'}; "
-                  f"report: {Path(args.out) / 'tune.md'}", highlight=False)  # fmt: skip
-    return 0 if state.reached else 1
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -387,26 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. methods.0.w_bits=4")
     run.set_defaults(func=cmd_run)
 
-    sweep = sub.add_parser("sweep", help="run every combination of a grid of overrides on Ray, compare them")
-    sweep.add_argument("recipe")
-    sweep.add_argument("--grid", nargs="+", required=True, metavar="FIELD=V1,V2",
-                       help="fields and their values, e.g. methods.0.w_bits=2,3,4 methods.0.alpha=0.5,1")  # fmt: skip
-    sweep.add_argument("--out", required=True, help="output directory (one run folder per combination under runs/)")
-    sweep.add_argument("--address", help="join this Ray cluster (host:port, or auto); default: a local Ray")
-    sweep.add_argument("--smoke", action="store_true", help="tiny subsets, for tests")
-    sweep.add_argument("overrides", nargs="*", help="dotted overrides applied to every run, e.g. export.deploy=none")
-    sweep.set_defaults(func=cmd_sweep)
-
-    tune = sub.add_parser("tune", help="raise the most sensitive layers to 8 bits until within --max-drop of FP32")
-    tune.add_argument("recipe")
-    tune.add_argument("--max-drop", type=float, required=True, help="allowed drop (top-1 points, or perplexity)")
-    tune.add_argument("--out", required=True, help="output directory (trials/, best/, tune.md)")
-    tune.add_argument("--sensitivity", default="loss", help="layer ranking: loss (default), hessian, fisher, error")
-    tune.add_argument("--parallel", type=positive_int, default=1, help="trials per round, on Ray when > 1")
-    tune.add_argument("--address", help="with --parallel: join this Ray cluster; default: a local Ray")
-    tune.add_argument("--smoke", action="store_true", help="tiny subsets, for tests")
-    tune.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. methods.0.w_bits=4")
-    tune.set_defaults(func=cmd_tune)
+    add_scale_commands(sub)
 
     methods = sub.add_parser("methods", help="list registered methods")
     methods.add_argument("--markdown", action="store_true", help="the README's methods table")

@@ -66,9 +66,13 @@ def units(model: nn.Module, layers: list[str], blocks: list[str]) -> list[tuple[
 
 
 @contextlib.contextmanager
-def float_layers(model: nn.Module, layers: list[str]) -> Iterator[None]:
-    """The quantized ``layers`` compute in float inside the block (weights and inputs)."""
-    found = [model.get_submodule(n) for n in layers]
+def float_layers(model: nn.Module, layers: list[str] | None = None) -> Iterator[None]:
+    """The quantized ``layers`` (default: every quantized layer) compute in float inside the block (weights and
+    inputs)."""
+    if layers is None:
+        found = [m for m in model.modules() if isinstance(m, QuantizedMixin)]
+    else:
+        found = [model.get_submodule(n) for n in layers]
     saved = [(layer.weight_q, layer.input_q) for layer in found]
     for layer in found:
         layer.weight_q, layer.input_q = None, None
@@ -158,7 +162,7 @@ def reconstruct_unit(model: nn.Module, name: str, layers: list[str], batches: li
     """Learn the rounding of ``layers``' weights and their input steps so that unit ``name`` matches the float
     model; write the hard rounding into the weights. Returns the unit's output error before and after."""
     calls = _cat(capture(model, name, batches, "inputs"))
-    with float_layers(model, [n for n, m in model.named_modules() if isinstance(m, QuantizedMixin)]):
+    with float_layers(model):
         targets = [_cat(list(parts)) for parts in zip(*[_tensors(o) for o in capture(model, name, batches, "outputs")], strict=True)]  # fmt: skip
     unit = model.get_submodule(name)
     found = [model.get_submodule(n) for n in layers]
@@ -236,8 +240,7 @@ def execution_order(model: nn.Module, plan: list[tuple[str, list[str]]], batch: 
 
     handles = [model.get_submodule(name).register_forward_pre_hook(seen(name)) for name, _ in plan]
     try:
-        quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedMixin)]
-        with float_layers(model, quantized), eval_mode(model):
+        with float_layers(model), eval_mode(model):
             run_forward(model, batch)
     finally:
         for handle in handles:

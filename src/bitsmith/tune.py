@@ -66,11 +66,10 @@ def quantizer_of(recipe: Recipe) -> PTQ:
     return methods[0]
 
 
-def rank_layers(recipe: Recipe, sensitivity: str, smoke: bool) -> list[tuple[str, float]]:
-    """The first method's layers, most sensitive first, with the sensitivity at the recipe's widths."""
+def rank_layers(recipe: Recipe, ptq: PTQ, sensitivity: str, smoke: bool) -> list[tuple[str, float]]:
+    """``ptq``'s layers (the recipe's first method), most sensitive first, with the sensitivity at its widths."""
     from bitsmith.run import load_task
 
-    ptq = quantizer_of(recipe)
     model, task = load_task(recipe, smoke)
     config = {k: v for k, v in ptq.config().items() if k != "name"}
     mixed = build_method({**config, "name": "mixed", "sensitivity": sensitivity, "candidates": [ptq.w_bits or 8],
@@ -83,13 +82,13 @@ def rank_layers(recipe: Recipe, sensitivity: str, smoke: bool) -> list[tuple[str
     return sorted(scores.items(), key=lambda item: -item[1])
 
 
-def trial_overrides(recipe: Recipe, layers: list[str]) -> list[str]:
-    """The recipe's overrides that put ``layers`` at 8-bit weights (and inputs, when the recipe quantizes them)."""
-    ptq = quantizer_of(recipe)
+def trial_overrides(ptq: PTQ, layers: list[str]) -> list[str]:
+    """The overrides of the recipe's first method ``ptq`` that put ``layers`` at 8-bit weights (and inputs, when it
+    quantizes them), kept with its own per-layer overrides."""
     where = ptq.config()["where"]
+    own = where.get("overrides", {})
     raised = {"w_bits": 8, **({"a_bits": 8} if ptq.a_bits else {})}
-    overrides = {**where.get("overrides", {}), **{name: {**where.get("overrides", {}).get(name, {}), **raised}
-                                                  for name in layers}}  # fmt: skip
+    overrides = {**own, **{name: {**own.get(name, {}), **raised} for name in layers}}
     return [f"methods.0.where={json.dumps({**where, 'overrides': overrides})}"]
 
 
@@ -110,15 +109,16 @@ def tune(
         raise RecipeError(f"--max-drop {max_drop}: the allowed drop is >= 0 (points of top-1, or of perplexity)")
     fixed = fixed or []
     recipe, _ = load_recipe(recipe_path, fixed)
+    ptq = quantizer_of(recipe)
     writable_folder(out)
     log.info(f"tune: ranking the layers by {sensitivity} sensitivity at the recipe's widths")
-    ranking = rank_layers(recipe, sensitivity, smoke)
+    ranking = rank_layers(recipe, ptq, sensitivity, smoke)
     order = [name for name, _ in ranking]
     state = Tuning(metric="", baseline=0.0, max_drop=max_drop, ranking=ranking)
 
     def run(ks: list[int]) -> None:
         trials = [Trial(k, order[:k], str(out / "trials" / f"k{k:03d}")) for k in ks]
-        tasks = {t.folder: (str(recipe_path), [*fixed, *trial_overrides(recipe, t.layers)], t.folder, smoke)
+        tasks = {t.folder: (str(recipe_path), [*fixed, *trial_overrides(ptq, t.layers)], t.folder, smoke)
                  for t in trials if not finished(Path(t.folder))}  # fmt: skip
         if parallel > 1 and len(tasks) > 1:
             results = run_on_ray(tasks, address)

@@ -53,6 +53,10 @@ class BRECQ(PTQ):
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
         batches = list(batches)
         observe_inputs(model, self._layers, batches)
+        self.reconstruct_units(model, batches)
+
+    def reconstruct_units(self, model: nn.Module, batches: list[Any]) -> None:
+        """Reconstruct every unit with this method's settings; each unit's error before and after in ``_stats``."""
         cfg = ReconstructionConfig(self.iters, self.batch_size, self.lam, warmup=self.warmup, w_lr=self.w_lr,
                                    a_lr=self.a_lr, p=self.p, seed=self.seed)  # fmt: skip
         self._stats = reconstruct(model, self._layers, self.blocks, batches, cfg)

@@ -4,7 +4,7 @@ Spec: ``shared/methods/q-diffusion.md``; official code ``Xiuyu-Li/q-diffusion``.
 
 - *Timestep-aware calibration* is the calibration data: inputs ``(x_t, t)`` of the float sampler's trajectories
   at time steps spread uniformly over the sampler (``bitsmith.qdiffusion.trajectory_batches``; a recipe's
-  ``generation`` task draws them, ``data.calib_uniform: false`` gives the single-step baseline at t = 800).
+  ``generation`` task draws them, ``generation.calib_uniform: false`` gives the single-step baseline at t = 800).
 - *Split shortcut quantization* (``split``): every layer that reads a decoder's ``cat(h, skip)`` directly (the
   1x1 shortcut convolutions of the up blocks' ResNets) quantizes the two channel groups of its input, and the
   matching input-channel groups of its weight, each on its own grid (``SplitQuantizer``).
@@ -32,7 +32,7 @@ from bitsmith.quant.base import build_quantizer
 from bitsmith.quant.layers import observe_inputs
 from bitsmith.quant.split import SplitQuantizer
 from bitsmith.quant.uniform import Bits
-from bitsmith.reconstruct import ReconstructionConfig, float_layers, reconstruct
+from bitsmith.reconstruct import float_layers
 
 
 def split_layer(layer: nn.Module, channel: int) -> None:
@@ -63,13 +63,11 @@ class QDiffusion(BRECQ):
 
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
         batches = list(batches)
-        with float_layers(model, self._layers):  # the input quantizers are not calibrated yet
+        with float_layers(model):  # the input quantizers are not calibrated yet
             self._splits = concat_splits(model, batches[0]) if self.split else {}
         for name, channel in self._splits.items():
             if name in self._layers:
                 split_layer(model.get_submodule(name), channel)
         observe_inputs(model, self._layers, batches)
         if self.reconstruct:
-            cfg = ReconstructionConfig(self.iters, self.batch_size, self.lam, warmup=self.warmup, w_lr=self.w_lr,
-                                       a_lr=self.a_lr, p=self.p, seed=self.seed)  # fmt: skip
-            self._stats = reconstruct(model, self._layers, self.blocks, batches, cfg)
+            self.reconstruct_units(model, batches)
