@@ -91,6 +91,38 @@ MUTANTS = [
         "    with contextlib.nullcontext():\n        targets = ",
         "tests/test_brecq.py",
     ),
+    M(
+        "brecq",
+        "the two-pass mode learns the rounding with quantized activations",
+        "reconstruct.py",
+        "    with float_layers(model, weights=False):\n        result = ",
+        "    with contextlib.nullcontext():\n        result = ",
+        "tests/test_brecq.py -k two_pass",
+    ),
+    M(
+        "q-diffusion",
+        "calibration at one time step when asked for the uniform spread",
+        "qdiffusion.py",
+        "    if not uniform:\n        return [min(",
+        "    if uniform:\n        return [min(",
+        "tests/test_qdiffusion.py -k calibration_steps",
+    ),
+    M(
+        "q-diffusion",
+        "the skip-concatenation layers keep one joint grid",
+        "methods/q_diffusion.py",
+        "                split_layer(model.get_submodule(name), channel)",
+        "                pass",
+        "tests/test_qdiffusion.py -k splits_the_concatenation",
+    ),
+    M(
+        "q-diffusion",
+        "the exported split convolution drops half of its second channel group",
+        "export/qdq.py",
+        "return self.first(x[:, : self.split]) + self.second(x[:, self.split :])",
+        "return self.first(x[:, : self.split]) + 0.5 * self.second(x[:, self.split :])",
+        "tests/test_qdiffusion.py -k split_convolutions",
+    ),
     # -- robustness: attacks, adversarial training ------------------------------------------------------
     M(
         "adv-train",

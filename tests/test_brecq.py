@@ -68,3 +68,31 @@ def test_learned_rounding_beats_nearest_rounding_at_w2a4() -> None:
 def test_a_grouped_weight_grid_is_refused() -> None:
     with pytest.raises(ValueError, match="w_granularity 'group'"):
         build_method({"name": "brecq", "w_granularity": "group"})
+
+
+def test_the_two_pass_mode_rounds_with_float_activations_then_learns_only_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import bitsmith.reconstruct as reconstruct
+    from bitsmith.nn import QuantizedMixin
+
+    torch.manual_seed(0)
+    x, y = torch.rand(128, 1, 12, 12), torch.randint(0, 10, (128,))
+    calibration = list(batches(x, y, 32))
+    fp = make_cnn()
+    model = copy.deepcopy(fp)
+    seen: list[tuple[bool, bool, bool]] = []  # (rounding, steps, any activation quantized) per unit
+    original = reconstruct.reconstruct_unit
+
+    def spy(model_: torch.nn.Module, *args: object, rounding: bool = True, steps: bool = True, **kw: object) -> dict:
+        quantized = any(m.input_q is not None for m in model_.modules() if isinstance(m, QuantizedMixin))
+        seen.append((rounding, steps, quantized))
+        return original(model_, *args, rounding=rounding, steps=steps, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconstruct, "reconstruct_unit", spy)
+    method = build_method({"name": "brecq", "w_bits": 2, "a_bits": 4, "iters": 300, "a_iters": 100})
+    compress(model, method, calibration)
+    units = len(seen) // 2
+    assert seen == [(True, False, False)] * units + [(False, True, True)] * units
+    assert sum(name.endswith("(steps)") for name in method._stats) == units
+    nearest = copy.deepcopy(fp)
+    compress(nearest, build_method({"name": "ptq", "w_bits": 2, "a_bits": 4, "w_symmetric": False}), calibration)
+    assert output_error(model, fp, x) < 0.7 * output_error(nearest, fp, x)

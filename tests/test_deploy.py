@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from bitsmith import compress
-from bitsmith.deploy import agreement, available_backends, deploy
+from bitsmith.deploy import agreement, available_backends, deploy, int8_pairs_saturate
 from bitsmith.export.pt2e import pt2e_available
 from bitsmith.export.qdq import deployable
 from bitsmith.methods.ptq import PTQ
@@ -18,13 +19,14 @@ from conftest import make_cnn
 pytest.importorskip("onnxruntime")
 if not pt2e_available():
     pytest.skip("torchao's integer path needs torchao, an x86 CPU and a C++ compiler", allow_module_level=True)
+EXACT_W_BITS = 7 if int8_pairs_saturate() else 8  # without VNNI, 8-bit weights saturate oneDNN's int16 pair sums
 
 
 def test_torchao_backend_runs_int8_kernels_and_matches_the_fake_quant_model(calib: list, images) -> None:
     from torch._dynamo.utils import counters
 
     model = make_cnn()
-    compress(model, PTQ(w_bits=8, a_bits=8), calib)
+    compress(model, PTQ(w_bits=EXACT_W_BITS, a_bits=8), calib)
     counters.clear()
     deployment = deploy(model, images, "torchao", num_threads=1)
     lowered = {k: v for k, v in counters["inductor"].items() if k.endswith("_lower_count")}
@@ -57,3 +59,19 @@ def test_layers_without_an_integer_form_fall_back_with_a_warning(calib: list, im
 def test_unknown_backend_is_a_clear_error(images) -> None:
     with pytest.raises(ValueError, match="unknown backend 'tensorrt'; choose auto or one of"):
         deploy(make_cnn(), images, "tensorrt")
+
+
+def test_a_cpu_without_vnni_is_named_when_8_bit_weights_would_saturate(calib: list, images, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import bitsmith.deploy
+
+    monkeypatch.setattr(bitsmith.deploy, "int8_pairs_saturate", lambda: True)
+    wide, narrow = make_cnn(), make_cnn()
+    compress(wide, PTQ(w_bits=8, a_bits=8), calib)
+    compress(narrow, PTQ(w_bits=7, a_bits=8), calib)
+    with pytest.warns(UserWarning, match="no VNNI.*8-bit weights .4 layers.*w_bits: 7"):
+        deploy(wide, images, "onnxruntime", tmp_path / "wide")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        deploy(narrow, images, "onnxruntime", tmp_path / "narrow")
+    assert not [w for w in seen if "VNNI" in str(w.message)]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bitsmith import compress
+from bitsmith.deploy import int8_pairs_saturate
 from bitsmith.methods.noisyquant import NoisyQuant
 from bitsmith.methods.ptq import PTQ
 from bitsmith.methods.rtn import RTN
@@ -19,6 +20,8 @@ from test_noisyquant import make_model, tokens
 
 pytest.importorskip("onnxruntime")
 from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx  # noqa: E402
+
+EXACT_W_BITS = 7 if int8_pairs_saturate() else 8  # the widest weights the integer kernels sum exactly here
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,8 +53,8 @@ def test_qdq_cnn_in_onnx_runtime_matches_the_fake_quant_model(
 
 
 def test_qdq_vit_in_onnx_runtime_matches(images: torch.Tensor, calib: list, tmp_path: Path) -> None:
-    model = make_vit()
-    compress(model, PTQ(w_bits=8, a_bits=8), calib)
+    model = make_vit()  # without VNNI, 8-bit weights saturate ONNX Runtime's int16 pair sums (cosine 0.989 here)
+    compress(model, PTQ(w_bits=EXACT_W_BITS, a_bits=8), calib)
     with torch.no_grad():
         assert cosine(exported(model, images, tmp_path)(images), model(images)) > 0.9999
 

@@ -175,6 +175,8 @@ def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
     )
     if report["model"] == "ddpm":
         quality = {"fid_zoo_cnn", "kid_zoo_cnn", "noise_mse"}
+        assert report["deployed"]["backend"] == "onnxruntime" and report["deployed"]["fallbacks"] == {}
+        assert report["deployed"]["agreement"] > 0.99 and "fid_zoo_cnn" in report["deployed"]
     for side in ("baseline", "compressed"):
         metrics = report[side]["metrics"]
         assert set(metrics) >= {*quality, "size_bytes", "avg_weight_bits", "bops", "latency_ms"}

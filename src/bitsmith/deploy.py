@@ -9,8 +9,10 @@ times each on the example and keeps the fastest.
 from __future__ import annotations
 
 import importlib.util
+import platform
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,29 @@ def available_backends() -> list[str]:
     return [*found, *(["torchao"] if pt2e_available() else []), "torch"]
 
 
+def int8_pairs_saturate() -> bool:
+    """An x86 CPU without VNNI: its int8 GEMMs (ONNX Runtime's, oneDNN's) add u8 x s8 products in pairs in int16
+    (``vpmaddubsw``), which saturates when 8-bit weights meet large activation codes; 7-bit weights are exact."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def _build(model: nn.Module, example: Any, backend: str, out: Path, num_threads: int | None) -> Deployment:
     deployment = _export(model, example, backend, out, num_threads)
     if backend != "torch":
-        deployment.integer_layers = len(quantized_layers(model)) - len(deployment.fallbacks)
+        integer = [n for n in quantized_layers(model) if n not in deployment.fallbacks]
+        deployment.integer_layers = len(integer)
+        wide = [n for n in integer if getattr(model.get_submodule(n).weight_q, "bits", 0) >= 8]
+        if wide and int8_pairs_saturate():
+            warnings.warn(f"{backend}: this CPU has no VNNI, so its int8 kernels sum u8 x s8 products in pairs in "
+                          f"int16, which saturates with 8-bit weights ({len(wide)} layers): the results drift from "
+                          "the fake-quant model; quantize weights to 7 bits (w_bits: 7) for exact integer results "
+                          "here", stacklevel=3)  # fmt: skip
     return deployment
 
 

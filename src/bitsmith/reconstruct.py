@@ -30,6 +30,7 @@ from bitsmith.quant.adaround import AdaRound, SplitAdaRound, learnable_steps, ro
 @dataclass(frozen=True)
 class ReconstructionConfig:
     iters: int = 1000
+    a_iters: int | None = None  # None: the steps are learned with the rounding; else a second pass of a_iters
     batch_size: int = 32
     lam: float = 0.01
     beta_start: float = 20.0
@@ -66,16 +67,16 @@ def units(model: nn.Module, layers: list[str], blocks: list[str]) -> list[tuple[
 
 
 @contextlib.contextmanager
-def float_layers(model: nn.Module, layers: list[str] | None = None) -> Iterator[None]:
-    """The quantized ``layers`` (default: every quantized layer) compute in float inside the block (weights and
-    inputs)."""
+def float_layers(model: nn.Module, layers: list[str] | None = None, weights: bool = True) -> Iterator[None]:
+    """The quantized ``layers`` (default: every quantized layer) compute in float inside the block: their inputs,
+    and their weights unless ``weights`` is false."""
     if layers is None:
         found = [m for m in model.modules() if isinstance(m, QuantizedMixin)]
     else:
         found = [model.get_submodule(n) for n in layers]
     saved = [(layer.weight_q, layer.input_q) for layer in found]
     for layer in found:
-        layer.weight_q, layer.input_q = None, None
+        layer.weight_q, layer.input_q = (None if weights else layer.weight_q), None
     try:
         yield
     finally:
@@ -158,21 +159,25 @@ def lp_loss(pred: list[Tensor], target: list[Tensor], p: float) -> Tensor:
     return sum((a - b).abs().pow(p).flatten(1).sum(1).mean() for a, b in zip(pred, target, strict=True))  # type: ignore[return-value]
 
 
-def reconstruct_unit(model: nn.Module, name: str, layers: list[str], batches: list[Any], cfg: ReconstructionConfig) -> dict[str, float]:  # fmt: skip
-    """Learn the rounding of ``layers``' weights and their input steps so that unit ``name`` matches the float
-    model; write the hard rounding into the weights. Returns the unit's output error before and after."""
+def reconstruct_unit(
+    model: nn.Module, name: str, layers: list[str], batches: list[Any], cfg: ReconstructionConfig,
+    rounding: bool = True, steps: bool = True, iters: int | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Learn the rounding of ``layers``' weights (``rounding``) and their input steps (``steps``) for ``iters``
+    (default ``cfg.iters``) so that unit ``name`` matches the float model; write the hard rounding into the
+    weights. Returns the unit's output error before and after."""
     calls = _cat(capture(model, name, batches, "inputs"))
     with float_layers(model):
         targets = [_cat(list(parts)) for parts in zip(*[_tensors(o) for o in capture(model, name, batches, "outputs")], strict=True)]  # fmt: skip
     unit = model.get_submodule(name)
     found = [model.get_submodule(n) for n in layers]
     rounders = []
-    for layer in found:
+    for layer in found if rounding else []:
         rounder = rounding_for(layer.weight_q, layer.masked_weight())
         if rounder is not None:
             layer.weight_q = rounder
             rounders.append(rounder)
-    steps = [step for layer in found for step in learnable_steps(layer.input_q)]
+    learned = [step for layer in found if steps for step in learnable_steps(layer.input_q)]
     n = targets[0].shape[0]
     args, kwargs = calls
 
@@ -190,18 +195,19 @@ def reconstruct_unit(model: nn.Module, name: str, layers: list[str], batches: li
     optimizers = []
     if rounders:
         optimizers.append(torch.optim.Adam([a for r in rounders for a in r.alphas()], lr=cfg.w_lr))
-    if steps:
-        for step in steps:
+    if learned:
+        for step in learned:
             step.requires_grad_(True)
-        optimizers.append(torch.optim.Adam(steps, lr=cfg.a_lr))
+        optimizers.append(torch.optim.Adam(learned, lr=cfg.a_lr))
     generator = torch.Generator().manual_seed(cfg.seed)
-    warm = int(cfg.warmup * cfg.iters)
+    iters = cfg.iters if iters is None else iters
+    warm = int(cfg.warmup * iters)
     with eval_mode(unit):
-        for it in range(cfg.iters if optimizers else 0):
+        for it in range(iters if optimizers else 0):
             index = torch.randint(0, n, (min(cfg.batch_size, n),), generator=generator)
             loss = error(index)
             if it >= warm and rounders:
-                progress = (it - warm) / max(1, cfg.iters - warm)
+                progress = (it - warm) / max(1, iters - warm)
                 beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - progress)
                 loss = loss + cfg.lam * sum(rounding_regularizer(a, beta) for r in rounders for a in r.alphas())
             for opt in optimizers:
@@ -210,9 +216,9 @@ def reconstruct_unit(model: nn.Module, name: str, layers: list[str], batches: li
             for opt in optimizers:
                 opt.step()
             with torch.no_grad():
-                for step in steps:
+                for step in learned:
                     step.clamp_(min=1e-8)
-    for step in steps:
+    for step in learned:
         step.requires_grad_(False)
     for layer in found:
         if isinstance(layer.weight_q, (AdaRound, SplitAdaRound)):
@@ -250,11 +256,22 @@ def execution_order(model: nn.Module, plan: list[tuple[str, list[str]]], batch: 
 
 def reconstruct(model: nn.Module, layers: list[str], blocks: list[str], batches: list[Any], cfg: ReconstructionConfig) -> dict[str, dict[str, float]]:  # fmt: skip
     """Reconstruct every unit of ``model`` in the order they run (see the module); returns each unit's error before
-    and after."""
-    result = {}
+    and after (``"<unit> (steps)"`` for the second pass). With ``cfg.a_iters`` set, the official codes' two passes:
+    the rounding of every unit with the activations in float, then the activation steps with the hard rounding."""
     plan = execution_order(model, units(model, layers, blocks), batches[0])
+    if cfg.a_iters is None:
+        return _reconstruct_all(model, plan, batches, cfg, "block reconstruction", steps=True)
+    with float_layers(model, weights=False):
+        result = _reconstruct_all(model, plan, batches, cfg, "rounding pass", steps=False)
+    steps = _reconstruct_all(model, plan, batches, cfg, "activation-step pass", rounding=False, iters=cfg.a_iters)
+    return result | {f"{name} (steps)": errors for name, errors in steps.items()}
+
+
+def _reconstruct_all(model: nn.Module, plan: list[tuple[str, list[str]]], batches: list[Any], cfg: ReconstructionConfig,
+                     what: str, **learn: Any) -> dict[str, dict[str, float]]:  # fmt: skip
+    result = {}
     for i, (name, inside) in enumerate(plan):
-        result[name] = reconstruct_unit(model, name, inside, batches, cfg)
-        log.info(f"block reconstruction {i + 1}/{len(plan)} {name} ({len(inside)} layer(s)): output error "
+        result[name] = reconstruct_unit(model, name, inside, batches, cfg, **learn)
+        log.info(f"{what} {i + 1}/{len(plan)} {name} ({len(inside)} layer(s)): output error "
                  f"{result[name]['before']:.4g} -> {result[name]['after']:.4g}")  # fmt: skip
     return result

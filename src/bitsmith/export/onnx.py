@@ -18,21 +18,24 @@ from bitsmith.export.qdq import KeywordInputs, Runner, deployable
 def export_onnx(
     model: nn.Module, example: Tensor | dict[str, Tensor], path: str | os.PathLike[str], opset: int = 17
 ) -> dict[str, Any]:
-    """Write ``model`` (compressed or not) as ONNX with QDQ nodes. A dict ``example`` (tokenizer output)
-    is passed by keyword and the first output kept; batch and sequence dimensions are dynamic.
+    """Write ``model`` (compressed or not) as ONNX with QDQ nodes. A dict ``example`` (tokenizer output, or a
+    noise predictor's ``sample`` and ``timestep``) is passed by keyword and the first output kept; the batch
+    dimension is dynamic, and the sequence dimension of 2-d (token) inputs.
     Returns ``{"path", "fallbacks"}``; layers that stay float are also named in a warning."""
     path = Path(path)
     deploy, fallbacks = deployable(model)
     inputs = example if isinstance(example, dict) else {"input": example}
     if isinstance(example, dict):
         deploy = KeywordInputs(deploy, list(inputs))
-    dynamic = {0: "batch", 1: "sequence"} if isinstance(example, dict) else {0: "batch"}
+    axes = {name: {0: "batch", 1: "sequence"} if isinstance(example, dict) and value.dim() == 2 else {0: "batch"}
+            for name, value in inputs.items()}  # token ids: batch x sequence; images, time steps: batch
+    axes["output"] = {0: "batch", 1: "sequence"} if any(len(a) == 2 for a in axes.values()) else {0: "batch"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(deploy, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=["output"],
-                          dynamic_axes={name: dynamic for name in [*inputs, "output"]}, opset_version=opset, dynamo=False)  # fmt: skip
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)  # fmt: skip
     store_int8_weights(tmp)
     os.replace(tmp, path)
     return {"path": str(path), "fallbacks": fallbacks}

@@ -7,7 +7,9 @@ clipped to its grid and quantized; its weight is the hard-quantized grid (the no
 folded into the bias). Narrower grids sit exactly inside the int8 / uint8 range, so a backend that
 fuses QDQ pairs into integer kernels computes what bitsmith's fake-quant model computes. Any other
 compressed layer falls back to float (its hard-quantized weight, no input quantization). A batch
-norm right after an exported convolution is folded into it (exact on a per-channel grid).
+norm right after an exported convolution is folded into it (exact on a per-channel grid). A convolution whose
+input and weight are split along the input channels (Q-Diffusion's split shortcut) becomes two QDQ convolutions,
+one per channel group, summed (a convolution is linear in its input channels; the bias is added once).
 
 Two spellings of the same arithmetic: ``ops="onnx"`` uses ``torch.fake_quantize_*`` (exported as ONNX
 QuantizeLinear / DequantizeLinear), ``ops="pt2e"`` uses the ``quantized_decomposed`` ops that
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from bitsmith.nn import QConv2d, QEmbedding, QLinear, QuantizedMixin, _conv_args, _embedding_args, strip
 from bitsmith.quant.bnfold import bn_scale, conv_bn_pairs, folded_bias
 from bitsmith.quant.noisy import NoisyBias
+from bitsmith.quant.split import SplitQuantizer
 from bitsmith.quant.uniform import UniformQuantizer
 from bitsmith.swap import set_submodule
 
@@ -44,9 +47,13 @@ def _qdq_range(symmetric: bool) -> tuple[int, int, torch.dtype]:
     return (-128, 127, torch.int8) if symmetric else (0, 255, torch.uint8)
 
 
-def unsupported(layer: QuantizedMixin) -> str | None:
-    """Why ``layer`` cannot be exported as QDQ (None when it can)."""
+def unsupported(layer: QuantizedMixin, ops: Ops = "onnx") -> str | None:
+    """Why ``layer`` cannot be exported as QDQ for ``ops`` (None when it can)."""
     wq, iq = layer.weight_q, layer.input_q
+    if isinstance(wq, SplitQuantizer) or isinstance(iq, SplitQuantizer):
+        if not _channel_split(layer):
+            return "split quantization other than one input-channel split of a convolution's input and weight"
+        return next((why for part in split_parts(layer) if (why := unsupported(part, ops)) is not None), None)
     inner = iq.inner if isinstance(iq, NoisyBias) else iq
     if not isinstance(wq, UniformQuantizer) or wq.granularity not in ("tensor", "channel") or wq.binary:
         return "weights are not uniform per-tensor / per-channel"
@@ -58,9 +65,48 @@ def unsupported(layer: QuantizedMixin) -> str | None:
         return "the input is not quantized statically per tensor"
     if max(wq.bits, inner.bits) > 8:
         return f"{max(wq.bits, inner.bits)}-bit codes exceed the 8-bit QDQ range"
+    if ops == "pt2e" and not wq.symmetric:
+        return "asymmetric weights: the x86 int8 kernels take symmetric (int8) weights; quantize with w_symmetric"
     if isinstance(iq, NoisyBias) and isinstance(layer, QConv2d):
         return "NoisyQuant noise is exported for Linear layers only"
     return None
+
+
+def _channel_split(layer: QuantizedMixin) -> bool:
+    wq, iq = layer.weight_q, layer.input_q
+    return (isinstance(layer, QConv2d) and layer.groups == 1 and isinstance(wq, SplitQuantizer)
+            and isinstance(iq, SplitQuantizer) and wq.split == iq.split and wq.dim == iq.dim == 1)  # fmt: skip
+
+
+def split_parts(layer: QuantizedMixin) -> tuple[QuantizedMixin, QuantizedMixin]:
+    """A split convolution as two convolutions over its input-channel groups, each with its part's quantizers (the
+    bias on the first); their outputs sum to the layer's."""
+    wq, iq = layer.weight_q, layer.input_q
+    assert isinstance(wq, SplitQuantizer) and isinstance(iq, SplitQuantizer)
+    weight = layer.masked_weight().detach()
+    parts = []
+    for w_q, i_q, w, bias in ((wq.first, iq.first, weight[:, : wq.split], True),
+                              (wq.second, iq.second, weight[:, wq.split :], False)):  # fmt: skip
+        part = copy.deepcopy(layer)
+        part.weight, part.mask, part.in_channels = nn.Parameter(w.clone(), requires_grad=False), None, w.shape[1]
+        if not bias:
+            part.bias = None
+        part.weight_q, part.input_q = w_q, i_q
+        parts.append(part)
+    return parts[0], parts[1]
+
+
+class QDQSplitLayer(nn.Module):
+    """The export form of a split convolution: one :class:`QDQLayer` per input-channel group, summed."""
+
+    def __init__(self, layer: QuantizedMixin, ops: Ops = "onnx") -> None:
+        super().__init__()
+        self.split = layer.weight_q.split  # type: ignore[union-attr]
+        first, second = split_parts(layer)
+        self.first, self.second = QDQLayer(first, ops), QDQLayer(second, ops)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.first(x[:, : self.split]) + self.second(x[:, self.split :])
 
 
 def _weight_qdq(weight: Tensor, scale: Tensor, zero: Tensor, qrange: tuple[int, int, torch.dtype], ops: Ops) -> Tensor:
@@ -184,9 +230,10 @@ def deployable(model: nn.Module, ops: Ops = "onnx") -> tuple[nn.Module, dict[str
     exported: dict[str, nn.Module] = {}
     for name in quantized_layers(model):
         module = model.get_submodule(name)
-        reason = unsupported(module)
+        reason = unsupported(module, ops)
         if reason is None:
-            exported[name] = QDQEmbedding(module, ops) if isinstance(module, QEmbedding) else QDQLayer(module, ops)
+            kind = QDQEmbedding if isinstance(module, QEmbedding) else QDQSplitLayer if _channel_split(module) else QDQLayer
+            exported[name] = kind(module, ops)
         else:
             fallbacks[name] = reason
     convs = [name for name, qdq in exported.items() if isinstance(qdq, QDQLayer) and qdq.conv is not None]
@@ -214,8 +261,9 @@ class KeywordInputs(nn.Module):
 
 
 class Runner:
-    """A deployed model, called like the original: a tensor in, a tensor out; or keywords in (tokenizer
-    output), an object with ``.last_hidden_state`` out (as a Hugging Face encoder answers)."""
+    """A deployed model, called like the original: a tensor in, a tensor out; or keywords in: tokenizer output
+    gives an object with ``.last_hidden_state`` (as a Hugging Face encoder answers), other keywords (a noise
+    predictor's ``sample`` and ``timestep``) the tensor."""
 
     inputs: list[str]
     training = False  # the evaluation helpers switch train/eval modes; a deployed model has none
@@ -223,13 +271,14 @@ class Runner:
     def _forward(self, tensors: list[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def __call__(self, x: Tensor | None = None, **keywords: Tensor) -> Any:
-        if x is not None:
-            return self._forward([x])
+    def __call__(self, *tensors: Tensor, **keywords: Tensor) -> Any:
+        if tensors:  # positional: in the exported inputs' order (an image; a noise predictor's sample, time step)
+            return self._forward(list(tensors))
         missing = [name for name in self.inputs if name not in keywords]
         if missing:
             raise ValueError(f"the deployed model needs the inputs {self.inputs}; missing {missing}")
-        return SimpleNamespace(last_hidden_state=self._forward([keywords[name] for name in self.inputs]))
+        out = self._forward([keywords[name] for name in self.inputs])
+        return SimpleNamespace(last_hidden_state=out) if "input_ids" in self.inputs else out
 
     def eval(self) -> Runner:
         return self

@@ -36,6 +36,7 @@ class BRECQ(PTQ):
     blocks: list[str] = field(default_factory=list)  # module-name globs of the reconstruction units
     w_symmetric: bool = False
     iters: Annotated[int, Field(ge=0)] = 1000
+    a_iters: Annotated[int, Field(ge=1)] | None = None  # a second pass for the activation steps (official codes)
     batch_size: Annotated[int, Field(ge=1)] = 32
     lam: Annotated[float, Field(ge=0.0)] = 0.01
     warmup: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
@@ -57,6 +58,6 @@ class BRECQ(PTQ):
 
     def reconstruct_units(self, model: nn.Module, batches: list[Any]) -> None:
         """Reconstruct every unit with this method's settings; each unit's error before and after in ``_stats``."""
-        cfg = ReconstructionConfig(self.iters, self.batch_size, self.lam, warmup=self.warmup, w_lr=self.w_lr,
+        cfg = ReconstructionConfig(self.iters, self.a_iters, self.batch_size, self.lam, warmup=self.warmup, w_lr=self.w_lr,
                                    a_lr=self.a_lr, p=self.p, seed=self.seed)  # fmt: skip
         self._stats = reconstruct(model, self._layers, self.blocks, batches, cfg)
