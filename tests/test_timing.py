@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bitsmith import build_method, compress
-from bitsmith.cli import integer_kernels
+from bitsmith.cli_eval import integer_kernels
 from bitsmith.eval.latency import Timing, speedup, time_forward
 from bitsmith.eval.report import timing_lines
 from conftest import make_cnn

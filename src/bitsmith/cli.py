@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import sys
@@ -14,14 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bitsmith.cli_eval import cmd_deploy, cmd_eval
 from bitsmith.cli_scale import add_scale_commands, launch_torchrun
-
-console = Console(soft_wrap=True)
-errors = Console(stderr=True, soft_wrap=True)
+from bitsmith.terminal import console, errors
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -116,134 +113,6 @@ def _train_ddpm(args: argparse.Namespace) -> int:
     console.print(f"ddpm: noise MSE {info['history'][-1]['loss']:.4f} after {info['train_seconds']} s on "
                   f"{info['threads']} threads; saved {ddpm_path()}", highlight=False)  # fmt: skip
     return 0
-
-
-def _summary(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from bitsmith.eval.cost import model_cost
-    from bitsmith.run import load_checkpoint
-
-    model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data, args.windows)
-    if args.attack:
-        return _eval_attacks(args, model, task)
-    if args.slices or args.threshold:
-        return _eval_precisions(args, model, task)
-    metrics = task.evaluate(model)
-    cost = model_cost(model, task.first(task.example(1))).totals
-    console.print(
-        f"{args.checkpoint}: {_summary(metrics)} on {task.eval_examples} examples, "
-        f"size {cost['size_bytes'] / 1024:.1f} KB, avg weight bits {cost['avg_weight_bits']:.2f}, "
-        f"GBOPs {cost['bops'] / 1e9:.3f}",
-        highlight=False,
-    )
-    if args.backend is not None:
-        _deploy_and_time(args, model, fp32, task)
-    return 0
-
-
-def _eval_attacks(args: argparse.Namespace, model: Any, task: Any) -> int:
-    """Clean and robust top-1 under each attack and eps, white-box (through the fake-quant modules) and transferred
-    from the trained FP32 zoo model; ``--json`` also writes the report and a RobustBench-style entry."""
-    from bitsmith.data import subset
-    from bitsmith.export.checkpoint import read_metadata
-    from bitsmith.files import atomic_write_text
-    from bitsmith.robust import attack_specs, robust_evaluate
-    from bitsmith.zoo import pretrained
-
-    if task.kind != "classification":
-        raise ValueError(
-            f"--attack evaluates image classifiers (the zoo CNN / ViT); this checkpoint's task is {task.kind}"
-        )
-    specs = attack_specs(args.attack, args.eps, args.norm, args.steps, args.restarts)
-    meta = json.loads(read_metadata(args.checkpoint).get("meta", "{}"))
-    name = args.model or meta.get("model")
-    images, labels = subset(*task.test, args.subset, seed=0)
-    source = None
-    if args.transfer:
-        try:
-            source = pretrained(name, args.data, train_if_missing=False)
-        except FileNotFoundError as err:
-            console.print(f"no transfer attack: {err}", highlight=False)
-    report = robust_evaluate(model, images, labels, specs, source=source)
-    scope = "all" if args.subset is None or args.subset >= len(task.test[1]) else f"a seeded subset of {len(labels)}"
-    console.print(f"{args.checkpoint} ({scope} test images; transfer source: "
-                  f"{'the trained FP32 ' + name if source is not None else 'none'})", highlight=False)  # fmt: skip
-    for line in report.lines():
-        console.print(f"  {line}", highlight=False)
-    if args.json:
-        entry = report.robustbench_entry(name, meta.get("recipe"))
-        atomic_write_text(args.json, json.dumps({"report": report.to_dict(), "robustbench": entry}, indent=2))
-        console.print(f"wrote {args.json}", highlight=False)
-    return 0
-
-
-def _eval_precisions(args: argparse.Namespace, model: Any, task: Any) -> int:
-    """One MoBiQuant checkpoint read at several fixed slice counts and router thresholds, never re-quantized."""
-    from bitsmith.routing import average_bits, set_operating_point
-
-    points = [(f"{k} slices", {"slices": k}) for k in args.slices or []]
-    points += [(f"router threshold {t:g}", {"threshold": t}) for t in args.threshold or []]
-    for label, point in points:
-        set_operating_point(model, **point)
-        metrics = task.evaluate(model)
-        console.print(f"{args.checkpoint} at {label}: {_summary(metrics)}, {average_bits(model):.2f} weight bits per "
-                      "weight (token average)", highlight=False)  # fmt: skip
-    return 0
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    from bitsmith.files import writable_folder
-    from bitsmith.run import load_checkpoint
-
-    if args.out:
-        writable_folder(Path(args.out))
-    model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data)
-    deployed = _deploy_and_time(args, model, fp32, task)
-    if deployed["path"]:
-        console.print(f"written: {deployed['path']}")
-    return 0
-
-
-def _deploy_and_time(args: argparse.Namespace, model: Any, fp32: Any, task: Any) -> dict[str, Any]:
-    """Deploy ``model`` on ``args.backend``; print its agreement, task metrics and latency vs FP32."""
-    from bitsmith.eval.latency import Timing, speedup, time_forward
-    from bitsmith.run import measure_deployed
-
-    example = task.example(args.batch)
-    deployed = measure_deployed(model, task, args.backend, example, args.runs, args.threads, getattr(args, "out", None))
-    fp32_timing = time_forward(fp32, example, runs=args.runs, num_threads=args.threads)
-    timing = Timing.from_dict(deployed["timing"])
-    scores = {k: deployed[k] for k in ("accuracy", "cosine", "retrieval") if k in deployed}
-    console.print(
-        f"deployed on {deployed['backend']} in {deployed['export_seconds']:.1f} s "
-        f"({integer_kernels(deployed)}): agreement with the fake-quant model (cosine) {deployed['agreement']:.5f}; "
-        f"{_summary(scores)}",
-        highlight=False,
-    )
-    if deployed["integer_layers"] > 0:
-        verdict = speedup(fp32_timing, timing)
-    else:
-        verdict = "no speed-up stated: nothing runs in integer kernels"
-    console.print(f"latency at batch {args.batch}: {timing} vs FP32 {fp32_timing}: {verdict}", highlight=False)
-    if deployed["timings"]:
-        tried = ", ".join(f"{name} {ms:.2f} ms" for name, ms in deployed["timings"].items())
-        console.print(f"auto: timed {tried}; kept {deployed['backend']}", highlight=False)
-    if deployed["agreement"] < 0.999:
-        errors.print(f"[yellow]warning:[/] the deployed model's outputs differ (cosine {deployed['agreement']:.5f})")
-    return deployed
-
-
-def integer_kernels(deployed: dict[str, Any]) -> str:
-    """How much of a deployed model runs in integer kernels, in words."""
-    count, fallbacks = deployed["integer_layers"], deployed["fallbacks"]
-    if count == 0 and not fallbacks:
-        return "nothing quantized: it runs in float"
-    if count == 0:
-        return f"every quantized layer fell back to float: {', '.join(fallbacks)}"
-    return f"{count} layer(s) in integer kernels" + (f", {len(fallbacks)} in float" if fallbacks else "")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -12,17 +12,7 @@ from typing import Any
 
 from rich.markup import escape
 
-
-def _console() -> Any:
-    from bitsmith.cli import console
-
-    return console
-
-
-def _errors() -> Any:
-    from bitsmith.cli import errors
-
-    return errors
+from bitsmith.terminal import console, errors
 
 
 def launch_torchrun(args: argparse.Namespace) -> int:
@@ -47,10 +37,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if overlap:
         raise RecipeError(f"{', '.join(overlap)}: both swept (--grid) and fixed; give it once")
     sweep = run_sweep(Path(args.recipe), grid, Path(args.out), smoke=args.smoke, address=args.address, fixed=fixed)
-    _console().print(f"sweep: {len(sweep.ran)} ran, {len(sweep.skipped)} already finished, {len(sweep.failed)} failed; "
+    console.print(f"sweep: {len(sweep.ran)} ran, {len(sweep.skipped)} already finished, {len(sweep.failed)} failed; "
                   f"report: {Path(args.out) / 'sweep.md'}", highlight=False)  # fmt: skip
     for name, error in sweep.failed.items():
-        _errors().print(f"[bold red]failed:[/] {escape(name)}: {escape(error)}", highlight=False)
+        errors.print(f"[bold red]failed:[/] {escape(name)}: {escape(error)}", highlight=False)
     return 1 if sweep.failed else 0
 
 
@@ -63,7 +53,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if best is None:
         raise ValueError("tune: no trial ran to the end; see the trial folders under --out")
     what = "reached" if state.reached else "not reached (best found kept)"
-    _console().print(f"tune {what}: {best.k} layer(s) at 8 bits, {state.metric} {best.quality:.2f} (FP32 "
+    console.print(f"tune {what}: {best.k} layer(s) at 8 bits, {state.metric} {best.quality:.2f} (FP32 "
                   f"{state.baseline:.2f}), {len(state.trials)} trial(s); best model: {Path(args.out) / 'best'}; "
                   f"report: {Path(args.out) / 'tune.md'}", highlight=False)  # fmt: skip
     return 0 if state.reached else 1

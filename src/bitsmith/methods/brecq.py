@@ -6,9 +6,10 @@ Q-Diffusion code. Weights: per-channel asymmetric min-max (``w_symmetric: false`
 rounding is learned (``bitsmith.reconstruct``) and written into the weights; activations: observed like ``ptq``,
 their steps learned in the same pass. Layers outside every named block are reconstructed one by one.
 
-Deviations, stated: one pass learns the rounding and the activation steps together for ``iters`` iterations
-(BRECQ: 20,000 for the weights, then 5,000 for the activations; bitsmith's default 1,000 fits a CPU); the
-activation steps are learned with Adam on the LSQ gradient without LSQ's gradient scaling.
+Deviations, stated: by default one pass learns the rounding and the activation steps together for ``iters``
+iterations (BRECQ: 20,000 for the weights with float activations, then 5,000 for the activations; ``a_iters``
+selects those two passes; bitsmith's default 1,000 fits a CPU); the activation steps are learned with Adam on the
+LSQ gradient without LSQ's gradient scaling.
 """
 
 from __future__ import annotations
