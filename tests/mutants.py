@@ -87,9 +87,17 @@ MUTANTS = [
         "brecq",
         "targets taken from the quantized model instead of the float one",
         "reconstruct.py",
-        "    with float_layers(model):\n        targets = ",
+        "    with float_layers(reference):\n        targets = ",
         "    with contextlib.nullcontext():\n        targets = ",
         "tests/test_brecq.py",
+    ),
+    M(
+        "brecq",
+        "targets from the model whose earlier units' rounding is already written (no float copy)",
+        "reconstruct.py",
+        "reference = copy.deepcopy(model)",
+        "reference = model",
+        "tests/test_brecq.py -k float_model",
     ),
     M(
         "brecq",

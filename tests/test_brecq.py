@@ -96,3 +96,24 @@ def test_the_two_pass_mode_rounds_with_float_activations_then_learns_only_the_st
     nearest = copy.deepcopy(fp)
     compress(nearest, build_method({"name": "ptq", "w_bits": 2, "a_bits": 4, "w_symmetric": False}), calibration)
     assert output_error(model, fp, x) < 0.7 * output_error(nearest, fp, x)
+
+
+def test_every_unit_is_matched_to_the_float_model_not_to_the_rounded_earlier_units(monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import bitsmith.reconstruct as reconstruct
+
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 12, 12), torch.randint(0, 10, (64,))
+    fp = make_cnn()
+    model = copy.deepcopy(fp)
+    floats = {n: m.weight.detach().clone() for n, m in fp.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}  # fmt: skip
+    intact: list[bool] = []
+    original = reconstruct.reconstruct_unit
+
+    def spy(model_: torch.nn.Module, reference: torch.nn.Module, *args: object, **kw: object) -> dict:
+        intact.append(all(torch.equal(reference.get_submodule(n).weight, w) for n, w in floats.items()))
+        return original(model_, reference, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(reconstruct, "reconstruct_unit", spy)
+    compress(model, build_method({"name": "brecq", "w_bits": 2, "a_bits": 4, "iters": 5}), list(batches(x, y, 32)))
+    assert len(intact) > 2 and all(intact)
+    assert not all(torch.equal(model.get_submodule(n).weight, w) for n, w in floats.items())  # the model is rounded

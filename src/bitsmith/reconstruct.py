@@ -4,7 +4,8 @@
 A unit is a block the user names (any module: a residual block, a transformer block, a U-Net stage) or a single
 quantized layer outside every named block (layer-wise reconstruction). Units are reconstructed in the order the
 model runs them. A unit's inputs are those the already-quantized model feeds it (BRECQ's and Q-Diffusion's
-``asym`` setting); its targets are the float model's outputs of the same unit on the same calibration batches.
+``asym`` setting); its targets are the float model's outputs of the same unit on the same calibration batches (a
+float copy taken before any rounding is written, as the official codes keep each layer's original weight).
 The objective is ``mean_n sum |f_q(x) - f(x)|^p`` (p = 2.4 by default) plus ``lam * sum(1 - |2h(V) - 1|^beta)``
 with ``beta`` annealed from 20 to 2 after a warm-up without it; then the rounding is made hard and written into the
 weights, so the model is an ordinary uniformly quantized one (exported like any PTQ model).
@@ -13,6 +14,7 @@ weights, so the model is an ordinary uniformly quantized one (exported like any 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -160,15 +162,16 @@ def lp_loss(pred: list[Tensor], target: list[Tensor], p: float) -> Tensor:
 
 
 def reconstruct_unit(
-    model: nn.Module, name: str, layers: list[str], batches: list[Any], cfg: ReconstructionConfig,
-    rounding: bool = True, steps: bool = True, iters: int | None = None,
+    model: nn.Module, reference: nn.Module, name: str, layers: list[str], batches: list[Any],
+    cfg: ReconstructionConfig, rounding: bool = True, steps: bool = True, iters: int | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Learn the rounding of ``layers``' weights (``rounding``) and their input steps (``steps``) for ``iters``
-    (default ``cfg.iters``) so that unit ``name`` matches the float model; write the hard rounding into the
-    weights. Returns the unit's output error before and after."""
+    (default ``cfg.iters``) so that unit ``name`` matches the float ``reference`` (a copy of the model taken before
+    any rounding was written); write the hard rounding into the weights. Returns the unit's output error before
+    and after."""
     calls = _cat(capture(model, name, batches, "inputs"))
-    with float_layers(model):
-        targets = [_cat(list(parts)) for parts in zip(*[_tensors(o) for o in capture(model, name, batches, "outputs")], strict=True)]  # fmt: skip
+    with float_layers(reference):
+        targets = [_cat(list(parts)) for parts in zip(*[_tensors(o) for o in capture(reference, name, batches, "outputs")], strict=True)]  # fmt: skip
     unit = model.get_submodule(name)
     found = [model.get_submodule(n) for n in layers]
     rounders = []
@@ -259,19 +262,21 @@ def reconstruct(model: nn.Module, layers: list[str], blocks: list[str], batches:
     and after (``"<unit> (steps)"`` for the second pass). With ``cfg.a_iters`` set, the official codes' two passes:
     the rounding of every unit with the activations in float, then the activation steps with the hard rounding."""
     plan = execution_order(model, units(model, layers, blocks), batches[0])
+    reference = copy.deepcopy(model)  # the rounding is written into the model's weights: keep the float ones
     if cfg.a_iters is None:
-        return _reconstruct_all(model, plan, batches, cfg, "block reconstruction", steps=True)
+        return _reconstruct_all(model, reference, plan, batches, cfg, "block reconstruction", steps=True)
     with float_layers(model, weights=False):
-        result = _reconstruct_all(model, plan, batches, cfg, "rounding pass", steps=False)
-    steps = _reconstruct_all(model, plan, batches, cfg, "activation-step pass", rounding=False, iters=cfg.a_iters)
+        result = _reconstruct_all(model, reference, plan, batches, cfg, "rounding pass", steps=False)
+    steps = _reconstruct_all(model, reference, plan, batches, cfg, "activation-step pass", rounding=False,
+                             iters=cfg.a_iters)  # fmt: skip
     return result | {f"{name} (steps)": errors for name, errors in steps.items()}
 
 
-def _reconstruct_all(model: nn.Module, plan: list[tuple[str, list[str]]], batches: list[Any], cfg: ReconstructionConfig,
-                     what: str, **learn: Any) -> dict[str, dict[str, float]]:  # fmt: skip
+def _reconstruct_all(model: nn.Module, reference: nn.Module, plan: list[tuple[str, list[str]]], batches: list[Any],
+                     cfg: ReconstructionConfig, what: str, **learn: Any) -> dict[str, dict[str, float]]:  # fmt: skip
     result = {}
     for i, (name, inside) in enumerate(plan):
-        result[name] = reconstruct_unit(model, name, inside, batches, cfg, **learn)
+        result[name] = reconstruct_unit(model, reference, name, inside, batches, cfg, **learn)
         log.info(f"{what} {i + 1}/{len(plan)} {name} ({len(inside)} layer(s)): output error "
                  f"{result[name]['before']:.4g} -> {result[name]['after']:.4g}")  # fmt: skip
     return result
