@@ -3,7 +3,8 @@ step), timestep-uniform calibration, + split shortcuts, + block reconstruction (
 zoo-CNN features, the per-step noise error against FP32, sample grids, and the split-vs-joint activation error at
 every skip-concatenation layer. Writes docs/results/diffusion.md.
 
-``python benchmarks/diffusion.py`` (rows resume; ``--write-only`` rewrites the page).
+``python benchmarks/diffusion.py`` (rows resume; ``--write-only`` rewrites the page; ``--reverse`` measures the
+pending rows from the last, so a second process on the other core meets the first in the middle).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 from common import RESULTS, Rows, save_figure
-from llm import Entry, fill
+from llm import Entry, bench_threads, fill
 
 from bitsmith import build_method, compress
 from bitsmith.eval.generative import generative_scores, noise_mse_per_step, sample, trajectories
@@ -31,7 +32,8 @@ SAMPLES, SAMPLER_STEPS, SEED = 2000, 50, 0
 CALIB_SAMPLES, CALIB_STEPS = 64, 20  # 1,280 calibration inputs (Q-Diffusion: 256 x 20)
 TRAJECTORY_SAMPLES = 16  # noise error: 16 seeded FP32 trajectories, every step
 GRID = 32  # samples drawn in each row's grid (same seeds)
-ITERS = 500  # block reconstruction iterations per unit
+ITERS = 1000  # block reconstruction iterations per unit (bitsmith's default; the official code: 20,000 + 5,000)
+A_ITERS = 250  # the two-pass rows' activation-step pass (the official 5,000 : 20,000 ratio)
 
 
 @functools.cache
@@ -135,12 +137,16 @@ def entries() -> list[Entry]:
          functools.partial(method_row, "W4A8 split", {"name": "q-diffusion", "reconstruct": False}, True)),
         ("W4A8 Q-Diffusion (uniform + split + block reconstruction)", {"section": "rows", "variant": "qdiff-w4a8"},
          functools.partial(method_row, "W4A8 Q-Diffusion", {"name": "q-diffusion", "iters": ITERS}, True)),
+        ("W4A8 Q-Diffusion, two passes (rounding, then activation steps)", {"section": "rows", "variant": "qdiff-w4a8-2pass"},
+         functools.partial(method_row, "W4A8 Q-Diffusion two passes", {"name": "q-diffusion", "iters": ITERS,
+                                                                       "a_iters": A_ITERS}, True)),
         ("W8A8 Q-Diffusion", {"section": "rows", "variant": "qdiff-w8a8"},
          functools.partial(method_row, "W8A8 Q-Diffusion", {"name": "q-diffusion", "w_bits": 8, "iters": ITERS}, True)),
         ("split vs joint, 8 bits", {"section": "split", "bits": 8}, functools.partial(split_ablation_row, 8)),
         ("split vs joint, 4 bits", {"section": "split", "bits": 4}, functools.partial(split_ablation_row, 4)),
     ]  # fmt: skip
-    return [(label, key, {}, measure) for label, key, measure in rows]
+    entries = [(label, key, {}, measure) for label, key, measure in rows]
+    return entries[::-1] if "--reverse" in sys.argv else entries
 
 
 def write(rows: list[dict[str, Any]]) -> None:
@@ -156,17 +162,20 @@ def write(rows: list[dict[str, Any]]) -> None:
         "not comparable with papers' FIDs). Noise MSE: the model's predicted noise against FP32's on "
         f"{TRAJECTORY_SAMPLES} FP32 trajectories, every step, mean over steps. Calibration: {CALIB_SAMPLES} FP32 "
         f"trajectories kept at {CALIB_STEPS} steps spread over the sampler (uniform), or "
-        f"{CALIB_SAMPLES * CALIB_STEPS} inputs at the step nearest t = 800 (single step).",
+        f"{CALIB_SAMPLES * CALIB_STEPS} inputs at the step nearest t = 800 (single step). Block reconstruction: "
+        f"{ITERS} iterations per unit, batch 32 (two passes: then {A_ITERS} for the activation steps). Rows with "
+        "1 thread ran two at a time on the 2 cores (load column): their quantization seconds are upper bounds of a "
+        "run alone.",
         "",
-        "| row | FID (zoo-CNN features) | KID | noise MSE | quantization s | load |",
-        "|---|---|---|---|---|---|",
+        "| row | FID (zoo-CNN features) | KID | noise MSE | quantization s | threads | load |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in done:
         if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error']} | | | | |")
+            lines.append(f"| {r['name']} | error: {r['error']} | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['fid_zoo_cnn']:.3f} | {r['kid_zoo_cnn']:.4f} | {r['noise_mse']:.5f} | "
-                     f"{r['quant_seconds']:.1f} | {r['load'][0]:.2f} |")  # fmt: skip
+                     f"{r['quant_seconds']:.1f} | {r.get('threads', 2)} | {r['load'][0]:.2f} |")  # fmt: skip
     if base is not None:
         lines += ["", f"Samples, the same {GRID} seeds in every grid:"]
     for r in done:
@@ -186,6 +195,7 @@ def write(rows: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(bench_threads())
     if "--write-only" not in sys.argv:
         fill(Rows(ROWS), entries(), write)
     import json
