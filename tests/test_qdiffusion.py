@@ -98,3 +98,16 @@ def test_split_convolutions_export_as_two_qdq_convolutions_that_onnx_runtime_run
             # equal up to the backends' x * (1/s) vs bitsmith's x / s: a half-step code flip spreads through the
             # group norms and the attention (max 0.03 here), far below a wrong split (the mean error 30x larger)
             assert (out - expected).abs().mean() < 0.01 * expected.abs().mean()
+
+
+def test_the_torchao_graph_names_asymmetric_weights_as_fallbacks_and_takes_symmetric_split_ones() -> None:
+    from bitsmith.export.qdq import QDQSplitLayer, deployable
+
+    asymmetric, symmetric = make_ddpm(), make_ddpm()
+    compress(asymmetric, build_method({"name": "q-diffusion", "reconstruct": False}), noisy_batches())
+    compress(symmetric, build_method({"name": "q-diffusion", "reconstruct": False, "w_symmetric": True}), noisy_batches())  # fmt: skip
+    _, fallbacks = deployable(asymmetric, ops="pt2e")
+    assert fallbacks and all(why.startswith("asymmetric weights") for why in fallbacks.values())
+    graph, fallbacks = deployable(symmetric, ops="pt2e")
+    assert fallbacks == {} and sum(isinstance(m, QDQSplitLayer) for m in graph.modules()) == 4
+    assert deployable(asymmetric, ops="onnx")[1] == {}  # ONNX Runtime takes uint8 weights
