@@ -174,8 +174,14 @@ def write(rows: list[dict[str, Any]]) -> None:
         if "error" in r:
             lines.append(f"| {r['name']} | error: {r['error']} | | | | | |")
             continue
-        lines.append(f"| {r['name']} | {r['fid_zoo_cnn']:.3f} | {r['kid_zoo_cnn']:.4f} | {r['noise_mse']:.5f} | "
+        mark = " (earlier session)" if r.get("previous_session") else ""
+        lines.append(f"| {r['name']}{mark} | {r['fid_zoo_cnn']:.3f} | {r['kid_zoo_cnn']:.4f} | {r['noise_mse']:.5f} | "
                      f"{r['quant_seconds']:.1f} | {r.get('threads', 2)} | {r['load'][0]:.2f} |")  # fmt: skip
+    if any(r.get("previous_session") for r in done):
+        lines += ["", "Rows marked *earlier session* were measured the session before, on the DDPM trained from the same "
+                  "seed and configuration (its FP32 FID then `2.087671`, now `2.087669`); they involve no reconstruction, "
+                  "which is all that changed since (a fix: the targets of later units had included the rounding "
+                  "written into earlier units' weights). Delete them from `diffusion.json` to measure them again."]  # fmt: skip
     if base is not None:
         lines += ["", f"Samples, the same {GRID} seeds in every grid:"]
     for r in done:

@@ -12,8 +12,8 @@ Spec: ``shared/methods/q-diffusion.md``; official code ``Xiuyu-Li/q-diffusion``.
   ResNet block (``blocks``) a unit, other layers one by one.
 
 Weights per output channel, asymmetric min-max before the rounding is learned; activations per tensor.
-Deviations, stated: those of ``brecq`` (one pass of ``iters`` iterations for rounding and steps together; the
-official code runs 20,000 and 5,000); the attention's matrix products and softmax stay in float (only Linear / Conv2d layers are quantized; the zoo
+Deviations, stated: those of ``brecq`` (by default one pass of ``iters`` iterations for rounding and steps
+together; the official code runs two passes of 20,000 and 5,000, which ``a_iters`` selects); the attention's matrix products and softmax stay in float (only Linear / Conv2d layers are quantized; the zoo
 DDPM has one attention layer, in its middle block).
 """
 
