@@ -187,6 +187,9 @@ def write(rows: list[dict[str, Any]]) -> None:
     for r in done:
         if "grid" in r:
             lines += ["", f"![{r['name']}]({r['grid']})"]
+    for r in (r for r in rows if r.get("section") == "timing" and "error" not in r):
+        lines += ["", f"W4A8 Q-Diffusion's quantization alone (`--time`, {r['threads']} threads, load before "
+                  f"{r['load_before'][0]:.2f}, after {r['load'][0]:.2f}): {r['quant_seconds']:.1f} s."]  # fmt: skip
     ablation = [r for r in rows if r.get("section") == "split" and "error" not in r]
     if ablation:
         lines += ["", "## Split vs joint activation quantization at the skip concatenations", "",
@@ -200,7 +203,20 @@ def write(rows: list[dict[str, Any]]) -> None:
     atomic_write_text(RESULTS / "diffusion.md", "\n".join(lines) + "\n")
 
 
+def timing_row() -> dict[str, Any]:
+    """W4A8 Q-Diffusion's quantization alone (run it on an idle machine: ``--time``), without the sampling."""
+    from common import load_averages
+
+    torch.set_num_threads(2)
+    calibration(True)  # drawn before the clock starts, as in every row
+    _, seconds = quantized(fp32(), {"name": "q-diffusion", "iters": ITERS}, True)
+    return {"quant_seconds": round(seconds, 1), "threads": 2, "load_before": load_averages()}
+
+
 if __name__ == "__main__":
+    if "--time" in sys.argv:
+        fill(Rows(ROWS), [("W4A8 Q-Diffusion quantization, alone", {"section": "timing"}, {}, timing_row)], write)
+        sys.exit(0)
     torch.set_num_threads(bench_threads())
     if "--write-only" not in sys.argv:
         fill(Rows(ROWS), entries(), write)
