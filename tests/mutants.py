@@ -646,6 +646,22 @@ MUTANTS = [
         "tests/test_ptq_methods.py",
     ),
     M(
+        "deploy",
+        "fused q / k / v: every slice taken from the start",
+        "export/graph_passes.py",
+        "            start += width\n",
+        "            start += 0\n",
+        "tests/test_graph_passes.py",
+    ),
+    M(
+        "deploy",
+        "shared constants: merged by shape, not by value",
+        "export/graph_passes.py",
+        "kind, key = \"const\", (value.dtype, tuple(value.shape), value.detach().cpu().numpy().tobytes())",
+        "kind, key = \"const\", (value.dtype, tuple(value.shape))",
+        "tests/test_graph_passes.py",
+    ),
+    M(
         "smoothquant",
         "alpha and 1 - alpha swapped",
         "methods/smoothquant.py",
@@ -668,6 +684,14 @@ MUTANTS = [
         "w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)",
         "w_max, a_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0), torch.ones_like(a_max)",
         "tests/test_noisyquant.py tests/test_ptq_methods.py tests/test_llm.py",
+    ),
+    M(
+        "smoothquant",
+        "feeder fold: the feeder's rows not divided (the check must then reject the fold)",
+        "methods/smoothquant.py",
+        "feeder.weight.div_(scale.to(feeder.weight)[:, None])",
+        "feeder.weight.mul_(1.0)",
+        "tests/test_ptq_methods.py",
     ),
     M(
         "smoothquant",

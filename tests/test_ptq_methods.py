@@ -51,3 +51,22 @@ def test_smoothquant_scales_are_max_activation_to_the_alpha_over_max_weight_to_o
     a_max = torch.stack([x.abs().amax(0) for x in calib]).amax(0)
     expected = a_max.pow(alpha) / weight.abs().amax(0).pow(1 - alpha)
     assert torch.allclose(model[0].smooth, expected, rtol=1e-5)
+
+
+def test_smoothquant_folds_the_attention_output_division_into_the_value_projection() -> None:
+    transformers = __import__("pytest").importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)  # fmt: skip
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(1, 60, (8, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        before = model(**batch).last_hidden_state
+    smooth = build_method({"name": "smoothquant", "alpha": 0.8, "layers": "all", "where": {"include": ["encoder.*"]}})
+    compress(model, smooth, [batch])
+    layer = model.encoder.layer[0]
+    assert layer.attention.output.dense.smooth is None  # no run-time division left
+    assert smooth.report["encoder.layer.0.attention.output.dense"]["feeder"] == "encoder.layer.0.attention.self.value"
+    assert layer.output.dense.smooth is not None  # after GELU: not foldable, the division stays
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).last_hidden_state, before, atol=1e-4)

@@ -27,8 +27,10 @@ def export_onnx(
     inputs = example if isinstance(example, dict) else {"input": example}
     if isinstance(example, dict):
         deploy = KeywordInputs(deploy, list(inputs))
-    axes = {name: {0: "batch", 1: "sequence"} if isinstance(example, dict) and value.dim() == 2 else {0: "batch"}
-            for name, value in inputs.items()}  # token ids: batch x sequence; images, time steps: batch
+    axes = {
+        name: {0: "batch", 1: "sequence"} if isinstance(example, dict) and value.dim() == 2 else {0: "batch"}
+        for name, value in inputs.items()
+    }  # token ids: batch x sequence; images, time steps: batch
     axes["output"] = {0: "batch", 1: "sequence"} if any(len(a) == 2 for a in axes.values()) else {0: "batch"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

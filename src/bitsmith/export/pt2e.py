@@ -2,7 +2,11 @@
 ``convert_pt2e`` writes them) captured with ``torch.export`` and compiled by Inductor with freezing,
 whose x86 passes (registered by torchao) fuse each QDQ pair and its layer into a oneDNN int8
 kernel (``qlinear_pointwise`` / ``qconv_pointwise``). Token models accept any batch and sequence
-length; image models are compiled again for each new batch size."""
+length; image models are compiled again for each new batch size.
+
+Before compiling, layers that read one tensor through equal input quantizers (an attention's q / k / v) are
+made to share one quantize step and run as one int8 GEMM over their stacked weights
+(:mod:`bitsmith.export.graph_passes`)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bitsmith.export.graph_passes import fuse_shared_input_linears, share_input_quantize
 from bitsmith.export.qdq import KeywordInputs, Runner, deployable
 
 
@@ -65,7 +70,10 @@ class CompiledModel(Runner):
     def from_model(cls, model: nn.Module, example: Tensor | dict[str, Tensor]) -> CompiledModel:
         """``model`` (compressed by bitsmith) in its QDQ form, exported and compiled."""
         deploy, fallbacks = deployable(model, ops="pt2e")
-        compiled = cls(*export_graph(deploy, example), keyed=isinstance(example, dict))
+        graph, names, tensors = export_graph(deploy, example)
+        share_input_quantize(graph)
+        fuse_shared_input_linears(graph)
+        compiled = cls(graph, names, tensors, keyed=isinstance(example, dict))
         compiled.fallbacks = fallbacks
         return compiled
 

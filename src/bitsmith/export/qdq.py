@@ -232,7 +232,13 @@ def deployable(model: nn.Module, ops: Ops = "onnx") -> tuple[nn.Module, dict[str
         module = model.get_submodule(name)
         reason = unsupported(module, ops)
         if reason is None:
-            kind = QDQEmbedding if isinstance(module, QEmbedding) else QDQSplitLayer if _channel_split(module) else QDQLayer
+            kind = (
+                QDQEmbedding
+                if isinstance(module, QEmbedding)
+                else QDQSplitLayer
+                if _channel_split(module)
+                else QDQLayer
+            )
             exported[name] = kind(module, ops)
         else:
             fallbacks[name] = reason

@@ -10,7 +10,10 @@ weight and bias (no run-time cost). Whether that is safe is checked, not assumed
 the model's output (post-LN BERT/MiniLM, where the norm's output also feeds a residual) is undone and
 the division stays in the layer, where a deployed model fuses it into the activation quantize step
 (a per-channel activation scale). ``layers: all`` also smooths layers not fed by a norm (attention
-output, fc2) that way — an extension; the paper smooths only norm-fed layers (the default).
+output, fc2) — an extension; the paper smooths only norm-fed layers (the default). Their division is
+folded into the Linear that produces their input where that is exact, again checked on a probe batch:
+the attention output's into the value projection's rows (attention mixes tokens, not channels), a layer
+after a ReLU into the one before it; after a GELU (fc2) it stays a run-time division.
 
 Decoder LLMs (a ``bitsmith.topology`` adapter: Llama, Gemma) are smoothed block by block through
 ``bitsmith.sequential``, so only one block's activations are held: the maxima are observed on the block's
@@ -132,11 +135,14 @@ class SmoothQuant(Method):
                     and self.fold
                     and self._try_fold(model, norm_name, layers, scale, probe, reference)
                 )
+                feeder = None
                 if not folded:
                     for layer in layers:
                         layer.set_smooth(scale)
+                    feeder = self._fold_into_feeder(model, names, scale, probe, reference) if self.fold else None
                 for name in names:
-                    self.report[name] = {"norm": norm_name, "folded": folded, "max_scale": float(scale.max())}
+                    self.report[name] = {"norm": norm_name, "folded": folded or feeder is not None, "feeder": feeder,
+                                         "max_scale": float(scale.max())}  # fmt: skip
 
     @torch.no_grad()
     def _block(self, name: str, block: nn.Module, inputs: BlockInputs, topo: DecoderTopology) -> None:
@@ -221,6 +227,48 @@ class SmoothQuant(Method):
         for layer, weight in zip(layers, weights, strict=True):
             layer.weight.copy_(weight)
         return False
+
+    def _fold_into_feeder(
+        self, model: nn.Module, names: list[str], scale: Tensor, probe: Any, reference: Any
+    ) -> str | None:
+        """Move the smoothed layers' run-time division ``x / s`` into the Linear that produces ``x`` (its output
+        rows and bias divided by ``s``) when the model's output stays the same: the attention output's input is
+        the value projection's output mixed over tokens, so dividing V's rows is exact. Returns the feeder's name."""
+        layers = [model.get_submodule(n) for n in names]
+        for candidate in feeder_candidates(model, names[0], int(scale.numel())):
+            feeder = model.get_submodule(candidate)
+            if any(feeder is layer for layer in layers):
+                continue
+            saved = [feeder.weight.detach().clone(), None if feeder.bias is None else feeder.bias.detach().clone()]
+            feeder.weight.div_(scale.to(feeder.weight)[:, None])
+            if feeder.bias is not None:
+                feeder.bias.div_(scale.to(feeder.bias))
+            smooth = [layer.smooth for layer in layers]
+            for layer in layers:
+                layer.smooth = None
+            if same_output(reference, run_forward(model, probe)):
+                return candidate
+            feeder.weight.copy_(saved[0])
+            if feeder.bias is not None:
+                feeder.bias.copy_(saved[1])
+            for layer, s in zip(layers, smooth, strict=True):
+                layer.smooth = s
+        return None
+
+
+def feeder_candidates(model: nn.Module, name: str, width: int, limit: int = 4) -> list[str]:
+    """Linear layers that may produce ``name``'s input: in the same grandparent module, defined before it,
+    with ``width`` outputs; nearest first, at most ``limit`` (each is tried and checked, not assumed)."""
+    parts = name.split(".")
+    scope = ".".join(parts[:-2])
+    prefix = f"{scope}." if scope else ""
+    before = []
+    for other, module in model.named_modules():
+        if other == name:
+            break
+        if other.startswith(prefix) and isinstance(module, nn.Linear) and module.out_features == width:
+            before.append(other)
+    return before[::-1][:limit]
 
 
 def _track_max(act_max: dict[str, Tensor], key: str, x: Tensor) -> None:
