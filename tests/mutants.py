@@ -647,6 +647,14 @@ MUTANTS = [
     ),
     M(
         "deploy",
+        "auto: the float comparison inverted",
+        "deploy.py",
+        'if timings[best.backend] > timings["float"]:',
+        'if timings[best.backend] < timings["float"]:',
+        "tests/test_deploy.py",
+    ),
+    M(
+        "deploy",
         "fused q / k / v: every slice taken from the start",
         "export/graph_passes.py",
         "            start += width\n",

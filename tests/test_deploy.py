@@ -44,8 +44,27 @@ def test_auto_keeps_the_fastest_backend_it_timed(calib: list, images, tmp_path: 
     model = make_cnn()
     compress(model, PTQ(w_bits=8, a_bits=8), calib)
     deployment = deploy(model, images, "auto", tmp_path, num_threads=1)
-    assert set(deployment.timings) == {"onnxruntime", "torchao"} == set(available_backends()) - {"torch"}
-    assert deployment.backend == min(deployment.timings, key=deployment.timings.get)
+    integer = {k: v for k, v in deployment.timings.items() if k != "float"}
+    assert set(integer) == {"onnxruntime", "torchao"} == set(available_backends()) - {"torch"}
+    assert deployment.backend == min(integer, key=integer.get) and deployment.timings["float"] > 0
+
+
+def test_auto_says_so_when_every_integer_backend_is_slower_than_float(calib: list, images, monkeypatch) -> None:
+    import bitsmith.deploy as module
+
+    model = make_cnn()
+    compress(model, PTQ(w_bits=8, a_bits=8), calib)
+    from bitsmith.export.qdq import QDQLayer
+
+    def latency(model, *args, **kwargs) -> float:  # stated, not timed: integer 5 ms, float 1 ms
+        return 5.0 if any(isinstance(m, QDQLayer) for m in model.modules()) else 1.0
+
+    monkeypatch.setattr(module, "available_backends", lambda: ["torch"])
+    monkeypatch.setattr(module, "measure_latency", latency)
+    with pytest.warns(UserWarning, match="auto: the fastest integer backend here, torch .* is slower than the model "
+                                         "in float"):  # fmt: skip
+        deployment = deploy(model, images, "auto", num_threads=1)
+    assert deployment.timings == {"torch": 5.0, "float": 1.0}
 
 
 def test_layers_without_an_integer_form_fall_back_with_a_warning(calib: list, images) -> None:

@@ -3,11 +3,13 @@
 Backends: ``onnxruntime`` (QDQ ONNX, :mod:`bitsmith.export.onnx`), ``torchao`` (torch.export +
 Inductor with torchao's x86 int8 passes, :mod:`bitsmith.export.pt2e`) and ``torch`` (the QDQ model in
 eager PyTorch: always available, never faster). ``auto`` builds every installed integer backend,
-times each on the example and keeps the fastest.
+times each on the example and keeps the fastest; it also times the model in float (its quantized weights,
+no integer kernels) and says so, in a warning, when even the fastest integer backend is slower here.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import platform
 import tempfile
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from bitsmith.eval.latency import measure_latency, threads
 from bitsmith.export.qdq import quantized_layers
 from bitsmith.method import run_forward
+from bitsmith.nn import strip
 
 BACKENDS = ("onnxruntime", "torchao", "torch")
 
@@ -112,6 +115,11 @@ def deploy(
     built = [_build(model, example, name, folder, num_threads) for name in candidates]
     timings = {d.backend: measure_latency(d.model, example, runs=3, num_threads=num_threads) for d in built}
     best = min(built, key=lambda d: timings[d.backend])
+    timings["float"] = measure_latency(strip(copy.deepcopy(model)).eval(), example, runs=3, num_threads=num_threads)
+    if timings[best.backend] > timings["float"]:
+        warnings.warn(f"auto: the fastest integer backend here, {best.backend} ({timings[best.backend]:.1f} ms), is "
+                      f"slower than the model in float ({timings['float']:.1f} ms) on this input and CPU; it is kept "
+                      "for its smaller file, but for speed run the float model", stacklevel=2)  # fmt: skip
     best.timings = timings
     return best
 
