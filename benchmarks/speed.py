@@ -13,7 +13,8 @@ or 128 sentences; MiniLM uses SmoothQuant first on every Linear, alpha 0.85 (``r
 w8a8-deploy.yaml``; alpha picked from 0.5 / 0.75 / 0.85 / 0.9 on these docstring pairs, no separate
 validation split) and stores its embedding tables as 8-bit rows.
 Peers: torchao PT2E with the default X86InductorQuantizer config (static), compiled with freezing;
-ONNX Runtime ``quantize_dynamic`` (per-channel int8 weights, dynamic activations) of the FP32 ONNX file;
+ONNX Runtime ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, min-max on the same
+calibration batches) and ``quantize_dynamic`` (per-channel int8 weights, dynamic activations) of the FP32 ONNX file;
 ``torch.ao.quantization.quantize_dynamic`` (int8 Linear).
 
 Regenerate: ``make bench-speed`` (``python benchmarks/speed.py [minilm cnn vit]``) on an otherwise idle
@@ -23,6 +24,7 @@ machine. Writes ``docs/results/speed.md`` / ``speed.png``; rows are kept in ``sp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import tempfile
@@ -56,7 +58,8 @@ BATCH = {"minilm": 32, "cnn": 256, "vit": 256}
 TOKENS = 128
 RUNS = 10
 PATHS = ["FP32 torch eager", "bitsmith W8A8 -> ONNX Runtime", "bitsmith W8A8 -> torchao PT2E",
-         "torchao PT2E X86Inductor (static)", "ONNX Runtime dynamic per-channel", "torch dynamic int8 (Linear)"]  # fmt: skip
+         "torchao PT2E X86Inductor (static)", "ONNX Runtime static QDQ per-channel", "ONNX Runtime dynamic per-channel",
+         "torch dynamic int8 (Linear)"]  # fmt: skip
 SCRATCH = Path(tempfile.mkdtemp(prefix="bitsmith-speed-"))
 
 
@@ -106,6 +109,37 @@ def torchao_pt2e(model: nn.Module, task: Task, name: str, example: Any) -> Compi
             prepared(**{n: batch[n] for n in names}) if keyed else prepared(batch)
     converted = convert_pt2e(prepared)
     return CompiledModel(KeywordInputs(converted, names) if keyed else converted, names, tensors, keyed=keyed)
+
+
+def ort_static(model: nn.Module, task: Task, example: Any) -> tuple[OnnxRuntimeModel, None, Path]:
+    """ONNX Runtime's own static quantization of the FP32 ONNX file: QDQ format, per-channel int8 weights,
+    uint8 activations, min-max calibration on the same batches as bitsmith's (after ``quant_pre_process``).
+    Image models with its defaults (every op it can quantize); MiniLM with MatMul / Gemm only, as bitsmith
+    quantizes only its Linear layers (its defaults also quantize the norms and the embedding gathers:
+    cosine 0.35 to FP32 in a trial run)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32, ready = SCRATCH / "fp32-static.onnx", SCRATCH / "fp32-static-pre.onnx"
+    names = export_onnx(model, example, fp32)["inputs"]
+    with contextlib.chdir(SCRATCH):  # its tools leave temporary files in the working directory
+        quant_pre_process(str(fp32), str(ready), skip_symbolic_shape=True)  # the encoder defeats symbolic inference
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            feeds = [{n: b[n].numpy() for n in names} if isinstance(b, dict) else {names[0]: b.numpy()}
+                     for b in task.calibration]  # fmt: skip
+            self.feeds = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.feeds, None)
+
+    path = SCRATCH / "static.onnx"
+    ops = {"op_types_to_quantize": ["MatMul", "Gemm"]} if isinstance(example, dict) else {}
+    with contextlib.chdir(SCRATCH):
+        quantize_static(str(ready), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **ops)  # fmt: skip
+    return OnnxRuntimeModel(path, threads=THREADS), None, path
 
 
 def ort_dynamic(model: nn.Module, example: Any) -> tuple[OnnxRuntimeModel, None, Path]:
@@ -166,7 +200,8 @@ def run_model(name: str, rows: Rows, base: nn.Module, task: Task) -> None:
         return build
 
     builders = [fp32, ours("onnxruntime"), ours("torchao"), lambda: (torchao_pt2e(base, task, name, example), None, None),
-                lambda: ort_dynamic(base, example), lambda: (torch_dynamic(base), None, None)]  # fmt: skip
+                lambda: ort_static(base, task, example), lambda: ort_dynamic(base, example),
+                lambda: (torch_dynamic(base), None, None)]  # fmt: skip
     for path, build in zip(PATHS, builders, strict=True):
         record(path, build, ours=path.startswith("bitsmith"))
 

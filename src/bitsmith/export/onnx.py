@@ -21,7 +21,7 @@ def export_onnx(
     """Write ``model`` (compressed or not) as ONNX with QDQ nodes. A dict ``example`` (tokenizer output, or a
     noise predictor's ``sample`` and ``timestep``) is passed by keyword and the first output kept; the batch
     dimension is dynamic, and the sequence dimension of 2-d (token) inputs.
-    Returns ``{"path", "fallbacks"}``; layers that stay float are also named in a warning."""
+    Returns ``{"path", "fallbacks", "inputs"}`` (the input names); layers that stay float are also named in a warning."""
     path = Path(path)
     deploy, fallbacks = deployable(model)
     inputs = example if isinstance(example, dict) else {"input": example}
@@ -40,7 +40,7 @@ def export_onnx(
                           dynamic_axes=axes, opset_version=opset, dynamo=False)  # fmt: skip
     store_int8_weights(tmp)
     os.replace(tmp, path)
-    return {"path": str(path), "fallbacks": fallbacks}
+    return {"path": str(path), "fallbacks": fallbacks, "inputs": list(inputs)}
 
 
 def store_int8_weights(path: str | os.PathLike[str]) -> None:
