@@ -647,6 +647,14 @@ MUTANTS = [
     ),
     M(
         "deploy",
+        "torchao: the shared-input Linear fusion not run",
+        "export/pt2e.py",
+        "        fuse_shared_input_linears(graph)\n",
+        "",
+        "tests/test_deploy.py",
+    ),
+    M(
+        "deploy",
         "auto: the float comparison inverted",
         "deploy.py",
         'if timings[best.backend] > timings["float"]:',

@@ -94,3 +94,29 @@ def test_a_cpu_without_vnni_is_named_when_8_bit_weights_would_saturate(calib: li
         warnings.simplefilter("always")
         deploy(narrow, images, "onnxruntime", tmp_path / "narrow")
     assert not [w for w in seen if "VNNI" in str(w.message)]
+
+
+def test_torchao_runs_q_k_v_as_one_int8_gemm_per_layer_and_matches(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from torch.profiler import ProfilerActivity, profile
+
+    from bitsmith.methods.smoothquant import SmoothQuant
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64)  # fmt: skip
+    model = transformers.BertModel(config).eval()
+
+    def batch(size: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1, 60, (size, length), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    encoder = {"include": ["encoder.*"]}
+    compress(model, [SmoothQuant(alpha=0.8, layers="all", where=encoder),
+                     PTQ(w_bits=EXACT_W_BITS, a_bits=8, where=encoder)], [batch(8, 12, 1)])  # fmt: skip
+    deployment = deploy(model, batch(4, 16, 2), "torchao", num_threads=1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        deployment.model(**batch(4, 16, 2))
+    gemms = sum(e.count for e in prof.key_averages() if e.key == "onednn::qlinear_pointwise")
+    assert gemms == 2 * 4  # per layer: q/k/v as one, attention output, fc1, fc2
+    assert agreement(deployment.model, model, batch(3, 10, 5)) > 0.9999
