@@ -42,7 +42,7 @@ from common import RESULTS, Rows, load, save_figure  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bitsmith import compress  # noqa: E402
-from bitsmith.deploy import agreement, deploy  # noqa: E402
+from bitsmith.deploy import agreement, deploy, int8_pairs_saturate  # noqa: E402
 from bitsmith.eval.latency import measure_latency  # noqa: E402
 from bitsmith.eval.tasks import Task  # noqa: E402
 from bitsmith.export.checkpoint import save  # noqa: E402
@@ -61,6 +61,21 @@ PATHS = ["FP32 torch eager", "bitsmith W8A8 -> ONNX Runtime", "bitsmith W8A8 -> 
          "torchao PT2E X86Inductor (static)", "ONNX Runtime static QDQ per-channel", "ONNX Runtime dynamic per-channel",
          "torch dynamic int8 (Linear)"]  # fmt: skip
 SCRATCH = Path(tempfile.mkdtemp(prefix="bitsmith-speed-"))
+
+
+def machine() -> dict[str, Any]:
+    """What the timings depend on: torch's CPU kernel level and whether int8 dot products have VNNI."""
+    return {"cpu": torch.backends.cpu.get_cpu_capability(), "vnni": not int8_pairs_saturate()}
+
+
+def machine_line(rows: list[dict[str, Any]]) -> str:
+    kinds = sorted({(r.get("cpu", "AVX512 (not recorded)"), r.get("vnni", True)) for r in rows})
+    described = [f"{cpu}, {'with' if vnni else 'without'} VNNI" for cpu, vnni in kinds]
+    note = "" if all(v for _, v in kinds) else (" Without VNNI, int8 GEMMs add u8 x s8 products in pairs in int16, "
+                                               "which saturates with 8-bit weights (see the agreement column).")  # fmt: skip
+    loads = [r["load"][0] for r in rows if r.get("load")]
+    load = f" 1-minute load average after each row: {min(loads):.2f} to {max(loads):.2f}." if loads else ""
+    return f"Machine: {'; '.join(described)} (torch's CPU capability).{load}{note}"
 
 
 def latency_example(name: str, task: Task) -> Any:
@@ -180,7 +195,7 @@ def run_model(name: str, rows: Rows, base: nn.Module, task: Task) -> None:
             return
         seconds = time.perf_counter() - start
         row = {"model": name, "path": path, "bitsmith": ours, **measure(task, reference, runner, example),
-               "quantize_s": seconds, "file_bytes": file_size(shipped)}  # fmt: skip
+               "quantize_s": seconds, "file_bytes": file_size(shipped), **machine()}  # fmt: skip
         rows.add(row)
         print(row, flush=True)
 
@@ -273,6 +288,8 @@ def write(rows: list[dict[str, Any]], files: list[dict[str, Any]]) -> None:
         "Regenerate: `make bench-speed` (`python benchmarks/speed.py`), on an otherwise idle machine. Timings",
         "move by up to about 20% between runs on the same machine (the ViT's torchao rows: 39 to 47 ms): compare",
         "rows of one run, as here.",
+        "",
+        machine_line(rows),
         "",
         "| model | path | latency ms | speedup | quality | agreement | file MB | file / FP32 | quantize s |",
         "|---|---|---|---|---|---|---|---|---|",
