@@ -673,8 +673,8 @@ MUTANTS = [
         "deploy",
         "shared constants: merged by shape, not by value",
         "export/graph_passes.py",
-        "kind, key = \"const\", (value.dtype, tuple(value.shape), value.detach().cpu().numpy().tobytes())",
-        "kind, key = \"const\", (value.dtype, tuple(value.shape))",
+        'kind, key = "const", (value.dtype, tuple(value.shape), value.detach().cpu().numpy().tobytes())',
+        'kind, key = "const", (value.dtype, tuple(value.shape))',
         "tests/test_graph_passes.py",
     ),
     M(
