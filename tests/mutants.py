@@ -705,8 +705,8 @@ MUTANTS = [
         "smoothquant",
         "feeder fold: the feeder's rows not divided (the check must then reject the fold)",
         "methods/smoothquant.py",
-        "feeder.weight.div_(scale.to(feeder.weight)[:, None])",
-        "feeder.weight.mul_(1.0)",
+        "            saved = _divide_outputs(feeder, scale)\n",
+        "            saved = feeder.weight.detach().clone(), None if feeder.bias is None else feeder.bias.detach().clone()\n",
         "tests/test_ptq_methods.py",
     ),
     M(

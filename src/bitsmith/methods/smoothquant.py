@@ -212,18 +212,13 @@ class SmoothQuant(Method):
     ) -> bool:
         """Fold ``1/scale`` into the norm and ``scale`` into the weights; undo when the output changes."""
         norm = model.get_submodule(norm_name)
-        saved = [norm.weight.detach().clone(), None if norm.bias is None else norm.bias.detach().clone()]
+        saved = _divide_outputs(norm, scale)
         weights = [layer.weight.detach().clone() for layer in layers]
-        norm.weight.div_(scale.to(norm.weight))
-        if norm.bias is not None:
-            norm.bias.div_(scale.to(norm.bias))
         for layer in layers:
             layer.weight.mul_(scale.to(layer.weight)[None, :])
         if same_output(reference, run_forward(model, probe)):
             return True
-        norm.weight.copy_(saved[0])
-        if norm.bias is not None:
-            norm.bias.copy_(saved[1])
+        _restore(norm, saved)
         for layer, weight in zip(layers, weights, strict=True):
             layer.weight.copy_(weight)
         return False
@@ -239,21 +234,33 @@ class SmoothQuant(Method):
             feeder = model.get_submodule(candidate)
             if any(feeder is layer for layer in layers):
                 continue
-            saved = [feeder.weight.detach().clone(), None if feeder.bias is None else feeder.bias.detach().clone()]
-            feeder.weight.div_(scale.to(feeder.weight)[:, None])
-            if feeder.bias is not None:
-                feeder.bias.div_(scale.to(feeder.bias))
+            saved = _divide_outputs(feeder, scale)
             smooth = [layer.smooth for layer in layers]
             for layer in layers:
                 layer.smooth = None
             if same_output(reference, run_forward(model, probe)):
                 return candidate
-            feeder.weight.copy_(saved[0])
-            if feeder.bias is not None:
-                feeder.bias.copy_(saved[1])
+            _restore(feeder, saved)
             for layer, s in zip(layers, smooth, strict=True):
                 layer.smooth = s
         return None
+
+
+def _divide_outputs(module: nn.Module, scale: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Divide a norm's gain or a Linear's rows, and the bias, by ``scale`` per output channel (in place);
+    returns the weight and bias as they were, for :func:`_restore`."""
+    saved = module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone()
+    weight = module.weight
+    weight.div_(scale.to(weight).view(-1, *[1] * (weight.dim() - 1)))
+    if module.bias is not None:
+        module.bias.div_(scale.to(module.bias))
+    return saved
+
+
+def _restore(module: nn.Module, saved: tuple[Tensor, Tensor | None]) -> None:
+    module.weight.copy_(saved[0])
+    if module.bias is not None:
+        module.bias.copy_(saved[1])
 
 
 def feeder_candidates(model: nn.Module, name: str, width: int, limit: int = 4) -> list[str]:
