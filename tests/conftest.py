@@ -113,3 +113,21 @@ def make_llama(seed: int = 0, model_type: str = "llama") -> nn.Module:
 def token_batches(count: int = 2, batch: int = 2, length: int = 16, seed: int = 1) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, 96, (batch, length), generator=g)} for _ in range(count)]
+
+
+def make_bert(layers: int = 2, vocab: int = 60, seed: int | None = 0) -> nn.Module:
+    """A tiny Hugging Face BERT encoder (hidden 32, 2 heads, FFN 64) in eval mode (seed None: the global RNG's
+    state); the caller has checked that transformers is installed."""
+    import transformers
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=64)  # fmt: skip
+    return transformers.BertModel(config).eval()
+
+
+def bert_batch(size: int, length: int, seed: int, vocab: int = 60) -> dict[str, torch.Tensor]:
+    """Token ids in ``[1, vocab)`` with a full attention mask."""
+    ids = torch.randint(1, vocab, (size, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

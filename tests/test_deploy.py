@@ -14,7 +14,7 @@ from bitsmith.export.pt2e import pt2e_available
 from bitsmith.export.qdq import deployable
 from bitsmith.methods.ptq import PTQ
 from bitsmith.methods.rtn import RTN
-from conftest import make_cnn
+from conftest import bert_batch, make_bert, make_cnn
 
 pytest.importorskip("onnxruntime")
 if not pt2e_available():
@@ -97,20 +97,12 @@ def test_a_cpu_without_vnni_is_named_when_8_bit_weights_would_saturate(calib: li
 
 
 def test_torchao_runs_q_k_v_as_one_int8_gemm_per_layer_and_matches(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from torch.profiler import ProfilerActivity, profile
 
     from bitsmith.methods.smoothquant import SmoothQuant
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64)  # fmt: skip
-    model = transformers.BertModel(config).eval()
-
-    def batch(size: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(1, 60, (size, length), generator=torch.Generator().manual_seed(seed))
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
+    model, batch = make_bert(layers=2), bert_batch
     encoder = {"include": ["encoder.*"]}
     compress(model, [SmoothQuant(alpha=0.8, layers="all", where=encoder),
                      PTQ(w_bits=EXACT_W_BITS, a_bits=8, where=encoder)], [batch(8, 12, 1)])  # fmt: skip

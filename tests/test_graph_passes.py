@@ -14,23 +14,18 @@ from bitsmith.export.pt2e import export_graph
 from bitsmith.export.qdq import deployable
 from bitsmith.methods.ptq import PTQ
 from bitsmith.methods.smoothquant import SmoothQuant
+from conftest import bert_batch, make_bert
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 LAYERS = 2
 
-
-def batch(size: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(1, 60, (size, length), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+batch = bert_batch
 
 
 @pytest.fixture(scope="module")
 def graph() -> torch.fx.GraphModule:
     """A smoothed W8A8 two-layer BERT's exported QDQ graph (q / k / v: three copies of one smoothing and grid)."""
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-                                     intermediate_size=64)  # fmt: skip
-    model = transformers.BertModel(config).eval()
+    model = make_bert(layers=LAYERS)
     encoder = {"include": ["encoder.*"]}
     compress(model, [SmoothQuant(alpha=0.8, layers="all", where=encoder), PTQ(w_bits=8, a_bits=8, where=encoder)],
              [batch(8, 12, 1)])  # fmt: skip

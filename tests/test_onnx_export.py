@@ -15,7 +15,7 @@ from bitsmith.methods.noisyquant import NoisyQuant
 from bitsmith.methods.ptq import PTQ
 from bitsmith.methods.rtn import RTN
 from bitsmith.methods.smoothquant import SmoothQuant
-from conftest import make_cnn, make_vit
+from conftest import bert_batch, make_bert, make_cnn, make_vit
 from test_noisyquant import make_model, tokens
 
 pytest.importorskip("onnxruntime")
@@ -80,14 +80,11 @@ def test_layers_onnx_cannot_express_fall_back_to_float_with_a_warning(calib: lis
 
 
 def test_hf_encoder_exports_with_dynamic_batch_and_sequence(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64)  # fmt: skip
-    model = transformers.BertModel(config).eval()
+    pytest.importorskip("transformers")
+    model = make_bert(layers=2, vocab=50, seed=None)
 
     def batch(size: int, length: int, seed: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(1, 50, (size, length), generator=torch.Generator().manual_seed(seed))
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return bert_batch(size, length, seed, vocab=50)
 
     compress(model, PTQ(w_bits=8, a_bits=8, where={"exclude": ["pooler*"]}), [batch(8, 12, s) for s in (1, 2)])
     runtime = exported(model, batch(2, 12, 3), tmp_path)
@@ -98,13 +95,9 @@ def test_hf_encoder_exports_with_dynamic_batch_and_sequence(tmp_path: Path) -> N
 
 
 def test_quantized_embeddings_are_stored_as_8_bit_rows_and_exported(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     onnx = pytest.importorskip("onnx")
-    config = transformers.BertConfig(vocab_size=500, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64)  # fmt: skip
-    model = transformers.BertModel(config).eval()
-    ids = torch.randint(1, 500, (4, 10), generator=torch.Generator().manual_seed(0))
-    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model, example = make_bert(layers=1, vocab=500, seed=None), bert_batch(4, 10, seed=0, vocab=500)
     where = {"types": ["Linear", "Embedding"], "exclude": ["pooler*"]}
     compress(model, PTQ(w_bits=8, a_bits=8, where=where), [example])
     table = model.embeddings.word_embeddings

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from bitsmith import build_method, compress
+from conftest import bert_batch, make_bert
 
 
 def linear_model() -> nn.Sequential:
@@ -54,12 +56,8 @@ def test_smoothquant_scales_are_max_activation_to_the_alpha_over_max_weight_to_o
 
 
 def test_smoothquant_folds_the_attention_output_division_into_the_value_projection() -> None:
-    transformers = __import__("pytest").importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=64)  # fmt: skip
-    model = transformers.BertModel(config).eval()
-    ids = torch.randint(1, 60, (8, 12), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pytest.importorskip("transformers")
+    model, batch = make_bert(layers=1, seed=None), bert_batch(8, 12, seed=0)
     with torch.no_grad():
         before = model(**batch).last_hidden_state
     smooth = build_method({"name": "smoothquant", "alpha": 0.8, "layers": "all", "where": {"include": ["encoder.*"]}})
