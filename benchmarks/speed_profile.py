@@ -84,8 +84,6 @@ def ort_breakdown(path: Path, example: Any) -> dict[str, float]:
     out = dict.fromkeys([*ORT_GROUPS, "other"], 0.0)
     for op, ms in by_op.items():
         group = next((g for g, keys in ORT_GROUPS.items() if any(k in op for k in keys)), "other")
-        if group == "float GEMM / conv" and op.startswith("Q"):
-            group = "int8 GEMM / conv"
         out[group] += ms
     out["total"] = sum(out.values())
     return out
