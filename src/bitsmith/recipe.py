@@ -3,6 +3,7 @@ pydantic. Errors name the field path, the bad value and what is allowed."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import re
@@ -26,6 +27,7 @@ class RecipeError(ValueError):
 
 MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few hundred bytes; anything near this is not one
 MAX_RECIPE_VALUES = 100_000  # values after YAML alias expansion (an alias bomb expands exponentially)
+MAX_RECIPE_DEPTH = 64  # nested mappings / lists; a recipe nests three or four deep
 SHOWN = 80  # characters of a bad value quoted in an error
 
 
@@ -271,6 +273,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
 def parse_yaml(text: str, what: str) -> Any:
     """``yaml.safe_load`` with the limits a recipe needs: at most ``MAX_RECIPE_VALUES`` values once aliases
     are expanded (checked before anything walks the expanded data)."""
+    with contextlib.suppress(yaml.YAMLError):  # the full parse below names a syntax error
+        check_depth(text, what)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -282,6 +286,19 @@ def parse_yaml(text: str, what: str) -> Any:
     if count_values(data) > MAX_RECIPE_VALUES:
         raise RecipeError(f"{what}: more than {MAX_RECIPE_VALUES} values once YAML aliases are expanded")
     return data
+
+
+def check_depth(text: str, what: str) -> None:
+    """Refuse YAML nested more than ``MAX_RECIPE_DEPTH`` deep from the parser's events, before the (recursive)
+    composer builds anything: a deeply nested file is refused at once instead of after a deep recursion."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                raise RecipeError(f"{what}: nested more than {MAX_RECIPE_DEPTH} deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 def is_causal_lm(path: str) -> bool:

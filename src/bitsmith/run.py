@@ -40,7 +40,8 @@ from bitsmith.zoo import (
 from bitsmith.zoo.data import load_fashion_mnist
 
 SMOKE = {"eval_size": 200, "text_eval_size": 32, "calib_size": 32, "latency_runs": 2, "latency_batch": 16,
-         "train_examples": 256, "lm_eval_windows": 2, "lm_calib_windows": 1, "attack_examples": 64}  # fmt: skip
+         "train_examples": 256, "lm_eval_windows": 2, "lm_calib_windows": 1, "lm_window": 128, "lm_new_tokens": 4,
+         "attack_examples": 64}  # fmt: skip
 
 
 def model_source(recipe: Recipe) -> str:
@@ -123,8 +124,11 @@ def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
         model, tokenizer = load_causal_lm(model_source(recipe))
         windows = SMOKE["lm_eval_windows"] if smoke else data.eval_size
         calib = min(data.calib_size, SMOKE["lm_calib_windows"]) if smoke else data.calib_size
-        kl = windows if smoke else 16
-        return model, language_model_task(tokenizer, windows, calib, data.calib_batch_size, data.seed, kl_windows=kl)
+        task = language_model_task(tokenizer, windows, calib, data.calib_batch_size, data.seed,
+                                   **({"window": SMOKE["lm_window"], "kl_windows": windows} if smoke else {}))  # fmt: skip
+        if smoke:
+            task.new_tokens = SMOKE["lm_new_tokens"]
+        return model, task
     from bitsmith.zoo.minilm import load_hf_encoder
 
     model, tokenizer = load_hf_encoder(model_source(recipe))
@@ -133,11 +137,11 @@ def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
 
 
 def load_checkpoint(
-    path: str, model_name: str | None, data_root: str | None, windows: int | None = None
+    path: str, model_name: str | None, data_root: str | None, windows: int | None = None, window: int = 512
 ) -> tuple[nn.Module, nn.Module, Task]:
     """(compressed model, its FP32 original (timing; the reference of cosine or KL), task) of a checkpoint
     written by ``bitsmith run``; ``model_name`` (zoo name or HF directory) overrides the one the checkpoint
-    names. An LLM is scored on ``windows`` text windows (default: its recipe's ``eval_size``)."""
+    names. An LLM is scored on ``windows`` text windows of ``window`` tokens (default: its recipe's ``eval_size``)."""
     from bitsmith.export.checkpoint import load, read_metadata
 
     meta = json.loads(read_metadata(path).get("meta", "{}"))
@@ -170,7 +174,7 @@ def load_checkpoint(
 
         fp32, tokenizer = load_llm(name)
         count = windows or min(int(data.get("eval_size") or 80), 10_000)
-        task: Task = language_model_task(tokenizer, count, 1, 1, seed, kl_windows=min(16, count))
+        task: Task = language_model_task(tokenizer, count, 1, 1, seed, window, kl_windows=min(16, count))
     else:
         from bitsmith.zoo.minilm import load_hf_encoder, minilm_dir
 

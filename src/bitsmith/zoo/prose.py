@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import re
@@ -70,7 +71,12 @@ def _record(blob: bytes, offset: int, length: int, what: str) -> bytes:
 
 
 def austen_novels() -> dict[str, str]:
-    """The six novels as text (``{name: text}``), lines joined with newlines."""
+    """The six novels as text (``{name: text}``), lines joined with newlines (parsed once per process)."""
+    return dict(_parsed_novels())
+
+
+@functools.cache
+def _parsed_novels() -> tuple[tuple[str, str], ...]:
     import rdata
 
     warnings.filterwarnings("ignore", message="Unknown file type", module="rdata")  # the .rdx/.rdb records are RDS
@@ -85,7 +91,7 @@ def austen_novels() -> dict[str, str]:
     missing = set(NOVELS) - set(novels)
     if missing:
         raise ValueError(f"{data}: novels {sorted(missing)} are missing from the package data")
-    return novels
+    return tuple(novels.items())
 
 
 _DIRECTIVE = re.compile(r"^\s*(\.\. |:[\w-]+:|\+[-=+]+|\|)")
@@ -122,6 +128,7 @@ def rst_prose(source: str) -> str:
     return "\n\n".join(p for p in paragraphs if len(p.split()) >= 5)
 
 
+@functools.cache
 def python_docs(part: str = "library") -> str:
     """The prose of the Python 3.11 documentation sources under ``part`` (a folder of the docs: ``library`` is
     the module reference), files in sorted path order."""
