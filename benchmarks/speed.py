@@ -57,7 +57,8 @@ THREADS = 2
 BATCH = {"minilm": 32, "cnn": 256, "vit": 256}
 TOKENS = 128
 RUNS = 10
-PATHS = ["FP32 torch eager", "bitsmith W8A8 -> ONNX Runtime", "bitsmith W8A8 -> torchao PT2E",
+RESIDUAL_PATHS = ["bitsmith W8A8 + residual adds -> ONNX Runtime", "bitsmith W8A8 + residual adds -> torchao PT2E"]
+PATHS = ["FP32 torch eager", "bitsmith W8A8 -> ONNX Runtime", "bitsmith W8A8 -> torchao PT2E", *RESIDUAL_PATHS,
          "torchao PT2E X86Inductor (static)", "ONNX Runtime static QDQ per-channel", "ONNX Runtime dynamic per-channel",
          "torch dynamic int8 (Linear)"]  # fmt: skip
 SCRATCH = Path(tempfile.mkdtemp(prefix="bitsmith-speed-"))
@@ -89,11 +90,12 @@ def file_size(path: Path | str | None) -> int | None:
     return None if path is None else Path(path).stat().st_size
 
 
-def bitsmith_model(name: str, base: nn.Module, task: Task) -> nn.Module:
-    """W8A8 (the recipe ``minilm-smoothquant-w8a8-deploy.yaml`` for MiniLM, plain PTQ for CNN / ViT)."""
+def bitsmith_model(name: str, base: nn.Module, task: Task, residual_adds: bool = False) -> nn.Module:
+    """W8A8 (the recipe ``minilm-smoothquant-w8a8-deploy.yaml`` for MiniLM, plain PTQ for CNN / ViT; with
+    ``residual_adds`` the CNN's residual adds get quantized inputs too)."""
     model = copy.deepcopy(base)
     if name != "minilm":
-        compress(model, PTQ(w_bits=8, a_bits=8), task.calibration)
+        compress(model, PTQ(w_bits=8, a_bits=8, residual_adds=residual_adds), task.calibration)
         return model
     encoder, tables = {"include": ["encoder.*"]}, {"types": ["Embedding"], "include": ["embeddings.*"]}
     methods = [SmoothQuant(alpha=0.85, layers="all", where=encoder),
@@ -203,9 +205,9 @@ def run_model(name: str, rows: Rows, base: nn.Module, task: Task) -> None:
         save(base, SCRATCH / "fp32.safetensors")
         return base, None, SCRATCH / "fp32.safetensors"
 
-    def ours(backend: str) -> Any:
+    def ours(backend: str, residual_adds: bool = False) -> Any:
         def build() -> tuple[Any, nn.Module, Path]:
-            model = bitsmith_model(name, base, task)
+            model = bitsmith_model(name, base, task, residual_adds)
             deployment = deploy(model, example, backend, SCRATCH / backend, num_threads=THREADS)
             if deployment.path is not None:
                 return deployment.model, model, Path(deployment.path)
@@ -214,11 +216,14 @@ def run_model(name: str, rows: Rows, base: nn.Module, task: Task) -> None:
 
         return build
 
-    builders = [fp32, ours("onnxruntime"), ours("torchao"), lambda: (torchao_pt2e(base, task, name, example), None, None),
+    residual = [ours("onnxruntime", True), ours("torchao", True)] if name == "cnn" else [None, None]  # no BN adds
+    builders = [fp32, ours("onnxruntime"), ours("torchao"), *residual,
+                lambda: (torchao_pt2e(base, task, name, example), None, None),
                 lambda: ort_static(base, task, example), lambda: ort_dynamic(base, example),
                 lambda: (torch_dynamic(base), None, None)]  # fmt: skip
     for path, build in zip(PATHS, builders, strict=True):
-        record(path, build, ours=path.startswith("bitsmith"))
+        if build is not None:
+            record(path, build, ours=path.startswith("bitsmith"))
 
 
 def weight_only_4bit(name: str, base: nn.Module, task: Task) -> nn.Module:

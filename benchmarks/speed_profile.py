@@ -94,6 +94,10 @@ def ort_rows(name: str, base: Any, task: Any, example: Any) -> list[str]:
              "bitsmith W8A8 -> ONNX Runtime": export_onnx(bitsmith_model(name, base, task), example,
                                                           SCRATCH / "profile-ours.onnx")["path"],
              "ONNX Runtime static QDQ per-channel": ort_static(base, task, example)[2]}  # fmt: skip
+    if name == "cnn":
+        files["bitsmith W8A8 + residual adds -> ONNX Runtime"] = export_onnx(
+            bitsmith_model(name, base, task, residual_adds=True), example, SCRATCH / "profile-residual.onnx"
+        )["path"]
     lines = []
     for label, path in files.items():
         row = ort_breakdown(Path(path), example)
@@ -117,6 +121,10 @@ def run(models: list[str]) -> tuple[list[str], list[str]]:
             "bitsmith W8A8 -> torchao PT2E": CompiledModel.from_model(bitsmith_model(name, base, task), example),
             "torchao PT2E X86Inductor (static)": torchao_pt2e(base, task, name, example),
         }
+        if name == "cnn":
+            paths["bitsmith W8A8 + residual adds -> torchao PT2E"] = CompiledModel.from_model(
+                bitsmith_model(name, base, task, residual_adds=True), example
+            )
         for label, model in paths.items():
             row = breakdown(model, example)
             cells = " | ".join(f"{row[g]:.1f}" for g in [*GROUPS, "other", "total"])

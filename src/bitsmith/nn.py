@@ -203,6 +203,32 @@ class QEmbedding(QuantizedMixin, nn.Embedding):
                            self.scale_grad_by_freq, self.sparse)  # fmt: skip
 
 
+@_compressed
+class QOutput(nn.Module):
+    """A layer without children (a batch norm, an identity shortcut) whose output is fake-quantized:
+    ``output_q(inner(x))``. PTQ's ``residual_adds`` puts one on each input of a residual add, so an integer backend
+    can run the convolution before it with an 8-bit output and the add itself on 8-bit codes."""
+
+    def __init__(self, inner: nn.Module, output_q: Quantizer | None = None) -> None:
+        super().__init__()
+        self.inner, self.output_q = inner, output_q
+
+    @classmethod
+    def from_spec(cls, module: nn.Module, spec: dict[str, Any]) -> QOutput:
+        return cls(module, build_quantizer(spec.get("output_q")))
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "QOutput", "output_q": None if self.output_q is None else self.output_q.config()}
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.inner(x)
+        return y if self.output_q is None else self.output_q(y)
+
+    def to_float(self) -> nn.Module:
+        """The inner layer (the output quantizer dropped, as ``strip`` drops input quantizers)."""
+        return self.inner
+
+
 def _embedding_args(embedding: nn.Embedding) -> dict[str, Any]:
     return {
         "num_embeddings": embedding.num_embeddings, "embedding_dim": embedding.embedding_dim,

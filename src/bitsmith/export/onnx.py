@@ -39,6 +39,7 @@ def export_onnx(
         torch.onnx.export(deploy, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=["output"],
                           dynamic_axes=axes, opset_version=opset, dynamo=False)  # fmt: skip
     store_int8_weights(tmp)
+    merge_duplicate_qdq(tmp)
     os.replace(tmp, path)
     return {"path": str(path), "fallbacks": fallbacks, "inputs": list(inputs)}
 
@@ -52,15 +53,7 @@ def store_int8_weights(path: str | os.PathLike[str]) -> None:
 
     model = onnx.load(str(path))
     graph = model.graph
-    consts = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    consts |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
-    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
-
-    def const(name: str) -> Any:
-        while name in alias:
-            name = alias[name]
-        return consts.get(name)
-
+    const = _constants(graph)
     nodes, codes = [], []
     for node in graph.node:
         values = [const(name) for name in node.input[:3]] if node.op_type == "QuantizeLinear" else []
@@ -75,18 +68,75 @@ def store_int8_weights(path: str | os.PathLike[str]) -> None:
             codes.append(numpy_helper.from_array(np.clip(q, info.min, info.max).astype(zero.dtype), node.output[0]))
         else:
             nodes.append(node)
-    while True:  # drop nodes whose outputs nothing reads (the weights' Identity / Constant feeders)
+    _replace_nodes(graph, nodes, codes)
+    onnx.save(model, str(path))
+
+
+def merge_duplicate_qdq(path: str | os.PathLike[str]) -> None:
+    """Merge QuantizeLinear / DequantizeLinear nodes that read the same tensor with equal constant scale and zero
+    point (a block input quantized both for its convolution and for the residual add): a tensor then has one
+    quantize step, which ONNX Runtime needs to fuse the layer producing it into an integer kernel."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    const = _constants(graph)
+    nodes, renamed = list(graph.node), {}
+    while True:
+        seen: dict[tuple[Any, ...], str] = {}
+        kept = []
+        for node in nodes:
+            inputs = [renamed.get(name, name) for name in node.input]
+            del node.input[:]
+            node.input.extend(inputs)
+            params = [const(name) for name in node.input[1:]]
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") and all(p is not None for p in params):
+                key = (node.op_type, node.input[0], *(p.dtype.str + p.tobytes().hex() for p in params),
+                       tuple(sorted((a.name, a.i) for a in node.attribute)))  # fmt: skip
+                if key in seen:
+                    renamed[node.output[0]] = seen[key]
+                    continue
+                seen[key] = node.output[0]
+            kept.append(node)
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    for output in graph.output:
+        if output.name in renamed:
+            raise ValueError(f"{path}: a graph output ({output.name}) is a duplicate quantize step")
+    _replace_nodes(graph, nodes, [])
+    onnx.save(model, str(path))
+
+
+def _constants(graph: Any) -> Any:
+    """``name -> numpy value`` of the graph's constant tensors (initializers, Constant nodes, through Identity)."""
+    from onnx import numpy_helper
+
+    consts = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    consts |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity"}
+
+    def const(name: str) -> Any:
+        while name in alias:
+            name = alias[name]
+        return consts.get(name)
+
+    return const
+
+
+def _replace_nodes(graph: Any, nodes: list[Any], initializers: list[Any]) -> None:
+    """Set the graph's nodes, add ``initializers``, and drop nodes and initializers nothing reads."""
+    while True:
         used = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
         kept = [n for n in nodes if any(out in used for out in n.output)]
         if len(kept) == len(nodes):
             break
         nodes = kept
-    initializers = [init for init in graph.initializer if init.name in used]
+    kept_initializers = [init for init in graph.initializer if init.name in used]
     graph.ClearField("node")
     graph.node.extend(nodes)
     graph.ClearField("initializer")
-    graph.initializer.extend([*initializers, *codes])
-    onnx.save(model, str(path))
+    graph.initializer.extend([*kept_initializers, *initializers])
 
 
 class OnnxRuntimeModel(Runner):

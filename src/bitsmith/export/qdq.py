@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bitsmith.nn import QConv2d, QEmbedding, QLinear, QuantizedMixin, _conv_args, _embedding_args, strip
+from bitsmith.nn import QConv2d, QEmbedding, QLinear, QOutput, QuantizedMixin, _conv_args, _embedding_args, strip
 from bitsmith.quant.bnfold import bn_scale, conv_bn_pairs, folded_bias
 from bitsmith.quant.noisy import NoisyBias
 from bitsmith.quant.split import SplitQuantizer
@@ -188,16 +188,11 @@ class QDQLayer(nn.Module):
 
     def _quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(input, weight) on their 8-bit grids."""
-        lo, hi, dtype = self.x_range
         weight = _weight_qdq(self.weight, self.w_scale, self.w_zero, self.w_range, self.ops)
         if self.ops == "onnx":
+            lo, hi, _ = self.x_range
             return torch.fake_quantize_per_tensor_affine(x, self.x_scale, self.x_zero, lo, hi), weight
-        ops = torch.ops.quantized_decomposed
-        scale, zero = self.x_qparams
-        x = ops.dequantize_per_tensor(
-            ops.quantize_per_tensor(x, scale, zero, lo, hi, dtype), scale, zero, lo, hi, dtype
-        )
-        return x, weight
+        return _activation_qdq(x, self.x_qparams, self.x_range, self.ops), weight
 
     def forward(self, x: Tensor) -> Tensor:
         if self.smooth is not None:
@@ -211,6 +206,44 @@ class QDQLayer(nn.Module):
             return nn.functional.linear(x, w, self.bias)
         args = self.conv
         return nn.functional.conv2d(x, w, self.bias, args["stride"], args["padding"], args["dilation"], args["groups"])
+
+
+def _activation_qdq(x: Tensor, qparams: tuple[float, int], qrange: tuple[int, int, torch.dtype], ops: Ops) -> Tensor:
+    """``x`` through an 8-bit per-tensor quantize / dequantize pair with constant ``(scale, zero point)``."""
+    (scale, zero), (lo, hi, dtype) = qparams, qrange
+    if ops == "onnx":
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, lo, hi)
+    decomposed = torch.ops.quantized_decomposed
+    codes = decomposed.quantize_per_tensor(x, scale, zero, lo, hi, dtype)
+    return decomposed.dequantize_per_tensor(codes, scale, zero, lo, hi, dtype)
+
+
+def output_unsupported(layer: QOutput) -> str | None:
+    """Why ``layer``'s output quantizer cannot be exported as an 8-bit QDQ pair (None when it can)."""
+    q = layer.output_q
+    if not isinstance(q, UniformQuantizer) or q.dynamic or q.granularity != "tensor" or q.binary or q.bits > 8:
+        return "the output is not quantized statically per tensor in at most 8 bits"
+    return None
+
+
+class QDQOutput(nn.Module):
+    """The export form of a :class:`~bitsmith.nn.QOutput`: the inner layer, then an 8-bit QDQ pair (a grid of
+    fewer bits is clipped to its range first)."""
+
+    def __init__(self, layer: QOutput, ops: Ops = "onnx") -> None:
+        super().__init__()
+        q = layer.output_q
+        assert isinstance(q, UniformQuantizer)
+        self.inner, self.ops = layer.inner, ops
+        scale, zero = float(q.scale.reshape(())), int(round(float(q.zero_point.reshape(()))))
+        self.qparams, self.qrange = (scale, zero), _qdq_range(q.symmetric)
+        self.clip = ((q.qmin - zero) * scale, (q.qmax - zero) * scale) if q.bits < 8 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.inner(x)
+        if self.clip is not None:
+            y = y.clamp(*self.clip)
+        return _activation_qdq(y, self.qparams, self.qrange, self.ops)
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
@@ -227,6 +260,11 @@ def deployable(model: nn.Module, ops: Ops = "onnx") -> tuple[nn.Module, dict[str
         import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
     model = copy.deepcopy(model).eval()
     fallbacks: dict[str, str] = {}
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QOutput)]:
+        reason = output_unsupported(module)
+        if reason is not None:
+            fallbacks[name] = reason
+        set_submodule(model, name, module.inner if reason else QDQOutput(module, ops))  # before the batch-norm trace
     exported: dict[str, nn.Module] = {}
     for name in quantized_layers(model):
         module = model.get_submodule(name)

@@ -7,6 +7,7 @@ inputs) from calibration batches, observed in float.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 from torch import nn
 
 from bitsmith.method import Method, register_method
-from bitsmith.quant.layers import attach, input_channel_axis, observe_inputs, uniform_weight_quantizer
+from bitsmith.quant.layers import attach, input_channel_axis, observe, uniform_weight_quantizer
+from bitsmith.quant.residual import quantize_residual_adds
 from bitsmith.quant.uniform import Bits, Granularity, GroupSize, ObserverName, UniformQuantizer
 
 
@@ -35,10 +37,12 @@ class PTQ(Method):
     a_symmetric: bool = False
     a_observer: ObserverName = "minmax"
     a_dynamic: bool = False
+    residual_adds: bool = False  # also quantize both inputs of each residual add (batch norm / identity shortcut)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._layers: list[str] = []
+        self._outputs: list[str] = []
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer | None:
         c = self.layer_config(overrides)
@@ -61,7 +65,23 @@ class PTQ(Method):
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         specs = attach(model, self.where, self._weight_q, self._input_q)
         self._layers = list(specs)
+        if self.residual_adds:
+            specs.update(self._quantize_residual_adds(model))
         return specs
 
+    def _quantize_residual_adds(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        if self.a_bits is None or self.a_dynamic:
+            raise ValueError("ptq: residual_adds quantizes activations statically; set a_bits and a_dynamic: false")
+        outputs = quantize_residual_adds(
+            model,
+            lambda: UniformQuantizer(self.a_bits, self.a_symmetric, "tensor", ch_axis=1, observer=self.a_observer),
+        )
+        if not outputs:
+            warnings.warn("ptq: residual_adds found no add whose two inputs come from a batch norm or an identity "
+                          "shortcut (or the model cannot be traced with torch.fx); nothing added", stacklevel=3)  # fmt: skip
+        self._outputs = list(outputs)
+        return outputs
+
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
-        observe_inputs(model, self._layers, batches)
+        inputs = [model.get_submodule(name).input_q for name in self._layers]
+        observe(model, [*inputs, *(model.get_submodule(name).output_q for name in self._outputs)], batches)

@@ -136,8 +136,12 @@ def float_weights(layers: list[QuantizedMixin]) -> Iterator[None]:
 @torch.no_grad()
 def observe_inputs(model: nn.Module, layers: Iterable[str], batches: Iterable[Any]) -> None:
     """Calibrate the input quantizers of ``layers`` on ``batches`` (float inputs while observing)."""
-    found = [model.get_submodule(n).input_q for n in layers]
-    observed = [q for q in found if q is not None and not getattr(q, "dynamic", False)]
+    observe(model, [model.get_submodule(n).input_q for n in layers], batches)
+
+
+def observe(model: nn.Module, quantizers: list[Quantizer | None], batches: Iterable[Any]) -> None:
+    """Calibrate the static activation ``quantizers`` of ``model`` in one pass over ``batches`` (each sees float)."""
+    observed = [q for q in quantizers if q is not None and not getattr(q, "dynamic", False)]
     if not observed:
         return
     for q in observed:
