@@ -122,4 +122,5 @@ $(PEERS):
 
 bench-speed: $(STAMP) data
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/speed_paired.py
 	$(PY) benchmarks/speed_profile.py

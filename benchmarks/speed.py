@@ -57,7 +57,8 @@ THREADS = 2
 BATCH = {"minilm": 32, "cnn": 256, "vit": 256}
 TOKENS = 128
 RUNS = 10
-RESIDUAL_PATHS = ["bitsmith W8A8 + residual adds -> ONNX Runtime", "bitsmith W8A8 + residual adds -> torchao PT2E"]
+RESIDUAL_PATHS = ["bitsmith W8A8 + residual adds (both) -> ONNX Runtime",
+                  "bitsmith W8A8 + residual adds (shortcut) -> torchao PT2E"]  # fmt: skip
 PATHS = ["FP32 torch eager", "bitsmith W8A8 -> ONNX Runtime", "bitsmith W8A8 -> torchao PT2E", *RESIDUAL_PATHS,
          "torchao PT2E X86Inductor (static)", "ONNX Runtime static QDQ per-channel", "ONNX Runtime dynamic per-channel",
          "torch dynamic int8 (Linear)"]  # fmt: skip
@@ -90,7 +91,7 @@ def file_size(path: Path | str | None) -> int | None:
     return None if path is None else Path(path).stat().st_size
 
 
-def bitsmith_model(name: str, base: nn.Module, task: Task, residual_adds: bool = False) -> nn.Module:
+def bitsmith_model(name: str, base: nn.Module, task: Task, residual_adds: str = "none") -> nn.Module:
     """W8A8 (the recipe ``minilm-smoothquant-w8a8-deploy.yaml`` for MiniLM, plain PTQ for CNN / ViT; with
     ``residual_adds`` the CNN's residual adds get quantized inputs too)."""
     model = copy.deepcopy(base)
@@ -205,7 +206,7 @@ def run_model(name: str, rows: Rows, base: nn.Module, task: Task) -> None:
         save(base, SCRATCH / "fp32.safetensors")
         return base, None, SCRATCH / "fp32.safetensors"
 
-    def ours(backend: str, residual_adds: bool = False) -> Any:
+    def ours(backend: str, residual_adds: str = "none") -> Any:
         def build() -> tuple[Any, nn.Module, Path]:
             model = bitsmith_model(name, base, task, residual_adds)
             deployment = deploy(model, example, backend, SCRATCH / backend, num_threads=THREADS)
@@ -216,7 +217,7 @@ def run_model(name: str, rows: Rows, base: nn.Module, task: Task) -> None:
 
         return build
 
-    residual = [ours("onnxruntime", True), ours("torchao", True)] if name == "cnn" else [None, None]  # no BN adds
+    residual = [ours("onnxruntime", "both"), ours("torchao", "shortcut")] if name == "cnn" else [None, None]
     builders = [fp32, ours("onnxruntime"), ours("torchao"), *residual,
                 lambda: (torchao_pt2e(base, task, name, example), None, None),
                 lambda: ort_static(base, task, example), lambda: ort_dynamic(base, example),
@@ -293,7 +294,10 @@ def write(rows: list[dict[str, Any]], files: list[dict[str, Any]]) -> None:
         "Regenerate: `make bench-speed` (`python benchmarks/speed.py`), on an otherwise idle machine. Timings",
         "move by up to about 20% between runs on the same machine (on an earlier machine the ViT's torchao rows",
         "ranged 39 to 47 ms; here the profile run put the CNN's two torchao paths in the opposite order): compare",
-        "rows of one run, as here.",
+        "rows of one run, as here. The CNN's rows come from a later run on the same machine than the MiniLM and",
+        "ViT rows (`python benchmarks/speed.py cnn`, after PTQ's `residual_adds` was added); compare rows within",
+        "a model. The paths of one backend timed in turns, so that drift hits them alike: [speed-paired.md]",
+        "(speed-paired.md).",
         "",
         machine_line(rows),
         "",

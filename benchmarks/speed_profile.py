@@ -95,8 +95,8 @@ def ort_rows(name: str, base: Any, task: Any, example: Any) -> list[str]:
                                                           SCRATCH / "profile-ours.onnx")["path"],
              "ONNX Runtime static QDQ per-channel": ort_static(base, task, example)[2]}  # fmt: skip
     if name == "cnn":
-        files["bitsmith W8A8 + residual adds -> ONNX Runtime"] = export_onnx(
-            bitsmith_model(name, base, task, residual_adds=True), example, SCRATCH / "profile-residual.onnx"
+        files["bitsmith W8A8 + residual adds (both) -> ONNX Runtime"] = export_onnx(
+            bitsmith_model(name, base, task, residual_adds="both"), example, SCRATCH / "profile-residual.onnx"
         )["path"]
     lines = []
     for label, path in files.items():
@@ -122,8 +122,8 @@ def run(models: list[str]) -> tuple[list[str], list[str]]:
             "torchao PT2E X86Inductor (static)": torchao_pt2e(base, task, name, example),
         }
         if name == "cnn":
-            paths["bitsmith W8A8 + residual adds -> torchao PT2E"] = CompiledModel.from_model(
-                bitsmith_model(name, base, task, residual_adds=True), example
+            paths["bitsmith W8A8 + residual adds (shortcut) -> torchao PT2E"] = CompiledModel.from_model(
+                bitsmith_model(name, base, task, residual_adds="shortcut"), example
             )
         for label, model in paths.items():
             row = breakdown(model, example)

@@ -681,8 +681,16 @@ MUTANTS = [
         "deploy",
         "residual adds: only the first input of each add quantized",
         "quant/residual.py",
-        "        for name in pair:",
-        "        for name in pair[:1]:",
+        'for name in pair if operands == "both" else pair[1:]:',
+        'for name in pair[:1] if operands == "both" else pair[1:]:',
+        "tests/test_residual_adds.py",
+    ),
+    M(
+        "deploy",
+        "residual adds, shortcut mode: the convolution branch quantized instead",
+        "quant/residual.py",
+        'for name in pair if operands == "both" else pair[1:]:',
+        'for name in pair if operands == "both" else pair[:1]:',
         "tests/test_residual_adds.py",
     ),
     M(

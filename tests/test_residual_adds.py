@@ -1,6 +1,6 @@
 """PTQ's ``residual_adds``: both inputs of each residual add on the activation grid, so ONNX Runtime runs a
-ResNet's convolutions and adds on 8-bit codes (``QLinearConv``, ``QLinearAdd``) and still matches the
-fake-quant model."""
+ResNet's convolutions and adds on 8-bit codes (``QLinearConv``, ``QLinearAdd``); or the shortcut only, so oneDNN
+fuses each add into the convolution before it. Both still match the fake-quant model."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def make_resnet(seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def quantized(calib: list, residual_adds: bool = True, w_bits: int = 8) -> nn.Module:
+def quantized(calib: list, residual_adds: str = "both", w_bits: int = 8) -> nn.Module:
     model = make_resnet()
     compress(model, PTQ(w_bits=w_bits, a_bits=8, residual_adds=residual_adds), calib)
     return model
@@ -54,16 +54,16 @@ def test_both_inputs_of_every_residual_add_are_put_on_a_grid(calib: list, images
         codes = value / q.scale + q.zero_point
         assert torch.allclose(codes, codes.round(), atol=1e-3) and int(codes.round().max()) <= 255
     with torch.no_grad():
-        assert not torch.allclose(out, quantized(calib, residual_adds=False)(images))
+        assert not torch.allclose(out, quantized(calib, residual_adds="none")(images))
 
 
 def test_a_model_without_residual_adds_is_left_alone_with_a_warning(calib: list) -> None:
     model = make_cnn()
     with pytest.warns(UserWarning, match="residual_adds found no add"):
-        compress(model, PTQ(w_bits=8, a_bits=8, residual_adds=True), calib)
+        compress(model, PTQ(w_bits=8, a_bits=8, residual_adds="both"), calib)
     assert not any(isinstance(m, QOutput) for m in model.modules())
     with pytest.raises(ValueError, match="residual_adds quantizes activations statically"):
-        compress(make_cnn(), PTQ(w_bits=8, a_bits=None, residual_adds=True), calib)
+        compress(make_cnn(), PTQ(w_bits=8, a_bits=None, residual_adds="both"), calib)
 
 
 def test_the_output_quantizers_survive_a_checkpoint(calib: list, images: torch.Tensor, tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_onnx_runtime_runs_every_convolution_and_two_adds_on_8_bit_codes(
     with torch.no_grad():
         assert cosine(runtime(images), model(images)) > 0.9999
         assert torch.equal(runtime(images).argmax(1), model(images).argmax(1))
-    export_onnx(quantized(calib, residual_adds=False), images, tmp_path / "plain.onnx")
+    export_onnx(quantized(calib, residual_adds="none"), images, tmp_path / "plain.onnx")
     plain = onnx_runtime_ops(tmp_path / "plain.onnx", tmp_path)
     assert plain["QLinearConv"] < 9 and plain["QLinearAdd"] == 0  # without: the convolutions before adds stay float
 
@@ -118,3 +118,24 @@ def test_one_tensor_has_one_quantize_step_in_the_file(calib: list, images: torch
     )
     # the stem's output feeds layer1.conv1 and the identity shortcut: two equal quantizers, one node
     assert readers and max(readers.values()) == 1
+
+
+def test_quantized_shortcuts_let_onednn_fuse_each_add_into_its_convolution(
+    calib: list, images: torch.Tensor, tmp_path: Path
+) -> None:
+    pytest.importorskip("torchao")
+    from torch.profiler import ProfilerActivity, profile
+
+    from bitsmith.deploy import deploy
+
+    model = quantized(calib, "shortcut", w_bits=EXACT_W_BITS)
+    assert {n for n, m in model.named_modules() if isinstance(m, QOutput)} == {
+        "layer1.shortcut", "layer2.shortcut.1", "layer3.shortcut.1"
+    }  # fmt: skip
+    deployed = deploy(model, images, "torchao", tmp_path / "out", num_threads=1).model
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as run:
+        out = deployed(images)
+        assert cosine(out, model(images)) > 0.9999
+    calls = collections.Counter(event.name for event in run.events())
+    # each block's add (+ relu) runs inside its second convolution: oneDNN's binary post-op with an int8 shortcut
+    assert calls["onednn::qconv2d_pointwise"] == 3 and calls["onednn::qconv_pointwise"] == 6

@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -18,6 +18,8 @@ from bitsmith.method import Method, register_method
 from bitsmith.quant.layers import attach, input_channel_axis, observe, uniform_weight_quantizer
 from bitsmith.quant.residual import quantize_residual_adds
 from bitsmith.quant.uniform import Bits, Granularity, GroupSize, ObserverName, UniformQuantizer
+
+ResidualAdds = Literal["none", "both", "shortcut"]
 
 
 @register_method("ptq")
@@ -37,7 +39,7 @@ class PTQ(Method):
     a_symmetric: bool = False
     a_observer: ObserverName = "minmax"
     a_dynamic: bool = False
-    residual_adds: bool = False  # also quantize both inputs of each residual add (batch norm / identity shortcut)
+    residual_adds: ResidualAdds = "none"  # quantize residual adds' inputs: both (ONNX Runtime), shortcut (torchao)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,7 +67,7 @@ class PTQ(Method):
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         specs = attach(model, self.where, self._weight_q, self._input_q)
         self._layers = list(specs)
-        if self.residual_adds:
+        if self.residual_adds != "none":
             specs.update(self._quantize_residual_adds(model))
         return specs
 
@@ -75,6 +77,7 @@ class PTQ(Method):
         outputs = quantize_residual_adds(
             model,
             lambda: UniformQuantizer(self.a_bits, self.a_symmetric, "tensor", ch_axis=1, observer=self.a_observer),
+            self.residual_adds,
         )
         if not outputs:
             warnings.warn("ptq: residual_adds found no add whose two inputs come from a batch norm or an identity "

@@ -3,8 +3,9 @@
 A ResNet block ends in ``relu(bn2(conv2(h)) + shortcut(x))``. With only layer inputs quantized, the convolution
 before the add and the add run in float on an integer backend. Fake-quantizing both inputs of the add (the batch
 norm's output and the shortcut's) gives each convolution an 8-bit output and the add 8-bit operands, which is
-what ONNX Runtime needs for ``QLinearConv`` + ``QLinearAdd`` and what torchao's PT2E flow does for the same
-pattern. Only adds whose two inputs come from childless, uncompressed modules (batch norms, identity shortcuts)
+what ONNX Runtime needs for ``QLinearConv`` + ``QLinearAdd``. oneDNN (the torchao backend) instead fuses the add
+into the convolution before it, reading the shortcut as an 8-bit extra input: for it, quantize the shortcut operand
+only (``operands="shortcut"``), as torchao's own PT2E flow annotates the same pattern. Only adds whose two inputs come from childless, uncompressed modules (batch norms, identity shortcuts)
 are changed: wrapping them in :class:`~bitsmith.nn.QOutput` keeps every quantized layer's name.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -60,12 +61,15 @@ def residual_add_inputs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def quantize_residual_adds(model: nn.Module, make_quantizer: Callable[[], Quantizer]) -> dict[str, dict[str, Any]]:
-    """Wrap each module feeding a residual add in a :class:`QOutput` with a fresh quantizer (in place);
-    returns ``{name: spec}`` of the wrapped modules."""
+def quantize_residual_adds(
+    model: nn.Module, make_quantizer: Callable[[], Quantizer], operands: Literal["both", "shortcut"] = "both"
+) -> dict[str, dict[str, Any]]:
+    """Wrap the modules feeding each residual add (both, or only the second operand: the shortcut of
+    ``out + shortcut(x)``) in a :class:`QOutput` with a fresh quantizer (in place); returns ``{name: spec}`` of the
+    wrapped modules."""
     specs: dict[str, dict[str, Any]] = {}
     for pair in residual_add_inputs(model):
-        for name in pair:
+        for name in pair if operands == "both" else pair[1:]:
             if name not in specs:  # a module feeding two adds is wrapped once
                 wrapped = QOutput(model.get_submodule(name), make_quantizer())
                 set_submodule(model, name, wrapped)
