@@ -57,7 +57,7 @@ THREADS = 2
 BATCH = {"minilm": 32, "cnn": 256, "vit": 256}
 TOKENS = 128
 RUNS = 10
-RESIDUAL_PATHS = ["bitsmith W8A8 + residual adds (both) -> ONNX Runtime",
+RESIDUAL_PATHS = ["bitsmith W8A8 + residual adds (both), pool input -> ONNX Runtime",
                   "bitsmith W8A8 + residual adds (shortcut) -> torchao PT2E"]  # fmt: skip
 PATHS = ["FP32 torch eager", "bitsmith W8A8 -> ONNX Runtime", "bitsmith W8A8 -> torchao PT2E", *RESIDUAL_PATHS,
          "torchao PT2E X86Inductor (static)", "ONNX Runtime static QDQ per-channel", "ONNX Runtime dynamic per-channel",
@@ -93,10 +93,12 @@ def file_size(path: Path | str | None) -> int | None:
 
 def bitsmith_model(name: str, base: nn.Module, task: Task, residual_adds: str = "none") -> nn.Module:
     """W8A8 (the recipe ``minilm-smoothquant-w8a8-deploy.yaml`` for MiniLM, plain PTQ for CNN / ViT; with
-    ``residual_adds`` the CNN's residual adds get quantized inputs too)."""
+    ``residual_adds`` the CNN's residual adds get quantized inputs too, and with ``both`` (for ONNX Runtime) its
+    pool's input)."""
     model = copy.deepcopy(base)
     if name != "minilm":
-        compress(model, PTQ(w_bits=8, a_bits=8, residual_adds=residual_adds), task.calibration)
+        method = PTQ(w_bits=8, a_bits=8, residual_adds=residual_adds, pool_inputs=residual_adds == "both")
+        compress(model, method, task.calibration)
         return model
     encoder, tables = {"include": ["encoder.*"]}, {"types": ["Embedding"], "include": ["embeddings.*"]}
     methods = [SmoothQuant(alpha=0.85, layers="all", where=encoder),

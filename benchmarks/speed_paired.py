@@ -8,7 +8,8 @@ ratio within the round (paired), not a ratio of medians: the latencies here are 
 Runtime and torch paths are timed in separate groups (ONNX Runtime's threads keep spinning after a run and
 slow whatever runs next). Groups: torch (FP32 eager, bitsmith W8A8 -> torchao, torchao's PT2E flow) and ONNX
 Runtime (bitsmith W8A8 -> ONNX Runtime, ONNX Runtime's ``quantize_static``), with the bitsmith settings of
-``speed.py`` (the CNN with PTQ's ``residual_adds``: ``shortcut`` on torchao, ``both`` on ONNX Runtime).
+``speed.py`` (the CNN with PTQ's ``residual_adds``: ``shortcut`` on torchao, ``both`` and ``pool_inputs`` on ONNX
+Runtime).
 
 Regenerate: ``python benchmarks/speed_paired.py [minilm cnn vit]`` on an otherwise idle machine (rows resume per
 model and group in ``speed-paired.json``); writes ``docs/results/speed-paired.md``.

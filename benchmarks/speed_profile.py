@@ -95,7 +95,7 @@ def ort_rows(name: str, base: Any, task: Any, example: Any) -> list[str]:
                                                           SCRATCH / "profile-ours.onnx")["path"],
              "ONNX Runtime static QDQ per-channel": ort_static(base, task, example)[2]}  # fmt: skip
     if name == "cnn":
-        files["bitsmith W8A8 + residual adds (both) -> ONNX Runtime"] = export_onnx(
+        files["bitsmith W8A8 + residual adds (both), pool input -> ONNX Runtime"] = export_onnx(
             bitsmith_model(name, base, task, residual_adds="both"), example, SCRATCH / "profile-residual.onnx"
         )["path"]
     lines = []

@@ -14,7 +14,7 @@ from torch import nn
 from bitsmith import compress
 from bitsmith.export.checkpoint import load, save
 from bitsmith.methods.ptq import PTQ
-from bitsmith.nn import QOutput
+from bitsmith.nn import QInput, QOutput
 from bitsmith.zoo.vision import ResNetCNN
 from conftest import make_cnn
 from test_onnx_export import EXACT_W_BITS, cosine
@@ -35,9 +35,9 @@ def make_resnet(seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def quantized(calib: list, residual_adds: str = "both", w_bits: int = 8) -> nn.Module:
+def quantized(calib: list, residual_adds: str = "both", w_bits: int = 8, pool_inputs: bool = False) -> nn.Module:
     model = make_resnet()
-    compress(model, PTQ(w_bits=w_bits, a_bits=8, residual_adds=residual_adds), calib)
+    compress(model, PTQ(w_bits=w_bits, a_bits=8, residual_adds=residual_adds, pool_inputs=pool_inputs), calib)
     return model
 
 
@@ -47,7 +47,7 @@ def test_both_inputs_of_every_residual_add_are_put_on_a_grid(calib: list, images
     assert set(wrapped) == ADD_INPUTS
     seen = {}
     for name, module in wrapped.items():
-        module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, (m.output_q, out)))
+        module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, (m.quantizer, out)))
     with torch.no_grad():
         out = model(images)
     for q, value in seen.values():  # what reaches the add is on the output quantizer's 8-bit grid
@@ -62,7 +62,7 @@ def test_a_model_without_residual_adds_is_left_alone_with_a_warning(calib: list)
     with pytest.warns(UserWarning, match="residual_adds found no add"):
         compress(model, PTQ(w_bits=8, a_bits=8, residual_adds="both"), calib)
     assert not any(isinstance(m, QOutput) for m in model.modules())
-    with pytest.raises(ValueError, match="residual_adds quantizes activations statically"):
+    with pytest.raises(ValueError, match="residual_adds and pool_inputs quantize activations statically"):
         compress(make_cnn(), PTQ(w_bits=8, a_bits=None, residual_adds="both"), calib)
 
 
@@ -139,3 +139,20 @@ def test_quantized_shortcuts_let_onednn_fuse_each_add_into_its_convolution(
     calls = collections.Counter(event.name for event in run.events())
     # each block's add (+ relu) runs inside its second convolution: oneDNN's binary post-op with an int8 shortcut
     assert calls["onednn::qconv2d_pointwise"] == 3 and calls["onednn::qconv_pointwise"] == 6
+
+
+def test_a_quantized_pool_input_puts_the_last_add_and_the_pool_on_8_bit_codes(
+    calib: list, images: torch.Tensor, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx
+
+    model = quantized(calib, w_bits=EXACT_W_BITS, pool_inputs=True)
+    assert [name for name, m in model.named_modules() if isinstance(m, QInput)] == ["pool"]
+    export_onnx(model, images, tmp_path / "model.onnx")
+    ops = onnx_runtime_ops(tmp_path / "model.onnx", tmp_path)
+    assert ops["QLinearConv"] == 9 and ops["QLinearAdd"] == 3 and ops["Add"] == 0
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["GlobalAveragePool"] == 0
+    runtime = OnnxRuntimeModel(tmp_path / "model.onnx", threads=1)
+    with torch.no_grad():
+        assert cosine(runtime(images), model(images)) > 0.9999

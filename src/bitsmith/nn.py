@@ -203,30 +203,45 @@ class QEmbedding(QuantizedMixin, nn.Embedding):
                            self.scale_grad_by_freq, self.sparse)  # fmt: skip
 
 
-@_compressed
-class QOutput(nn.Module):
-    """A layer without children (a batch norm, an identity shortcut) whose output is fake-quantized:
-    ``output_q(inner(x))``. PTQ's ``residual_adds`` puts one on each input of a residual add, so an integer backend
-    can run the convolution before it with an 8-bit output and the add itself on 8-bit codes."""
+class QuantizedActivation(nn.Module):
+    """A layer without children (a batch norm, an identity shortcut, a pooling layer) with a fake-quantizer on its
+    output (:class:`QOutput`) or its input (:class:`QInput`), for PTQ's ``residual_adds`` and ``pool_inputs``:
+    they give an integer backend 8-bit tensors where a layer's output or a pool's input would otherwise be float.
+    Wrapping a childless layer keeps every quantized layer's name."""
 
-    def __init__(self, inner: nn.Module, output_q: Quantizer | None = None) -> None:
+    def __init__(self, inner: nn.Module, quantizer: Quantizer | None = None) -> None:
         super().__init__()
-        self.inner, self.output_q = inner, output_q
+        self.inner, self.quantizer = inner, quantizer
 
     @classmethod
-    def from_spec(cls, module: nn.Module, spec: dict[str, Any]) -> QOutput:
-        return cls(module, build_quantizer(spec.get("output_q")))
+    def from_spec(cls, module: nn.Module, spec: dict[str, Any]) -> QuantizedActivation:
+        return cls(module, build_quantizer(spec.get("quantizer")))
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "QOutput", "output_q": None if self.output_q is None else self.output_q.config()}
+        return {"type": type(self).__name__, "quantizer": None if self.quantizer is None else self.quantizer.config()}
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.inner(x)
-        return y if self.output_q is None else self.output_q(y)
+    def quantize(self, x: Tensor) -> Tensor:
+        return x if self.quantizer is None else self.quantizer(x)
 
     def to_float(self) -> nn.Module:
-        """The inner layer (the output quantizer dropped, as ``strip`` drops input quantizers)."""
+        """The inner layer (the quantizer dropped, as ``strip`` drops input quantizers)."""
         return self.inner
+
+
+@_compressed
+class QOutput(QuantizedActivation):
+    """``quantizer(inner(x))``: PTQ's ``residual_adds`` puts one on each input of a residual add."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.quantize(self.inner(x))
+
+
+@_compressed
+class QInput(QuantizedActivation):
+    """``inner(quantizer(x))``: PTQ's ``pool_inputs`` puts one in front of each average pool."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(self.quantize(x))
 
 
 def _embedding_args(embedding: nn.Embedding) -> dict[str, Any]:

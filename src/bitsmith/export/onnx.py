@@ -39,6 +39,7 @@ def export_onnx(
         torch.onnx.export(deploy, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=["output"],
                           dynamic_axes=axes, opset_version=opset, dynamo=False)  # fmt: skip
     store_int8_weights(tmp)
+    quantize_before_flatten(tmp)
     merge_duplicate_qdq(tmp)
     os.replace(tmp, path)
     return {"path": str(path), "fallbacks": fallbacks, "inputs": list(inputs)}
@@ -69,6 +70,38 @@ def store_int8_weights(path: str | os.PathLike[str]) -> None:
         else:
             nodes.append(node)
     _replace_nodes(graph, nodes, codes)
+    onnx.save(model, str(path))
+
+
+def quantize_before_flatten(path: str | os.PathLike[str]) -> None:
+    """Where a per-tensor QuantizeLinear reads a Flatten / Reshape that nothing else reads, put a copy of the
+    quantize step (and its DequantizeLinear) in front of the Flatten too: exact (the codes of a reshaped tensor are
+    the reshaped codes), and the layer before (a global average pool) then sees its output quantized, which ONNX
+    Runtime needs to run it in 8 bits."""
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    const = _constants(graph)
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    producer = {out: node for node in graph.node for out in node.output}
+    before: dict[int, list[Any]] = {}  # id of a Flatten / Reshape -> the quantize / dequantize pair to put first
+    for node in graph.node:
+        shape_op = producer.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if shape_op is None or shape_op.op_type not in ("Flatten", "Reshape") or readers.get(shape_op.output[0]) != 1:
+            continue
+        scale = const(node.input[1])
+        if scale is None or scale.ndim or shape_op.input[0] in {i.name for i in graph.input}:
+            continue
+        codes, values = f"{shape_op.output[0]}_codes", f"{shape_op.output[0]}_qdq"
+        before[id(shape_op)] = [onnx.helper.make_node("QuantizeLinear", [shape_op.input[0], *node.input[1:]], [codes]),
+                                onnx.helper.make_node("DequantizeLinear", [codes, *node.input[1:]], [values])]  # fmt: skip
+        shape_op.input[0] = values
+    nodes = [new for node in graph.node for new in [*before.get(id(node), []), node]]
+    _replace_nodes(graph, nodes, [])
     onnx.save(model, str(path))
 
 

@@ -32,7 +32,17 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from bitsmith.nn import QConv2d, QEmbedding, QLinear, QOutput, QuantizedMixin, _conv_args, _embedding_args, strip
+from bitsmith.nn import (
+    QConv2d,
+    QEmbedding,
+    QInput,
+    QLinear,
+    QuantizedActivation,
+    QuantizedMixin,
+    _conv_args,
+    _embedding_args,
+    strip,
+)
 from bitsmith.quant.bnfold import bn_scale, conv_bn_pairs, folded_bias
 from bitsmith.quant.noisy import NoisyBias
 from bitsmith.quant.split import SplitQuantizer
@@ -218,32 +228,34 @@ def _activation_qdq(x: Tensor, qparams: tuple[float, int], qrange: tuple[int, in
     return decomposed.dequantize_per_tensor(codes, scale, zero, lo, hi, dtype)
 
 
-def output_unsupported(layer: QOutput) -> str | None:
-    """Why ``layer``'s output quantizer cannot be exported as an 8-bit QDQ pair (None when it can)."""
-    q = layer.output_q
+def activation_unsupported(layer: QuantizedActivation) -> str | None:
+    """Why ``layer``'s quantizer cannot be exported as an 8-bit QDQ pair (None when it can)."""
+    q = layer.quantizer
     if not isinstance(q, UniformQuantizer) or q.dynamic or q.granularity != "tensor" or q.binary or q.bits > 8:
-        return "the output is not quantized statically per tensor in at most 8 bits"
+        return "the activation is not quantized statically per tensor in at most 8 bits"
     return None
 
 
-class QDQOutput(nn.Module):
-    """The export form of a :class:`~bitsmith.nn.QOutput`: the inner layer, then an 8-bit QDQ pair (a grid of
-    fewer bits is clipped to its range first)."""
+class QDQActivation(nn.Module):
+    """The export form of a :class:`~bitsmith.nn.QOutput` / :class:`~bitsmith.nn.QInput`: an 8-bit QDQ pair after
+    (or before) the inner layer; a grid of fewer bits is clipped to its range first."""
 
-    def __init__(self, layer: QOutput, ops: Ops = "onnx") -> None:
+    def __init__(self, layer: QuantizedActivation, ops: Ops = "onnx") -> None:
         super().__init__()
-        q = layer.output_q
+        q = layer.quantizer
         assert isinstance(q, UniformQuantizer)
-        self.inner, self.ops = layer.inner, ops
+        self.inner, self.ops, self.before = layer.inner, ops, isinstance(layer, QInput)
         scale, zero = float(q.scale.reshape(())), int(round(float(q.zero_point.reshape(()))))
         self.qparams, self.qrange = (scale, zero), _qdq_range(q.symmetric)
         self.clip = ((q.qmin - zero) * scale, (q.qmax - zero) * scale) if q.bits < 8 else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.inner(x)
+    def quantize(self, x: Tensor) -> Tensor:
         if self.clip is not None:
-            y = y.clamp(*self.clip)
-        return _activation_qdq(y, self.qparams, self.qrange, self.ops)
+            x = x.clamp(*self.clip)
+        return _activation_qdq(x, self.qparams, self.qrange, self.ops)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(self.quantize(x)) if self.before else self.quantize(self.inner(x))
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
@@ -260,11 +272,13 @@ def deployable(model: nn.Module, ops: Ops = "onnx") -> tuple[nn.Module, dict[str
         import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed ops)
     model = copy.deepcopy(model).eval()
     fallbacks: dict[str, str] = {}
-    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QOutput)]:
-        reason = output_unsupported(module)
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedActivation)]:
+        reason = activation_unsupported(module)
         if reason is not None:
             fallbacks[name] = reason
-        set_submodule(model, name, module.inner if reason else QDQOutput(module, ops))  # before the batch-norm trace
+        set_submodule(
+            model, name, module.inner if reason else QDQActivation(module, ops)
+        )  # before the batch-norm trace
     exported: dict[str, nn.Module] = {}
     for name in quantized_layers(model):
         module = model.get_submodule(name)

@@ -16,7 +16,7 @@ from torch import nn
 
 from bitsmith.method import Method, register_method
 from bitsmith.quant.layers import attach, input_channel_axis, observe, uniform_weight_quantizer
-from bitsmith.quant.residual import quantize_residual_adds
+from bitsmith.quant.residual import quantize_pool_inputs, quantize_residual_adds
 from bitsmith.quant.uniform import Bits, Granularity, GroupSize, ObserverName, UniformQuantizer
 
 ResidualAdds = Literal["none", "both", "shortcut"]
@@ -40,11 +40,12 @@ class PTQ(Method):
     a_observer: ObserverName = "minmax"
     a_dynamic: bool = False
     residual_adds: ResidualAdds = "none"  # quantize residual adds' inputs: both (ONNX Runtime), shortcut (torchao)
+    pool_inputs: bool = False  # quantize the input of every average pool (ONNX Runtime: the last add and the pool)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._layers: list[str] = []
-        self._outputs: list[str] = []
+        self._activations: list[str] = []
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer | None:
         c = self.layer_config(overrides)
@@ -67,24 +68,35 @@ class PTQ(Method):
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         specs = attach(model, self.where, self._weight_q, self._input_q)
         self._layers = list(specs)
-        if self.residual_adds != "none":
-            specs.update(self._quantize_residual_adds(model))
+        if self.residual_adds != "none" or self.pool_inputs:
+            specs.update(self._quantize_activations(model))
         return specs
 
-    def _quantize_residual_adds(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+    def _activation_q(self) -> UniformQuantizer:
+        assert self.a_bits is not None
+        return UniformQuantizer(self.a_bits, self.a_symmetric, "tensor", ch_axis=1, observer=self.a_observer)
+
+    def _quantize_activations(self, model: nn.Module) -> dict[str, dict[str, Any]]:
+        """The residual adds' and pools' quantizers (``QOutput`` / ``QInput``); a warning when there are none."""
         if self.a_bits is None or self.a_dynamic:
-            raise ValueError("ptq: residual_adds quantizes activations statically; set a_bits and a_dynamic: false")
-        outputs = quantize_residual_adds(
-            model,
-            lambda: UniformQuantizer(self.a_bits, self.a_symmetric, "tensor", ch_axis=1, observer=self.a_observer),
-            self.residual_adds,
-        )
-        if not outputs:
-            warnings.warn("ptq: residual_adds found no add whose two inputs come from a batch norm or an identity "
-                          "shortcut (or the model cannot be traced with torch.fx); nothing added", stacklevel=3)  # fmt: skip
-        self._outputs = list(outputs)
-        return outputs
+            raise ValueError("ptq: residual_adds and pool_inputs quantize activations statically; set a_bits and "
+                             "a_dynamic: false")  # fmt: skip
+        found: dict[str, dict[str, Any]] = {}
+        for wanted, quantize, what in (
+            (self.residual_adds != "none", lambda: quantize_residual_adds(model, self._activation_q, self.residual_adds),
+             "residual_adds found no add whose two inputs come from a batch norm or an identity shortcut (or the "
+             "model cannot be traced with torch.fx)"),
+            (self.pool_inputs, lambda: quantize_pool_inputs(model, self._activation_q), "pool_inputs found no "
+             "average pool (nn.AvgPool2d, nn.AdaptiveAvgPool2d)"),
+        ):  # fmt: skip
+            if wanted:
+                added = quantize()
+                if not added:
+                    warnings.warn(f"ptq: {what}; nothing added", stacklevel=4)
+                found.update(added)
+        self._activations = list(found)
+        return found
 
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
         inputs = [model.get_submodule(name).input_q for name in self._layers]
-        observe(model, [*inputs, *(model.get_submodule(name).output_q for name in self._outputs)], batches)
+        observe(model, [*inputs, *(model.get_submodule(name).quantizer for name in self._activations)], batches)

@@ -1,4 +1,4 @@
-"""Quantizers on the inputs of residual adds (PTQ's ``residual_adds``).
+"""Quantizers on the inputs of residual adds and average pools (PTQ's ``residual_adds``, ``pool_inputs``).
 
 A ResNet block ends in ``relu(bn2(conv2(h)) + shortcut(x))``. With only layer inputs quantized, the convolution
 before the add and the add run in float on an integer backend. Fake-quantizing both inputs of the add (the batch
@@ -7,6 +7,10 @@ what ONNX Runtime needs for ``QLinearConv`` + ``QLinearAdd``. oneDNN (the torcha
 into the convolution before it, reading the shortcut as an 8-bit extra input: for it, quantize the shortcut operand
 only (``operands="shortcut"``), as torchao's own PT2E flow annotates the same pattern. Only adds whose two inputs come from childless, uncompressed modules (batch norms, identity shortcuts)
 are changed: wrapping them in :class:`~bitsmith.nn.QOutput` keeps every quantized layer's name.
+
+The last block's add feeds the global average pool, not a quantized layer; quantizing the pool's input
+(``pool_inputs``, :class:`~bitsmith.nn.QInput`) lets ONNX Runtime run that add and the pool in 8 bits too
+(``QLinearAdd``, ``QLinearGlobalAveragePool``), as its own static flow does.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bitsmith.nn import QOutput, is_compressed
+from bitsmith.nn import QInput, QOutput, is_compressed
 from bitsmith.quant.base import Quantizer
 from bitsmith.swap import set_submodule
 
 ADDS = (operator.add, operator.iadd, torch.add)
+POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
 class _ChildlessTracer(torch.fx.Tracer):
@@ -74,4 +79,15 @@ def quantize_residual_adds(
                 wrapped = QOutput(model.get_submodule(name), make_quantizer())
                 set_submodule(model, name, wrapped)
                 specs[name] = wrapped.spec()
+    return specs
+
+
+def quantize_pool_inputs(model: nn.Module, make_quantizer: Callable[[], Quantizer]) -> dict[str, dict[str, Any]]:
+    """Wrap each average pool of ``model`` in a :class:`QInput` with a fresh quantizer (in place); returns
+    ``{name: spec}`` of the wrapped pools."""
+    specs: dict[str, dict[str, Any]] = {}
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, POOLS)]:
+        wrapped = QInput(module, make_quantizer())
+        set_submodule(model, name, wrapped)
+        specs[name] = wrapped.spec()
     return specs
