@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,29 @@ class Rows:
         on_disk = json.loads(self.path.read_text()) if self.path.is_file() else []
         self.rows = [r for r in on_disk if not all(r.get(k) == v for k, v in key.items())] + [row]
         atomic_write_text(self.path, json.dumps(self.rows, indent=1))
+
+
+def train_cached(model: nn.Module, methods: list[dict[str, Any]], cfg: Any, x: Any, y: Any, final: Path,
+                 finalize: bool = True) -> tuple[nn.Module, float]:  # fmt: skip
+    """``model`` compressed with ``methods`` (recipe entries; calibrated on the first 256 images) and trained on
+    ``x, y``, saved at ``final`` with its training seconds beside it; a file already there is loaded instead (other
+    rows reuse it), and a killed run resumes from its last epoch (``final`` with ``.pt``)."""
+    from bitsmith import build_method, compress, load, save
+    from bitsmith.train import fit
+
+    if final.is_file():  # load rebuilds the compressed layers the file records
+        return load(final, model).eval(), json.loads(final.with_suffix(".json").read_text())["seconds"]
+    final.parent.mkdir(parents=True, exist_ok=True)
+    state = final.with_suffix(".pt")
+    began = time.perf_counter()
+    built = [build_method(m) for m in methods]
+    compress(model, built, [(x[:256], y[:256])])
+    fit(model, x, y, cfg, built, checkpoint=state)
+    if finalize:
+        for method in built:
+            method.finalize(model)
+    seconds = time.perf_counter() - began
+    save(model, final)
+    final.with_suffix(".json").write_text(json.dumps({"seconds": round(seconds, 1)}))
+    state.unlink(missing_ok=True)
+    return model.eval(), seconds

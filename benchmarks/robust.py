@@ -17,16 +17,16 @@ import time
 from typing import Any
 
 import torch
-from common import RESULTS, Rows, save_figure
+from common import RESULTS, Rows, save_figure, train_cached
 from llm import Entry, bench_threads, fill
 
-from bitsmith import Ensemble, compress, load, save
+from bitsmith import Ensemble, compress
 from bitsmith.data import subset
 from bitsmith.eval.cost import model_cost
 from bitsmith.method import build_method
 from bitsmith.robust import AttackSpec, art_attack, pgd
 from bitsmith.robust.evaluate import attacked_accuracy
-from bitsmith.train import TrainConfig, accuracy, fit
+from bitsmith.train import TrainConfig, accuracy
 from bitsmith.zoo import cache_dir, pretrained
 from bitsmith.zoo.data import load_fashion_mnist
 
@@ -61,22 +61,7 @@ def train(methods: list[dict[str, Any]], cfg: TrainConfig = CONFIG, start: str =
     torch.manual_seed(0)
     model = train(AT_BASE)[0] if start == "at-0.1" else pretrained(start)
     digest = hashlib.sha256(json.dumps([methods, str(cfg), len(y), start], sort_keys=True).encode()).hexdigest()
-    state = cache_dir() / "bench" / f"robust-{digest[:16]}.pt"
-    final = state.with_suffix(".safetensors")
-    state.parent.mkdir(parents=True, exist_ok=True)
-    if final.is_file():
-        return load(final, model).eval(), json.loads(final.with_suffix(".json").read_text())["seconds"]
-    began = time.perf_counter()
-    built = [build_method(m) for m in methods]
-    compress(model, built, [(x[:256], y[:256])])
-    fit(model, x, y, cfg, built, checkpoint=state)
-    for method in built:
-        method.finalize(model)
-    seconds = time.perf_counter() - began
-    save(model, final)
-    final.with_suffix(".json").write_text(json.dumps({"seconds": round(seconds, 1)}))
-    state.unlink(missing_ok=True)
-    return model.eval(), seconds
+    return train_cached(model, methods, cfg, x, y, cache_dir() / "bench" / f"robust-{digest[:16]}.safetensors")
 
 
 AT_BASE = [{"name": "adv-train", "eps": 0.1, "steps": TRAIN_STEPS}]

@@ -11,22 +11,20 @@ import functools
 import hashlib
 import json
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from common import RESULTS, Rows, save_figure
+from common import RESULTS, Rows, save_figure, train_cached
 from llm import Entry, bench_threads, fill
 
-from bitsmith import Ensemble, build_method, compress
+from bitsmith import Ensemble
 from bitsmith.data import subset
 from bitsmith.eval.cost import model_cost
-from bitsmith.export.checkpoint import load, save
 from bitsmith.robust import AttackSpec, corrupt, ood_auroc, pgd
 from bitsmith.robust.diversity import disagreement, transferability
 from bitsmith.split_ensemble import class_groups, penultimate_features
-from bitsmith.train import TrainConfig, accuracy, fit
+from bitsmith.train import TrainConfig, accuracy
 from bitsmith.zoo import cache_dir, pretrained
 from bitsmith.zoo.data import load_fashion_mnist
 from bitsmith.zoo.digits import load_mnist_digits
@@ -53,23 +51,11 @@ def trained(tag: str, build: Callable[[], torch.nn.Module], methods: list[dict[s
     """``build()`` (or the trained ``start``) trained with ``methods``; kept in the cache (by configuration), so
     other rows reuse it and a killed run resumes from its last epoch."""
     digest = hashlib.sha256(json.dumps([tag, methods, str(cfg), TRAIN_EXAMPLES, start], sort_keys=True).encode())
-    folder = cache_dir() / "bench" / "ensembles"
-    folder.mkdir(parents=True, exist_ok=True)
-    final, state = folder / f"{digest.hexdigest()[:16]}.safetensors", folder / f"{digest.hexdigest()[:16]}.pt"
     torch.manual_seed(0)
     model = build() if start is None else STARTS[start]()
-    if final.is_file():  # load rebuilds the compressed layers the file records
-        return load(final, model).eval(), json.loads(final.with_suffix(".json").read_text())["seconds"]
-    built = [build_method(m) for m in methods]
     x, y, _, _ = data()
-    began = time.perf_counter()
-    compress(model, built, [(x[:256], y[:256])])
-    fit(model, x, y, cfg, built, checkpoint=state)
-    seconds = time.perf_counter() - began
-    save(model, final)
-    final.with_suffix(".json").write_text(json.dumps({"seconds": round(seconds, 1)}))
-    state.unlink(missing_ok=True)
-    return model.eval(), seconds
+    final = cache_dir() / "bench" / "ensembles" / f"{digest.hexdigest()[:16]}.safetensors"
+    return train_cached(model, methods, cfg, x, y, final, finalize=False)
 
 
 def members(seed: int) -> Callable[[], torch.nn.Module]:
