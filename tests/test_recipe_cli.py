@@ -153,9 +153,10 @@ def test_methods_and_zoo_listings(capsys: pytest.CaptureFixture) -> None:
     assert "cnn" in out and "vit" in out and "fashion-mnist" in out
 
 
-# minutes on 2 cores: `make test-heavy`; the fast suite runs two LLM recipes (RTN, GPTQ) end to end, the methods of
-# the others on tiny models (test_llm.py, test_liftquant.py, test_mobiquant.py)
-HEAVY_RECIPES = {"smollm2-liftquant-2.5bit", "smollm2-mobiquant", "smollm2-awq-w4g64", "smollm2-mixed-gptq-3bit"}
+# minutes on 2 cores: `make test-heavy`; the fast suite runs one LLM recipe (RTN) end to end, the methods of the
+# others on tiny models (test_llm.py, test_liftquant.py, test_mobiquant.py)
+HEAVY_RECIPES = {"smollm2-liftquant-2.5bit", "smollm2-mobiquant", "smollm2-awq-w4g64", "smollm2-mixed-gptq-3bit",
+                 "smollm2-gptq-w4g64"}  # fmt: skip
 SMOKE_OVERRIDES = {"ddpm-q-diffusion-w4a8": ["methods.0.iters=5"]}  # block reconstruction: seconds, not minutes
 
 
@@ -207,7 +208,7 @@ def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
     assert check_run(out) == report  # published whole, with its manifest
     if report["recipe"].get("train"):  # the history per epoch, in the report and as a plot
         assert [row["epoch"] for row in report["training"]] == [1] and (out / "training.png").is_file()
-    if recipe.stem == "smollm2-gptq-w4g64":  # `bitsmith eval` reloads the LLM checkpoint and scores it the same
+    if recipe.stem == "smollm2-rtn-w4g64":  # `bitsmith eval` reloads the LLM checkpoint and scores it the same
         from bitsmith.run import SMOKE, load_checkpoint
 
         model, _, task = load_checkpoint(str(out / "model.safetensors"), None, None, 2, SMOKE["lm_window"])
