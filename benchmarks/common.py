@@ -54,9 +54,12 @@ class Rows:
         atomic_write_text(self.path, json.dumps(self.rows, indent=1))
 
     def put(self, row: dict[str, Any], **key: Any) -> None:
-        """Like ``add``, replacing the rows that match ``key`` (a re-measurement)."""
+        """Like ``add``, replacing the rows that match ``key`` (a re-measurement; it keeps the first one's place)."""
         on_disk = json.loads(self.path.read_text()) if self.path.is_file() else []
-        self.rows = [r for r in on_disk if not all(r.get(k) == v for k, v in key.items())] + [row]
+        match = [all(r.get(k) == v for k, v in key.items()) for r in on_disk]
+        at = match.index(True) if any(match) else len(on_disk)
+        kept = [r for r, m in zip(on_disk, match, strict=True) if not m]
+        self.rows = [*kept[:at], row, *kept[at:]]
         atomic_write_text(self.path, json.dumps(self.rows, indent=1))
 
 

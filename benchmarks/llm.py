@@ -135,14 +135,16 @@ def bench_threads() -> int:
     return int(os.environ.get("BITSMITH_BENCH_THREADS", "2"))
 
 
-def reference(name: str) -> tuple[torch.nn.Module, LanguageModelTask]:
-    """The FP32 zoo LLM ``name`` and the task (text windows, calibration) with its FP32 reference made."""
+def reference(name: str, scored: bool = True) -> tuple[torch.nn.Module, LanguageModelTask]:
+    """The FP32 zoo LLM ``name`` and the task (text windows, calibration) with its FP32 reference made (unless
+    ``scored`` is false: rows that only train)."""
     from bitsmith.zoo.llm import load_llm
 
     torch.set_num_threads(bench_threads())
     model, tokenizer = load_llm(name)
     task = language_model_task(tokenizer, EVAL_WINDOWS, CALIB_WINDOWS, CALIB_BATCH, seed=0, kl_windows=KL_WINDOWS)
-    task.evaluate(model)  # makes the FP32 reference
+    if scored:
+        task.evaluate(model)  # makes the FP32 reference
     return model, task
 
 

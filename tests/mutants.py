@@ -696,7 +696,7 @@ MUTANTS = [
     M(
         "deploy",
         "pool_inputs: the pool's output quantized instead of its input",
-        "nn.py",
+        "nn/activation.py",
         "        return self.inner(self.quantize(x))",
         "        return self.quantize(self.inner(x))",
         "tests/test_residual_adds.py",
@@ -768,7 +768,7 @@ MUTANTS = [
     M(
         "smoothquant",
         "weights not rescaled",
-        "nn.py",
+        "nn/quantized.py",
         "self.weight.mul_(scale.to(self.weight)[None, :])",
         "pass",
         "tests/test_noisyquant.py tests/test_ptq_methods.py",

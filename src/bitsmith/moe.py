@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bitsmith.nn import _compressed
+from bitsmith.nn import register_compressed
 from bitsmith.select import Selection
 
 ROUTINGS = ("learned", "random")
@@ -60,7 +60,7 @@ def check_moe_shape(intermediate: int, experts: int, top_k: int) -> None:
         raise ValueError(f"top_k must be in 1..{experts} (the number of experts); got {top_k}")
 
 
-@_compressed
+@register_compressed
 class MoEFeedForward(nn.Module):
     """A dense gated FFN factorized into ``experts`` with a top-``top_k`` router (a compressed module: its spec
     rebuilds it from the dense FFN, and ``to_float`` merges the experts back into one dense FFN)."""

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bitsmith.nn import QLinear, _compressed
+from bitsmith.nn import QLinear, register_compressed
 from bitsmith.quant.slices import SliceQuantizer
 
 TOKEN_SLICES: ContextVar[Tensor | None] = ContextVar("TOKEN_SLICES", default=None)  # set by ``TokenRoutedBlock``
@@ -39,7 +39,7 @@ class SliceRouter(nn.Module):
         return 1 + torch.cumprod(above.long(), dim=-1).sum(-1)
 
 
-@_compressed
+@register_compressed
 class RoutedQLinear(QLinear):
     """A ``QLinear`` with a ``SliceQuantizer`` and a per-token router choosing how many slices each token reads;
     without a router (or with ``routing`` off) it reads the quantizer's ``active`` slices for every token."""

@@ -22,6 +22,8 @@ def export_onnx(
     noise predictor's ``sample`` and ``timestep``) is passed by keyword and the first output kept; the batch
     dimension is dynamic, and the sequence dimension of 2-d (token) inputs.
     Returns ``{"path", "fallbacks", "inputs"}`` (the input names); layers that stay float are also named in a warning."""
+    import onnx
+
     path = Path(path)
     deploy, fallbacks = deployable(model)
     inputs = example if isinstance(example, dict) else {"input": example}
@@ -38,22 +40,20 @@ def export_onnx(
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(deploy, tuple(inputs.values()), str(tmp), input_names=list(inputs), output_names=["output"],
                           dynamic_axes=axes, opset_version=opset, dynamo=False)  # fmt: skip
-    store_int8_weights(tmp)
-    quantize_before_flatten(tmp)
-    merge_duplicate_qdq(tmp)
+    exported = onnx.load(str(tmp))
+    for graph_pass in (store_int8_weights, quantize_before_flatten, merge_duplicate_qdq):
+        graph_pass(exported.graph)
+    onnx.save(exported, str(tmp))
     os.replace(tmp, path)
     return {"path": str(path), "fallbacks": fallbacks, "inputs": list(inputs)}
 
 
-def store_int8_weights(path: str | os.PathLike[str]) -> None:
+def store_int8_weights(graph: Any) -> None:
     """Replace each QuantizeLinear of a constant (a weight) by its int8 / uint8 codes, so the file holds
     8-bit weights (a quarter of float) feeding DequantizeLinear; unused constants are dropped."""
     import numpy as np
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
-    graph = model.graph
     const = _constants(graph)
     nodes, codes = [], []
     for node in graph.node:
@@ -70,18 +70,15 @@ def store_int8_weights(path: str | os.PathLike[str]) -> None:
         else:
             nodes.append(node)
     _replace_nodes(graph, nodes, codes)
-    onnx.save(model, str(path))
 
 
-def quantize_before_flatten(path: str | os.PathLike[str]) -> None:
+def quantize_before_flatten(graph: Any) -> None:
     """Where a per-tensor QuantizeLinear reads a Flatten / Reshape that nothing else reads, put a copy of the
     quantize step (and its DequantizeLinear) in front of the Flatten too: exact (the codes of a reshaped tensor are
     the reshaped codes), and the layer before (a global average pool) then sees its output quantized, which ONNX
     Runtime needs to run it in 8 bits."""
     import onnx
 
-    model = onnx.load(str(path))
-    graph = model.graph
     const = _constants(graph)
     readers: dict[str, int] = {}
     for node in graph.node:
@@ -102,17 +99,13 @@ def quantize_before_flatten(path: str | os.PathLike[str]) -> None:
         shape_op.input[0] = values
     nodes = [new for node in graph.node for new in [*before.get(id(node), []), node]]
     _replace_nodes(graph, nodes, [])
-    onnx.save(model, str(path))
 
 
-def merge_duplicate_qdq(path: str | os.PathLike[str]) -> None:
+def merge_duplicate_qdq(graph: Any) -> None:
     """Merge QuantizeLinear / DequantizeLinear nodes that read the same tensor with equal constant scale and zero
     point (a block input quantized both for its convolution and for the residual add): a tensor then has one
     quantize step, which ONNX Runtime needs to fuse the layer producing it into an integer kernel."""
-    import onnx
 
-    model = onnx.load(str(path))
-    graph = model.graph
     const = _constants(graph)
     nodes, renamed = list(graph.node), {}
     while True:
@@ -136,9 +129,8 @@ def merge_duplicate_qdq(path: str | os.PathLike[str]) -> None:
         nodes = kept
     for output in graph.output:
         if output.name in renamed:
-            raise ValueError(f"{path}: a graph output ({output.name}) is a duplicate quantize step")
+            raise ValueError(f"ONNX export: a graph output ({output.name}) is a duplicate quantize step")
     _replace_nodes(graph, nodes, [])
-    onnx.save(model, str(path))
 
 
 def _constants(graph: Any) -> Any:

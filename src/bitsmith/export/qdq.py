@@ -39,8 +39,8 @@ from bitsmith.nn import (
     QLinear,
     QuantizedActivation,
     QuantizedMixin,
-    _conv_args,
-    _embedding_args,
+    conv_args,
+    embedding_args,
     strip,
 )
 from bitsmith.quant.bnfold import bn_scale, conv_bn_pairs, folded_bias
@@ -147,7 +147,7 @@ class QDQEmbedding(nn.Module):
 
     def __init__(self, layer: QEmbedding, ops: Ops = "onnx") -> None:
         super().__init__()
-        self.ops, self.args = ops, _embedding_args(layer)
+        self.ops, self.args = ops, embedding_args(layer)
         _weight_qparams(self, layer)
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -172,7 +172,7 @@ class QDQLayer(nn.Module):
             correction = weight @ noise
             bias = -correction if bias is None else bias - correction
         self.ops = ops
-        self.conv = _conv_args(layer) if isinstance(layer, QConv2d) else None
+        self.conv = conv_args(layer) if isinstance(layer, QConv2d) else None
         self.register_buffer("bias", bias)
         self.register_buffer("smooth", None if layer.smooth is None else layer.smooth.detach().clone())
         self.register_buffer("noise", noise)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from bitsmith.data import token_windows
 from bitsmith.method import Method, eval_mode, register_method
-from bitsmith.nn import _compressed
+from bitsmith.nn import register_compressed
 from bitsmith.progress import log
 from bitsmith.routing import TOKEN_SLICES, routed_layers
 from bitsmith.swap import set_submodule
@@ -36,7 +36,7 @@ from bitsmith.topology import topology_of
 QUANTILES = 101
 
 
-@_compressed
+@register_compressed
 class TokenRoutedBlock(nn.Module):
     """A decoder block that first routes each token to ``high`` or ``low`` slices for itself and later blocks."""
 

@@ -28,7 +28,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.method import Method, register_method
-from bitsmith.nn import LowRankConv2d, LowRankLinear, _conv_args, as_linear
+from bitsmith.nn import LowRankConv2d, LowRankLinear, as_linear, conv_args
 from bitsmith.sparsity import REGULARIZERS
 from bitsmith.swap import swap
 
@@ -38,7 +38,7 @@ class SVDLayer(nn.Module):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        self.conv = _conv_args(module) if isinstance(module, nn.Conv2d) else None
+        self.conv = conv_args(module) if isinstance(module, nn.Conv2d) else None
         weight = module.weight if self.conv is not None else as_linear(module).weight
         self.shape = tuple(weight.shape)
         u, s, vh = torch.linalg.svd(weight.detach().float().reshape(weight.shape[0], -1), full_matrices=False)

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.method import Method, register_method
-from bitsmith.nn import _compressed
+from bitsmith.nn import register_compressed
 from bitsmith.swap import swap
 
 PRIOR: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("trex_prior", default=None)
@@ -46,7 +46,7 @@ def semantic_prior(prior: Tensor | None) -> Iterator[None]:
         PRIOR.reset(token)
 
 
-@_compressed
+@register_compressed
 class TRexLinear(nn.Module):
     """A frozen linear plus a mixture-of-rank-one-experts adapter."""
 

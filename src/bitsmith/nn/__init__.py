@@ -1,0 +1,60 @@
+"""Compressed modules: ``QLinear`` / ``QConv2d`` / ``QEmbedding`` (quantizers + mask around the float weight,
+:mod:`bitsmith.nn.quantized`), ``LowRankLinear`` / ``LowRankConv2d`` (two factors, :mod:`bitsmith.nn.low_rank`),
+``QOutput`` / ``QInput`` (activation quantizers around a layer without weights, :mod:`bitsmith.nn.activation`),
+plus ``strip()`` back to plain torch modules and the registry that rebuilds them from a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from bitsmith.nn.activation import QInput, QOutput, QuantizedActivation
+from bitsmith.nn.base import COMPRESSED, as_linear, conv_args, embedding_args, is_hf_conv1d, register_compressed
+from bitsmith.nn.low_rank import LowRankConv2d, LowRankLinear, LowRankMixin
+from bitsmith.nn.quantized import QConv2d, QEmbedding, QLinear, QuantizedMixin
+
+__all__ = [
+    "COMPRESSED", "LowRankConv2d", "LowRankLinear", "LowRankMixin", "QConv2d", "QEmbedding", "QInput", "QLinear",
+    "QOutput", "QuantizedActivation", "QuantizedMixin", "as_linear", "build_compressed", "compressed_layers",
+    "conv_args", "embedding_args", "is_compressed", "is_hf_conv1d", "register_compressed", "strip",
+]  # fmt: skip
+
+
+def is_compressed(module: nn.Module) -> bool:
+    return isinstance(module, (QuantizedMixin, LowRankMixin)) or type(module) in COMPRESSED.values()
+
+
+def compressed_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{layer name: spec}`` of every compressed module, parents before children."""
+    return {name: m.spec() for name, m in model.named_modules() if is_compressed(m)}  # type: ignore[union-attr]
+
+
+def build_compressed(module: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """The compressed module described by ``spec``, built around the plain ``module``."""
+    kind = spec.get("type")
+    if kind not in COMPRESSED:
+        raise ValueError(f"unknown compressed layer type {kind!r}; known: {sorted(COMPRESSED)}")
+    return COMPRESSED[kind].from_spec(module, spec)  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def strip(model: nn.Module, merge_low_rank: bool = False) -> nn.Module:
+    """Replace every compressed module by plain torch modules (in place; returns ``model``).
+
+    Quantized layers become ``nn.Linear`` / ``nn.Conv2d`` holding the hard-quantized, masked weight;
+    input quantizers are dropped. Low-rank layers become ``nn.Sequential(down, up)`` (or one merged
+    dense layer with ``merge_low_rank=True``).
+    """
+    from bitsmith.swap import set_submodule
+
+    names = [name for name, m in model.named_modules() if is_compressed(m)]
+    for name in sorted(names, key=lambda n: -n.count(".")):  # children first
+        module = model.get_submodule(name) if name else model
+        low_rank = isinstance(module, LowRankMixin)
+        plain = module.to_float(merge_low_rank) if low_rank else module.to_float()  # type: ignore[union-attr]
+        if not name:
+            return plain
+        set_submodule(model, name, plain)
+    return model
