@@ -72,21 +72,22 @@ class PTQ(Method):
             specs.update(self._quantize_activations(model))
         return specs
 
-    def _activation_q(self) -> UniformQuantizer:
-        assert self.a_bits is not None
-        return UniformQuantizer(self.a_bits, self.a_symmetric, "tensor", ch_axis=1, observer=self.a_observer)
-
     def _quantize_activations(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         """The residual adds' and pools' quantizers (``QOutput`` / ``QInput``); a warning when there are none."""
         if self.a_bits is None or self.a_dynamic:
             raise ValueError("ptq: residual_adds and pool_inputs quantize activations statically; set a_bits and "
                              "a_dynamic: false")  # fmt: skip
+        bits = self.a_bits
+
+        def activation_q() -> UniformQuantizer:  # static, per tensor
+            return UniformQuantizer(bits, self.a_symmetric, "tensor", ch_axis=1, observer=self.a_observer)
+
         found: dict[str, dict[str, Any]] = {}
         for wanted, quantize, what in (
-            (self.residual_adds != "none", lambda: quantize_residual_adds(model, self._activation_q, self.residual_adds),
+            (self.residual_adds != "none", lambda: quantize_residual_adds(model, activation_q, self.residual_adds),
              "residual_adds found no add whose two inputs come from a batch norm or an identity shortcut (or the "
              "model cannot be traced with torch.fx)"),
-            (self.pool_inputs, lambda: quantize_pool_inputs(model, self._activation_q), "pool_inputs found no "
+            (self.pool_inputs, lambda: quantize_pool_inputs(model, activation_q), "pool_inputs found no "
              "average pool (nn.AvgPool2d, nn.AdaptiveAvgPool2d)"),
         ):  # fmt: skip
             if wanted:
