@@ -758,6 +758,22 @@ MUTANTS = [
         "tests/test_int8_attention.py",
     ),
     M(
+        "deploy",
+        "int8 attention: a checkpoint does not switch it on again on load",
+        "export/checkpoint.py",
+        'if metadata.get("attention") == "int8":',
+        'if metadata.get("attention") == "none":',
+        "tests/test_int8_attention.py",
+    ),
+    M(
+        "deploy",
+        "int8 attention: PTQ's option ignored",
+        "methods/ptq.py",
+        "        if self.int8_attention:",
+        "        if False:",
+        "tests/test_int8_attention.py",
+    ),
+    M(
         "smoothquant",
         "alpha and 1 - alpha swapped",
         "methods/smoothquant.py",

@@ -9,17 +9,16 @@ import pytest
 import torch
 
 from bitsmith import compress
-from bitsmith.deploy import agreement, available_backends, deploy, int8_pairs_saturate
+from bitsmith.deploy import agreement, available_backends, deploy
 from bitsmith.export.pt2e import pt2e_available
 from bitsmith.export.qdq import deployable
 from bitsmith.methods.ptq import PTQ
 from bitsmith.methods.rtn import RTN
-from conftest import bert_batch, make_bert, make_cnn
+from conftest import EXACT_W_BITS, bert_batch, make_bert, make_cnn
 
 pytest.importorskip("onnxruntime")
 if not pt2e_available():
     pytest.skip("torchao's integer path needs torchao, an x86 CPU and a C++ compiler", allow_module_level=True)
-EXACT_W_BITS = 7 if int8_pairs_saturate() else 8  # without VNNI, 8-bit weights saturate oneDNN's int16 pair sums
 
 
 def test_torchao_backend_runs_int8_kernels_and_matches_the_fake_quant_model(calib: list, images) -> None:

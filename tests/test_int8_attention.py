@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitsmith.quant.attention import enable_int8_attention, int8_attention_forward, symmetric_codes
-from conftest import bert_batch, make_bert
+from conftest import EXACT_W_BITS, bert_batch, make_bert
 
 
 def integer_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -44,3 +44,29 @@ def test_a_bert_switched_to_int8_attention_stays_close_and_masks_padding() -> No
     assert (out[0, :8] - alone).abs().max() < 1e-3  # the padding is masked (ignoring it: 6e-3 here)
     with pytest.raises(ValueError, match="not a Hugging Face model"):
         enable_int8_attention(torch.nn.Linear(2, 2))
+
+
+def test_ptq_option_switches_attention_and_checkpoints_and_onnx_keep_it(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    from bitsmith import build_method, compress, load, save
+    from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx
+
+    encoder = {"include": ["encoder.*"]}
+    calib, probe = [bert_batch(8, 12, 1)], bert_batch(3, 10, 5)
+    outputs = []
+    for switched in (False, True):
+        model = make_bert()
+        ptq = {"name": "ptq", "w_bits": EXACT_W_BITS, "where": encoder, "int8_attention": switched}
+        compress(model, build_method(ptq), calib)
+        with torch.no_grad():
+            outputs.append(model(**probe).last_hidden_state)
+    assert not torch.equal(*outputs)  # the option changes the attention
+    path = save(model, tmp_path / "int8-attention.safetensors")
+    reloaded = load(path, make_bert(seed=1))
+    with torch.no_grad():
+        assert torch.equal(reloaded(**probe).last_hidden_state, outputs[1])  # the switch is made again on load
+    info = export_onnx(model, probe, tmp_path / "model.onnx")
+    exported = OnnxRuntimeModel(info["path"], threads=1)(**probe).last_hidden_state
+    error = [(exported - out).abs().max() for out in outputs]
+    assert error[1] < 2e-3 and error[1] < error[0] / 5  # the deployed graph computes the int8 grids

@@ -10,18 +10,15 @@ import torch
 from torch import nn
 
 from bitsmith import compress
-from bitsmith.deploy import int8_pairs_saturate
 from bitsmith.methods.noisyquant import NoisyQuant
 from bitsmith.methods.ptq import PTQ
 from bitsmith.methods.rtn import RTN
 from bitsmith.methods.smoothquant import SmoothQuant
-from conftest import bert_batch, make_bert, make_cnn, make_vit
+from conftest import EXACT_W_BITS, bert_batch, make_bert, make_cnn, make_vit
 from test_noisyquant import make_model, tokens
 
 pytest.importorskip("onnxruntime")
 from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx  # noqa: E402
-
-EXACT_W_BITS = 7 if int8_pairs_saturate() else 8  # the widest weights the integer kernels sum exactly here
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

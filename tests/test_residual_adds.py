@@ -16,8 +16,8 @@ from bitsmith.export.checkpoint import load, save
 from bitsmith.methods.ptq import PTQ
 from bitsmith.nn import QInput, QOutput
 from bitsmith.zoo.vision import ResNetCNN
-from conftest import make_cnn
-from test_onnx_export import EXACT_W_BITS, cosine
+from conftest import EXACT_W_BITS, make_cnn
+from test_onnx_export import cosine
 
 ADD_INPUTS = {"layer1.bn2", "layer1.shortcut", "layer2.bn2", "layer2.shortcut.1", "layer3.bn2", "layer3.shortcut.1"}
 

@@ -26,6 +26,7 @@ from bitsmith.eval.latency import measure_latency, threads
 from bitsmith.export.qdq import quantized_layers
 from bitsmith.method import run_forward
 from bitsmith.nn import strip
+from bitsmith.quant.attention import uses_int8_attention
 
 BACKENDS = ("onnxruntime", "torchao", "torch")
 
@@ -72,6 +73,10 @@ def _build(model: nn.Module, example: Any, backend: str, out: Path, num_threads:
                           f"int16, which saturates with 8-bit weights ({len(wide)} layers): the results drift from "
                           "the fake-quant model; quantize weights to 7 bits (w_bits: 7) for exact integer results "
                           "here", stacklevel=3)  # fmt: skip
+    if backend != "torch" and uses_int8_attention(model):
+        warnings.warn(f"{backend}: int8 attention is exported as its fake-quant grids computed with float kernels "
+                      "(same results; bitsmith has no integer attention kernel for this backend), so it adds time "
+                      "here: set int8_attention: false for speed", stacklevel=3)  # fmt: skip
     return deployment
 
 

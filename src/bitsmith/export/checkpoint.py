@@ -24,6 +24,7 @@ from bitsmith.export.pack import pack, unpack
 from bitsmith.files import atomic_write
 from bitsmith.hidden import pruned_hidden_size, shrink_hidden_to
 from bitsmith.nn import QuantizedMixin, compressed_layers
+from bitsmith.quant.attention import enable_int8_attention, uses_int8_attention
 from bitsmith.quant.base import Encoded
 from bitsmith.structure import is_vit, shrink_to, structure_counts
 from bitsmith.swap import rebuild
@@ -138,6 +139,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
     hidden = pruned_hidden_size(model)
     if hidden is not None:  # PAT / hidden-prune: the decoder's residual width, rebuilt on load
         metadata["hidden_size"] = str(hidden)
+    if uses_int8_attention(model):  # PTQ's int8_attention: switched on again on load
+        metadata["attention"] = "int8"
     metadata["sha256"] = _digest(tensors, metadata)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -215,6 +218,8 @@ def _load_into(
         if "hidden_size" in metadata:
             shrink_hidden_to(model, int(metadata["hidden_size"]))
         rebuild(model, layers)
+        if metadata.get("attention") == "int8":
+            enable_int8_attention(model)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: does not fit this model: {exc}") from None
     state, decoded = _unpack_state(path, model, tensors, table, limit)

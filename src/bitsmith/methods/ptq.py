@@ -15,6 +15,7 @@ from typing import Any, Literal
 from torch import nn
 
 from bitsmith.method import Method, register_method
+from bitsmith.quant.attention import enable_int8_attention
 from bitsmith.quant.layers import attach, input_channel_axis, observe, uniform_weight_quantizer
 from bitsmith.quant.residual import quantize_pool_inputs, quantize_residual_adds
 from bitsmith.quant.uniform import Bits, Granularity, GroupSize, ObserverName, UniformQuantizer
@@ -41,6 +42,7 @@ class PTQ(Method):
     a_dynamic: bool = False
     residual_adds: ResidualAdds = "none"  # quantize residual adds' inputs: both (ONNX Runtime), shortcut (torchao)
     pool_inputs: bool = False  # quantize the input of every average pool (ONNX Runtime: the last add and the pool)
+    int8_attention: bool = False  # both attention matmuls on int8 grids (Hugging Face models; bitsmith.quant.attention)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +72,8 @@ class PTQ(Method):
         self._layers = list(specs)
         if self.residual_adds != "none" or self.pool_inputs:
             specs.update(self._quantize_activations(model))
+        if self.int8_attention:
+            enable_int8_attention(model)
         return specs
 
     def _quantize_activations(self, model: nn.Module) -> dict[str, dict[str, Any]]:

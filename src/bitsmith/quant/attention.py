@@ -5,9 +5,10 @@ out of the sum over the head dimension. ``P V``: the softmax probabilities (comp
 8-bit grid of step 1/255, and the value columns (one per head channel) on symmetric int8 grids with per-channel
 scales (the sum runs over tokens, so value scales cannot be per token). Dynamic scales: nothing to calibrate.
 
-This is the quality side of int8 attention: ``enable_int8_attention`` switches a Hugging Face model to it so its
-effect on accuracy can be measured. Running it in integer kernels needs torchao's int8 SDPA, an AVX-512 template
-(see ``docs/deploy.md``), so bitsmith's deployment does not export it yet.
+This is the quality side of int8 attention: ``enable_int8_attention`` (or PTQ's ``int8_attention: true``)
+switches a Hugging Face model to it so its effect on accuracy can be measured; a checkpoint records the switch and
+``load`` makes it again. Running it in integer kernels needs torchao's int8 SDPA, an AVX-512 template (see
+``docs/deploy.md``): a deployed graph computes the same grids with float kernels (``deploy`` says so).
 """
 
 from __future__ import annotations
@@ -75,3 +76,8 @@ def enable_int8_attention(model: nn.Module) -> nn.Module:
     AttentionMaskInterface.register(NAME, eager_mask)  # an additive float mask, as eager attention gets
     model.set_attn_implementation(NAME)  # type: ignore[operator]
     return model
+
+
+def uses_int8_attention(model: nn.Module) -> bool:
+    """Whether ``model`` (a Hugging Face model or not) computes its attention with :func:`int8_attention_forward`."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
