@@ -131,17 +131,19 @@ def torchao_pt2e(model: nn.Module, task: Task, name: str, example: Any) -> Compi
     return CompiledModel(KeywordInputs(converted, names) if keyed else converted, names, tensors, keyed=keyed)
 
 
-def ort_static(model: nn.Module, task: Task, example: Any) -> tuple[OnnxRuntimeModel, None, Path]:
+def ort_static(
+    model: nn.Module, task: Task, example: Any, exported: dict[str, Any] | None = None
+) -> tuple[OnnxRuntimeModel, None, Path]:
     """ONNX Runtime's own static quantization of the FP32 ONNX file: QDQ format, per-channel int8 weights,
     uint8 activations, min-max calibration on the same batches as bitsmith's (after ``quant_pre_process``).
     Image models with its defaults (every op it can quantize); MiniLM with MatMul / Gemm only, as bitsmith
     quantizes only its Linear layers (its defaults also quantize the norms and the embedding gathers:
-    cosine 0.35 to FP32 in a trial run)."""
+    cosine 0.35 to FP32 in a trial run). ``exported``: ``export_onnx``'s answer for the FP32 file, if one exists."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    fp32, ready = SCRATCH / "fp32-static.onnx", SCRATCH / "fp32-static-pre.onnx"
-    names = export_onnx(model, example, fp32)["inputs"]
+    exported = exported or export_onnx(model, example, SCRATCH / "fp32-static.onnx")
+    fp32, ready, names = exported["path"], SCRATCH / "fp32-static-pre.onnx", exported["inputs"]
     with contextlib.chdir(SCRATCH):  # its tools leave temporary files in the working directory
         quant_pre_process(str(fp32), str(ready), skip_symbolic_shape=True)  # the encoder defeats symbolic inference
 

@@ -90,10 +90,11 @@ def ort_breakdown(path: Path, example: Any) -> dict[str, float]:
 
 
 def ort_rows(name: str, base: Any, task: Any, example: Any) -> list[str]:
-    files = {"FP32 ONNX Runtime": export_onnx(base, example, SCRATCH / "profile-fp32.onnx")["path"],
+    fp32 = export_onnx(base, example, SCRATCH / "profile-fp32.onnx")  # also the peer's starting point
+    files = {"FP32 ONNX Runtime": fp32["path"],
              "bitsmith W8A8 -> ONNX Runtime": export_onnx(bitsmith_model(name, base, task), example,
                                                           SCRATCH / "profile-ours.onnx")["path"],
-             "ONNX Runtime static QDQ per-channel": ort_static(base, task, example)[2]}  # fmt: skip
+             "ONNX Runtime static QDQ per-channel": ort_static(base, task, example, fp32)[2]}  # fmt: skip
     if name == "cnn":
         files["bitsmith W8A8 + residual adds (both), pool input -> ONNX Runtime"] = export_onnx(
             bitsmith_model(name, base, task, residual_adds="both"), example, SCRATCH / "profile-residual.onnx"
