@@ -325,10 +325,67 @@ def write(rows: list[dict[str, Any]]) -> None:
             lines.append(f"| {r['name']} | {r['tokens_per_s']:.1f} | {r['timing']['median_ms']:.1f} | "
                          f"{r['macs'] / 1e9:.1f} | {active} | {r.get('load', [0])[0]:.1f} |")  # fmt: skip
         lines.append("")
+    lines += targets(rows)
     if fp32:
         lines += ["![perplexity of the rows](moe.png)", ""]
     (RESULTS / "moe.md").write_text("\n".join(lines))
     plot(rows)
+
+
+FINE_TUNE_LIMIT_S = 20 * 60
+
+
+def targets(rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, judged from the rows above (perplexity on *Persuasion*; a target without its rows is
+    left out)."""
+    done = {(r.get("section"), r.get("experts"), r.get("bits"), r.get("task"), r.get("variant")): r
+            for r in rows if "error" not in r}  # fmt: skip
+
+    def ppl(*key: Any) -> float | None:
+        row = done.get(key)
+        return None if row is None else row["perplexity"]
+
+    verdict = {True: "met", False: "missed"}
+    out = []
+    fp32 = ppl("factorllm", None, None, None, "fp32")
+    for experts in (4, 8):
+        learned, random = (
+            ppl("factorllm", experts, None, None, "learned-pa"),
+            ppl("factorllm", experts, None, None, "random-pa"),
+        )
+        if None not in (fp32, learned, random):
+            cut = 1 - (learned - fp32) / (random - fp32)
+            out.append(f"| FactorLLM top-{experts // 2} of {experts}: perplexity increase >= 20 % below random routing's "
+                       f"| {100 * cut:.1f} % below ({learned - fp32:.2f} vs {random - fp32:.2f}) | {verdict[cut >= 0.2]} |")  # fmt: skip
+    gemq = [ppl("gemq", None, 2.0, None, v) for v in ("global", "layer", "uniform")]
+    if None not in gemq:
+        out.append(f"| GEMQ at 2.0 bits: global < layer < uniform | {gemq[0]:.2f} / {gemq[1]:.2f} / {gemq[2]:.2f} | "
+                   f"{verdict[gemq[0] < gemq[1] < gemq[2]]} |")  # fmt: skip
+    pat = [ppl("pat", None, None, None, v) for v in (f"pat--{PAT_STEPS}", f"hidden-prune-magnitude-{PAT_STEPS}",
+                                                     f"hidden-prune-activation-{PAT_STEPS}")]  # fmt: skip
+    if None not in pat:
+        out.append(f"| PAT below both post-hoc prunings + LoRA (equal parameters and steps) | {pat[0]:.2f} vs "
+                   f"{pat[1]:.2f} (magnitude), {pat[2]:.2f} (activation norm) | {verdict[pat[0] < min(pat[1:])]} |")  # fmt: skip
+    sentiment = [done.get(("t-rex", None, None, "sentiment", v)) for v in ("trex", "lora")]
+    if None not in sentiment:
+        a, b = (100 * r["accuracy"] for r in sentiment)
+        out.append(f"| T-REX >= LoRA, sentiment accuracy % | {a:.2f} vs {b:.2f} | {verdict[a >= b]} |")
+    lm = [ppl("t-rex", None, None, "lm", v) for v in ("trex-noprior", "lora")]
+    if None not in lm:
+        out.append(
+            f"| T-REX <= LoRA, language-model perplexity | {lm[0]:.2f} vs {lm[1]:.2f} | {verdict[lm[0] <= lm[1]]} |"
+        )
+    trained = [r for r in done.values() if r.get("section") in ("factorllm", "gemq", "pat", "t-rex")]
+    alone = [r for r in trained if "alone_seconds" in r]
+    if alone:
+        over = [r for r in alone if r["alone_seconds"] > FINE_TUNE_LIMIT_S]
+        longest = max(alone, key=lambda r: r["alone_seconds"])
+        out.append(f"| every fine-tune <= 20 min on 2 cores (rows re-timed alone: {len(alone)} of {len(trained)}) | "
+                   f"longest {longest['alone_seconds']:.1f} s ({longest['name']}); over: {len(over)} | "
+                   f"{verdict[not over]} for the re-timed rows |")  # fmt: skip
+    if not out:
+        return []
+    return ["## Targets", "", "| target | result | |", "|---|---|---|", *out, ""]
 
 
 def plot(rows: list[dict[str, Any]]) -> None:
