@@ -361,6 +361,10 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     if None not in gemq:
         out.append(f"| GEMQ at 2.0 bits: global < layer < uniform | {gemq[0]:.2f} / {gemq[1]:.2f} / {gemq[2]:.2f} | "
                    f"{verdict[gemq[0] < gemq[1] < gemq[2]]} |")  # fmt: skip
+    gemq = [ppl("gemq", None, 2.5, None, v) for v in ("global", "layer")]
+    if None not in gemq:
+        out.append(f"| GEMQ at 2.5 bits: global < layer (no uniform width holds 2.5) | {gemq[0]:.2f} / {gemq[1]:.2f} | "
+                   f"{verdict[gemq[0] < gemq[1]]} |")  # fmt: skip
     pat = [ppl("pat", None, None, None, v) for v in (f"pat--{PAT_STEPS}", f"hidden-prune-magnitude-{PAT_STEPS}",
                                                      f"hidden-prune-activation-{PAT_STEPS}")]  # fmt: skip
     if None not in pat:
