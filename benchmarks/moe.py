@@ -233,7 +233,7 @@ def write(rows: list[dict[str, Any]]) -> None:
         f"[llm.md](llm.md): perplexity on the first {EVAL_WINDOWS} windows of 512 tokens of *Persuasion* and of the "
         f"Python library docs, KL and top-1 agreement with FP32 on the first {KL_WINDOWS}, training and calibration "
         f"on {CALIB_WINDOWS} random 512-token windows of *Emma* and *Mansfield Park* (seed 0). Seconds are wall time "
-        "on 2 cores, shared with other benchmarks where the load column says so; \"(... alone)\": the same training "
+        'on 2 cores, shared with other benchmarks where the load column says so; "(... alone)": the same training '
         "re-timed alone at 2 threads on an idle machine (`--time`). GMACs per window: measured MACs of "
         "one 512-token forward pass (the experts count only the tokens routed to them).",
         "",
