@@ -105,7 +105,6 @@ def merge_duplicate_qdq(graph: Any) -> None:
     """Merge QuantizeLinear / DequantizeLinear nodes that read the same tensor with equal constant scale and zero
     point (a block input quantized both for its convolution and for the residual add): a tensor then has one
     quantize step, which ONNX Runtime needs to fuse the layer producing it into an integer kernel."""
-
     const = _constants(graph)
     nodes, renamed = list(graph.node), {}
     while True:
