@@ -33,6 +33,39 @@ class Mutant:
 
 M = Mutant
 MUTANTS = [
+    # -- safety: a model directory's code never runs ------------------------------------------------------
+    M(
+        "security",
+        "a config's auto_map is not refused",
+        "zoo/hf_directory.py",
+        "    refuse_remote_code(directory)\n",
+        "",
+        "tests/test_hf_directory.py -k code",
+    ),
+    M(
+        "security",
+        "transformers left to decide whether to trust a directory's code",
+        "zoo/hf_directory.py",
+        "result = load(directory, trust_remote_code=False, local_files_only=True, **extra)",
+        "result = load(directory, local_files_only=True, **extra)",
+        "tests/test_hf_directory.py -k trust",
+    ),
+    M(
+        "security",
+        "missing and unexpected weights ignored",
+        "zoo/hf_directory.py",
+        "    bad = {k: v for k, v in problems.items() if v}",
+        "    bad = {}",
+        "tests/test_hf_directory.py -k missing",
+    ),
+    M(
+        "security",
+        "config sizes not checked against the weights",
+        "zoo/hf_directory.py",
+        "    if parameters > MAX_CODES_PER_PARAMETER * stored:",
+        "    if False:",
+        "tests/test_hf_directory.py -k bounded",
+    ),
     # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
     # -- data-parallel training (torch.distributed) -----------------------------------------------------
     M(

@@ -302,14 +302,17 @@ def check_depth(text: str, what: str) -> None:
 
 
 def is_causal_lm(path: str) -> bool:
-    """Whether the Hugging Face directory ``path`` holds a causal (decoder) LM, from its config.json."""
-    import json
+    """Whether the Hugging Face directory ``path`` holds a causal (decoder) LM, from its config.json (a
+    missing or unreadable config, or one without ``architectures``, is a one-line error)."""
+    from bitsmith.zoo.hf_directory import ModelDirectoryError
+    from bitsmith.zoo.hf_directory import is_causal_lm as names_causal_lm
 
+    if not (Path(path) / "config.json").is_file():
+        raise RecipeError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
     try:
-        config = json.loads((Path(path) / "config.json").read_text()[:MAX_RECIPE_BYTES])
-    except (OSError, ValueError):
-        return False
-    return any(str(name).endswith("ForCausalLM") for name in config.get("architectures") or [])
+        return names_causal_lm(Path(path))
+    except (ModelDirectoryError, OSError) as exc:
+        raise RecipeError(f"model.path: {exc}") from None
 
 
 def task_data(name: str | None, path: str | None) -> str:

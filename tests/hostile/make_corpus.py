@@ -90,7 +90,91 @@ def recipes() -> None:
         (HERE / f"{name}.yaml").write_text(text + "\n")
 
 
+# a module that leaves a marker where the test says: it must never run
+EVIL = """import os, pathlib
+pathlib.Path(os.environ.get("BITSMITH_HOSTILE_MARKER", "/tmp/bitsmith-hostile-marker")).write_text("ran")
+from transformers import LlamaConfig, LlamaForCausalLM
+class EvilConfig(LlamaConfig):
+    model_type = "evilllama"
+class EvilModel(LlamaForCausalLM):
+    config_class = EvilConfig
+"""
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def edit_weights(folder: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def hf_directories() -> None:
+    """Hostile Hugging Face directories of a tiny Llama (hidden 16, one block): each one defect."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = HERE / "hf"
+    shutil.rmtree(root, ignore_errors=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)  # fmt: skip
+    good = root / "good.tmp"
+    LlamaForCausalLM(config).save_pretrained(good)
+
+    def case(name: str) -> Path:
+        folder = root / name
+        shutil.copytree(good, folder)
+        return folder
+
+    folder = case("auto-map-config")
+    edit_config(folder, model_type="evilllama",
+                auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})  # fmt: skip
+    (folder / "evil.py").write_text(EVIL)
+    folder = case("auto-map-tokenizer")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.Tok", None]}}))
+    (folder / "evil.py").write_text(EVIL)
+    (case("config-a-list") / "config.json").write_text("[1, 2, 3]")
+    edit_config(case("config-huge-hidden"), hidden_size=2**20)
+    edit_config(case("config-huge-vocab"), vocab_size=10**9)
+    edit_config(case("config-more-layers-than-weights"), num_hidden_layers=400)
+    edit_config(case("config-no-architectures"), architectures=None)
+    folder = case("pickle-weights")
+    (folder / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(2)}, folder / "pytorch_model.bin")
+    folder = case("safetensors-truncated")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) * 2 // 3])
+    folder = case("safetensors-flipped-header-byte")
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[8 + data[8:].index(b"F32")] ^= 0x20  # the first dtype: "F32" -> "f32"
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    edit_weights(
+        case("tensor-wrong-shape"), lambda t: t.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(16, 16)})
+    )
+    edit_weights(case("tensors-missing"), lambda t: [t.pop(k) for k in list(t) if ".mlp." in k])
+    edit_weights(case("tensor-unexpected"), lambda t: t.update({"model.layers.7.extra.weight": torch.zeros(4)}))
+    spec = {"bits": 4, "symmetric": True, "group_size": 0, "shape": [32, 16], "bias": False, "float_zero": False}
+    edit_config(case("quantization-other-method"), quantization_config={"quant_method": "gptq", "bits": 4})
+    edit_config(case("quantization-dunder-layer"),
+                quantization_config={"quant_method": "bitsmith", "layers": {"__class__": spec}})  # fmt: skip
+    huge = {**spec, "shape": [10**6, 10**6]}
+    edit_config(case("quantization-huge-layer"), quantization_config={
+        "quant_method": "bitsmith", "format": "packed-uniform-v1", "layers": {"model.layers.0.mlp.up_proj": huge}})  # fmt: skip
+    shutil.rmtree(good)
+
+
 if __name__ == "__main__":
     checkpoints()
     recipes()
-    print(f"wrote {len(list(HERE.glob('*.safetensors')))} checkpoints and {len(list(HERE.glob('*.yaml')))} recipes")
+    hf_directories()
+    print(
+        f"wrote {len(list(HERE.glob('*.safetensors')))} checkpoints, {len(list(HERE.glob('*.yaml')))} recipes and "
+        f"{len(list((HERE / 'hf').iterdir()))} Hugging Face directories"
+    )

