@@ -31,17 +31,20 @@ def test_calibration_steps_spread_over_the_trajectory_or_sit_at_800() -> None:
     timesteps = list(range(980, -1, -20))  # DDIM, 50 steps
     assert calibration_steps(timesteps, 5) == [980, 780, 580, 380, 180]
     assert calibration_steps(timesteps, 5, uniform=False) == [800]
+    # a count that does not divide the steps: every 2nd step, so the last stretch (t < 220) is calibrated too
+    twenty = calibration_steps(timesteps, 20)
+    assert twenty == timesteps[::2] and len(twenty) == 25 and min(twenty) == 20
     with pytest.raises(ValueError, match="calibration steps 51: the sampler has 50 steps"):
         calibration_steps(timesteps, 51)
 
 
 def test_trajectory_batches_hold_the_same_number_of_inputs_either_way() -> None:
     model = make_ddpm()
-    uniform = trajectory_batches(model, samples=2, sampler_steps=4, calib_steps=2, batch_size=3)
-    naive = trajectory_batches(model, samples=2, sampler_steps=4, calib_steps=2, uniform=False, batch_size=3)
+    uniform = trajectory_batches(model, samples=2, sampler_steps=5, calib_steps=2, batch_size=3)
+    naive = trajectory_batches(model, samples=2, sampler_steps=5, calib_steps=2, uniform=False, batch_size=3)
     steps = lambda batches: torch.cat([b["timestep"] for b in batches])  # noqa: E731
-    assert len(steps(uniform)) == len(steps(naive)) == 4
-    assert len(set(steps(uniform).tolist())) == 2 and len(set(steps(naive).tolist())) == 1
+    assert len(steps(uniform)) == len(steps(naive)) == 6  # 2 does not divide 5: steps 0, 2 and 4 of each run
+    assert len(set(steps(uniform).tolist())) == 3 and len(set(steps(naive).tolist())) == 1
 
 
 def test_q_diffusion_splits_the_concatenation_layers_and_reconstructs_the_blocks() -> None:
@@ -96,8 +99,9 @@ def test_split_convolutions_export_as_two_qdq_convolutions_that_onnx_runtime_run
         expected = model(**batch)
         for out in (deploy(**batch), OnnxRuntimeModel(tmp_path / "ddpm.onnx", threads=1)(**batch)):
             # equal up to the backends' x * (1/s) vs bitsmith's x / s: a half-step code flip spreads through the
-            # group norms and the attention (max 0.03 here), far below a wrong split (the mean error 30x larger)
-            assert (out - expected).abs().mean() < 0.01 * expected.abs().mean()
+            # group norms and the attention (ONNX Runtime: mean error 1.2% of the mean output on an AVX-512 VNNI
+            # CPU, below 1% on AVX2), far below a wrong split (42%: half of the second group dropped)
+            assert (out - expected).abs().mean() < 0.03 * expected.abs().mean()
 
 
 def test_the_torchao_graph_names_asymmetric_weights_as_fallbacks_and_takes_symmetric_split_ones() -> None:

@@ -19,15 +19,16 @@ NAIVE_STEP = 800  # the single-step baseline's time step (Q-Diffusion's fallback
 def calibration_steps(
     timesteps: list[int], count: int, uniform: bool = True, single_step: int = NAIVE_STEP
 ) -> list[int]:
-    """The sampler's time steps to calibrate on: ``count`` spread uniformly over the trajectory (Q-Diffusion's
-    ``range(0, n, n // count)``), or only the step nearest ``single_step``."""
+    """The sampler's time steps to calibrate on: every ``n // count``-th of the ``n`` steps, from the first to the
+    last stretch of the trajectory (the official ``range(0, n, n // count)``: at least ``count`` steps, more when
+    ``count`` does not divide ``n``), or only the step nearest ``single_step``."""
     if not 1 <= count <= len(timesteps):
         raise ValueError(
             f"calibration steps {count}: the sampler has {len(timesteps)} steps; choose 1..{len(timesteps)}"
         )
     if not uniform:
         return [min(timesteps, key=lambda t: abs(t - single_step))]
-    return [timesteps[i] for i in range(0, len(timesteps), len(timesteps) // count)][:count]
+    return [timesteps[i] for i in range(0, len(timesteps), len(timesteps) // count)]
 
 
 @torch.no_grad()
@@ -36,13 +37,13 @@ def trajectory_batches(
     batch_size: int = 32, single_step: int = NAIVE_STEP,
 ) -> list[dict[str, Tensor]]:  # fmt: skip
     """Calibration batches ``{"sample": x_t, "timestep": t}`` of the float model's DDIM trajectories. Uniform:
-    ``samples`` trajectories, each kept at ``calib_steps`` time steps spread over the sampler's steps; single-step:
-    as many inputs in all (``samples * calib_steps`` trajectories), all at the step nearest t = 800."""
+    ``samples`` trajectories, each kept at the time steps ``calibration_steps`` spreads over the sampler's steps;
+    single-step: as many inputs in all (one trajectory per uniform input), all at the step nearest t = 800."""
     from bitsmith.eval.generative import ddim_scheduler
 
     timesteps = [int(t) for t in ddim_scheduler(sampler_steps).timesteps]
     keep = set(calibration_steps(timesteps, calib_steps, uniform, single_step))
-    runs = samples if uniform else samples * calib_steps
+    runs = samples if uniform else samples * len(calibration_steps(timesteps, calib_steps))
     kept: list[tuple[int, Tensor]] = []
     sample(model, runs, sampler_steps, seed, record=lambda t, x, _e: kept.append((t, x.clone())) if t in keep else None)
     inputs = torch.cat([x for _, x in kept])
