@@ -67,6 +67,38 @@ MUTANTS = [
         "tests/test_hf_directory.py -k bounded",
     ),
     # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
+    M(
+        "sequential",
+        "block keyword inputs cached per batch shape, whatever the padding mask",
+        "sequential.py",
+        "key = (tuple(_input_ids(batch).shape), None if mask is None else mask.numpy().tobytes())",
+        "key = (tuple(_input_ids(batch).shape), None)",
+        "tests/test_padding.py -k own_mask",
+    ),
+    M(
+        "sequential",
+        "blocks run without their batch's padding mask known to the statistics",
+        "sequential.py",
+        "with contextlib.suppress(StopBlock), real_token_mask(inputs.mask(index)):",
+        "with contextlib.suppress(StopBlock), real_token_mask(None):",
+        "tests/test_padding.py -k decoder_calibration",
+    ),
+    M(
+        "gptq",
+        "padding positions enter the Hessians",
+        "methods/gptq.py",
+        "x = drop_padding(args[0].detach()).reshape(-1, args[0].shape[-1]).float()",
+        "x = args[0].detach().reshape(-1, args[0].shape[-1]).float()",
+        "tests/test_padding.py -k decoder_calibration",
+    ),
+    M(
+        "awq",
+        "padding positions enter the activation means and the scale search",
+        "methods/awq.py",
+        "out.inputs[key].append(drop_padding(a[0].detach()))",
+        "out.inputs[key].append(a[0].detach())",
+        "tests/test_padding.py -k decoder_calibration",
+    ),
     # -- data-parallel training (torch.distributed) -----------------------------------------------------
     M(
         "distributed",

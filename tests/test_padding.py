@@ -104,3 +104,66 @@ def test_mixed_precision_activation_candidates_ignore_padding() -> None:
     b = mixed._input_quantizers(model, {"input_ids": SENTENCES[0][None], "attention_mask": torch.ones(1, 6)})
     assert inputs_a.shape[0] == sum(len(s) for s in SENTENCES)  # real tokens only
     assert float(inputs_a.abs().max()) < 40 and a["fc"][8].scale.numel() == b["fc"][8].scale.numel()
+
+
+# -- decoder LLMs: the sequential runner -------------------------------------------------------------
+
+
+def decoder_batches(pad: int = 0, left: bool = False) -> list[dict[str, torch.Tensor]]:
+    """An unpadded batch, then a right- (or left-) padded batch of the same shape whose padding positions hold
+    token ``pad`` (tokens 0 and 1 have huge embeddings of opposite sign; real tokens are 2..95). A runner that
+    keys block inputs by shape alone hands the first batch's mask-free inputs to the padded one."""
+    g = torch.Generator().manual_seed(3)
+    full = {
+        "input_ids": torch.randint(2, 96, (3, 12), generator=g),
+        "attention_mask": torch.ones(3, 12, dtype=torch.long),
+    }
+    ids, mask = torch.full((3, 12), pad, dtype=torch.long), torch.zeros(3, 12, dtype=torch.long)
+    for i, n in enumerate((12, 7, 9)):
+        where = slice(12 - n, 12) if left else slice(0, n)
+        ids[i, where], mask[i, where] = torch.randint(2, 96, (n,), generator=g), 1
+    return [full, {"input_ids": ids, "attention_mask": mask}]
+
+
+def loud_padding_llama() -> nn.Module:
+    from conftest import make_llama
+
+    model = make_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[0] = 30.0  # the padding tokens: far outside the real range
+        model.model.embed_tokens.weight[1] = -30.0
+    return model
+
+
+def test_sequential_blocks_get_each_batchs_own_mask() -> None:
+    from bitsmith.sequential import capture_inputs, run_block
+    from bitsmith.topology import topology_of
+
+    pytest.importorskip("transformers")
+    model = loud_padding_llama()
+    padded_batches = decoder_batches(left=True)  # real tokens after the padding: only the mask hides it
+    blocks = topology_of(model).blocks(model)
+    inputs = capture_inputs(model, blocks, padded_batches)
+    outputs = run_block(blocks[0][1], inputs[0])
+    with torch.no_grad():
+        expected = model(**padded_batches[1], output_hidden_states=True).hidden_states[1]
+    real = padded_batches[1]["attention_mask"].bool()
+    assert torch.allclose(outputs[1][real], expected[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+def test_decoder_calibration_ignores_padding(method: str) -> None:
+    """GPTQ's Hessians, AWQ's activation means and errors, SmoothQuant's maxima on the decoder path are those of
+    the real tokens: what the padding positions hold does not change a single weight."""
+    pytest.importorskip("transformers")
+    specs = {"gptq": {"name": "gptq", "bits": 4, "group_size": 32},
+             "awq": {"name": "awq", "bits": 4, "group_size": 32, "search_batches": 4},
+             "smoothquant": {"name": "smoothquant", "alpha": 0.5, "layers": "all"}}  # fmt: skip
+    weights = []
+    for batches in (decoder_batches(pad=0), decoder_batches(pad=1)):
+        model = loud_padding_llama()
+        compress(model, build_method(specs[method]), batches)
+        q_proj = model.model.layers[1].self_attn.q_proj
+        weights.append(getattr(q_proj, "effective_weight", lambda q=q_proj: q.weight)().detach())
+    changed = (weights[0] != weights[1]).float().mean()
+    assert changed == 0, f"{100 * float(changed):.1f} % of q_proj's weights depend on the padding"

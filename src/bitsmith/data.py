@@ -92,16 +92,33 @@ def token_windows(batches: list[Any]) -> list[Tensor]:
     return [row[None] for batch in ids for row in batch]
 
 
+def padding_mask(batch: Any) -> Tensor | None:
+    """The real-token mask ``(batch, tokens)`` of a text batch (a dict with ``attention_mask``), else None."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return None if mask is None else mask.bool()
+
+
 @contextlib.contextmanager
 def real_tokens(batch: Any) -> Iterator[None]:
     """While a padded text batch (a dict with ``attention_mask``) runs through the model inside this block,
     ``drop_padding`` removes its padding positions from the activations that statistics are taken on."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    token = _REAL_TOKENS.set(None if mask is None else mask.bool())
+    with real_token_mask(padding_mask(batch)):
+        yield
+
+
+@contextlib.contextmanager
+def real_token_mask(mask: Tensor | None) -> Iterator[None]:
+    """``real_tokens`` for a part of the model run on its own (a decoder block) with the batch's mask."""
+    token = _REAL_TOKENS.set(mask)
     try:
         yield
     finally:
         _REAL_TOKENS.reset(token)
+
+
+def current_mask() -> Tensor | None:
+    """The real-token mask ``drop_padding`` applies now (None outside ``real_tokens``)."""
+    return _REAL_TOKENS.get()
 
 
 def drop_padding(x: Tensor) -> Tensor:

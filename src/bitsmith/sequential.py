@@ -4,8 +4,10 @@ The calibration batches enter the first decoder block as the model computes them
 handed to the method with its inputs *as produced by the already-compressed blocks before it*, and its
 outputs (after compression) become the next block's inputs. Only one block's activations are held at a
 time, never the whole model's. Per-block keyword inputs (attention masks, rotary embeddings; Gemma's
-differ between sliding and global layers) depend only on the batch shape, so they are captured from one
-forward per distinct shape.
+differ between sliding and global layers) depend only on the batch shape and its padding mask, so they
+are captured from one forward per distinct (shape, mask). Each block runs with its batch's padding mask
+known to ``data.drop_padding``: the statistics methods gather in hooks (GPTQ's Hessians, SmoothQuant's
+maxima, AWQ's means) see real tokens only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bitsmith.data import drop_padding, padding_mask, real_token_mask
 from bitsmith.method import eval_mode, run_forward
 from bitsmith.nn import QuantizedMixin
 from bitsmith.progress import log
@@ -37,6 +40,10 @@ class BlockInputs:
 
     hidden: list[Tensor]
     kwargs: list[dict[str, Any]]
+    masks: list[Tensor | None] = field(default_factory=list)  # each batch's real tokens (None: no padding)
+
+    def mask(self, index: int) -> Tensor | None:
+        return self.masks[index] if index < len(self.masks) else None
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -76,10 +83,12 @@ def _first(output: Any) -> Tensor:
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], batches: list[Any]) -> list[BlockInputs]:
     """The first block's hidden inputs for every batch, and every block's keyword inputs (one entry per
-    block, each with per-batch kwargs). Batches of one shape share their kwargs."""
+    block, each with per-batch kwargs and padding masks). Batches of one shape and one padding mask share
+    their kwargs."""
     hidden: list[Tensor] = []
     kwargs: list[list[dict[str, Any]]] = [[] for _ in blocks]
-    by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    masks = [padding_mask(batch) for batch in batches]
+    by_key: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     seen: list[dict[str, Any]] = []
 
     def keep_kwargs(index: int) -> Callable[..., None]:
@@ -97,21 +106,21 @@ def capture_inputs(model: nn.Module, blocks: list[tuple[str, nn.Module]], batche
     quantized = [m for m in model.modules() if isinstance(m, QuantizedMixin) and m.weight_q is not None]
     try:  # the blocks' outputs here are never used: their weights stay float (quantizers may not be ready yet)
         with eval_mode(model), float_weights(quantized):
-            for batch in batches:
-                shape = tuple(_input_ids(batch).shape)
+            for batch, mask in zip(batches, masks, strict=True):
+                key = (tuple(_input_ids(batch).shape), None if mask is None else mask.numpy().tobytes())
                 seen.clear()
-                stop_at_first = shape in by_shape  # kwargs known for this shape: stop at the first block
+                stop_at_first = key in by_key  # kwargs known for this shape and mask: stop at the first block
                 with contextlib.suppress(StopBlock):
                     run_forward(model, batch)
                 hidden.append(seen[0].pop("hidden_states"))
                 if not stop_at_first:
-                    by_shape[shape] = list(seen)  # the first entry gave its hidden states to ``hidden`` above
+                    by_key[key] = list(seen)  # the first entry gave its hidden states to ``hidden`` above
                 for index in range(len(blocks)):
-                    kwargs[index].append(by_shape[shape][index])
+                    kwargs[index].append(by_key[key][index])
     finally:
         for handle in handles:
             handle.remove()
-    return [BlockInputs(hidden if i == 0 else [], kwargs[i]) for i in range(len(blocks))]
+    return [BlockInputs(hidden if i == 0 else [], kwargs[i], masks) for i in range(len(blocks))]
 
 
 def _input_ids(batch: Any) -> Tensor:
@@ -128,8 +137,9 @@ def run_block(
     stop_after: nn.Module | None = None,
     batches: int | None = None,
 ) -> list[Tensor]:
-    """Run ``block`` on its inputs (the first ``batches`` of them) with ``hooks`` as forward hooks; returns
-    the outputs, or nothing when ``stop_after`` ends each pass once that module has run."""
+    """Run ``block`` on its inputs (the first ``batches`` of them) with ``hooks`` as forward hooks, each batch
+    with its padding mask known to ``drop_padding``; returns the outputs, or nothing when ``stop_after`` ends
+    each pass once that module has run."""
     handles = [module.register_forward_hook(hook) for module, hook in (hooks or {}).items()]
     if stop_after is not None:
 
@@ -140,8 +150,8 @@ def run_block(
     outputs = []
     try:
         with eval_mode(block):
-            for hidden, kwargs in list(zip(inputs.hidden, inputs.kwargs, strict=True))[:batches]:
-                with contextlib.suppress(StopBlock):
+            for index, (hidden, kwargs) in list(enumerate(zip(inputs.hidden, inputs.kwargs, strict=True)))[:batches]:
+                with contextlib.suppress(StopBlock), real_token_mask(inputs.mask(index)):
                     outputs.append(_first(block(hidden, **kwargs)))
     finally:
         for handle in handles:
@@ -150,9 +160,10 @@ def run_block(
 
 
 def module_inputs(block: nn.Module, inputs: BlockInputs, module: nn.Module) -> list[Tensor]:
-    """The first positional input of ``module`` inside ``block`` for every batch (each pass stops after it)."""
+    """The first positional input of ``module`` inside ``block`` for every batch, padding dropped (each pass
+    stops after it)."""
     captured: list[Tensor] = []
-    run_block(block, inputs, {module: lambda m, args, out: captured.append(args[0])}, stop_after=module)
+    run_block(block, inputs, {module: lambda m, args, out: captured.append(drop_padding(args[0]))}, stop_after=module)
     return captured
 
 
@@ -172,7 +183,7 @@ def sequential(
     per_block = capture_inputs(model, blocks, batches)
     hidden = per_block[0].hidden
     for index, (name, block) in enumerate(blocks):
-        inputs = BlockInputs(hidden, per_block[index].kwargs)
+        inputs = BlockInputs(hidden, per_block[index].kwargs, per_block[index].masks)
         compress_block(name, block, inputs, topology)
         hidden = run_block(block, inputs)
         if not all(bool(torch.isfinite(h).all()) for h in hidden):

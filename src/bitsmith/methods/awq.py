@@ -24,6 +24,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith.data import current_mask, drop_padding, real_token_mask
 from bitsmith.method import Method, register_method
 from bitsmith.nn import QLinear
 from bitsmith.quant.layers import attach, float_weights, grouped_weight_quantizer
@@ -43,10 +44,11 @@ def fake_quantize(weight: Tensor, q: UniformQuantizer) -> Tensor:
 
 @dataclass
 class Captured:
-    """What one pass of the block recorded: each linear's inputs and the inspected modules' call arguments."""
+    """What one pass of the block recorded: each linear's inputs (real tokens only) and the inspected modules'
+    call arguments with the batch's padding mask."""
 
     inputs: dict[str, list[Tensor]]
-    calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]]
+    calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any], Tensor | None]]]
 
 
 def capture(block: nn.Module, inputs: BlockInputs, groups: list[Group], batches: int) -> Captured:
@@ -57,12 +59,13 @@ def capture(block: nn.Module, inputs: BlockInputs, groups: list[Group], batches:
     for group in groups:
         first = block.get_submodule(group.linears[0])
         out.inputs[group.linears[0]] = []
-        hooks[first] = lambda m, a, o, key=group.linears[0]: out.inputs[key].append(a[0].detach())
+        hooks[first] = lambda m, a, o, key=group.linears[0]: out.inputs[key].append(drop_padding(a[0].detach()))
         if group.inspect:
             out.calls[group.inspect] = []
             module = block.get_submodule(group.inspect)
             pre.append(module.register_forward_pre_hook(
-                lambda m, a, kw, key=group.inspect: out.calls[key].append((a, kw)), with_kwargs=True))  # fmt: skip
+                lambda m, a, kw, key=group.inspect: out.calls[key].append((a, kw, current_mask())),
+                with_kwargs=True))  # fmt: skip
     try:
         run_block(block, inputs, hooks, batches=batches)
     finally:
@@ -71,16 +74,11 @@ def capture(block: nn.Module, inputs: BlockInputs, groups: list[Group], batches:
     return out
 
 
-def _call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+def _call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mask: Tensor | None) -> Tensor:
+    """The module's output for a recorded call, its padding positions dropped."""
     out = module(*args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _with_input(args: tuple[Any, ...], kwargs: dict[str, Any], x: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A module call's arguments with its hidden-state input replaced by ``x``."""
-    if args:
-        return (x, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": x}
+    with real_token_mask(mask):
+        return drop_padding(out[0] if isinstance(out, (tuple, list)) else out)
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith.data import drop_padding
 from bitsmith.method import Method, register_method
 from bitsmith.nn import QLinear
 from bitsmith.quant.functional import int_range, params_from_range
@@ -45,7 +46,7 @@ def hessian_hook(hessians: dict[str, Tensor], counts: dict[str, int], name: str,
     ends the block's pass once every layer of ``group`` has run."""
 
     def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+        x = drop_padding(args[0].detach()).reshape(-1, args[0].shape[-1]).float()  # (real tokens, in)
         n_old, n_new = counts.get(name, 0), x.shape[0]
         total = n_old + n_new
         update = x.T @ x * (2.0 / total)

@@ -33,6 +33,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith.data import drop_padding
 from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn import as_linear
 from bitsmith.quant.layers import float_weights
@@ -48,7 +49,7 @@ def token_sampler(store: dict[str, list[Tensor]], name: str, per_batch: int, see
     generator = torch.Generator().manual_seed(seed)
 
     def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        x = drop_padding(args[0].detach()).reshape(-1, args[0].shape[-1]).float()  # real tokens only
         keep = torch.randperm(x.shape[0], generator=generator)[:per_batch]
         store.setdefault(name, []).append(x[keep])
 
