@@ -68,6 +68,22 @@ MUTANTS = [
     ),
     # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
     M(
+        "gemq",
+        "1-bit coefficient candidates on the min-max {0, range} grid",
+        "methods/gemq.py",
+        'q = grouped_weight_quantizer("gemq", f"{name}.{proj}", layer, bits, group_size, bits == 1)',
+        'q = grouped_weight_quantizer("gemq", f"{name}.{proj}", layer, bits, group_size, False)',
+        "tests/test_gemq.py -k one_bit",
+    ),
+    M(
+        "gptq",
+        "binary groups scaled by max |w| instead of mean |w|",
+        "methods/gptq.py",
+        "self.scale[:, group] = weights.abs().mean(1).clamp(min=1e-8)",
+        "self.scale[:, group] = weights.abs().amax(1).clamp(min=1e-8)",
+        "tests/test_gemq.py -k one_bit",
+    ),
+    M(
         "sequential",
         "block keyword inputs cached per batch shape, whatever the padding mask",
         "sequential.py",
@@ -441,8 +457,8 @@ MUTANTS = [
         "gemq",
         "experts quantized at the widest candidate, not their allocation",
         "methods/gemq.py",
-        'overrides = {f"{u}.{p}": {"bits": b}',
-        'overrides = {f"{u}.{p}": {"bits": max(self.candidates)}',
+        'overrides = {f"{u}.{p}": {"bits": b, **(',
+        'overrides = {f"{u}.{p}": {"bits": max(self.candidates), **(',
         "tests/test_gemq.py",
     ),
     M(

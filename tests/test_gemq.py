@@ -62,8 +62,8 @@ def test_global_allocation_gives_the_bits_to_the_sensitive_layer() -> None:
             self.experts = [torch.nn.Linear(10, 10, bias=False) for _ in range(4)]
 
     moes = {"a": Fake(), "b": Fake()}
-    global_ = GEMQ(bits=2.0, allocation="global").solve(cost, moes)  # type: ignore[arg-type]
-    per_layer = GEMQ(bits=2.0, allocation="layer").solve(cost, moes)  # type: ignore[arg-type]
+    global_ = GEMQ(bits=2.0, allocation="global", c2c3=False).solve(cost, moes)  # type: ignore[arg-type]
+    per_layer = GEMQ(bits=2.0, allocation="layer", c2c3=False).solve(cost, moes)  # type: ignore[arg-type]
     assert sum(global_.values()) <= 16 and sum(per_layer.values()) <= 16
     assert all(global_[f"b.experts.{e}"] == 3 for e in range(4)) and all(
         global_[f"a.experts.{e}"] == 1 for e in range(4)
@@ -74,8 +74,28 @@ def test_global_allocation_gives_the_bits_to_the_sensitive_layer() -> None:
         return sum(cost[u][b] for u, b in assigned.items())
 
     assert total(global_) < total(per_layer)
-    c2c3 = GEMQ(bits=2.0, allocation="global", c2c3=True).solve(cost, moes)  # type: ignore[arg-type]
+    c2c3 = GEMQ(bits=2.0, allocation="global").solve(cost, moes)  # type: ignore[arg-type]  (c2c3: the default)
     assert any(c2c3[f"a.experts.{e}"] == 3 for e in range(4)) and any(c2c3[f"a.experts.{e}"] == 2 for e in range(4))
+
+
+def test_one_bit_experts_are_sign_times_mean_magnitude() -> None:
+    """The official 1-bit quantizer: each group of a row becomes sign(w) * mean|w| (relative error 1 - 2/pi for
+    Gaussian weights), in the coefficient pass (RTN) and in GPTQ; min-max {0, range} would zero most weights."""
+    from bitsmith.methods.gemq import rtn_expert
+    from bitsmith.methods.gptq import gptq_quantize
+    from bitsmith.moe import Expert
+
+    torch.manual_seed(0)
+    expert = Expert(64, 128, torch.nn.SiLU())
+    quantized = rtn_expert(expert, 1, 32, "x")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        w, q = getattr(expert, proj).weight, getattr(quantized, proj).weight
+        groups, qgroups = w.reshape(-1, 32), q.reshape(-1, 32)
+        assert torch.allclose(qgroups, torch.sign(groups) * groups.abs().mean(1, keepdim=True), atol=1e-6)
+        assert float((q - w).pow(2).sum() / w.pow(2).sum()) < 0.4
+    w = torch.randn(16, 64)
+    values, _ = gptq_quantize(w, torch.eye(64), 1, 32, True, 0.01, False, 128)  # identity Hessian: no feedback
+    assert torch.allclose(values, torch.sign(w) * w.reshape(16, 2, 32).abs().mean(2).repeat_interleave(32, 1))
 
 
 def test_at_least_conditions_and_budgets_hold_together() -> None:

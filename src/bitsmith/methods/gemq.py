@@ -8,12 +8,14 @@ Spec: ``shared/methods/gemq.md``; official code ``jndeng/GEMQ`` (``compute_model
 1. One backward pass of the next-token loss over ``gradient_windows`` calibration windows records
    ``G_l = dL/dy_l`` at every MoE block's output.
 2. Block by block (inputs propagated through the unquantized model), for each expert ``e`` and candidate width
-   ``b``: only that expert is quantized with RTN at ``b`` bits (groups of ``group_size``), and the
+   ``b``: only that expert is quantized with RTN at ``b`` bits (groups of ``group_size``; 1 bit: the official
+   binary ``sign(w) * mean|w|``), and the
    gradient-weighted change of the block output is its coefficient ``c[l, e, b] = sum G_l^2 (y_l - y_l^(e,b))^2``
    (a diagonal-Fisher estimate of the loss increase). Routing does not change (the router's input does not),
    so only the tokens routed to ``e`` contribute.
 3. ``allocation: global``: one integer program over every expert of every layer (``bitsmith.alloc``, scipy's
    HiGHS): one width per expert, ``sum c`` minimal, average bits per expert weight ``<= bits``; with ``c2c3``
+   (default, as the official scripts)
    every layer keeps at least one expert at the highest and one at the second-highest width. ``layer``: the same
    program per layer with the same budget per layer; ``uniform``: every expert at ``bits``.
 4. The experts are quantized at their widths with ``quantizer`` (GPTQ by default, or RTN), groups of
@@ -80,11 +82,12 @@ def output_gradients(
 
 @torch.no_grad()
 def rtn_expert(expert: Expert, bits: int, group_size: int, name: str) -> Expert:
-    """A copy of ``expert`` with every projection rounded to ``bits`` (groups of ``group_size``, min-max)."""
+    """A copy of ``expert`` with every projection rounded to ``bits`` (groups of ``group_size``): asymmetric
+    min-max, and at 1 bit the official binary ``sign(w) * mean|w|`` (min-max {0, range} zeroes most weights)."""
     quantized = copy.deepcopy(expert)
     for proj in PROJECTIONS:
         layer = quantized.get_submodule(proj)
-        q = grouped_weight_quantizer("gemq", f"{name}.{proj}", layer, bits, group_size, False)
+        q = grouped_weight_quantizer("gemq", f"{name}.{proj}", layer, bits, group_size, bits == 1)
         layer.weight.copy_(q(layer.weight))
     return quantized
 
@@ -120,7 +123,7 @@ class GEMQ(Method):
     bits: Annotated[float, Field(gt=0)] = 2.0  # average bits per expert weight
     candidates: list[int] = field(default_factory=lambda: [1, 2, 3])
     allocation: Literal["global", "layer", "uniform"] = "global"
-    c2c3: bool = False
+    c2c3: bool = True  # as the official scripts (extra_constr=c2c3): each layer keeps its two widest widths
     quantizer: Literal["gptq", "rtn"] = "gptq"
     group_size: Annotated[int, Field(ge=0)] = 128
     symmetric: bool = False
@@ -208,7 +211,8 @@ class GEMQ(Method):
         return out
 
     def _quantize(self, model: nn.Module, batches: list[Any]) -> None:
-        overrides = {f"{u}.{p}": {"bits": b} for u, b in self.assigned.items() for p in PROJECTIONS}
+        overrides = {f"{u}.{p}": {"bits": b, **({"symmetric": True} if b == 1 else {})}  # 1 bit: binary
+                     for u, b in self.assigned.items() for p in PROJECTIONS}  # fmt: skip
         entry = {"name": self.quantizer, "bits": max(self.candidates), "group_size": self.group_size,
                  "symmetric": self.symmetric, "where": {"include": list(overrides), "overrides": overrides}}  # fmt: skip
         method = build_method(entry)

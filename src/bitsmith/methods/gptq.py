@@ -89,22 +89,29 @@ def layer_hessians(
 
 
 class GroupParams:
-    """Scale and zero point of each (row, group), filled as the column walk reaches each group."""
+    """Scale and zero point of each (row, group), filled as the column walk reaches each group. A symmetric
+    1-bit grid is binary: ``sign(w) * mean|w|`` per group (the official GEMQ GPTQ's 1-bit quantizer)."""
 
     def __init__(self, rows: int, columns: int, bits: int, group_size: int, symmetric: bool) -> None:
-        self.qmin, self.qmax = int_range(bits, symmetric)
+        self.binary = bits == 1 and symmetric
+        self.qmin, self.qmax = (-1, 1) if self.binary else int_range(bits, symmetric)
         self.group_size, self.symmetric = group_size or columns, symmetric
         groups = columns // self.group_size
         self.scale, self.zero = torch.zeros(rows, groups), torch.zeros(rows, groups)
 
     def fit(self, group: int, weights: Tensor) -> None:
-        """Min-max parameters of ``group`` from ``weights`` ``(rows, group_size)``."""
+        """Min-max (binary: mean |w|) parameters of ``group`` from ``weights`` ``(rows, group_size)``."""
+        if self.binary:
+            self.scale[:, group] = weights.abs().mean(1).clamp(min=1e-8)
+            return
         scale, zero = params_from_range(weights.amin(1), weights.amax(1), self.qmin, self.qmax, self.symmetric)
         self.scale[:, group], self.zero[:, group] = scale, zero
 
     def quantize(self, column: Tensor, index: int) -> Tensor:
         g = index // self.group_size
         s, z = self.scale[:, g], self.zero[:, g]
+        if self.binary:
+            return torch.where(column >= 0, s, -s)
         return (torch.clamp(torch.round(column / s) + z, self.qmin, self.qmax) - z) * s
 
 

@@ -84,7 +84,14 @@ def grouped_weight_quantizer(method: str, name: str, module: nn.Module, bits: in
         raise ValueError(f"{method}: group_size {group_size} does not divide the {inputs} inputs of layer {name!r}; "
                          "choose a divisor (e.g. 32, 64) or group_size 0 (per channel)")  # fmt: skip
     granularity = "group" if group_size else "channel"
-    return uniform_weight_quantizer(name, module, bits, granularity, group_size or None, symmetric, "minmax")
+    return uniform_weight_quantizer(name, module, bits, granularity, group_size or None, symmetric,
+                                    weight_observer(bits, symmetric))  # fmt: skip
+
+
+def weight_observer(bits: int, symmetric: bool) -> str:
+    """Min-max ranges, except for a symmetric 1-bit (binary) grid: ``sign(w) * mean|w|`` per group (``absmean``;
+    min-max would put both levels at ``+-max|w|``)."""
+    return "absmean" if bits == 1 and symmetric else "minmax"
 
 
 def weight_only_uniform(module: nn.Module) -> UniformQuantizer | None:

@@ -64,6 +64,27 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             self.hi = (1 - self.momentum) * self.hi + self.momentum * hi
 
 
+@OBSERVERS.register("absmean")
+class AbsMeanObserver(Observer):
+    """Mean of |x| per row, as the symmetric range ``[-m, m]``: a binary (1-bit) quantizer's levels
+    ``sign(x) * mean|x|``, the L2-optimal binary scale (XNOR-Net; GEMQ's official 1-bit quantizer)."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def update(self, rows: Tensor) -> None:
+        sums = rows.abs().sum(dim=1)
+        self.total = sums if self.total is None else self.total + sums
+        self.count += rows.shape[1]
+
+    def compute(self, qmin: int, qmax: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+        if self.total is None:
+            raise ValueError("observer saw no data; run calibration batches through the model first")
+        mean = self.total / self.count
+        return -mean, mean
+
+
 @OBSERVERS.register("percentile")
 class PercentileObserver(Observer):
     """Per-batch percentile of the values (of |x| when symmetric), averaged over batches."""
