@@ -1380,25 +1380,43 @@ def main() -> None:
     sys.exit(1 if survivors else 0)
 
 
+HEADER = "| method | mutation | file | tests | result | s |"
+
+
+def page_rows(text: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """``{(method, mutation): (result, seconds)}`` of a mutants page."""
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[4] in ("killed", "**survived**"):
+            out[(cells[0], cells[1])] = (cells[4], cells[5])
+    return out
+
+
 def write(rows: list[tuple[Mutant, bool, float]], out: Path, full: bool) -> None:
-    if not full:
-        return
-    killed = sum(k for _, k, _ in rows)
+    """The page lists every mutant of ``MUTANTS`` in order: this run's results, and for a partial run
+    (``--only``) the earlier results of the others (a mutant never run shows as *not run*)."""
+    earlier = page_rows(out.read_text()) if out.is_file() and not full else {}
+    fresh = {(m.method, m.name): ("killed" if k else "**survived**", f"{s:.0f}") for m, k, s in rows}
+    results = {
+        key: fresh.get(key) or earlier.get(key) or ("not run", "") for key in ((m.method, m.name) for m in MUTANTS)
+    }
+    killed = sum(result == "killed" for result, _ in results.values())
     lines = [
         "# Mutants: does the suite notice a broken method?",
         "",
         "Each row changes one line of a method's central mechanism in a copy of `src/` and runs that method's",
-        "tests (`tests/mutants.py` holds the list; regenerate with `make mutants`). *killed*: a test failed.",
+        "tests (`tests/mutants.py` holds the list; regenerate with `make mutants`, or the rows of one method with",
+        "`python tests/mutants.py --only METHOD`). *killed*: a test failed.",
         "",
-        f"**{killed} of {len(rows)} killed.**",
+        f"**{killed} of {len(MUTANTS)} killed.**",
         "",
-        "| method | mutation | file | tests | result | s |",
+        HEADER,
         "|---|---|---|---|---|---|",
     ]
-    for m, k, s in rows:
-        lines.append(
-            f"| {m.method} | {m.name} | `{m.file}` | `{m.tests}` | {'killed' if k else '**survived**'} | {s:.0f} |"
-        )
+    for m in MUTANTS:
+        result, seconds = results[(m.method, m.name)]
+        lines.append(f"| {m.method} | {m.name} | `{m.file}` | `{m.tests}` | {result} | {seconds} |")
     out.write_text("\n".join(lines) + "\n")
 
 
