@@ -214,6 +214,22 @@ MUTANTS = [
     ),
     # -- robustness: attacks, adversarial training ------------------------------------------------------
     M(
+        "clat",
+        "the criticality term's passes move the batch-norm statistics",
+        "methods/clat.py",
+        "        with frozen_norm_statistics(model):\n",
+        "        with torch.enable_grad():\n",
+        "tests/test_clat.py -k batch_norm",
+    ),
+    M(
+        "clat",
+        "critical layers never reselected",
+        "methods/clat.py",
+        "        if epoch % self.reselect_every or epoch == epochs:",
+        "        if True:",
+        "tests/test_clat.py -k reselected",
+    ),
+    M(
         "adv-train",
         "PGD steps descend the loss instead of ascending it",
         "robust/attacks.py",

@@ -75,3 +75,31 @@ def test_bad_budget_is_refused() -> None:
     with pytest.raises(RecipeError, match="budget"):
         parse_recipe({"model": {"name": "cnn"}, "methods": [{"name": "clat", "budget": 0}], "train": {"epochs": 1}})
     assert nn.Module  # keeps the import used
+
+
+def test_the_criticality_term_leaves_the_batch_norm_statistics_alone() -> None:
+    """Only the training forward moves the running statistics; the penalty's clean and adversarial passes do not."""
+    model = make_cnn().train()
+    x, y = data()
+    clat = build_method({"name": "clat", "budget": 0.5, "steps": 2, "lam": 1.0})
+    compress(model, [clat], [(x, y)])
+    model.train()
+    adv, _ = clat.perturb(model, (x, y))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    assert float(clat.penalty(model, (adv, y))) > 0
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_critical_layers_are_reselected_every_reselect_every_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_cnn()
+    x, y = data(64)
+    clat = build_method({"name": "clat", "budget": 0.2, "steps": 1, "reselect_every": 1})
+    compress(model, [clat], [(x, y)])
+    epochs: list[int] = []
+    real = type(clat).select
+    monkeypatch.setattr(type(clat), "select", lambda self, m: epochs.append(1) or real(self, m))
+    fit(model, x, y, TrainConfig(epochs=3, batch_size=32, optimizer="adamw", lr=1e-2), [clat])
+    assert len(epochs) == 2  # after epochs 1 and 2 (not after the last)
+    trainable = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(clat._selected)

@@ -157,6 +157,23 @@ def build_method(entry: dict[str, Any]) -> Method:
 
 
 @contextlib.contextmanager
+def frozen_norm_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Batch norms keep normalising by the batch in train mode, but an extra forward pass inside this block
+    (a regulariser's) leaves their running statistics as they were."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield model
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+@contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode inside the block, its train/eval mode restored afterwards."""
     was_training = model.training

@@ -1,5 +1,5 @@
-"""CLAT — Criticality-Leveraged Adversarial Training; Bhattacharya, Li, et al., "Boosting Adversarial Robustness with
-CLAT: Criticality-Leveraged Adversarial Training", arXiv 2408.10204 (ICML 2025). Spec: ``shared/methods/clat.md``
+"""CLAT — Criticality-Leveraged Adversarial Training; Gopal, Yang, Zhang, Horton, Chen, "Criticality Leveraged
+Adversarial Training (CLAT) for Boosted Performance via Parameter Efficiency", arXiv 2408.10204 (ICML 2025). Spec: ``shared/methods/clat.md``
 (no public code; the equations are the spec's reading of the abstract and reviews).
 
 Adversarial fine-tuning of only the layers that learn the most non-robust features, on top of an adversarially
@@ -10,7 +10,9 @@ trained model:
 * the layers with the largest ``C_i`` are made trainable, greedily in that order while the trainable share of the
   parameters stays within ``budget`` (default 5 %; at least one layer), the rest frozen; the selection is redone
   every ``reselect_every`` epochs on the calibration images;
-* loss ``CE(f(x_adv), y) + lam * sum_{i in S} C_i`` on each batch.
+* loss ``CE(f(x_adv), y) + lam * sum_{i in S} C_i`` on each batch; the criticality term's two extra forward passes
+  (clean and adversarial) leave the batch norms' running statistics alone (``frozen_norm_statistics``), so only
+  the training forward itself moves them, as in plain adversarial training.
 
 Deviations: the criticality at selection time attacks the model's own predictions on the (unlabelled) calibration
 images; the layers are the Conv2d / Linear modules (their weight and bias count as their parameters); the spec's
@@ -27,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bitsmith.method import eval_mode, register_method
+from bitsmith.method import eval_mode, frozen_norm_statistics, register_method
 from bitsmith.methods.adv_train import PGDSettings
 from bitsmith.robust.attacks import pgd
 
@@ -129,9 +131,10 @@ class CLAT(PGDSettings):
     def penalty(self, model: nn.Module, batch: Any) -> Tensor:
         if not self.lam or self._clean is None:
             return torch.zeros(())
-        with torch.no_grad():
-            clean = layer_outputs(model, self._selected, self._clean)
-        adversarial = layer_outputs(model, self._selected, batch[0])
+        with frozen_norm_statistics(model):
+            with torch.no_grad():
+                clean = layer_outputs(model, self._selected, self._clean)
+            adversarial = layer_outputs(model, self._selected, batch[0])
         return self.lam * sum(criticality(clean, adversarial).values())
 
     def schedule(self, model: nn.Module, epoch: int, epochs: int) -> bool:
