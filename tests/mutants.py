@@ -68,6 +68,14 @@ MUTANTS = [
     ),
     # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
     M(
+        "factorllm",
+        "trained experts distilled from themselves (the teacher drifts)",
+        "methods/factorllm.py",
+        "teacher_model = copy.deepcopy(model).eval() if self.train_experts else model",
+        "teacher_model = model",
+        "tests/test_factorllm.py -k frozen_dense_teacher",
+    ),
+    M(
         "gemq",
         "1-bit coefficient candidates on the min-max {0, range} grid",
         "methods/gemq.py",

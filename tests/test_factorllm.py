@@ -128,3 +128,34 @@ def test_a_factorized_model_saves_reloads_and_quantizes(tmp_path) -> None:
 def test_bad_expert_counts_name_the_allowed_range(entry: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         compress(make_llama(), [build_method({"name": "factorllm", **entry})], token_batches())
+
+
+def test_trained_experts_learn_from_a_frozen_dense_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With train_experts the teacher's logits at every step are the original dense model's: the experts that
+    train are not the teacher."""
+    from bitsmith.methods import factorllm
+
+    model = make_llama()
+    before = copy.deepcopy(model)
+    calib = token_batches(count=2, batch=1, length=16)
+    with torch.no_grad():
+        dense = {i: model(input_ids=b["input_ids"]).logits for i, b in enumerate(calib)}
+    seen: list[torch.Tensor] = []
+    real = factorllm.kd_loss
+    monkeypatch.setattr(factorllm, "kd_loss", lambda s, t: seen.append(t) or real(s, t))
+    method = build_method({"name": "factorllm", "router_steps": 0, "steps": 6, "lr": 0.05, "train_experts": True})
+    compress(model, [method], calib)
+    assert len(seen) == 6
+    for step, teacher in enumerate(seen):
+        assert torch.allclose(teacher, dense[step % 2], atol=1e-5)
+    moe = moe_layers(model)["model.layers.0.mlp"]
+    assert not torch.equal(moe.experts[0].up_proj.weight, before.model.layers[0].mlp.up_proj.weight[:32])  # trained
+
+
+def test_ffns_with_biases_are_refused() -> None:
+    model = make_llama()
+    model.config.mlp_bias = True
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj.bias = torch.nn.Parameter(torch.ones(mlp.up_proj.out_features))
+    with pytest.raises(ValueError, match=r"has biases in \['up_proj'\]"):
+        compress(model, [build_method({"name": "factorllm"})], token_batches())

@@ -92,6 +92,10 @@ class MoEFeedForward(nn.Module):
         if missing:
             raise ValueError(f"{type(mlp).__name__} is not a gated FFN (missing {missing}); FactorLLM needs "
                              "gate_proj / up_proj / down_proj / act_fn")  # fmt: skip
+        biased = [n for n in ("gate_proj", "up_proj", "down_proj") if getattr(mlp, n).bias is not None]
+        if biased:
+            raise ValueError(f"{type(mlp).__name__} has biases in {biased}; FactorLLM's experts hold none, so the "
+                             "model would change: only bias-free gated FFNs (Llama, Gemma, Qwen) are factorized")  # fmt: skip
         hidden, intermediate = mlp.gate_proj.in_features, mlp.gate_proj.out_features
         moe = cls(hidden, intermediate, mlp.act_fn, experts, top_k, routing, seed).to(mlp.gate_proj.weight.dtype)
         size = intermediate // experts

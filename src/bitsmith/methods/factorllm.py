@@ -14,9 +14,11 @@ Training, in two stages, both on the calibration windows:
 1. ``router_steps`` (PA stage): block by block (the sequential runner; each block's inputs come from the
    already-factorized blocks before it), the router is trained on that block's FFN inputs with the PA and
    balance losses. The experts are frozen here, so the pseudo-labels are fixed per token.
-2. ``steps`` (end-to-end): the logits' KL to the dense teacher (the same model with all experts on, so no second
-   copy) plus the PA and balance losses of every block; routers get gradients through the hard top-k by a
-   straight-through softmax; the experts too with ``train_experts``.
+2. ``steps`` (end-to-end): the logits' KL to the dense teacher (the model with all experts on: the same model
+   while only routers train; with ``train_experts`` a frozen copy made before the stage, so the teacher never
+   drifts) plus the PA and balance losses of every block; routers get gradients through the hard top-k by a
+   straight-through softmax; the experts too with ``train_experts``. FFNs with biases are refused (the
+   experts hold none).
 ``prior_loss: false`` drops the PA stage and the PA term (the ablation); ``routing: random`` picks k experts
 uniformly at random per token (the baseline; nothing is trained).
 
@@ -30,6 +32,7 @@ not used there either).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -162,6 +165,8 @@ class FactorLLM(Method):
         layers = list(moe_layers(model).values())
         trainable = [p for m in layers for p in (m.parameters() if self.train_experts else m.router.parameters())]
         optimizer = torch.optim.AdamW(trainable, lr=self.lr, weight_decay=1e-5)
+        # the dense teacher is the model with all experts on; trained experts would move it, so it is a frozen copy
+        teacher_model = copy.deepcopy(model).eval() if self.train_experts else model
         history: list[float] = []
         try:
             for moe in layers:
@@ -170,8 +175,8 @@ class FactorLLM(Method):
             with only_trainable(model, trainable):
                 for step in range(self.steps):
                     ids = windows[step % len(windows)]
-                    with torch.no_grad(), dense_teacher(model):
-                        teacher = model(input_ids=ids).logits
+                    with torch.no_grad(), dense_teacher(teacher_model):
+                        teacher = teacher_model(input_ids=ids).logits
                     loss = kd_loss(model(input_ids=ids).logits, teacher) + self._router_terms(layers)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
