@@ -33,6 +33,111 @@ class Mutant:
 
 M = Mutant
 MUTANTS = [
+    # -- the review's list (issue 38, item 13): one-line breaks of central mechanisms --------------------
+    M(
+        "gptq",
+        "act-order walks the columns in ascending Hessian order",
+        "methods/gptq.py",
+        "perm = torch.argsort(torch.diag(H), descending=True)",
+        "perm = torch.argsort(torch.diag(H), descending=False)",
+        "tests/test_llm.py -k act_order_quantizes",
+    ),
+    M(
+        "gptq",
+        "true_sequential ignored (every layer's Hessian from the float block)",
+        "methods/gptq.py",
+        "order = topo.sequential_order(block) if true_sequential else [tuple(mine)]",
+        "order = [tuple(mine)]",
+        "tests/test_llm.py -k true_sequential",
+    ),
+    M(
+        "awq",
+        "each linear scored alone instead of the block output",
+        "methods/awq.py",
+        "        if inspected is not None and calls is not None:",
+        "        if False:",
+        "tests/test_llm.py -k attention_output",
+    ),
+    M(
+        "mobiquant",
+        "no clipping search",
+        "methods/mobiquant.py",
+        "            search_clipping(q, layer.weight, tokens.pow(2).mean(0), self.clip_slices, self.clip_grid)",
+        "            pass",
+        "tests/test_mobiquant.py",
+    ),
+    M(
+        "npft",
+        "outliers by weight magnitude instead of Fisher information",
+        "methods/npft.py",
+        "mask = outlier_mask(fisher[name], self.sensitivity)",
+        "mask = outlier_mask(layer.weight.abs(), self.sensitivity)",
+        "tests/test_npft.py -k fisher_information",
+    ),
+    M(
+        "factorllm",
+        "no straight-through router gradient",
+        "moe.py",
+        "gates = mask - probs.detach() + probs",
+        "gates = mask",
+        "tests/test_factorllm.py -k hard_top_k",
+    ),
+    M(
+        "dverge",
+        "no momentum in the feature distillation",
+        "methods/dverge.py",
+        "momentum = mu * momentum + grad /",
+        "momentum = 0 * momentum + grad /",
+        "tests/test_ensemble.py -k per_image",
+    ),
+    M(
+        "dverge",
+        "momentum normalised over the batch instead of per image",
+        "methods/dverge.py",
+        "grad / grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))",
+        "grad / grad.abs().sum().clamp_min(1e-12)",
+        "tests/test_ensemble.py -k per_image",
+    ),
+    M(
+        "robust-eval",
+        "ART told the inputs lie in [0, 255]",
+        "robust/attacks.py",
+        "nb_classes=classes, clip_values=(LOW, HIGH),",
+        "nb_classes=classes, clip_values=(0.0, 255.0),",
+        "tests/test_robust.py -k data_range",
+    ),
+    M(
+        "robust-eval",
+        "targeted label-space attack made untargeted",
+        "robust/label_space.py",
+        "return pgd_steps(model, x, x.clone(), target, spec, ascend=False)",
+        "return pgd_steps(model, x, x.clone(), target, spec, ascend=True)",
+        "tests/test_robust.py",
+    ),
+    M(
+        "q-diffusion",
+        "calibration pairs t with the next step's input",
+        "eval/generative.py",
+        "                if record is not None:\n                    record(int(t), x, eps)\n                x = scheduler.step(eps, t, x).prev_sample",
+        "                x = scheduler.step(eps, t, x).prev_sample\n                if record is not None:\n                    record(int(t), x, eps)",
+        "tests/test_qdiffusion.py -k own_time_step",
+    ),
+    M(
+        "q-diffusion",
+        "split one channel off",
+        "qdiffusion.py",
+        'splits[f"{name}.resnets.{i}.conv_shortcut"] = int(shortcut.in_channels) - skip',
+        'splits[f"{name}.resnets.{i}.conv_shortcut"] = int(shortcut.in_channels) - skip + 1',
+        "tests/test_qdiffusion.py",
+    ),
+    M(
+        "sharpbalance",
+        "random fixed subsets instead of the flattest samples",
+        "methods/sharpbalance.py",
+        "return sam_sets([flattest(per_sample_sharpness(m, x, y), self.flat_ratio) for m in members])",
+        "return sam_sets([flattest(torch.rand(len(y), generator=torch.Generator().manual_seed(i)), self.flat_ratio) for i, m in enumerate(members)])",
+        "tests/test_sharpbalance.py -k own_per_sample",
+    ),
     # -- safety: a model directory's code never runs ------------------------------------------------------
     M(
         "security",
@@ -1374,9 +1479,10 @@ def apply(mutant: Mutant, src: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run the mutants of this method only")
+    parser.add_argument("--match", help="run the mutants whose description contains this text only")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "mutants.md")
     args = parser.parse_args()
-    mutants = [m for m in MUTANTS if args.only in (None, m.method)]
+    mutants = [m for m in MUTANTS if args.only in (None, m.method) and (args.match or "") in m.name]
     for mutant in mutants:  # every mutation must apply before anything runs
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copytree(ROOT / "src", Path(tmp) / "src")
@@ -1398,7 +1504,7 @@ def main() -> None:
         print(
             f"{'killed  ' if not passed else 'SURVIVED'} {mutant.method:12} {mutant.name} ({seconds:.0f} s)", flush=True
         )
-    write(rows, args.out, full=args.only is None)
+    write(rows, args.out, full=args.only is None and args.match is None)
     survivors = [m for m, killed, _ in rows if not killed]
     print(f"{len(rows) - len(survivors)} killed, {len(survivors)} survived")
     sys.exit(1 if survivors else 0)

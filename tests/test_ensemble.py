@@ -118,3 +118,18 @@ def test_transferability_matrix_and_disagreement() -> None:
     assert matrix[0, 1] < matrix[0, 0]  # examples transfer less than they hit their own source
     assert disagreement([members[0], members[0]], x) == 0.0
     assert 0 < disagreement(members, x) <= 1
+
+
+def test_distillation_momentum_is_per_image_and_accumulates() -> None:
+    """MI-FGSM as DVERGE runs it: each image's gradient normalised by its own L1 norm (a batch distils exactly as
+    its images one by one), and the momentum carries earlier steps (mu = 1 differs from mu = 0)."""
+    member = make_cnn()
+    layer = feature_layers(member)[1]
+    source, _ = batch(seed=1)
+    target, _ = batch(seed=2)
+    settings = {"eps": 0.07, "step_size": 0.01, "steps": 6}
+    together = distill(member, layer, source[:4], target[:4], **settings)
+    alone = torch.cat([distill(member, layer, source[i : i + 1], target[i : i + 1], **settings) for i in range(4)])
+    assert torch.allclose(together, alone, atol=1e-6)
+    without = distill(member, layer, source[:4], target[:4], mu=0.0, **settings)
+    assert (together != without).float().mean() > 0.05

@@ -159,3 +159,16 @@ def test_ffns_with_biases_are_refused() -> None:
     mlp.up_proj.bias = torch.nn.Parameter(torch.ones(mlp.up_proj.out_features))
     with pytest.raises(ValueError, match=r"has biases in \['up_proj'\]"):
         compress(model, [build_method({"name": "factorllm"})], token_batches())
+
+
+def test_the_kd_loss_reaches_the_routers_through_the_hard_top_k() -> None:
+    """Without the PA and balance terms the routers learn from the KD loss alone, which passes the hard top-k
+    only through the straight-through softmax."""
+    model = make_llama()
+    method = build_method({"name": "factorllm", "router_steps": 0, "steps": 3, "lr": 0.05, "prior_loss": False,
+                           "balance_weight": 0.0})  # fmt: skip
+    method.prepare(model)
+    before = {n: m.router.weight.detach().clone() for n, m in moe_layers(model).items()}
+    method.calibrate(model, token_batches(count=2, batch=2, length=16))
+    for name, moe in moe_layers(model).items():  # AdamW's weight decay alone would move them by ~1e-6
+        assert float((moe.router.weight - before[name]).norm() / before[name].norm()) > 1e-3

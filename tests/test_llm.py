@@ -294,3 +294,44 @@ def test_capturing_block_inputs_never_runs_the_lm_head() -> None:
     model.lm_head.register_forward_hook(lambda m, a, o: calls.append(1))
     sequential(model, token_batches(), lambda *a: None)
     assert calls == []
+
+
+def test_act_order_quantizes_the_largest_hessian_diagonal_first() -> None:
+    """The first column GPTQ rounds is rounded from the untouched weight; with act-order that is the column of the
+    largest Hessian diagonal, and the smallest one comes last (after every other column's error reached it)."""
+    g = torch.Generator().manual_seed(0)
+    x = correlated_inputs()
+    x[:, 5] *= 6.0  # column 5: the largest diagonal
+    x[:, 9] *= 0.1  # column 9: the smallest
+    hessian = 2 * x.T @ x / x.shape[0]
+    weight = torch.randn(16, 64, generator=g)
+    values, params = gptq_quantize(weight, hessian, 3, 0, False, 0.01, True, 128)
+    assert torch.equal(values[:, 5], params.quantize(weight[:, 5], 5))
+    assert not torch.equal(values[:, 9], params.quantize(weight[:, 9], 9))
+
+
+def test_true_sequential_takes_later_hessians_after_the_earlier_groups_are_quantized() -> None:
+    """q/k/v (the first group) see the float block either way; o_proj's inputs differ only when q/k/v are already
+    quantized (true_sequential), so only o_proj's result changes."""
+    results = {}
+    for flag in (True, False):
+        model = make_llama()
+        compress(model, [build_method({"name": "gptq", "bits": 3, "group_size": 32, "where": BLOCKS,
+                                       "true_sequential": flag})], token_batches())  # fmt: skip
+        attention = model.model.layers[0].self_attn
+        results[flag] = attention.q_proj.weight.detach().clone(), attention.o_proj.weight.detach().clone()
+    assert torch.equal(results[True][0], results[False][0])
+    assert not torch.equal(results[True][1], results[False][1])
+
+
+def test_awq_scores_the_attention_group_on_the_attention_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """q/k/v's scales are scored on what the attention module outputs (the official ``module2inspect``), so the
+    attention itself runs inside the search, not only the three linears."""
+    from bitsmith.methods import awq
+
+    calls: list[str] = []
+    real = awq._call
+    monkeypatch.setattr(awq, "_call", lambda module, *a: calls.append(type(module).__name__) or real(module, *a))
+    compress(make_llama(), [build_method({"name": "awq", "bits": 4, "group_size": 32, "where": BLOCKS,
+                                          "n_grid": 4})], token_batches())  # fmt: skip
+    assert "LlamaAttention" in calls

@@ -57,3 +57,20 @@ def test_the_noise_is_seen_while_training_and_gone_afterwards() -> None:
     for (name, p), q in zip(model.named_parameters(), noisy.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), name
     assert type(noisy.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # merged and unloaded
+
+
+def test_the_noise_goes_where_the_fisher_information_is_largest(monkeypatch) -> None:  # noqa: ANN001
+    """Each round's outliers are the top-``sensitivity`` % entries of that round's Fisher diagonal, layer by layer
+    (not the largest weights)."""
+    from bitsmith.methods import npft
+
+    fishers: list[dict[str, torch.Tensor]] = []
+    masks: list[torch.Tensor] = []
+    real_fisher, real_noise = npft.fisher_diagonal, npft.outlier_noise
+    monkeypatch.setattr(npft, "fisher_diagonal", lambda *a: fishers.append(real_fisher(*a)) or fishers[-1])
+    monkeypatch.setattr(npft, "outlier_noise", lambda w, mask, g: masks.append(mask) or real_noise(w, mask, g))
+    entry = {"name": "npft", "steps": 2, "rounds": 2, "sensitivity": 2.0, "fisher_batches": 1, "where": BLOCKS}
+    compress(make_llama(), [build_method(entry)], token_batches(count=2, batch=2, length=16))
+    expected = [outlier_mask(f, 2.0) for round_ in fishers for f in round_.values()]
+    assert len(masks) == len(expected) > 0
+    assert all(torch.equal(m, e) for m, e in zip(masks, expected, strict=True))

@@ -115,3 +115,19 @@ def test_the_torchao_graph_names_asymmetric_weights_as_fallbacks_and_takes_symme
     graph, fallbacks = deployable(symmetric, ops="pt2e")
     assert fallbacks == {} and sum(isinstance(m, QDQSplitLayer) for m in graph.modules()) == 4
     assert deployable(asymmetric, ops="onnx")[1] == {}  # ONNX Runtime takes uint8 weights
+
+
+def test_each_calibration_input_is_the_samplers_input_at_its_own_time_step() -> None:
+    """The inputs kept at the first DDIM step are the seeded start noise itself (an input paired with the next
+    step's time would already be denoised once)."""
+    from bitsmith.eval.generative import ddim_scheduler, start_noise
+
+    model = make_ddpm()
+    batches = trajectory_batches(model, samples=3, sampler_steps=4, calib_steps=2, seed=1, batch_size=4)
+    first = int(ddim_scheduler(4).timesteps[0])
+    samples = torch.cat([b["sample"] for b in batches])
+    steps = torch.cat([b["timestep"] for b in batches])
+    kept = samples[steps == first]
+    noise = start_noise(3, 1)
+    assert kept.shape[0] == 3
+    assert torch.equal(kept[kept.flatten(1).sum(1).argsort()], noise[noise.flatten(1).sum(1).argsort()])

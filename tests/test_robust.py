@@ -226,3 +226,15 @@ def test_label_space_attack_transfers_through_the_proxy_class() -> None:
     baseline = float((blackbox(unrelated).argmax(1) == target).float().mean())
     clean = float((blackbox(x).argmax(1) == target).float().mean())
     assert success > baseline + 0.08 and success > clean + 0.08, (success, baseline, clean)
+
+
+def test_the_toolbox_attacks_inside_the_data_range() -> None:
+    """ART is told the inputs lie in [0, 1]: adversarial images of bright inputs stay there (a wider declared range
+    lets them leave it)."""
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = 0.9 + 0.1 * torch.rand(16, 1, 12, 12)
+    y = torch.randint(0, 10, (16,))
+    adv = art_attack(model, x, y, AttackSpec(eps=0.3, steps=3))
+    assert float(adv.max()) <= 1.0 and float(adv.min()) >= 0.0
+    assert float((adv - x).abs().max()) > 0.05  # the attack moved the images

@@ -75,3 +75,20 @@ def test_before_balance_every_member_trains_with_sam_on_all_samples() -> None:
     assert all(bool(m.all()) for m in method.sam_masks(model.members, x, y))
     method.schedule(model, 1, 2)
     assert not any(bool(m.all()) for m in method.sam_masks(model.members, x, y))
+
+
+def test_the_sam_sets_come_from_each_members_own_per_sample_sharpness() -> None:
+    """After balance_from, member i's SAM samples are the other members' flattest under their measured sharpness
+    (random subsets of the same size would not match)."""
+    from bitsmith.methods.sharpbalance import per_sample_sharpness
+
+    model = make_ensemble()
+    x, y = batch()
+    method = build_method({"name": "sharpbalance", "rho": 0.5, "balance_from": 0.0, "flat_ratio": 0.3})
+    compress(model, [method], [(x, y)])
+    method.schedule(model, 0, 1)
+    members = model.members
+    expected = sam_sets([flattest(per_sample_sharpness(m, x, y), 0.3) for m in members])
+    got = method.sam_masks(members, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert any(not bool(mask.all()) for mask in got)  # balanced: not every sample is a SAM sample

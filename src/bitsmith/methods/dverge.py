@@ -4,7 +4,7 @@ of Ensembles", NeurIPS 2020. Spec: ``shared/methods/dverge.md``; official code `
 *Non-robust feature distillation*: for member ``i``, a source image ``x_s`` and a target image ``x_t``,
 ``x'_i = argmin_{||x' - x_s||_inf <= eps} ||h_i(x') - h_i(x_t)||^2`` where ``h_i`` is member ``i``'s feature at one
 layer (a Conv2d / Linear output, before its activation): ``steps`` signed steps of size ``step_size`` with momentum
-``mu = 1`` on the L1-normalised gradient (MI-FGSM), no random start, clipped to the ball and ``[0, 1]``. ``x'_i``
+``mu = 1`` on each image's L1-normalised gradient (MI-FGSM, per sample), no random start, clipped to the ball and ``[0, 1]``. ``x'_i``
 looks like ``x_s`` but carries ``x_t``'s non-robust features for member ``i``.
 
 *Vulnerability diversification*: member ``i`` is trained on ``L_i = sum_{j != i} CE(f_i(x'_j), y_s)`` — it must
@@ -61,7 +61,9 @@ def distill(member: nn.Module, layer: nn.Module, source: Tensor, target: Tensor,
             adv.requires_grad_(True)
             loss = (features(member, layer, adv) - goal).pow(2).sum()
             (grad,) = torch.autograd.grad(loss, adv)
-            momentum = mu * momentum + grad / grad.abs().sum().clamp_min(1e-12)
+            momentum = mu * momentum + grad / grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(
+                -1, *[1] * (grad.dim() - 1)
+            )
             adv = adv.detach() - step_size * momentum.sign()
             adv = torch.min(torch.max(adv, source - eps), source + eps).clamp(0.0, 1.0)
     return adv.detach()
