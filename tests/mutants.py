@@ -35,6 +35,14 @@ M = Mutant
 MUTANTS = [
     # -- the review's list (issue 38, item 13): one-line breaks of central mechanisms --------------------
     M(
+        "awq",
+        "the block's other linears quantized during the scale search",
+        "methods/awq.py",
+        "            with float_weights(others):",
+        "            with float_weights([]):",
+        "tests/test_llm.py -k attention_output",
+    ),
+    M(
         "gptq",
         "act-order walks the columns in ascending Hessian order",
         "methods/gptq.py",

@@ -326,12 +326,20 @@ def test_true_sequential_takes_later_hessians_after_the_earlier_groups_are_quant
 
 def test_awq_scores_the_attention_group_on_the_attention_output(monkeypatch: pytest.MonkeyPatch) -> None:
     """q/k/v's scales are scored on what the attention module outputs (the official ``module2inspect``), so the
-    attention itself runs inside the search, not only the three linears."""
+    attention itself runs inside the search, not only the three linears; the block's other linears (o_proj)
+    compute in float there, as in the official search."""
     from bitsmith.methods import awq
 
-    calls: list[str] = []
+    calls: list[tuple[str, bool]] = []
     real = awq._call
-    monkeypatch.setattr(awq, "_call", lambda module, *a: calls.append(type(module).__name__) or real(module, *a))
+
+    def spy(module, *args):  # noqa: ANN001, ANN202
+        float_o_proj = getattr(getattr(module, "o_proj", None), "weight_q", None) is None
+        calls.append((type(module).__name__, float_o_proj))
+        return real(module, *args)
+
+    monkeypatch.setattr(awq, "_call", spy)
     compress(make_llama(), [build_method({"name": "awq", "bits": 4, "group_size": 32, "where": BLOCKS,
                                           "n_grid": 4})], token_batches())  # fmt: skip
-    assert "LlamaAttention" in calls
+    attention = [float_o_proj for name, float_o_proj in calls if name == "LlamaAttention"]
+    assert attention and all(attention)  # o_proj computes in float while q/k/v's scales are searched

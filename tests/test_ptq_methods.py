@@ -68,3 +68,12 @@ def test_smoothquant_folds_the_attention_output_division_into_the_value_projecti
     assert layer.output.dense.smooth is not None  # after GELU: not foldable, the division stays
     with torch.no_grad():
         assert torch.allclose(model(**batch).last_hidden_state, before, atol=1e-4)
+
+
+def test_rtn_refuses_a_group_that_does_not_divide_a_layer_unless_told_to_fall_back() -> None:
+    with pytest.raises(ValueError, match=r"rtn: group_size 128 does not divide the 8 inputs of layer '2'"):
+        compress(linear_model(), build_method({"name": "rtn", "bits": 4, "group_size": 128}))
+    model = linear_model()
+    with pytest.warns(UserWarning, match="using per-channel scales"):
+        compress(model, build_method({"name": "rtn", "bits": 4, "group_size": 128, "per_channel_fallback": True}))
+    assert model[2].weight_q.granularity == "channel" and model[0].weight_q.granularity == "group"

@@ -177,8 +177,10 @@ class AWQ(Method):
         with float_weights(layers):
             seen = capture(block, inputs, groups, self.search_batches)
         for group in groups:
-            scales, history = search_scales(block, group, seen.inputs[group.linears[0]],
-                                            seen.calls.get(group.inspect), self.n_grid)  # fmt: skip
+            others = [block.get_submodule(n) for n in sorted(mine) if n not in group.linears]
+            with float_weights(others):  # as the official search: only the group's own linears are quantized
+                scales, history = search_scales(block, group, seen.inputs[group.linears[0]],
+                                                seen.calls.get(group.inspect), self.n_grid)  # fmt: skip
             self._history[f"{name}.{group.prev}"] = history
             topo.divide_feeder(block, group, scales)
             for n in group.linears:

@@ -1,6 +1,8 @@
 """Round-to-nearest weight-only quantization per group: the floor every weight-only method must beat.
 
-No calibration data; scales from each group's min/max (spec: ``shared/methods/ptq-baselines.md``).
+No calibration data; scales from each group's min/max (spec: ``shared/methods/ptq-baselines.md``). A group size
+that does not divide a layer's inputs is an error (as GPTQ and AWQ), unless ``per_channel_fallback`` lets those
+layers take per-channel scales (with a warning naming each).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from bitsmith.method import Method, register_method
-from bitsmith.quant.layers import attach, uniform_weight_quantizer
+from bitsmith.quant.layers import attach, uniform_weight_quantizer, weight_input_size
 from bitsmith.quant.uniform import Bits, GroupSize, UniformQuantizer
 
 
@@ -26,9 +28,14 @@ class RTN(Method):
     group_size: GroupSize = 128
     symmetric: bool = False
     float_zero: bool = False  # grid min + scale * k (llama.cpp Q4_1 / HQQ style) instead of an integer zero point
+    per_channel_fallback: bool = False  # layers the group does not divide: per-channel scales instead of an error
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
         c = self.layer_config(overrides)
+        inputs = weight_input_size(layer)
+        if inputs % c["group_size"] and not c["per_channel_fallback"]:
+            raise ValueError(f"rtn: group_size {c['group_size']} does not divide the {inputs} inputs of layer {name!r}; "
+                             "choose a divisor, exclude the layer, or set per_channel_fallback: true")  # fmt: skip
         return uniform_weight_quantizer(name, layer, c["bits"], "group", c["group_size"], c["symmetric"], "minmax",
                                         float_zero=c["float_zero"])  # fmt: skip
 
