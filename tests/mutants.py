@@ -35,6 +35,14 @@ M = Mutant
 MUTANTS = [
     # -- the review's list (issue 38, item 13): one-line breaks of central mechanisms --------------------
     M(
+        "dverge",
+        "deep-ensemble members get 1/M of their gradient",
+        "methods/deep_ensemble.py",
+        "        return sum(nn.functional.cross_entropy(member(x), y) for member in members)",
+        "        return sum(nn.functional.cross_entropy(member(x), y) for member in members) / len(members)",
+        "tests/test_ensemble.py -k own_loss",
+    ),
+    M(
         "awq",
         "the block's other linears quantized during the scale search",
         "methods/awq.py",

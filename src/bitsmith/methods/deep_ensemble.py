@@ -1,8 +1,10 @@
 """Deep ensemble — Lakshminarayanan, Pritzel, Blundell, "Simple and Scalable Predictive Uncertainty Estimation using
 Deep Ensembles", NeurIPS 2017: the baseline of every ensemble method here. Each member of an
 :class:`bitsmith.ensemble.Ensemble` is trained on its own cross-entropy, as if alone (one optimizer over all
-members gives each member exactly its own gradient); members differ by their initialisation. The loss is the mean
-over members, so a learning rate means what it means for one model. No adversarial training for the members.
+members gives each member exactly its own gradient); members differ by their initialisation. The loss is the sum
+over members, so each member's gradient is the one it would get alone and a learning rate means what it means
+for one model (a mean would hand each member 1/M of it: lr / M under SGD). No adversarial training for the
+members.
 """
 
 from __future__ import annotations
@@ -27,4 +29,4 @@ class DeepEnsemble(Method):
     def objective(self, model: nn.Module, batch: Any) -> Tensor:
         x, y = batch
         members = members_of(model, "ensemble")
-        return sum(nn.functional.cross_entropy(member(x), y) for member in members) / len(members)
+        return sum(nn.functional.cross_entropy(member(x), y) for member in members)
