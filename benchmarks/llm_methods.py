@@ -182,9 +182,11 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | | |")
             continue
         routed = f"{r['routed_bits']:.2f}" if r.get("routed_bits") is not None else ""
+        per_token = any(k in r["name"] for k in ("MoBiRoute", "token routing"))  # bits read vary per token
+        stored = "(routed)" if per_token else f"{r['avg_weight_bits']:.2f}"
         lines.append(
             f"| {r['name']} | {r['perplexity']:.2f} | {r['perplexity_docs']:.2f} | {r['kl']:.4f} | "
-            f"{100 * r['top1_agreement']:.1f} | {r['size_mib']:.1f} | {r['avg_weight_bits']:.2f} | {routed} | "
+            f"{100 * r['top1_agreement']:.1f} | {r['size_mib']:.1f} | {stored} | {routed} | "
             f"{r['quant_seconds']:.1f} | {r.get('load', [0])[0]:.1f} |"
         )
     return lines
@@ -233,7 +235,8 @@ def write(rows: list[dict[str, Any]]) -> None:
         f"rewrites this page). Protocol of [llm.md](llm.md): perplexity on the first {EVAL_WINDOWS} windows of "
         f"512 tokens of *Persuasion* and of the Python library docs, KL and top-1 agreement with FP32 on the first "
         f"{KL_WINDOWS}, calibration on {CALIB_WINDOWS} random windows of *Emma* and *Mansfield Park* (seed 0). Only "
-        "the decoder blocks' Linears are quantized (avg w bits also counts the FP32 embedding). Baseline rows are "
+        "the decoder blocks' Linears are quantized (avg w bits also counts the FP32 embedding; a row routed per token "
+        "reads a different number of bits per token: its average is the routed bits column). Baseline rows are "
         "read from the model's own results page (same protocol); their load column is the load when they were "
         "measured. The quant s column is wall time on 2 cores, shared with other benchmarks where the load says so, "
         "and includes training LiftQuant's codebook the first time a rate is used (cached afterwards).",

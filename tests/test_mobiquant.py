@@ -133,3 +133,9 @@ def test_mobiquant_on_a_decoder_matches_rtn_at_each_width() -> None:
     rtn = copy.deepcopy(model)
     compress(rtn, [build_method({"name": "rtn", "bits": 4, "group_size": 32, "where": BLOCKS})], calib)
     assert error(mobi) < 1.3 * error(rtn)
+
+
+def test_the_cost_of_a_sliced_layer_counts_its_parameters_as_stored() -> None:
+    """model_cost's overhead of a slice quantizer is the bytes of the group parameters the checkpoint holds."""
+    q = sliced(torch.randn(8, 64))
+    assert q.overhead_bits() == 8 * sum(t.numel() * t.element_size() for t in (q.lo, q.step)) == 2 * 32 * 32

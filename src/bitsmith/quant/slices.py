@@ -66,7 +66,7 @@ class SliceQuantizer(Quantizer):
                 "group_size": self.group_size, "active": self.active}  # fmt: skip
 
     def overhead_bits(self) -> int:
-        return 16 * (self.lo.numel() + self.step.numel())  # FP16 scale and offset per group
+        return 8 * (self.lo.numel() * self.lo.element_size() + self.step.numel() * self.step.element_size())  # as stored
 
     def grouped(self, weight: Tensor) -> Tensor:
         """``weight`` (``out x in``) as ``(out * in / group_size, group_size)``."""
