@@ -35,6 +35,14 @@ M = Mutant
 MUTANTS = [
     # -- the review's list (issue 38, item 13): one-line breaks of central mechanisms --------------------
     M(
+        "brecq",
+        "reconstruction error summed over every position (the regulariser 49-784x weaker)",
+        "reconstruct.py",
+        "return sum((a - b).abs().pow(p).sum(1).mean() for a, b in zip(pred, target, strict=True))",
+        "return sum((a - b).abs().pow(p).flatten(1).sum(1).mean() for a, b in zip(pred, target, strict=True))",
+        "tests/test_brecq.py -k averages_positions",
+    ),
+    M(
         "dverge",
         "deep-ensemble members get 1/M of their gradient",
         "methods/deep_ensemble.py",

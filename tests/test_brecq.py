@@ -117,3 +117,25 @@ def test_every_unit_is_matched_to_the_float_model_not_to_the_rounded_earlier_uni
     compress(model, build_method({"name": "brecq", "w_bits": 2, "a_bits": 4, "iters": 5}), list(batches(x, y, 32)))
     assert len(intact) > 2 and all(intact)
     assert not all(torch.equal(model.get_submodule(n).weight, w) for n, w in floats.items())  # the model is rounded
+
+
+def test_the_reconstruction_loss_sums_channels_and_averages_positions() -> None:
+    """The official lp_loss: summed over dim 1 (channels), averaged over examples and pixels, so the rounding
+    regulariser keeps its intended weight whatever the feature map's size."""
+    from bitsmith.reconstruct import lp_loss
+
+    a, b = torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5)
+    b[0, :, 1, 2] = 1.0  # three channels differ by 1 at one of the 2 x 20 (example, pixel) positions
+    assert float(lp_loss([a], [b], 2.0)) == pytest.approx(3 / 40)
+
+
+def test_each_unit_reports_how_many_roundings_were_still_undecided() -> None:
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 1, 12, 12), torch.randint(0, 10, (64,))
+    shares = {}
+    for iters, lam in ((1, 0.0), (400, 1.0)):
+        method = build_method({"name": "brecq", "w_bits": 2, "a_bits": 8, "iters": iters, "lam": lam, "warmup": 0.0})
+        compress(make_cnn(), method, list(batches(x, y, 32)))
+        shares[iters] = [s["undecided"] for s in method._stats.values()]
+    assert all(s > 0.9 for s in shares[1])  # the soft rounding starts at the float weight: nothing decided yet
+    assert max(shares[400]) < min(shares[1])

@@ -6,9 +6,11 @@ quantized layer outside every named block (layer-wise reconstruction). Units are
 model runs them. A unit's inputs are those the already-quantized model feeds it (BRECQ's and Q-Diffusion's
 ``asym`` setting); its targets are the float model's outputs of the same unit on the same calibration batches (a
 float copy taken before any rounding is written, as the official codes keep each layer's original weight).
-The objective is ``mean_n sum |f_q(x) - f(x)|^p`` (p = 2.4 by default) plus ``lam * sum(1 - |2h(V) - 1|^beta)``
-with ``beta`` annealed from 20 to 2 after a warm-up without it; then the rounding is made hard and written into the
-weights, so the model is an ordinary uniformly quantized one (exported like any PTQ model).
+The objective is ``|f_q(x) - f(x)|^p`` summed over channels and averaged over examples and positions (the official
+``lp_loss``; p = 2.4 by default) plus ``lam * sum(1 - |2h(V) - 1|^beta)`` with ``beta`` annealed from 20 to 2
+after a warm-up without it; then the rounding is made hard and written into the weights, so the model is an
+ordinary uniformly quantized one (exported like any PTQ model). Each unit reports its output error before and
+after and the share of rounding variables still undecided (``0 < h(V) < 1``) when hardened.
 """
 
 from __future__ import annotations
@@ -26,7 +28,14 @@ from torch import Tensor, nn
 from bitsmith.method import eval_mode, run_forward
 from bitsmith.nn import QuantizedMixin
 from bitsmith.progress import log
-from bitsmith.quant.adaround import AdaRound, SplitAdaRound, learnable_steps, rounding_for, rounding_regularizer
+from bitsmith.quant.adaround import (
+    AdaRound,
+    SplitAdaRound,
+    learnable_steps,
+    rectified_sigmoid,
+    rounding_for,
+    rounding_regularizer,
+)
 
 
 @dataclass(frozen=True)
@@ -158,7 +167,18 @@ def _cat(values: list[Any]) -> Any:
 
 
 def lp_loss(pred: list[Tensor], target: list[Tensor], p: float) -> Tensor:
-    return sum((a - b).abs().pow(p).flatten(1).sum(1).mean() for a, b in zip(pred, target, strict=True))  # type: ignore[return-value]
+    """``|f_q - f|^p`` summed over the channel dimension (dim 1) and averaged over everything else (examples and
+    positions), as the official ``lp_loss``: the rounding regulariser's weight ``lam`` is then on its intended scale."""
+    return sum((a - b).abs().pow(p).sum(1).mean() for a, b in zip(pred, target, strict=True))  # type: ignore[return-value]
+
+
+def undecided_share(rounders: list[Any]) -> float:
+    """The share of rounding variables with ``0 < h(V) < 1``: not yet rounded down or up (hardening decides them)."""
+    values = [rectified_sigmoid(a.detach()).reshape(-1) for r in rounders for a in r.alphas()]
+    if not values:
+        return 0.0
+    h = torch.cat(values)
+    return float(((h > 0) & (h < 1)).float().mean())
 
 
 def reconstruct_unit(
@@ -223,6 +243,7 @@ def reconstruct_unit(
                     step.clamp_(min=1e-8)
     for step in learned:
         step.requires_grad_(False)
+    undecided = undecided_share(rounders)
     for layer in found:
         if isinstance(layer.weight_q, (AdaRound, SplitAdaRound)):
             rounder = layer.weight_q
@@ -231,8 +252,8 @@ def reconstruct_unit(
             layer.weight_q = rounder.base
     with torch.no_grad(), eval_mode(unit):
         after = float(error())
-    log.debug(f"reconstructed {name}: output error {before:.4g} -> {after:.4g}")
-    return {"before": before, "after": after}
+    log.debug(f"reconstructed {name}: output error {before:.4g} -> {after:.4g}, {100 * undecided:.1f} % undecided")
+    return {"before": before, "after": after, "undecided": undecided}
 
 
 @torch.no_grad()

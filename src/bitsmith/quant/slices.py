@@ -66,7 +66,9 @@ class SliceQuantizer(Quantizer):
                 "group_size": self.group_size, "active": self.active}  # fmt: skip
 
     def overhead_bits(self) -> int:
-        return 8 * (self.lo.numel() * self.lo.element_size() + self.step.numel() * self.step.element_size())  # as stored
+        return 8 * (
+            self.lo.numel() * self.lo.element_size() + self.step.numel() * self.step.element_size()
+        )  # as stored
 
     def grouped(self, weight: Tensor) -> Tensor:
         """``weight`` (``out x in``) as ``(out * in / group_size, group_size)``."""
