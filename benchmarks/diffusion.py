@@ -20,7 +20,7 @@ from common import RESULTS, Rows, save_figure
 from llm import Entry, bench_threads, fill
 
 from bitsmith import build_method, compress
-from bitsmith.eval.generative import generative_scores, noise_mse_per_step, sample, trajectories
+from bitsmith.eval.generative import generative_scores, noise_error_summary, noise_mse_per_step, sample, trajectories
 from bitsmith.qdiffusion import concat_splits, trajectory_batches
 from bitsmith.quant.split import SplitQuantizer
 from bitsmith.quant.uniform import UniformQuantizer
@@ -70,7 +70,7 @@ def scored(model: torch.nn.Module, seconds: float, name: str) -> dict[str, Any]:
     scores = generative_scores(generated, real_images()).to_dict()
     per_step = noise_mse_per_step(fp32(), model, reference_path())
     save_grid(generated[:GRID], name)
-    return {**scores, "grid": f"diffusion-{slug(name)}.png", "noise_mse": sum(per_step.values()) / len(per_step), "noise_mse_per_step": per_step,
+    return {**scores, "grid": f"diffusion-{slug(name)}.png", **noise_error_summary(per_step), "noise_mse_per_step": per_step,
             "quant_seconds": round(seconds, 1), "threads": torch.get_num_threads()}  # fmt: skip
 
 

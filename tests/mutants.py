@@ -35,6 +35,14 @@ M = Mutant
 MUTANTS = [
     # -- the review's list (issue 38, item 13): one-line breaks of central mechanisms --------------------
     M(
+        "q-diffusion",
+        "the noise error measured on the calibration trajectories",
+        "eval/generative.py",
+        "EVALUATION_SEED = 2",
+        "EVALUATION_SEED = 1",
+        "tests/test_diffusion.py -k held_out",
+    ),
+    M(
         "brecq",
         "reconstruction error summed over every position (the regulariser 49-784x weaker)",
         "reconstruct.py",

@@ -148,3 +148,27 @@ def test_a_killed_ddpm_training_resumes_bit_identically(tmp_path: Path, monkeypa
     assert fit_ddpm(resumed, images, cfg, checkpoint=tmp_path / "state.pt") == history
     for key, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_the_noise_error_is_measured_on_held_out_trajectories_with_t0_apart() -> None:
+    """The evaluation's start noise is not the calibration's, and the summary states t = 0 separately."""
+    from bitsmith.eval.generative import (
+        CALIBRATION_SEED,
+        EVALUATION_SEED,
+        noise_error_summary,
+        start_noise,
+        trajectories,
+    )
+    from bitsmith.qdiffusion import trajectory_batches
+    from conftest import make_ddpm
+
+    model = make_ddpm()
+    path = trajectories(model, 2, 4)
+    calibration = trajectory_batches(model, samples=2, sampler_steps=4, calib_steps=4, batch_size=64)
+    first = path[0][0]
+    held_out = path[0][1]
+    calibrated = calibration[0]["sample"][calibration[0]["timestep"] == first]
+    assert EVALUATION_SEED != CALIBRATION_SEED and torch.equal(held_out, start_noise(2, EVALUATION_SEED))
+    assert not any(torch.equal(row, other) for row in held_out for other in calibrated)
+    summary = noise_error_summary({980: 1.0, 500: 3.0, 0: 20.0})
+    assert summary == {"noise_mse": 8.0, "noise_mse_t0": 20.0, "noise_mse_without_t0": 2.0}

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bitsmith.eval.generative import sample
+from bitsmith.eval.generative import CALIBRATION_SEED, sample
 from bitsmith.method import eval_mode, run_forward
 
 NAIVE_STEP = 800  # the single-step baseline's time step (Q-Diffusion's fallback)
@@ -33,7 +33,8 @@ def calibration_steps(
 
 @torch.no_grad()
 def trajectory_batches(
-    model: nn.Module, samples: int, sampler_steps: int, calib_steps: int, uniform: bool = True, seed: int = 1,
+    model: nn.Module, samples: int, sampler_steps: int, calib_steps: int, uniform: bool = True,
+    seed: int = CALIBRATION_SEED,
     batch_size: int = 32, single_step: int = NAIVE_STEP,
 ) -> list[dict[str, Tensor]]:  # fmt: skip
     """Calibration batches ``{"sample": x_t, "timestep": t}`` of the float model's DDIM trajectories. Uniform:

@@ -72,9 +72,14 @@ def sample(
     return torch.cat(out)
 
 
+CALIBRATION_SEED = 1  # the start noise of the calibration trajectories
+EVALUATION_SEED = 2  # held-out starts for the noise error: never the calibration trajectories
+
+
 @torch.no_grad()
-def trajectories(model: nn.Module, count: int, steps: int, seed: int = 1) -> list[tuple[int, Tensor]]:
-    """The FP32 sampler's inputs ``(t, x_t)`` at every DDIM step for ``count`` seeded samples."""
+def trajectories(model: nn.Module, count: int, steps: int, seed: int = EVALUATION_SEED) -> list[tuple[int, Tensor]]:
+    """The FP32 sampler's inputs ``(t, x_t)`` at every DDIM step for ``count`` seeded samples (by default the
+    held-out evaluation starts)."""
     seen: list[tuple[int, Tensor]] = []
     sample(model, count, steps, seed, batch_size=count, record=lambda t, x, _eps: seen.append((t, x.clone())))
     return seen
@@ -89,6 +94,15 @@ def noise_mse_per_step(reference: nn.Module, model: nn.Module, path: list[tuple[
         steps = torch.full((x.shape[0],), t, dtype=torch.long)
         result[t] = float(nn.functional.mse_loss(model(x, steps), reference(x, steps)))
     return result
+
+
+def noise_error_summary(per_step: dict[int, float]) -> dict[str, float]:
+    """The mean noise error over all steps, and separately the last step (t = 0, where the quantized models' error
+    concentrates) and the mean over the others."""
+    last = min(per_step)
+    others = [v for t, v in per_step.items() if t != last]
+    return {"noise_mse": sum(per_step.values()) / len(per_step), "noise_mse_t0": per_step[last],
+            "noise_mse_without_t0": sum(others) / len(others) if others else per_step[last]}  # fmt: skip
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -147,8 +161,9 @@ def generative_scores(generated: Tensor, real: Tensor, classifier: nn.Module | N
 @dataclass
 class GenerationTask:
     """The zoo DDPM's task: FID / KID (zoo-CNN features) of ``samples`` DDIM samples against as many test images,
-    the mean per-step noise error against the first model evaluated (the FP32 reference), and calibration batches
-    ``{"sample": x_t, "timestep": t}`` from the FP32 sampler's trajectories."""
+    the per-step noise error against the first model evaluated (the FP32 reference) on held-out trajectories
+    (``EVALUATION_SEED``; all steps, t = 0 and the rest), and calibration batches ``{"sample": x_t, "timestep": t}``
+    from the FP32 sampler's trajectories of ``CALIBRATION_SEED``."""
 
     real: Tensor
     calibration: list[dict[str, Tensor]]
@@ -159,6 +174,7 @@ class GenerationTask:
     kind: str = "generation"
     reference: nn.Module | None = None
     path: list[tuple[int, Tensor]] | None = None
+    last_per_step: dict[int, float] | None = None  # the last evaluated model's noise error per time step
 
     @property
     def eval_examples(self) -> int:
@@ -185,11 +201,8 @@ class GenerationTask:
         if self.reference is None:  # the first model evaluated is the FP32 reference
             self.set_reference(model)
         generated = sample(model, self.sample_count, self.sampler_steps, self.seed)
-        per_step = noise_mse_per_step(self.reference, model, self.path or [])
-        return {
-            **generative_scores(generated, self.real).to_dict(),
-            "noise_mse": sum(per_step.values()) / len(per_step),
-        }
+        self.last_per_step = noise_mse_per_step(self.reference, model, self.path or [])
+        return {**generative_scores(generated, self.real).to_dict(), **noise_error_summary(self.last_per_step)}
 
 
 def generation_task(model: nn.Module, spec: Any, data_root: str | None, smoke: bool = False) -> GenerationTask:

@@ -25,6 +25,8 @@ METRIC_COLUMNS = [
     ("fid_zoo_cnn", "FID (zoo-CNN features)", lambda v: f"{v:.3f}"),
     ("kid_zoo_cnn", "KID (zoo-CNN features)", lambda v: f"{v:.4f}"),
     ("noise_mse", "noise MSE vs FP32", lambda v: f"{v:.5f}"),
+    ("noise_mse_t0", "noise MSE at t = 0", lambda v: f"{v:.5f}"),
+    ("noise_mse_without_t0", "noise MSE, t > 0", lambda v: f"{v:.5f}"),
     ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"),
     ("size_bytes", "size (KB)", lambda v: f"{v / 1024:.1f}"),
     ("avg_weight_bits", "avg w bits", lambda v: f"{v:.2f}"),
