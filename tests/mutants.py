@@ -173,6 +173,22 @@ MUTANTS = [
     # -- safety: a model directory's code never runs ------------------------------------------------------
     M(
         "security",
+        "non-finite quantizer parameters load",
+        "export/checkpoint.py",
+        "    check_finite_quantizers(path, state, decoded)\n",
+        "",
+        "tests/test_hostile_corpus.py -k not_finite",
+    ),
+    M(
+        "security",
+        "checkpoint meta fields of the wrong type pass",
+        "export/checkpoint.py",
+        "    read_meta(path, metadata)\n    limit",
+        "    limit",
+        "tests/test_hostile_corpus.py -k meta",
+    ),
+    M(
+        "security",
         "a config's auto_map is not refused",
         "zoo/hf_directory.py",
         "    refuse_remote_code(directory)\n",

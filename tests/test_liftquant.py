@@ -162,3 +162,17 @@ def test_bad_liftquant_settings_are_refused_with_the_fix(tmp_path: Path, monkeyp
                  token_batches())  # fmt: skip
     with pytest.raises(ValueError, match="vectors of 4"):
         LiftQuantizer(4, 10).quantize_weight(torch.randn(3, 6))
+
+
+def test_a_huge_hadamard_block_is_refused_against_the_layer_before_any_allocation() -> None:
+    """2^20 columns would be a 4 TiB matrix: refused in one line because the layer has 64 inputs."""
+    import time
+
+    from bitsmith.sequential import peak_rss, reset_peak_rss
+
+    reset_peak_rss()
+    before, start = peak_rss(), time.perf_counter()
+    with pytest.raises(ValueError, match="do not split into Hadamard blocks of 1048576"):
+        compress(make_llama(), [build_method({"name": "liftquant", "hadamard": 2**20, "codebook_steps": 1,
+                                              "where": {"include": ["model.layers.0.mlp.up_proj"]}})])  # fmt: skip
+    assert time.perf_counter() - start < 30 and peak_rss() - before < 512 << 20

@@ -43,7 +43,7 @@ def _eval_attacks(args: argparse.Namespace, model: Any, task: Any) -> int:
     """Clean and robust top-1 under each attack and eps, white-box (through the fake-quant modules) and transferred
     from the trained FP32 zoo model; ``--json`` also writes the report and a RobustBench-style entry."""
     from bitsmith.data import subset
-    from bitsmith.export.checkpoint import read_metadata
+    from bitsmith.export.checkpoint import read_meta
     from bitsmith.files import atomic_write_text
     from bitsmith.robust import attack_specs, robust_evaluate
     from bitsmith.zoo import pretrained
@@ -53,7 +53,7 @@ def _eval_attacks(args: argparse.Namespace, model: Any, task: Any) -> int:
             f"--attack evaluates image classifiers (the zoo CNN / ViT); this checkpoint's task is {task.kind}"
         )
     specs = attack_specs(args.attack, args.eps, args.norm, args.steps, args.restarts)
-    meta = json.loads(read_metadata(args.checkpoint).get("meta", "{}"))
+    meta = read_meta(args.checkpoint)
     name = args.model or meta.get("model")
     images, labels = subset(*task.test, args.subset, seed=0)
     source = None

@@ -142,9 +142,9 @@ def load_checkpoint(
     """(compressed model, its FP32 original (timing; the reference of cosine or KL), task) of a checkpoint
     written by ``bitsmith run``; ``model_name`` (zoo name or HF directory) overrides the one the checkpoint
     names. An LLM is scored on ``windows`` text windows of ``window`` tokens (default: its recipe's ``eval_size``)."""
-    from bitsmith.export.checkpoint import load, read_metadata
+    from bitsmith.export.checkpoint import load, read_meta
 
-    meta = json.loads(read_metadata(path).get("meta", "{}"))
+    meta = read_meta(path)
     name = model_name or meta.get("model")
     if name is None:
         raise ValueError(f"{path}: the checkpoint does not name its model; pass --model NAME")

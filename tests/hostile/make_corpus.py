@@ -37,11 +37,39 @@ def with_header(data: bytes, edit) -> bytes:  # type: ignore[no-untyped-def]
     return struct.pack("<Q", len(text)) + text + data[8 + size :]
 
 
-def checkpoints() -> None:
+def good_checkpoint() -> Path:
     torch.manual_seed(0)
     model = make_cnn()
     compress(model, build_method({"name": "ptq", "w_bits": 4, "a_bits": 8}), [torch.randn(8, 1, 12, 12)])
-    good = save(model, HERE / "good.tmp.safetensors")
+    return save(model, HERE / "good.tmp.safetensors")
+
+
+def retensor(source: Path, target: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    """A self-consistent crafted file: edited tensors, recomputed digest."""
+    with safe_open(str(source), framework="pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(tensors)
+    metadata["sha256"] = _digest(tensors, metadata)
+    save_file(tensors, str(target), metadata=metadata)
+
+
+def metadata_checkpoints() -> None:
+    """Fields of the wrong type and non-finite quantizer parameters, each in a self-consistent file."""
+    good = good_checkpoint()
+    resign(good, HERE / "meta-a-string.safetensors", lambda m: m.update(meta=json.dumps("just a string")))
+    resign(good, HERE / "meta-recipe-a-number.safetensors",
+           lambda m: m.update(meta=json.dumps({"model": "cnn", "recipe": 7})))  # fmt: skip
+
+    def nan_scale(tensors: dict) -> None:
+        key = next(k for k in sorted(tensors) if k.endswith("input_q.scale"))
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+
+    retensor(good, HERE / "scale-not-finite.safetensors", nan_scale)
+    good.unlink()
+
+
+def checkpoints() -> None:
+    good = good_checkpoint()
     data = good.read_bytes()
     (HERE / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     (HERE / "header-size-huge.safetensors").write_bytes(struct.pack("<Q", 2**62) + data[8:])
@@ -172,6 +200,7 @@ def hf_directories() -> None:
 
 if __name__ == "__main__":
     checkpoints()
+    metadata_checkpoints()
     recipes()
     hf_directories()
     print(

@@ -173,6 +173,35 @@ def _read_file(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor],
     return tensors, metadata
 
 
+META_TYPES = {"model": str, "source": str, "task": str, "recipe": dict, "structure": dict}
+RECIPE_SECTIONS = ("model", "data", "generation", "train", "eval", "export", "attack")
+
+
+def read_meta(path: str | os.PathLike[str], metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """The checkpoint's ``meta`` entry (what made it: model, task, resolved recipe), its fields' types checked:
+    a damaged field is a ``CheckpointError`` naming it, never an ``AttributeError`` later."""
+    path = Path(path)
+    metadata = read_metadata(path) if metadata is None else metadata
+    try:
+        meta = json.loads(metadata.get("meta", "{}"))
+    except (json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{path}: damaged metadata (meta is not JSON)") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: damaged metadata (meta must be an object, found {type(meta).__name__})")
+    for key, kind in META_TYPES.items():
+        if key in meta and meta[key] is not None and not isinstance(meta[key], kind):
+            raise CheckpointError(f"{path}: damaged metadata (meta.{key} must be a {kind.__name__})")
+    for section in RECIPE_SECTIONS:
+        value = meta.get("recipe", {}).get(section)
+        if value is not None and not isinstance(value, dict):
+            raise CheckpointError(f"{path}: damaged metadata (meta.recipe.{section} must be an object)")
+    data = meta.get("recipe", {}).get("data") or {}
+    for key in ("seed", "eval_size"):
+        if data.get(key) is not None and type(data[key]) is not int:
+            raise CheckpointError(f"{path}: damaged metadata (meta.recipe.data.{key} must be an integer)")
+    return meta
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The header metadata of a bitsmith checkpoint (format checked, tensors not read)."""
     return _read_file(Path(path), with_tensors=False)[1]
@@ -193,6 +222,7 @@ def load(path: str | os.PathLike[str], model: nn.Module) -> nn.Module:
     with the file raises ``CheckpointError`` naming the file and the problem."""
     path = Path(path)
     tensors, metadata = read(path)
+    read_meta(path, metadata)
     limit = max((t.numel() for t in model.state_dict().values()), default=0)
     try:
         return _load_into(path, model, tensors, metadata, limit)
@@ -223,6 +253,7 @@ def _load_into(
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: does not fit this model: {exc}") from None
     state, decoded = _unpack_state(path, model, tensors, table, limit)
+    check_finite_quantizers(path, state, decoded)
     excluded = {f"{n}.weight_q.{k}" for n in decoded for k in model.get_submodule(n).weight_q.packed_exclude}
     try:
         result = model.load_state_dict(state, strict=False)
@@ -237,6 +268,22 @@ def _load_into(
     for name, (weight, enc) in decoded.items():
         model.get_submodule(name).weight_q.restore(weight, enc)
     return model
+
+
+QUANTIZER_KEYS = ("_q.", ".smooth", PARAM)  # weight_q / input_q / output quantizer state, smoothing, packed params
+
+
+def check_finite_quantizers(
+    path: Path, state: dict[str, torch.Tensor], decoded: dict[str, tuple[torch.Tensor, Encoded]]
+) -> None:
+    """Scales, zero points and other quantizer parameters must be finite: a NaN or infinite step would load and
+    evaluate silently (as noise)."""
+    named = [(k, v) for k, v in state.items() if any(part in k for part in QUANTIZER_KEYS)]
+    named += [(f"{n}.weight {key}", v) for n, (_, enc) in decoded.items() for key, v in enc.params.items()]
+    for key, value in named:
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: quantizer parameter {key!r} is not finite (NaN or infinite); the file is "
+                                  "damaged: re-create it")  # fmt: skip
 
 
 def _codes(path: Path, state: dict[str, torch.Tensor], name: str, info: dict[str, Any], limit: int) -> torch.Tensor:

@@ -28,11 +28,18 @@ from bitsmith.quant.lattice import LiftCodebook
 TINY = 1e-12
 
 
+def check_hadamard(size: int) -> int:
+    """``size`` if it is a power of two (checked without building the matrix: a huge one would be gigabytes)."""
+    if type(size) is not int or size < 1 or size & (size - 1):
+        raise ValueError(f"liftquant: the Hadamard block must be a power of two, got {str(size)[:20]}")
+    return size
+
+
 @functools.cache
 def hadamard_block(size: int) -> Tensor:
-    """The orthonormal ``size x size`` Sylvester Hadamard matrix (``size`` a power of two)."""
-    if size < 1 or size & (size - 1):
-        raise ValueError(f"liftquant: the Hadamard block must be a power of two, got {size}")
+    """The orthonormal ``size x size`` Sylvester Hadamard matrix (``size`` a power of two; the caller has checked
+    that it divides the layer's inputs, which bounds it)."""
+    check_hadamard(size)
     return torch.tensor(hadamard(size), dtype=torch.float32) / math.sqrt(size)
 
 
@@ -64,7 +71,7 @@ class LiftQuantizer(Quantizer):
         super().__init__()
         self.hadamard = hadamard
         if hadamard:
-            hadamard_block(hadamard)  # validates
+            check_hadamard(hadamard)
         initial = torch.zeros(m, n) if matrix is None else torch.tensor(matrix, dtype=torch.float32)
         if initial.shape != (m, n):
             raise ValueError(f"liftquant: matrix must be {m} x {n}, got {tuple(initial.shape)}")
