@@ -170,6 +170,14 @@ MUTANTS = [
         "return sam_sets([flattest(torch.rand(len(y), generator=torch.Generator().manual_seed(i)), self.flat_ratio) for i, m in enumerate(members)])",
         "tests/test_sharpbalance.py -k own_per_sample",
     ),
+    M(
+        "timing",
+        "one slow run makes a timing unreliable (max / min judged again)",
+        "eval/latency.py",
+        "        elif spread is None and self.runs >= 2 and self.max_ms > MAX_SPREAD * self.min_ms:",
+        "        elif self.runs >= 2 and self.max_ms > MAX_SPREAD * self.min_ms:",
+        "tests/test_timing.py -k slow_run",
+    ),
     # -- safety: a model directory's code never runs ------------------------------------------------------
     M(
         "security",

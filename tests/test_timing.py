@@ -54,3 +54,15 @@ def test_a_deployment_says_how_much_runs_in_integer_kernels() -> None:
     assert deploy(model, example, "onnxruntime").integer_layers == 4
     assert integer_kernels({"integer_layers": 0, "fallbacks": {}}) == "nothing quantized: it runs in float"
     assert integer_kernels({"integer_layers": 0, "fallbacks": {"fc": "w3"}}).startswith("every quantized layer fell")
+
+
+def test_one_slow_run_among_ten_does_not_make_a_timing_unreliable() -> None:
+    """The first demo on an idle machine: nine runs near 26 ms and one at 40.03 ms. The middle half of the runs
+    agrees, so the timing stands (max / min is still reported); a spread-out middle half does not."""
+    steady = [25.83, 25.9, 26.0, 26.1, 26.2, 26.3, 26.4, 26.6, 27.0, 40.03]
+    one_slow = Timing.from_times(steady, 0.3, 2)
+    assert one_slow.unreliable() is None and one_slow.max_ms == 40.03 and one_slow.min_ms == 25.83
+    scattered = Timing.from_times([20.0, 22.0, 25.0, 28.0, 31.0, 34.0, 36.0, 38.0, 39.0, 40.0], 0.3, 2)
+    assert "runs spread: middle half" in (scattered.unreliable() or "")
+    old_record = {"min_ms": 25.83, "median_ms": 26.2, "max_ms": 40.03, "runs": 10, "load": 0.3, "cores": 2}
+    assert "runs spread 25.83-40.03" in (Timing.from_dict(old_record).unreliable() or "")  # no quartiles kept

@@ -72,6 +72,9 @@ def test_it_stops_and_keeps_the_best_when_8_bits_everywhere_misses(
 def test_bad_tuning_settings_are_one_line(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="--max-drop -1"):
         bitsmith.tune.tune(RECIPE, tmp_path, max_drop=-1)
+    for bad in ("nan", "inf"):
+        with pytest.raises(RecipeError, match=f"--max-drop {bad}: the allowed drop is a finite number"):
+            bitsmith.tune.tune(RECIPE, tmp_path, max_drop=float(bad))
     with pytest.raises(RecipeError, match="--sensitivity curvature"):
         bitsmith.tune.tune(RECIPE, tmp_path, max_drop=1, sensitivity="curvature")
     with pytest.raises(RecipeError, match="methods.0 is bsq"):

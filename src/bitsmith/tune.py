@@ -15,6 +15,7 @@ closest to the target.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,8 +106,9 @@ def tune(
     """Search the fewest 8-bit layers that bring the quality within ``max_drop`` of FP32 (see the module)."""
     if sensitivity not in SENSITIVITIES:
         raise RecipeError(f"--sensitivity {sensitivity}: choose one of {', '.join(SENSITIVITIES)}")
-    if max_drop < 0:
-        raise RecipeError(f"--max-drop {max_drop}: the allowed drop is >= 0 (points of top-1, or of perplexity)")
+    if not math.isfinite(max_drop) or max_drop < 0:
+        raise RecipeError(f"--max-drop {max_drop}: the allowed drop is a finite number >= 0 (points of top-1, or of "
+                          "perplexity)")  # fmt: skip
     fixed = fixed or []
     recipe, _ = load_recipe(recipe_path, fixed)
     ptq = quantizer_of(recipe)

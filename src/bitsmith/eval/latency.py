@@ -17,7 +17,9 @@ from torch import nn
 
 from bitsmith.method import eval_mode, run_forward
 
-MAX_SPREAD = 1.5  # max / min of the timed runs above this: the runs disagree too much to compare
+MAX_SPREAD = 1.5  # max / min above this: the runs disagree (only for records without quartiles)
+MAX_IQR = 0.2  # interquartile range / median above this: the runs disagree too much to compare
+MORE_RUNS = 3  # a spread-out timing is retried with up to this many times the runs before it is judged
 
 
 @contextmanager
@@ -58,20 +60,39 @@ class Timing:
     runs: int
     load: float | None
     cores: int
+    q1_ms: float | None = None  # quartiles of the runs (None in records written before they were kept)
+    q3_ms: float | None = None
+
+    def spread(self) -> float | None:
+        """The interquartile range over the median: robust to one slow run among many."""
+        if self.q1_ms is None or self.q3_ms is None or self.runs < 4:
+            return None
+        return (self.q3_ms - self.q1_ms) / self.median_ms
 
     def unreliable(self) -> str | None:
-        """Why this timing cannot support a speed-up claim, or None: a busy machine (more runnable work
-        than cores) or runs that disagree (max / min above ``MAX_SPREAD``)."""
+        """Why this timing cannot support a speed-up claim, or None: a busy machine (more runnable work than
+        cores) or runs that disagree (interquartile range over median above ``MAX_IQR``; one slow run among
+        many does not count; records without quartiles fall back to max / min above ``MAX_SPREAD``)."""
         reasons = []
         if self.load is not None and self.load > self.cores + 0.5:
             reasons.append(f"load average {self.load:.1f} on {self.cores} cores")
-        if self.runs >= 2 and self.max_ms > MAX_SPREAD * self.min_ms:
+        spread = self.spread()
+        if spread is not None and spread > MAX_IQR:
+            reasons.append(f"runs spread: middle half {self.q1_ms:.2f}-{self.q3_ms:.2f} ms around "
+                           f"{self.median_ms:.2f} (all {self.min_ms:.2f}-{self.max_ms:.2f})")  # fmt: skip
+        elif spread is None and self.runs >= 2 and self.max_ms > MAX_SPREAD * self.min_ms:
             reasons.append(f"runs spread {self.min_ms:.2f}-{self.max_ms:.2f} ms")
         return "; ".join(reasons) or None
 
     @classmethod
+    def from_times(cls, times: list[float], load: float | None, cores: int) -> Timing:
+        q1, _, q3 = statistics.quantiles(times, n=4) if len(times) >= 2 else (times[0], 0.0, times[0])
+        return cls(min(times), statistics.median(times), max(times), len(times), load, cores, q1, q3)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Timing:
-        return cls(**{key: data[key] for key in ("min_ms", "median_ms", "max_ms", "runs", "load", "cores")})
+        keys = ("min_ms", "median_ms", "max_ms", "runs", "load", "cores")
+        return cls(**{key: data[key] for key in keys}, q1_ms=data.get("q1_ms"), q3_ms=data.get("q3_ms"))
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "unreliable": self.unreliable()}
@@ -92,17 +113,22 @@ def speedup(baseline: Timing, faster: Timing) -> str:
 def time_forward(
     model: nn.Module, example: Any, runs: int = 10, warmup: int = 2, num_threads: int | None = None
 ) -> Timing:
-    """Time ``runs`` forward passes of ``model`` on ``example`` after ``warmup`` untimed ones."""
+    """Time ``runs`` forward passes of ``model`` on ``example`` after ``warmup`` untimed ones; runs that disagree
+    (interquartile range over median above ``MAX_IQR``) get more runs, up to ``MORE_RUNS`` times as many."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     load, times = load_average(), []
     with threads(num_threads), eval_mode(model):
-        for i in range(warmup + runs):
+        for i in range(warmup + runs * MORE_RUNS):
+            if i >= warmup + runs and len(times) % runs == 0:
+                spread = Timing.from_times(times, load, cores()).spread()
+                if spread is None or spread <= MAX_IQR:
+                    break
             start = time.perf_counter()
             run_forward(model, example)
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1000)
-    return Timing(min(times), statistics.median(times), max(times), runs, load, cores())
+    return Timing.from_times(times, load, cores())
 
 
 def measure_latency(
