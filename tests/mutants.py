@@ -178,6 +178,22 @@ MUTANTS = [
         "        elif self.runs >= 2 and self.max_ms > MAX_SPREAD * self.min_ms:",
         "tests/test_timing.py -k slow_run",
     ),
+    M(
+        "run-folder",
+        "a finished run reused whatever made it",
+        "sweep.py",
+        "    return fingerprint is None or run_fingerprint_of(folder) == fingerprint",
+        "    return True",
+        "tests/test_run_folder.py -k sweep",
+    ),
+    M(
+        "run-folder",
+        "an earlier run's export folder left beside new results",
+        "files.py",
+        "        shutil.rmtree(out / name, ignore_errors=True)\n",
+        "        pass\n",
+        "tests/test_run_folder.py -k export_folders",
+    ),
     # -- safety: a model directory's code never runs ------------------------------------------------------
     M(
         "security",

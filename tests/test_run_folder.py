@@ -133,3 +133,42 @@ def test_atomic_folder_is_whole_or_absent_and_keeps_a_folder_written_meanwhile(t
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"]
     atomic_folder(tmp_path / "out", lambda folder: (folder / "c").write_text("3"), replace=False)  # kept
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"]
+
+
+def _export(name: str):  # noqa: ANN202
+    def write(path: Path) -> None:
+        from bitsmith.files import atomic_folder
+
+        atomic_folder(path, lambda tmp: (tmp / "model.safetensors").write_text(f"exported {name}"))
+
+    return write
+
+
+def test_export_folders_belong_to_the_run_that_wrote_them(tmp_path: Path) -> None:
+    """hf/ is published with the run: a rerun without it removes the old one, a failed export leaves the folder
+    unfinished, and a changed export file is refused."""
+    publish_run(tmp_path, _writers("w4"), folders={"hf": _export("w4")})
+    assert check_run(tmp_path)["name"] == "w4" and (tmp_path / "hf" / "model.safetensors").is_file()
+    publish_run(tmp_path, _writers("w2"))
+    assert not (tmp_path / "hf").exists()  # no W4 hf/ beside the W2 results
+
+    def failing(path: Path) -> None:
+        raise OSError("export failed")
+
+    with pytest.raises(OSError):
+        publish_run(tmp_path, _writers("w3"), folders={"hf": failing})
+    with pytest.raises(IncompleteRun):
+        check_run(tmp_path)
+    publish_run(tmp_path, _writers("w4"), folders={"hf": _export("w4")})
+    (tmp_path / "hf" / "model.safetensors").write_text("swapped")
+    with pytest.raises(IncompleteRun, match="the export hf/ is missing or differs"):
+        check_run(tmp_path)
+
+
+def test_a_finished_run_counts_for_a_sweep_only_if_the_same_run_made_it(tmp_path: Path) -> None:
+    """A sweep or tune trial folder finished by a smoke run, or by other overrides, is not taken as done."""
+    from bitsmith.sweep import finished
+
+    publish_run(tmp_path, _writers("a"), fingerprint="smoke-run")
+    assert finished(tmp_path) and finished(tmp_path, "smoke-run")
+    assert not finished(tmp_path, "real-run")

@@ -10,6 +10,7 @@ import pytest
 from bitsmith.cli import main
 from bitsmith.recipe import RecipeError
 from bitsmith.sweep import check_reachable, combinations, pareto_front, parse_grid, run_name, run_sweep
+from test_recipe_cli import needs_data
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "cnn-ptq-w8a8.yaml"
 
@@ -63,3 +64,16 @@ def test_a_ray_sweep_of_six_smoke_runs_finishes_resumes_and_reports(tmp_path: Pa
     (tmp_path / "runs" / "w_bits=8,a_bits=7" / "manifest.json").unlink()  # as a run killed mid-write leaves it
     resumed = run_sweep(RECIPE, grid, tmp_path, smoke=True, fixed=fixed)
     assert resumed.ran == ["w_bits=8,a_bits=7"] and len(resumed.skipped) == 5
+
+
+@needs_data
+def test_a_run_is_finished_for_its_own_recipe_overrides_and_smoke_flag_only(tmp_path: Path) -> None:
+    """What the run records is what the sweep asks for: the same recipe, overrides and --smoke; another W or a
+    real (non-smoke) run does not reuse it."""
+    from bitsmith.sweep import fingerprint_of, finished, run_one
+
+    recipe = str(RECIPE)
+    assert "error" not in run_one(recipe, ["methods.0.w_bits=4"], str(tmp_path / "w4"), True)
+    assert finished(tmp_path / "w4", fingerprint_of(recipe, ["methods.0.w_bits=4"], True))
+    assert not finished(tmp_path / "w4", fingerprint_of(recipe, ["methods.0.w_bits=4"], False))
+    assert not finished(tmp_path / "w4", fingerprint_of(recipe, ["methods.0.w_bits=2"], True))

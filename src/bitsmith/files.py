@@ -16,6 +16,7 @@ TMP_SUFFIX = ".tmp"
 MANIFEST = "manifest.json"
 # Everything `bitsmith run` may write: a rerun removes those it no longer produces (never other files).
 RUN_OUTPUTS = ("report.json", "report.md", "layers.png", "training.png", "recipe.resolved.yaml", "model.safetensors")
+RUN_FOLDERS = ("hf", "compressed-tensors")  # exports that are whole folders
 
 
 def _umask() -> int:
@@ -92,12 +93,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def publish_run(out: Path, writers: dict[str, Callable[[Path], Any]]) -> list[Path]:
-    """Write one run's outputs into ``out`` as a set. ``writers`` maps an output name (one of
-    ``RUN_OUTPUTS``) to a function that writes that path atomically. The old manifest goes first (from then
-    on readers see an unfinished folder), outputs of an earlier run that this one does not produce and
-    left-over temporary files are removed, and the manifest with every file's SHA-256 is written last."""
-    unknown = set(writers) - set(RUN_OUTPUTS)
+def folder_digests(folder: Path) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of every file under ``folder``."""
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def publish_run(
+    out: Path,
+    writers: dict[str, Callable[[Path], Any]],
+    fingerprint: str | None = None,
+    folders: dict[str, Callable[[Path], Any]] | None = None,
+) -> list[Path]:
+    """Write one run's outputs into ``out`` as a set. ``writers`` maps an output name (one of ``RUN_OUTPUTS``)
+    to a function that writes that path atomically, ``folders`` an export folder (one of ``RUN_FOLDERS``) to
+    one that writes it whole. The old manifest goes first (from then on readers see an unfinished folder),
+    outputs and export folders of an earlier run that this one does not produce and left-over temporary files
+    are removed, and the manifest with every file's SHA-256 and the run's ``fingerprint`` (what made it: the
+    resolved recipe and settings) is written last. A failing writer leaves the folder unfinished."""
+    folders = folders or {}
+    unknown = (set(writers) - set(RUN_OUTPUTS)) | (set(folders) - set(RUN_FOLDERS))
     if unknown:
         raise ValueError(f"not run outputs: {sorted(unknown)}")
     manifest = out / MANIFEST
@@ -106,11 +120,24 @@ def publish_run(out: Path, writers: dict[str, Callable[[Path], Any]]) -> list[Pa
         write(out / name)
     for name in set(RUN_OUTPUTS) - set(writers):
         (out / name).unlink(missing_ok=True)
+    for name in set(RUN_FOLDERS) - set(folders):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name, write in folders.items():
+        write(out / name)
     for leftover in out.glob(f".*{TMP_SUFFIX}"):
-        leftover.unlink(missing_ok=True)
-    files = {name: sha256_file(out / name) for name in writers}
-    atomic_write_text(manifest, json.dumps({"files": files}, indent=2))
-    return [out / name for name in writers]
+        (shutil.rmtree if leftover.is_dir() else Path.unlink)(leftover)
+    record = {"files": {name: sha256_file(out / name) for name in writers},
+              "folders": {name: folder_digests(out / name) for name in folders}, "fingerprint": fingerprint}  # fmt: skip
+    atomic_write_text(manifest, json.dumps(record, indent=2))
+    return [out / name for name in [*writers, *folders]]
+
+
+def run_fingerprint_of(folder: Path) -> str | None:
+    """The fingerprint a finished run's manifest records (None: none, or no manifest)."""
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class IncompleteRun(ValueError):
@@ -137,5 +164,11 @@ def check_run(folder: Path) -> dict[str, Any]:
         if name not in RUN_OUTPUTS or not path.is_file() or sha256_file(path) != files[name]:
             raise IncompleteRun(
                 f"{folder}: {name} is missing or differs from the one the run wrote; run it again into this folder"
+            )
+    exported = json.loads((folder / MANIFEST).read_text()).get("folders") or {}
+    for name, digests in exported.items():
+        if name not in RUN_FOLDERS or not isinstance(digests, dict) or folder_digests(folder / name) != digests:
+            raise IncompleteRun(
+                f"{folder}: the export {name}/ is missing or differs from the one the run wrote; run it again"
             )
     return json.loads((folder / "report.json").read_text())

@@ -266,6 +266,7 @@ def run_recipe(
     the same recipe is resumed (``restart``: discarded)."""
     writable_folder(out)
     at = distributed.world()  # under torchrun: every rank trains, rank 0 alone measures and writes
+    fingerprint = run_fingerprint(resolved, model_source(recipe), smoke)  # what was asked (before solving)
     model, task = load_task(recipe, smoke)
     log.info(f"measuring the FP32 baseline on {task.eval_examples} examples")
     baseline = measure(model, task, recipe, smoke) if at.main else {}
@@ -287,7 +288,6 @@ def run_recipe(
         state = out / "train_state.pt"  # a killed run resumes from its last finished epoch
         if restart:
             state.unlink(missing_ok=True)
-        fingerprint = run_fingerprint(resolved, model_source(recipe), smoke)
         log.info(f"training {train_cfg.epochs} epoch(s) on {images.shape[0]} examples (resumable: {state})")
         history = fit(model, images, labels, train_cfg, methods, checkpoint=state, fingerprint=fingerprint)
         if not at.main:
@@ -335,13 +335,15 @@ def run_recipe(
         meta = {"model": report["model"], "source": source, "task": task.kind, "recipe": resolved,
                 "structure": structure_of(model)}  # fmt: skip
         writers["model.safetensors"] = lambda path: save(model, path, meta=meta)
-    publish_run(out, writers)
+    folders: dict[str, Any] = {}
+    tokenizer = getattr(task, "tokenizer", None)
     if recipe.export.hf:
         from bitsmith.export.hf import save_hf
 
-        save_hf(model, getattr(task, "tokenizer", None), out / "hf")
+        folders["hf"] = lambda path: save_hf(model, tokenizer, path)
     if recipe.export.compressed_tensors:
         from bitsmith.export.compressed_tensors import save_compressed_tensors
 
-        save_compressed_tensors(model, getattr(task, "tokenizer", None), out / "compressed-tensors")
+        folders["compressed-tensors"] = lambda path: save_compressed_tensors(model, tokenizer, path)
+    publish_run(out, writers, fingerprint, folders)
     return report

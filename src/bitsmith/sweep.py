@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bitsmith.eval.report import LOWER_IS_BETTER, quality, save_figure
-from bitsmith.files import IncompleteRun, atomic_write_text, check_run, writable_folder
+from bitsmith.files import IncompleteRun, atomic_write_text, check_run, run_fingerprint_of, writable_folder
 from bitsmith.progress import log
 from bitsmith.recipe import RecipeError, load_recipe
 
@@ -66,12 +66,22 @@ def check_combinations(recipe: Path, runs: list[list[str]]) -> None:
             raise RecipeError(f"--grid {' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
 
 
-def finished(folder: Path) -> bool:
+def finished(folder: Path, fingerprint: str | None = None) -> bool:
+    """Whether ``folder`` holds a finished run, made by the run ``fingerprint`` names when one is given (another
+    recipe, other overrides or --smoke made a different run: not finished, it is run again)."""
     try:
         check_run(folder)
     except (FileNotFoundError, IncompleteRun):
         return False
-    return True
+    return fingerprint is None or run_fingerprint_of(folder) == fingerprint
+
+
+def fingerprint_of(recipe: str | Path, overrides: list[str], smoke: bool) -> str:
+    """The fingerprint ``bitsmith run`` records for ``recipe`` with ``overrides`` (and ``--smoke``)."""
+    from bitsmith.run import model_source, run_fingerprint
+
+    parsed, _ = load_recipe(recipe, overrides)
+    return run_fingerprint(parsed.model_dump(mode="json"), model_source(parsed), smoke)
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -135,7 +145,7 @@ def run_sweep(
     sweep = Sweep(folders={run_name(o, varying): o for o in runs})
     pending = {}
     for name, overrides in sweep.folders.items():
-        if finished(out / RUNS / name):
+        if finished(out / RUNS / name, fingerprint_of(recipe, [*(fixed or []), *overrides], smoke)):
             sweep.skipped.append(name)
         else:
             pending[name] = overrides

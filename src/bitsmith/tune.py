@@ -29,7 +29,7 @@ from bitsmith.method import build_method
 from bitsmith.methods.ptq import PTQ
 from bitsmith.progress import log
 from bitsmith.recipe import Recipe, RecipeError, load_recipe
-from bitsmith.sweep import finished, run_on_ray, run_one
+from bitsmith.sweep import fingerprint_of, finished, run_on_ray, run_one
 
 SENSITIVITIES = ("loss", "hessian", "fisher", "error")
 
@@ -120,8 +120,10 @@ def tune(
 
     def run(ks: list[int]) -> None:
         trials = [Trial(k, order[:k], str(out / "trials" / f"k{k:03d}")) for k in ks]
-        tasks = {t.folder: (str(recipe_path), [*fixed, *trial_overrides(ptq, t.layers)], t.folder, smoke)
-                 for t in trials if not finished(Path(t.folder))}  # fmt: skip
+        arguments = {t.folder: (str(recipe_path), [*fixed, *trial_overrides(ptq, t.layers)], t.folder, smoke)
+                     for t in trials}  # fmt: skip
+        tasks = {folder: args for folder, args in arguments.items()  # a trial folder another run made is redone
+                 if not finished(Path(folder), fingerprint_of(args[0], args[1], smoke))}  # fmt: skip
         if parallel > 1 and len(tasks) > 1:
             results = run_on_ray(tasks, address)
         else:
