@@ -76,6 +76,11 @@ def test_global_allocation_gives_the_bits_to_the_sensitive_layer() -> None:
     assert total(global_) < total(per_layer)
     c2c3 = GEMQ(bits=2.0, allocation="global").solve(cost, moes)  # type: ignore[arg-type]  (c2c3: the default)
     assert any(c2c3[f"a.experts.{e}"] == 3 for e in range(4)) and any(c2c3[f"a.experts.{e}"] == 2 for e in range(4))
+    for allocation in ("global", "layer"):  # c2c3 (the default) holds per layer in both programs
+        solved = GEMQ(bits=2.0, allocation=allocation).solve(cost, moes)  # type: ignore[arg-type]
+        for layer in ("a", "b"):
+            widths = {solved[f"{layer}.experts.{e}"] for e in range(4)}
+            assert {2, 3} <= widths
 
 
 def test_one_bit_experts_are_sign_times_mean_magnitude() -> None:

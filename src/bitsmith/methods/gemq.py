@@ -206,6 +206,8 @@ class GEMQ(Method):
         out = []
         for name in moes:
             mine = [u for u in units if u.startswith(f"{name}.")]
+            if not mine:  # a per-layer program holds one layer's experts only
+                continue
             for width in self.candidates[-2:]:
                 out.append(AtLeast(f"c2c3 ({name} at {width} bits)", [(u, width) for u in mine], 1))
         return out
