@@ -126,8 +126,8 @@ MUTANTS = [
         "dverge",
         "momentum normalised over the batch instead of per image",
         "methods/dverge.py",
-        "grad / grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))",
-        "grad / grad.abs().sum().clamp_min(1e-12)",
+        "norm = grad.abs().flatten(1).sum(1).clamp_min(1e-12)",
+        "norm = grad.abs().sum().clamp_min(1e-12).expand(grad.shape[0])",
         "tests/test_ensemble.py -k per_image",
     ),
     M(
@@ -262,7 +262,7 @@ MUTANTS = [
     ),
     M(
         "gptq",
-        "binary groups scaled by max |w| instead of mean |w|",
+        "binary groups scaled by the largest magnitude instead of the mean magnitude",
         "methods/gptq.py",
         "self.scale[:, group] = weights.abs().mean(1).clamp(min=1e-8)",
         "self.scale[:, group] = weights.abs().amax(1).clamp(min=1e-8)",

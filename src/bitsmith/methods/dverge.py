@@ -61,9 +61,8 @@ def distill(member: nn.Module, layer: nn.Module, source: Tensor, target: Tensor,
             adv.requires_grad_(True)
             loss = (features(member, layer, adv) - goal).pow(2).sum()
             (grad,) = torch.autograd.grad(loss, adv)
-            momentum = mu * momentum + grad / grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(
-                -1, *[1] * (grad.dim() - 1)
-            )
+            norm = grad.abs().flatten(1).sum(1).clamp_min(1e-12)  # each image's own L1 norm (MI-FGSM)
+            momentum = mu * momentum + grad / norm.view(-1, *[1] * (grad.dim() - 1))
             adv = adv.detach() - step_size * momentum.sign()
             adv = torch.min(torch.max(adv, source - eps), source + eps).clamp(0.0, 1.0)
     return adv.detach()
