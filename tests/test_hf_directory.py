@@ -124,3 +124,16 @@ def test_a_good_directory_passes_the_checks_and_loads(tmp_path: Path) -> None:
     load_checked(tmp_path / "bert", AutoModel.from_pretrained)
     with pytest.raises(ModelDirectoryError, match=r"is not a causal LM"):
         check_directory(tmp_path / "bert", "causal-lm")
+
+
+def test_a_quantized_directory_is_refused_as_the_float_reference() -> None:
+    """KL of a quantized checkpoint against an already-quantized reference would read 0: refused in one line."""
+    from bitsmith import build_method, compress
+    from bitsmith.run import refuse_quantized_reference
+    from conftest import token_batches
+
+    model = make_llama()
+    refuse_quantized_reference(model, "float")  # a float model is a reference
+    compress(model, [build_method({"name": "rtn", "bits": 4, "group_size": 32})], token_batches())
+    with pytest.raises(ValueError, match="--model quantized-dir is itself quantized"):
+        refuse_quantized_reference(model, "quantized-dir")

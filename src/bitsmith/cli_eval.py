@@ -28,8 +28,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_precisions(args, model, task)
     metrics = task.evaluate(model)
     cost = model_cost(model, task.first(task.example(1))).totals
+    reference = args.model or "the zoo model the checkpoint names"
     console.print(
-        f"{args.checkpoint}: {_summary(metrics)} on {task.eval_examples} examples, "
+        f"{args.checkpoint}: {_summary(metrics)} on {task.eval_examples} examples (KL / agreement / cosine against "
+        f"the float {reference}), "
         f"size {cost['size_bytes'] / 1024:.1f} KB, avg weight bits {cost['avg_weight_bits']:.2f}, "
         f"GBOPs {cost['bops'] / 1e9:.3f}",
         highlight=False,

@@ -180,8 +180,22 @@ def load_checkpoint(
 
         fp32, tokenizer = load_hf_encoder(str(minilm_dir()) if model_name is None else model_name)
         task = embedding_task(tokenizer, None, 1, 1, seed)
+    refuse_quantized_reference(fp32, name)
     task.evaluate(fp32)  # the FP32 model is the reference of cosine similarity / KL
     return load(path, copy.deepcopy(fp32)).eval(), fp32, task
+
+
+def refuse_quantized_reference(model: nn.Module, name: str) -> None:
+    """The reference of KL, agreement and cosine must be a float model: an already-quantized directory (a
+    bitsmith HF export) would score a quantized checkpoint against itself (KL 0)."""
+    from bitsmith.nn import QuantizedMixin
+
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedMixin) and m.weight_q is not None]
+    if quantized:
+        raise ValueError(
+            f"--model {str(name)[:200]} is itself quantized ({len(quantized)} quantized layers, e.g. {quantized[0]!r}): "
+            "KL, agreement and cosine need the float model the checkpoint was made from; pass that directory"
+        )
 
 
 def measure_deployed(
