@@ -112,3 +112,13 @@ def test_sentiment_sentences_are_read_and_split_by_rating(tmp_path, monkeypatch)
     assert sorted(train + test) == [("A fine film.", 1), ("Dull.", 0), ("Okay.", 1)]
     with pytest.raises(ValueError, match="unknown sentiment collection"):
         rated_sentences("poems")
+
+
+def test_a_data_root_without_data_is_an_error_not_a_fall_back(tmp_path: Path) -> None:
+    """An existing folder that holds no Fashion-MNIST files is refused in one line (it used to fall back to
+    Debian's copy silently)."""
+    from bitsmith.zoo.data import fashion_mnist_dir
+
+    (tmp_path / "notes.txt").write_text("not data")
+    with pytest.raises(FileNotFoundError, match=f"data.root {tmp_path}: no Fashion-MNIST idx files there"):
+        fashion_mnist_dir(tmp_path)

@@ -27,8 +27,17 @@ def _find(root: Path, stem: str) -> Path | None:
 
 
 def fashion_mnist_dir(root: str | os.PathLike[str] | None = None) -> Path:
-    """The directory holding the idx files: ``root``, else ``$BITSMITH_DATA``, else Debian's."""
-    candidates = [Path(p) for p in (root, os.environ.get("BITSMITH_DATA")) if p] + [DEBIAN_DIR]
+    """The directory holding the idx files: ``root``, else ``$BITSMITH_DATA``, else Debian's. A ``root`` (or
+    ``$BITSMITH_DATA``) that is given but holds no data is an error, never a silent fall back to another copy."""
+    chosen = next((Path(p) for p in (root, os.environ.get("BITSMITH_DATA")) if p), None)
+    if chosen is not None:
+        for sub in (chosen, chosen / "fashion-mnist"):
+            if _find(sub, FILES["test"][0]):
+                return sub
+        what = "data.root" if root else "BITSMITH_DATA"
+        raise FileNotFoundError(f"{what} {chosen}: no Fashion-MNIST idx files there (t10k-images-idx3-ubyte[.gz] and "
+                                "friends); point it at the folder that holds them, or leave it unset for Debian's")  # fmt: skip
+    candidates = [DEBIAN_DIR]
     for candidate in candidates:
         for sub in (candidate, candidate / "fashion-mnist"):
             if _find(sub, FILES["test"][0]):
