@@ -28,6 +28,7 @@ TINY_CONFIG: dict[str, dict] = {
     "smoothquant": {"layers": "all"},
     "noisyquant": {"grid": 4, "rows": 64},
     "gptq": {"group_size": 32},
+    "rtn": {"per_channel_fallback": True},  # the tiny CNN's layers have 9..72 inputs
     "awq": {"group_size": 32, "n_grid": 4},
     "liftquant": {"hadamard": 16, "codebook_steps": 30, "codebook_restarts": 1},
     "mobiquant": {"group_size": 32, "router_steps": 10},
