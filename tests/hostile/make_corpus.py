@@ -20,11 +20,13 @@ from bitsmith.export.checkpoint import _digest  # noqa: E402
 from conftest import make_cnn  # noqa: E402
 
 
-def resign(source: Path, target: Path, edit) -> None:  # type: ignore[no-untyped-def]
-    """A self-consistent crafted file: edited metadata, recomputed digest."""
+def resign(source: Path, target: Path, edit, tensors_edit=None) -> None:  # type: ignore[no-untyped-def]
+    """A self-consistent crafted file: edited metadata (and tensors), recomputed digest."""
     with safe_open(str(source), framework="pt") as f:
         metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     edit(metadata)
+    if tensors_edit is not None:
+        tensors_edit(tensors)
     metadata["sha256"] = _digest(tensors, metadata)
     save_file(tensors, str(target), metadata=metadata)
 
@@ -44,15 +46,6 @@ def good_checkpoint() -> Path:
     return save(model, HERE / "good.tmp.safetensors")
 
 
-def retensor(source: Path, target: Path, edit) -> None:  # type: ignore[no-untyped-def]
-    """A self-consistent crafted file: edited tensors, recomputed digest."""
-    with safe_open(str(source), framework="pt") as f:
-        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    edit(tensors)
-    metadata["sha256"] = _digest(tensors, metadata)
-    save_file(tensors, str(target), metadata=metadata)
-
-
 def metadata_checkpoints() -> None:
     """Fields of the wrong type and non-finite quantizer parameters, each in a self-consistent file."""
     good = good_checkpoint()
@@ -64,7 +57,7 @@ def metadata_checkpoints() -> None:
         key = next(k for k in sorted(tensors) if k.endswith("input_q.scale"))
         tensors[key] = torch.full_like(tensors[key], float("nan"))
 
-    retensor(good, HERE / "scale-not-finite.safetensors", nan_scale)
+    resign(good, HERE / "scale-not-finite.safetensors", lambda m: None, nan_scale)
     good.unlink()
 
 
