@@ -194,6 +194,14 @@ MUTANTS = [
         "        pass\n",
         "tests/test_run_folder.py -k export_folders",
     ),
+    M(
+        "checkpoint",
+        "tied tensors written under every name",
+        "export/checkpoint.py",
+        "        if where is not None and where in first:",
+        "        if False:",
+        "tests/test_checkpoint.py -k tied",
+    ),
     # -- safety: a model directory's code never runs ------------------------------------------------------
     M(
         "security",

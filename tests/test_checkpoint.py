@@ -196,3 +196,29 @@ def test_all_zero_tensors_are_stored_as_shapes(tmp_path: Path) -> None:
     assert torch.equal(reloaded.fc1.weight_q.zero_point, model.fc1.weight_q.zero_point)
     x = torch.randn(8, 256)
     assert torch.equal(reloaded(x), model(x))
+
+
+def test_a_tied_lm_head_is_stored_once_and_reloads_tied(tmp_path: Path) -> None:
+    """The file holds the shared embedding table once (its size is what the report counts) and the reloaded model
+    computes the same logits."""
+    pytest.importorskip("transformers")
+    from conftest import make_llama
+
+    model = make_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    path = save(model, tmp_path / "tied.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())  # noqa: SIM118
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
+    table = 96 * 64 * 4
+    untied = make_llama()
+    assert path.stat().st_size < save(untied, tmp_path / "untied.safetensors").stat().st_size - table // 2
+    fresh = make_llama(seed=1)
+    fresh.config.tie_word_embeddings = True
+    fresh.tie_weights()
+    reloaded = load(path, fresh)
+    ids = torch.randint(0, 96, (1, 8))
+    assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -86,8 +86,11 @@ def _masked_float_layers(model: nn.Module, packed: dict[str, QuantizedMixin]) ->
 
 @torch.no_grad()
 def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """State dict with quantized weights replaced by packed codes, and the packing table."""
+    """State dict with quantized weights replaced by packed codes, and the packing table (whose ``__aliases__``
+    names each tied tensor, e.g. an LM head sharing the embedding table, stored once under its first name)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    storage = {k: (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+               for k, v in state.items() if v.numel()}  # fmt: skip
     table: dict[str, Any] = {}
     packed = _packed_layers(model)
     for name, layer in packed.items():
@@ -119,7 +122,14 @@ def pack_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any
         elif value.numel() >= MIN_ZEROS and not value.any():  # e.g. symmetric zero points: a shape is enough
             del state[key]
             table.setdefault("__zeros__", {})[key] = [list(value.shape), str(value.dtype).removeprefix("torch.")]
-    # tied or aliased tensors are written once per name (safetensors refuses shared storage)
+    first: dict[Any, str] = {}
+    for key in list(state):  # a tied tensor is written once; the others name it (safetensors refuses sharing)
+        where = storage.get(key)
+        if where is not None and where in first:
+            table.setdefault("__aliases__", {})[key] = first[where]
+            del state[key]
+        elif where is not None:
+            first[where] = key
     return {k: v.contiguous().clone() for k, v in state.items()}, table
 
 
@@ -305,6 +315,11 @@ def _unpack_state(
     path: Path, model: nn.Module, tensors: dict[str, torch.Tensor], table: dict[str, Any], limit: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, Encoded]]]:
     state = dict(tensors)
+    aliases = table.pop("__aliases__", {})
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in tensors for v in aliases.values()):
+        raise CheckpointError(f"{path}: damaged metadata (a tied tensor names a tensor the file does not hold)")
+    for alias, target in aliases.items():  # tied tensors: stored once, loaded under every name
+        state[str(alias)] = state[target]
     for key, (shape, dtype) in table.pop("__zeros__", {}).items():
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise CheckpointError(f"{path}: zero tensor {key!r} has an unknown dtype {dtype!r}")
