@@ -181,8 +181,9 @@ def load_checkpoint(
         fp32, tokenizer = load_hf_encoder(str(minilm_dir()) if model_name is None else model_name)
         task = embedding_task(tokenizer, None, 1, 1, seed)
     refuse_quantized_reference(fp32, name)
+    model = load(path, copy.deepcopy(fp32)).eval()  # a checkpoint that does not fit stops here, before any scoring
     task.evaluate(fp32)  # the FP32 model is the reference of cosine similarity / KL
-    return load(path, copy.deepcopy(fp32)).eval(), fp32, task
+    return model, fp32, task
 
 
 def refuse_quantized_reference(model: nn.Module, name: str) -> None:
