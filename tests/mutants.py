@@ -202,6 +202,14 @@ MUTANTS = [
         "        if False:",
         "tests/test_checkpoint.py -k tied",
     ),
+    M(
+        "run-folder",
+        "the folder lock never taken",
+        "files.py",
+        "            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+        "            pass",
+        "tests/test_run_folder.py -k second_run",
+    ),
     # -- safety: a model directory's code never runs ------------------------------------------------------
     M(
         "security",

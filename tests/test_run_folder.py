@@ -172,3 +172,18 @@ def test_a_finished_run_counts_for_a_sweep_only_if_the_same_run_made_it(tmp_path
     publish_run(tmp_path, _writers("a"), fingerprint="smoke-run")
     assert finished(tmp_path) and finished(tmp_path, "smoke-run")
     assert not finished(tmp_path, "real-run")
+
+
+def test_a_second_run_into_a_folder_being_written_stops_in_one_line(tmp_path: Path) -> None:
+    """Two runs into one --out: the second is refused while the first holds the folder (a killed run frees it)."""
+    import fcntl
+
+    from bitsmith.files import LOCK, run_lock
+
+    with run_lock(tmp_path):
+        with open(tmp_path / LOCK) as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel lock is held
+        with pytest.raises(ValueError, match="another run is writing into this folder"), run_lock(tmp_path):
+            pass
+    with run_lock(tmp_path):  # released afterwards
+        pass

@@ -3,12 +3,14 @@ published together (a manifest written last, checked by readers)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,25 @@ def writable_folder(path: Path, what: str = "--out") -> Path:
     except OSError as exc:
         raise ValueError(f"{what} {path}: cannot write there ({exc.strerror}); choose a writable folder") from None
     return path
+
+
+LOCK = ".bitsmith.lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock while a run writes there: a second run into the same folder stops in one line instead
+    of both finishing and one losing its results. The lock is the kernel's (``flock``): a killed run frees it."""
+    handle = (out / LOCK).open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"--out {out}: another run is writing into this folder; wait for it or choose another "
+                             "folder") from None  # fmt: skip
+        yield
+    finally:
+        handle.close()
 
 
 def sha256_file(path: Path) -> str:

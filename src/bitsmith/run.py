@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -21,7 +22,7 @@ from bitsmith.eval.latency import time_forward
 from bitsmith.eval.report import run_report_writers
 from bitsmith.eval.tasks import ClassificationTask, Task, classification_task, embedding_task
 from bitsmith.export.checkpoint import save
-from bitsmith.files import atomic_write_text, publish_run, writable_folder
+from bitsmith.files import atomic_write_text, publish_run, run_lock, writable_folder
 from bitsmith.method import compress
 from bitsmith.progress import duration, log
 from bitsmith.recipe import GENERATIVE, GenerationSection, Recipe
@@ -281,6 +282,13 @@ def run_recipe(
     the same recipe is resumed (``restart``: discarded)."""
     writable_folder(out)
     at = distributed.world()  # under torchrun: every rank trains, rank 0 alone measures and writes
+    with run_lock(out) if at.main else contextlib.nullcontext():
+        return _run_recipe(recipe, resolved, out, smoke, name, restart, at)
+
+
+def _run_recipe(
+    recipe: Recipe, resolved: dict[str, Any], out: Path, smoke: bool, name: str | None, restart: bool, at: Any
+) -> dict[str, Any]:
     fingerprint = run_fingerprint(resolved, model_source(recipe), smoke)  # what was asked (before solving)
     model, task = load_task(recipe, smoke)
     log.info(f"measuring the FP32 baseline on {task.eval_examples} examples")
