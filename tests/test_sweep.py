@@ -67,7 +67,9 @@ def test_a_ray_sweep_of_six_smoke_runs_finishes_resumes_and_reports(tmp_path: Pa
 
 
 @needs_data
-def test_a_run_is_finished_for_its_own_recipe_overrides_and_smoke_flag_only(tmp_path: Path) -> None:
+def test_a_run_is_finished_for_its_own_recipe_overrides_and_smoke_flag_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """What the run records is what the sweep asks for: the same recipe, overrides and --smoke; another W or a
     real (non-smoke) run does not reuse it."""
     from bitsmith.sweep import fingerprint_of, finished, run_one
@@ -77,3 +79,7 @@ def test_a_run_is_finished_for_its_own_recipe_overrides_and_smoke_flag_only(tmp_
     assert finished(tmp_path / "w4", fingerprint_of(recipe, ["methods.0.w_bits=4"], True))
     assert not finished(tmp_path / "w4", fingerprint_of(recipe, ["methods.0.w_bits=4"], False))
     assert not finished(tmp_path / "w4", fingerprint_of(recipe, ["methods.0.w_bits=2"], True))
+    with caplog.at_level("WARNING", logger="bitsmith"):  # rerun into the finished folder: said, then replaced
+        assert "error" not in run_one(recipe, ["methods.0.w_bits=2"], str(tmp_path / "w4"), True)
+    assert "holds a finished run; its outputs are replaced" in caplog.text
+    assert finished(tmp_path / "w4", fingerprint_of(recipe, ["methods.0.w_bits=2"], True))

@@ -22,7 +22,7 @@ from bitsmith.eval.latency import time_forward
 from bitsmith.eval.report import run_report_writers
 from bitsmith.eval.tasks import ClassificationTask, Task, classification_task, embedding_task
 from bitsmith.export.checkpoint import save
-from bitsmith.files import atomic_write_text, publish_run, run_lock, writable_folder
+from bitsmith.files import MANIFEST, atomic_write_text, publish_run, run_lock, writable_folder
 from bitsmith.method import compress
 from bitsmith.progress import duration, log
 from bitsmith.recipe import GENERATIVE, GenerationSection, Recipe
@@ -283,6 +283,8 @@ def run_recipe(
     writable_folder(out)
     at = distributed.world()  # under torchrun: every rank trains, rank 0 alone measures and writes
     with run_lock(out) if at.main else contextlib.nullcontext():
+        if at.main and (out / MANIFEST).is_file():
+            log.warning(f"--out {out} holds a finished run; its outputs are replaced by this run's")
         return _run_recipe(recipe, resolved, out, smoke, name, restart, at)
 
 
