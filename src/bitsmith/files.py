@@ -175,10 +175,11 @@ def check_run(folder: Path) -> dict[str, Any]:
             f"{folder}: the run did not finish writing its outputs (no {MANIFEST}); run it again into this folder"
         )
     try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        files = None
-    if not isinstance(files, dict):
+        record = json.loads((folder / MANIFEST).read_text())
+        files, exported = record["files"], record.get("folders") or {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        files = exported = None
+    if not isinstance(files, dict) or not isinstance(exported, dict):
         raise IncompleteRun(f"{folder / MANIFEST}: unreadable; run it again into this folder")
     for name in files:
         path = folder / name
@@ -186,7 +187,6 @@ def check_run(folder: Path) -> dict[str, Any]:
             raise IncompleteRun(
                 f"{folder}: {name} is missing or differs from the one the run wrote; run it again into this folder"
             )
-    exported = json.loads((folder / MANIFEST).read_text()).get("folders") or {}
     for name, digests in exported.items():
         if name not in RUN_FOLDERS or not isinstance(digests, dict) or folder_digests(folder / name) != digests:
             raise IncompleteRun(

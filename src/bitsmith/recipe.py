@@ -307,9 +307,7 @@ def is_causal_lm(path: str) -> bool:
     from bitsmith.zoo.hf_directory import ModelDirectoryError
     from bitsmith.zoo.hf_directory import is_causal_lm as names_causal_lm
 
-    if not (Path(path) / "config.json").is_file():
-        raise RecipeError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
-    try:
+    try:  # model.path's validator has checked that config.json is there
         return names_causal_lm(Path(path))
     except (ModelDirectoryError, OSError) as exc:
         raise RecipeError(f"model.path: {exc}") from None

@@ -66,9 +66,7 @@ class SliceQuantizer(Quantizer):
                 "group_size": self.group_size, "active": self.active}  # fmt: skip
 
     def overhead_bits(self) -> int:
-        return 8 * (
-            self.lo.numel() * self.lo.element_size() + self.step.numel() * self.step.element_size()
-        )  # as stored
+        return 8 * sum(t.numel() * t.element_size() for t in (self.lo, self.step))  # lo and step, as stored
 
     def grouped(self, weight: Tensor) -> Tensor:
         """``weight`` (``out x in``) as ``(out * in / group_size, group_size)``."""

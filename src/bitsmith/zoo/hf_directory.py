@@ -167,7 +167,12 @@ def is_causal_lm(directory: Path) -> bool:
     """Whether the directory's config names a causal LM (``…ForCausalLM``); a config without an
     ``architectures`` list is an error (an LLM would otherwise be scored as a sentence encoder)."""
     config_path = directory / "config.json"
-    architectures = read_json_object(config_path).get("architectures")
+    return names_causal_lm(config_path, read_json_object(config_path))
+
+
+def names_causal_lm(config_path: Path, config: dict[str, Any]) -> bool:
+    """``is_causal_lm`` of a config already read from ``config_path``."""
+    architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures or not all(isinstance(a, str) for a in architectures):
         raise ModelDirectoryError(
             f"{config_path}: no 'architectures' list, so bitsmith cannot tell a causal LM from an encoder; "
@@ -186,10 +191,9 @@ def check_directory(directory: Path, kind: Kind) -> None:
     refuse_remote_code(directory)
     config = read_json_object(config_path)
     check_sizes(config_path, config)
-    architectures = config["architectures"]
-    if is_causal_lm(directory) != (kind == "causal-lm"):
+    if names_causal_lm(config_path, config) != (kind == "causal-lm"):
         wanted = "a causal LM (…ForCausalLM)" if kind == "causal-lm" else "an encoder"
-        raise ModelDirectoryError(f"{config_path}: architectures {architectures[:3]} is not {wanted}")
+        raise ModelDirectoryError(f"{config_path}: architectures {config['architectures'][:3]} is not {wanted}")
     stored = stored_elements(weight_files(directory))
     model = _meta_model(config_path, kind)
     parameters = sum(p.numel() for p in model.parameters())

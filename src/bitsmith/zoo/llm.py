@@ -118,9 +118,9 @@ def convert_gguf(path: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info(f"converting {path.name} to a Hugging Face directory (once: cached as {out})")
-    options = {"gguf_file": path.name, "local_files_only": True, "trust_remote_code": False}
-    model = AutoModelForCausalLM.from_pretrained(path.parent, **options)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **options)
+    options = {"gguf_file": path.name, "local_files_only": True}
+    model = AutoModelForCausalLM.from_pretrained(path.parent, trust_remote_code=False, **options)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, trust_remote_code=False, **options)
     model.hf_quantizer = None  # de-quantized to float32 on load: saved as a plain float model
     vars(model.config).pop("quantization_config", None)
 
