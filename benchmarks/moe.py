@@ -117,6 +117,10 @@ def entries(model: torch.nn.Module, task: Any) -> list[Entry]:
             out.append((f"GEMQ {bits} bits/expert weight, {allocation} allocation (GPTQ g{GROUP}, router fine-tune)",
                         {"section": "gemq", "bits": bits, "variant": allocation}, {"methods": [*base, entry]},
                         functools.partial(gemq_row, prepared, base, entry)))  # fmt: skip
+    entry = {"name": "gemq", "bits": 2.0, "allocation": "global", "group_size": GROUP, "where": BLOCKS, "c2c3": False}
+    out.append(("GEMQ 2.0 bits/expert weight, global allocation without c2c3 (ablation)", {"section": "gemq",
+                "bits": 2.0, "variant": "global-no-c2c3"}, {"methods": [*base, entry]},
+                functools.partial(gemq_row, prepared, base, entry)))  # fmt: skip
     for label, entry in (
         ("PAT", {"name": "pat", "target": PAT_TARGET, "steps": PAT_STEPS}),
         ("magnitude pruning + LoRA", {"name": "hidden-prune", "target": PAT_TARGET, "score": "magnitude", "steps": PAT_STEPS}),
@@ -146,6 +150,7 @@ def headline(key: dict[str, Any]) -> bool:
     """The rows each method's target is judged on; the 8-expert, experts-trained and 2.5-bit rows come after."""
     extra = key.get("experts") == 8 or key.get("variant") == "learned-pa-experts"
     extra = extra or (key.get("variant"), key.get("task")) == ("trex-noprior", "sentiment")
+    extra = extra or key.get("variant") == "global-no-c2c3"
     return not extra and key.get("bits") != 2.5
 
 
