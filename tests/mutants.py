@@ -712,6 +712,22 @@ MUTANTS = [
     ),
     M(
         "pat",
+        "mask learning rate 0",
+        "methods/pat.py",
+        '{"params": [self._mask.logits], "lr": self.mask_lr}',
+        '{"params": [self._mask.logits], "lr": 0.0}',
+        "tests/test_pat.py",
+    ),
+    M(
+        "pat",
+        "the mask learns without its noise (the paper's deterministic mask)",
+        "methods/pat.py",
+        "return torch.sigmoid(temperature * logits + self.noise) + bias",
+        "return torch.sigmoid(temperature * logits) + bias",
+        "tests/test_pat.py",
+    ),
+    M(
+        "pat",
         "no RMSNorm compensation when channels are removed",
         "hidden.py",
         "gain = math.sqrt(hidden / kept)",
