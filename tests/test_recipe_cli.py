@@ -205,6 +205,9 @@ def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
         assert report[side]["layers"] and {"name", "type", "weight_bits", "act_bits", "params", "sparsity"} <= set(
             report[side]["layers"][0]
         )
+    if (out / "model.safetensors").is_file():  # the report states the checkpoint file's own size
+        assert report["compressed"]["metrics"]["file_bytes"] == (out / "model.safetensors").stat().st_size
+        assert "checkpoint file (KB)" in (out / "report.md").read_text()
     # a smoke run trains one tiny epoch: too little for SVD training's rank cut to pay off yet; MAT hardens only
     size, baseline_size = report["compressed"]["metrics"]["size_bytes"], report["baseline"]["metrics"]["size_bytes"]
     uncompressed = ("cnn-svd-train", "cnn-mat", "cnn-split-ensemble")  # the split model is the baseline too

@@ -352,14 +352,20 @@ def _run_recipe(
         "samples": samples,
         "recipe": resolved,
     }
-    writers = {
+    writers: dict[str, Any] = {}
+    if recipe.export.checkpoint:  # first: the report states the file's size
+        meta = {"model": report["model"], "source": source, "task": task.kind, "recipe": resolved,
+                "structure": structure_of(model)}  # fmt: skip
+
+        def write_checkpoint(path: Path) -> None:
+            save(model, path, meta=meta)
+            compressed["metrics"]["file_bytes"] = path.stat().st_size
+
+        writers["model.safetensors"] = write_checkpoint
+    writers |= {
         **run_report_writers(report),
         "recipe.resolved.yaml": lambda path: atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False)),
     }
-    if recipe.export.checkpoint:
-        meta = {"model": report["model"], "source": source, "task": task.kind, "recipe": resolved,
-                "structure": structure_of(model)}  # fmt: skip
-        writers["model.safetensors"] = lambda path: save(model, path, meta=meta)
     folders: dict[str, Any] = {}
     tokenizer = getattr(task, "tokenizer", None)
     if recipe.export.hf:

@@ -29,6 +29,7 @@ METRIC_COLUMNS = [
     ("noise_mse_without_t0", "noise MSE, t > 0", lambda v: f"{v:.5f}"),
     ("top1_agreement", "top-1 agree %", lambda v: f"{100 * v:.1f}"),
     ("size_bytes", "size (KB)", lambda v: f"{v / 1024:.1f}"),
+    ("file_bytes", "checkpoint file (KB)", lambda v: f"{v / 1024:.1f}"),
     ("avg_weight_bits", "avg w bits", lambda v: f"{v:.2f}"),
     ("sparsity", "zero weights %", lambda v: f"{100 * v:.1f}"),
     ("bops", "GBOPs", lambda v: f"{v / 1e9:.2f}"),
@@ -65,6 +66,8 @@ def headline(base: dict[str, Any], comp: dict[str, Any]) -> str:
     parts = [f"{title} {fmt(base[key])} -> {fmt(comp[key])}" for key, title, fmt in METRIC_COLUMNS if key in HEADLINE
              and comp.get(key) is not None and base.get(key) is not None]  # fmt: skip
     parts.append(f"size {base['size_bytes'] / 1024:.1f} KB -> {comp['size_bytes'] / 1024:.1f} KB")
+    if comp.get("file_bytes") is not None:
+        parts.append(f"checkpoint file {comp['file_bytes'] / 1024:.1f} KB")
     parts.append(f"avg weight bits {comp['avg_weight_bits']:.2f}")
     if comp.get("sparsity", 0) >= 0.005:
         parts.append(f"zero weights {100 * comp['sparsity']:.1f}%")
