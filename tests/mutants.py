@@ -259,6 +259,22 @@ MUTANTS = [
         "    if False:",
         "tests/test_hf_directory.py -k bounded",
     ),
+    M(
+        "security",
+        "a packaged GGUF not checked against its recorded digest",
+        "zoo/package_files.py",
+        "    if actual != recorded:",
+        "    if False:",
+        "tests/test_llm.py -k damaged",
+    ),
+    M(
+        "security",
+        "a cached LLM conversion reused though a file changed",
+        "zoo/llm.py",
+        "    return f\"{changed[0]} changed since the conversion\" if changed else None",
+        "    return None",
+        "tests/test_llm.py -k cached_conversion",
+    ),
     # -- LLM weight-only: GPTQ, AWQ, the sequential runner ---------------------------------------------
     M(
         "factorllm",

@@ -195,6 +195,78 @@ def test_bad_gguf_files_are_named_with_what_is_wrong(tmp_path: Path) -> None:
         check_gguf(tmp_path / "short.gguf")
 
 
+def fake_package(site: Path, data: bytes) -> Path:
+    """An installed distribution ``fakellm`` whose RECORD holds the SHA-256 of its ``model.gguf``."""
+    import base64
+    import hashlib
+
+    (site / "fakellm").mkdir(parents=True)
+    (site / "fakellm" / "__init__.py").write_text("")
+    (site / "fakellm" / "model.gguf").write_bytes(data)
+    info = site / "fakellm-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakellm\nVersion: 0.1\n")
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    (info / "RECORD").write_text(f"fakellm/__init__.py,,\nfakellm/model.gguf,sha256={digest},{len(data)}\n"
+                                 "fakellm-0.1.dist-info/RECORD,,\n")  # fmt: skip
+    return site / "fakellm" / "model.gguf"
+
+
+def test_a_damaged_packaged_model_file_is_refused_before_conversion(tmp_path: Path, monkeypatch) -> None:
+    """A GGUF whose bytes differ from the digest the installer recorded (one flipped byte in its tensor data,
+    which the format's own checks do not see) is refused in one line that names it and the reinstall."""
+    from bitsmith.zoo.package_files import verify_installed
+
+    path = fake_package(tmp_path / "site", b"GGUF" + bytes(range(256)) * 64)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert len(verify_installed(path, "fakellm", "pip install fakellm")) == 64
+    data = bytearray(path.read_bytes())
+    data[9000] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.gguf: damaged .* reinstall it with --force-reinstall: pip install"):
+        verify_installed(path, "fakellm", "pip install fakellm")
+    (tmp_path / "site" / "fakellm" / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="recorded no checksum"):
+        verify_installed(tmp_path / "site" / "fakellm" / "other.gguf", "fakellm", "pip install fakellm")
+
+
+def test_a_cached_conversion_is_reused_only_while_it_matches_its_record(tmp_path: Path, monkeypatch) -> None:
+    """The zoo's converted directory records its GGUF's digest and its files': another source or a changed file
+    makes ``llm_dir`` convert again (with a warning) instead of loading a damaged cache."""
+    import bitsmith.zoo.llm as llm
+
+    monkeypatch.setenv("BITSMITH_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    conversions = []
+
+    def convert(path: Path, out: Path, digest: str | None = None, replace: bool = False) -> Path:
+        conversions.append(replace)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights")
+        files = {n: d for n, d in llm.folder_digests(out).items() if n != llm.SOURCE_RECORD}
+        (out / llm.SOURCE_RECORD).write_text(llm.json.dumps({"gguf": path.name, "sha256": digest, "files": files}))
+        return out
+
+    digest = ["a" * 64]
+    monkeypatch.setattr(llm, "verified_gguf", lambda name: (gguf, digest[0]))
+    monkeypatch.setattr(llm, "convert_gguf", convert)
+    out = llm.llm_dir("smollm2")
+    assert conversions == [False] and llm.cache_problem(out, digest[0]) is None
+    llm.llm_dir("smollm2")
+    assert conversions == [False]  # reused
+    (out / "model.safetensors").write_bytes(b"weightz")
+    assert llm.cache_problem(out, digest[0]) == "model.safetensors changed since the conversion"
+    llm.llm_dir("smollm2")
+    assert conversions == [False, True]
+    digest[0] = "b" * 64  # the package was reinstalled with another file
+    assert "other than the installed one" in llm.cache_problem(out, digest[0])
+    llm.llm_dir("smollm2")
+    assert conversions == [False, True, True]
+    (out / llm.SOURCE_RECORD).unlink()  # a cache from before records existed
+    assert "no readable" in llm.cache_problem(out, digest[0])
+
+
 def test_a_model_without_a_topology_adapter_is_refused() -> None:
     with pytest.raises(ValueError, match="has no topology adapter"):
         topology_of(nn.Linear(2, 2))

