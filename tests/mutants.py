@@ -260,6 +260,14 @@ MUTANTS = [
         "tests/test_hf_directory.py -k bounded",
     ),
     M(
+        "run-folder",
+        "every process resumes rank 0's training state",
+        "train.py",
+        "state, optimizer = load_training_state(state_of_rank(path, at.rank), model, cfg, methods, fingerprint)",
+        "state, optimizer = load_training_state(path, model, cfg, methods, fingerprint)",
+        "tests/test_distributed.py -k bit_identically",
+    ),
+    M(
         "security",
         "a packaged GGUF not checked against its recorded digest",
         "zoo/package_files.py",
@@ -271,7 +279,7 @@ MUTANTS = [
         "security",
         "a cached LLM conversion reused though a file changed",
         "zoo/llm.py",
-        "    return f\"{changed[0]} changed since the conversion\" if changed else None",
+        '    return f"{changed[0]} changed since the conversion" if changed else None',
         "    return None",
         "tests/test_llm.py -k cached_conversion",
     ),

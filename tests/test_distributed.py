@@ -38,8 +38,11 @@ def without_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def trained(name: str, checkpoint: Path | None = None) -> tuple[nn.Module, list[dict[str, Any]]]:
-    model = without_batchnorm(MODELS.get(name, make_cnn)())
+def trained(
+    name: str, checkpoint: Path | None = None, batchnorm: bool = False
+) -> tuple[nn.Module, list[dict[str, Any]]]:
+    model = MODELS.get(name, make_cnn)()
+    model = model if batchnorm else without_batchnorm(model)
     method = build_method({"name": name, **RESUME_CONFIG.get(name, {})})
     images, labels = data()
     compress(model, method, [(images[:16], labels[:16])], finalize=False)
@@ -52,25 +55,27 @@ class Killed(Exception):
     pass
 
 
-def worker(rank: int, size: int, folder: str, names: list[str], die_after: int = 0) -> None:
+def worker(rank: int, size: int, folder: str, names: list[str], die_after: int = 0, batchnorm: bool = False) -> None:
     """Train each method in ``size`` processes; rank 0 saves the result. ``die_after``: rank 0 dies after that
-    epoch's checkpoint (the runs keep their training state in ``folder``)."""
+    epoch's checkpoint (the runs keep their training state in ``folder``). ``batchnorm``: the models keep it
+    (per-process statistics)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-{die_after}", rank=rank, world_size=size)
     save = bitsmith.train.save_training_state
 
     def save_then_die(path, model, optimizer, state, *rest) -> None:  # type: ignore[no-untyped-def]
         save(path, model, optimizer, state, *rest)
-        with open(Path(folder) / "saved-epochs.txt", "a") as record:
-            record.write(f"{state.epoch} ")
-        if state.epoch == die_after:
+        if rank == 0:
+            with open(Path(folder) / "saved-epochs.txt", "a") as record:
+                record.write(f"{state.epoch} ")
+        if state.epoch == die_after and rank == 0:
             raise Killed
 
     bitsmith.train.save_training_state = save_then_die
     try:
         assert distributed.world().size == size
         for name in names:
-            model, history = trained(name, Path(folder) / f"{name}-state.pt")
+            model, history = trained(name, Path(folder) / f"{name}-state.pt", batchnorm)
             if rank == 0:
                 torch.save({"state": model.state_dict(), "history": history}, Path(folder) / f"{name}.pt")
     finally:
@@ -118,6 +123,39 @@ def test_a_killed_two_process_run_resumes_where_it_stopped(tmp_path: Path) -> No
     mp.spawn(worker, args=(2, str(tmp_path), ["bsq"]), nprocs=2)
     assert (tmp_path / "saved-epochs.txt").read_text().split() == ["1", "2", "3"]  # epoch 1 was not trained again
     assert_like_one_process("bsq", torch.load(tmp_path / "bsq.pt", weights_only=True))
+
+
+def test_a_killed_two_process_run_resumes_bit_identically(tmp_path: Path) -> None:
+    """With batch norm kept (statistics per process) and QAT's activation ranges (observed per process), a
+    2-process run killed after epoch 1 and resumed ends bit-identical to the uninterrupted 2-process run:
+    every process resumes its own state, not rank 0's."""
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "resumed").mkdir()
+    mp.spawn(worker, args=(2, str(tmp_path / "whole"), ["qat"], 0, True), nprocs=2)
+    with pytest.raises(mp.ProcessRaisedException, match="Killed"):
+        mp.spawn(worker, args=(2, str(tmp_path / "resumed"), ["qat"], 1, True), nprocs=2)
+    mp.spawn(worker, args=(2, str(tmp_path / "resumed"), ["qat"], 0, True), nprocs=2)
+    whole, resumed = (torch.load(tmp_path / f / "qat.pt", weights_only=True) for f in ("whole", "resumed"))
+    differ = [k for k, v in whole["state"].items() if not torch.equal(v, resumed["state"][k])]
+    assert not differ, f"{len(differ)} of {len(whole['state'])} tensors differ: {differ[:4]}"
+    assert whole["history"] == resumed["history"]
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("qat-state*")) == [
+        "qat-state.pt",
+        "qat-state.rank1.epoch3.pt",
+    ]
+
+
+def test_a_rank_without_its_own_state_resumes_rank_zeros_and_says_so(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    from bitsmith.train import rank_state_path, state_of_rank
+
+    path = tmp_path / "state.pt"
+    torch.save({"epoch": 2}, path)
+    assert state_of_rank(path, 0) == path
+    with caplog.at_level("WARNING", logger="bitsmith"):
+        assert state_of_rank(path, 1) == path  # killed between rank 1's write and rank 0's
+    assert "no longer bit-identical" in caplog.text
+    torch.save({"epoch": 2}, rank_state_path(path, 1, 2))
+    assert state_of_rank(path, 1) == rank_state_path(path, 1, 2)
 
 
 def test_a_batch_the_processes_cannot_share_equally_is_refused() -> None:

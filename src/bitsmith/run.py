@@ -27,7 +27,7 @@ from bitsmith.method import compress
 from bitsmith.progress import duration, log
 from bitsmith.recipe import GENERATIVE, GenerationSection, Recipe
 from bitsmith.split_ensemble import class_groups, penultimate_features
-from bitsmith.train import TrainConfig, fit
+from bitsmith.train import TrainConfig, fit, remove_training_states
 from bitsmith.zoo import (
     HF_MODELS,
     LLM_MODELS,
@@ -312,12 +312,12 @@ def _run_recipe(
             train_cfg = TrainConfig(**{**train_cfg.__dict__, "epochs": 1})
         state = out / "train_state.pt"  # a killed run resumes from its last finished epoch
         if restart:
-            state.unlink(missing_ok=True)
+            remove_training_states(state)
         log.info(f"training {train_cfg.epochs} epoch(s) on {images.shape[0]} examples (resumable: {state})")
         history = fit(model, images, labels, train_cfg, methods, checkpoint=state, fingerprint=fingerprint)
         if not at.main:
             return {}
-        state.unlink()
+        remove_training_states(state)
         for method in methods:
             method.finalize(model)
     compress_seconds = time.perf_counter() - start

@@ -138,6 +138,54 @@ def save_training_state(
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def rank_state_path(path: Path, rank: int, epoch: int) -> Path:
+    """Where process ``rank`` > 0 of a multi-process run keeps its own state after ``epoch`` (its batch-norm
+    statistics, observed ranges and RNG are its own); rank 0's is ``path``."""
+    return path.with_name(f"{path.stem}.rank{rank}.epoch{epoch}{path.suffix}")
+
+
+def save_states(
+    path: Path, rank: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *rest: Any
+) -> None:
+    """Every process saves its state; rank 0's file, written last, is the one a resume starts from, and each
+    other rank keeps its file of that epoch (older ones are removed once rank 0's is written)."""
+    if rank > 0:
+        save_training_state(rank_state_path(path, rank, state.epoch), model, optimizer, state, *rest)
+    distributed.barrier()
+    if rank == 0:
+        save_training_state(path, model, optimizer, state, *rest)
+    distributed.barrier()
+    if rank > 0:
+        for old in path.parent.glob(f"{path.stem}.rank{rank}.epoch*{path.suffix}"):
+            if old != rank_state_path(path, rank, state.epoch):
+                old.unlink(missing_ok=True)
+
+
+def state_of_rank(path: Path, rank: int) -> Path:
+    """The state process ``rank`` resumes from: its own of rank 0's epoch, else (killed between the two
+    writes) rank 0's, with a warning that the run is no longer bit-identical to an uninterrupted one."""
+    if rank == 0:
+        return path
+    try:
+        epoch = int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # noqa: BLE001  (load_training_state names the problem)
+        return path
+    own = rank_state_path(path, rank, epoch)
+    if own.is_file():
+        return own
+    log.warning(f"rank {rank}: no state of its own for epoch {epoch} ({own.name}); resuming from rank 0's: its "
+                "batch-norm statistics and observed ranges replace this process's, so the run is no longer "
+                "bit-identical to an uninterrupted one")  # fmt: skip
+    return path
+
+
+def remove_training_states(path: Path) -> None:
+    """Delete a run's training state: rank 0's file and every other rank's."""
+    path.unlink(missing_ok=True)
+    for other in path.parent.glob(f"{path.stem}.rank*{path.suffix}"):
+        other.unlink(missing_ok=True)
+
+
 class StaleTrainingState(ValueError):
     """A training state written by another run (a different recipe, model or data)."""
 
@@ -211,11 +259,11 @@ def fit(
     state = TrainState(0, 0, [])
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.is_file():
-        state, optimizer = load_training_state(path, model, cfg, methods, fingerprint)
+        state, optimizer = load_training_state(state_of_rank(path, at.rank), model, cfg, methods, fingerprint)
     else:
         optimizer = make_optimizer(model, cfg)
-    if at.size > 1:
-        distributed.broadcast_state(model)
+        if at.size > 1:
+            distributed.broadcast_state(model)
     model.train()
     started, first_epoch = time.perf_counter(), state.epoch
     for epoch in range(state.epoch, cfg.epochs):
@@ -276,8 +324,8 @@ def fit(
             optimizer = make_optimizer(model, cfg)
         for callback in callbacks or []:
             callback(model, state)
-        if path is not None and at.main:
-            save_training_state(path, model, optimizer, state, methods, fingerprint)
+        if path is not None:
+            save_states(path, at.rank, model, optimizer, state, methods, fingerprint)
         distributed.barrier()
     model.eval()
     return state.history
