@@ -200,3 +200,14 @@ def test_nproc_that_does_not_divide_the_batch_is_refused_before_launching(tmp_pa
 
     assert main(["run", "recipes/cnn-bsq.yaml", "--out", str(tmp_path), "--nproc", "3", "train.batch_size=128"]) == 2
     assert "batch_size 128 is not a multiple of the 3 processes" in capsys.readouterr().err
+
+
+def test_more_processes_than_cores_are_refused_at_once(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    from bitsmith.cli import main
+
+    start = time.perf_counter()
+    assert main(["run", "recipes/cnn-bsq.yaml", "--out", str(tmp_path), "--nproc", "64", "train.batch_size=128"]) == 2
+    assert time.perf_counter() - start < 10 and "CPU core(s)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing started

@@ -49,6 +49,61 @@ def test_an_unreachable_ray_address_is_one_line(tmp_path: Path, capsys: pytest.C
     assert "--address 127.0.0.1:1: no Ray cluster answers there" in capsys.readouterr().err
 
 
+def test_a_huge_grid_is_refused_before_any_combination_is_built(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import time
+
+    items = [
+        "methods.0.w_bits=" + ",".join(str(b) for b in range(2, 10)),
+        "methods.0.a_bits=" + ",".join("2345678"),
+        "train.lr=" + ",".join(str(i / 100) for i in range(1, 31)),
+        "data.seed=" + ",".join(map(str, range(30))),
+    ]
+    start = time.perf_counter()
+    assert main(["sweep", str(RECIPE), *[a for i in items for a in ("--grid", i)], "--out", str(tmp_path)]) == 2
+    assert time.perf_counter() - start < 10
+    assert "--grid: 50400 combinations (8 x 7 x 30 x 30); a sweep runs at most 1000" in capsys.readouterr().err
+
+
+class Listener:
+    """A loopback port that accepts connections and answers like ``reply`` (or stays silent), not like Ray."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        import socket
+        import threading
+
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.reply = reply
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            if self.reply is not None:
+                connection.recv(1024)
+                connection.sendall(self.reply)
+                connection.close()
+
+
+@pytest.mark.parametrize("reply", [None, b"HTTP/1.1 400 Bad Request\r\n\r\n", b""], ids=["silent", "http", "closes"])
+def test_a_listening_port_that_is_not_ray_is_one_line_within_seconds(reply: bytes | None, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    import time
+
+    listener = Listener(reply)
+    address = f"127.0.0.1:{listener.port}"
+    start = time.perf_counter()
+    assert main(["sweep", str(RECIPE), "--grid", "methods.0.w_bits=4", "--out", str(tmp_path), "--smoke",
+                 "--address", address]) == 2  # fmt: skip
+    assert time.perf_counter() - start < 15
+    err = capsys.readouterr().err
+    assert f"--address {address}: something listens there but it is not a Ray cluster" in err
+    listener.server.close()
+
+
 @pytest.mark.slow
 def test_a_ray_sweep_of_six_smoke_runs_finishes_resumes_and_reports(tmp_path: Path) -> None:
     grid = parse_grid(["methods.0.w_bits=4,8", "methods.0.a_bits=6,7,8"])

@@ -34,6 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          "share training only: drop --nproc")  # fmt: skip
     if args.nproc > 1:
         distributed.check_batch_size(recipe.train_config().batch_size, args.nproc)  # type: ignore[union-attr]
+        distributed.check_process_count(args.nproc, os.cpu_count() or 1)
     if args.nproc > 1 and distributed.world().size == 1 and "WORLD_SIZE" not in os.environ:
         return launch_torchrun(args)
     at = distributed.join_from_env()

@@ -65,7 +65,7 @@ def add_scale_commands(sub: Any) -> None:
 
     sweep = sub.add_parser("sweep", help="run every combination of a grid of overrides on Ray, compare them")
     sweep.add_argument("recipe")
-    sweep.add_argument("--grid", nargs="+", required=True, metavar="FIELD=V1,V2",
+    sweep.add_argument("--grid", nargs="+", action="extend", required=True, metavar="FIELD=V1,V2",
                        help="fields and their values, e.g. methods.0.w_bits=2,3,4 methods.0.alpha=0.5,1")  # fmt: skip
     sweep.add_argument("--out", required=True, help="output directory (one run folder per combination under runs/)")
     sweep.add_argument("--address", help="join this Ray cluster (host:port, or auto); default: a local Ray")

@@ -74,6 +74,14 @@ def check_batch_size(batch_size: int, size: int) -> None:
         )
 
 
+def check_process_count(count: int, cores: int) -> None:
+    """``--nproc`` starts its processes on this machine: more than its cores only wait on each other (each
+    also loads the model and the data), so it is refused before any starts."""
+    if count > cores:
+        raise ValueError(f"--nproc {count}: this machine has {cores} CPU core(s); more processes than cores only "
+                         f"slow each other down: use --nproc {cores} or fewer")  # fmt: skip
+
+
 def shard(batch: tuple[Tensor, Tensor], at: World) -> tuple[tuple[Tensor, Tensor], float]:
     """This rank's slice of a global batch and its share of it (a batch smaller than the world: every rank
     trains on all of it, each with an equal share, which averages to the same gradient)."""

@@ -8,6 +8,7 @@ A local Ray is started on demand with as many CPUs as this machine has (one run 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import socket
@@ -21,6 +22,7 @@ from bitsmith.progress import log
 from bitsmith.recipe import RecipeError, load_recipe
 
 RUNS = "runs"
+MAX_RUNS = 1000  # combinations per sweep: more is a typo or a job for a search (`bitsmith tune`)
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
@@ -40,7 +42,13 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 
 def combinations(grid: dict[str, list[str]]) -> list[list[str]]:
-    """Every combination as a list of ``field=value`` overrides (the grid's order, last field fastest)."""
+    """Every combination as a list of ``field=value`` overrides (the grid's order, last field fastest); a grid of
+    more than ``MAX_RUNS`` combinations is refused before any is built."""
+    count = math.prod(len(values) for values in grid.values())
+    if count > MAX_RUNS:
+        sizes = " x ".join(str(len(values)) for values in grid.values())
+        raise RecipeError(f"--grid: {count} combinations ({sizes}); a sweep runs at most {MAX_RUNS}: narrow the "
+                          "grid, or split it into several sweeps into the same --out (finished runs are kept)")  # fmt: skip
     return [[f"{k}={v}" for k, v in zip(grid, values, strict=True)] for values in itertools.product(*grid.values())]
 
 
@@ -58,6 +66,8 @@ def run_name(overrides: list[str], varying: set[str] | None = None) -> str:
 def check_combinations(recipe: Path, runs: list[list[str]]) -> None:
     """Validate every combination before anything runs: a field the recipe does not have, or a value it does not
     accept, is one line naming it."""
+    if len(runs) > 20:
+        log.info(f"sweep: checking the {len(runs)} combinations against the recipe")
     for overrides in runs:
         try:
             parsed, _ = load_recipe(recipe, overrides)
@@ -90,12 +100,38 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         return
     host, _, port = address.rpartition(":")
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s) as connection:
+            grpc = speaks_grpc(connection)
     except (OSError, ValueError):
         raise ConnectionError(
             f"--address {address}: no Ray cluster answers there (start one with `ray start --head`, check the "
             "address, or drop --address to start a local Ray)"
         ) from None
+    if not grpc:
+        raise ConnectionError(
+            f"--address {address}: something listens there but it is not a Ray cluster (Ray's GCS speaks gRPC; "
+            "this port did not); give the head node's GCS address (`ray start --head` prints it, port 6379 by "
+            "default), or drop --address to start a local Ray"
+        )
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + empty SETTINGS
+
+
+def speaks_grpc(connection: socket.socket) -> bool:
+    """Whether the server behind ``connection`` answers an HTTP/2 client preface with a SETTINGS frame (as every
+    gRPC server, Ray's GCS among them, does); silence until the socket's timeout or anything else is no."""
+    try:
+        connection.sendall(HTTP2_PREFACE)
+        header = b""
+        while len(header) < 9:
+            chunk = connection.recv(9 - len(header))
+            if not chunk:
+                return False
+            header += chunk
+    except OSError:
+        return False
+    return header[3] == 4  # frame type SETTINGS
 
 
 def run_one(recipe: str, overrides: list[str], out: str, smoke: bool) -> dict[str, Any]:
