@@ -80,6 +80,7 @@ def checkpoints() -> None:
         "packed-shape-bomb": lambda m: m.update(packed=json.dumps({"stem": {"bits": 4, "min": 0, "shape": [10**6] * 2}})),
         "layers-deep-nesting": lambda m: m.update(layers="[" * 5000 + "]" * 5000),
         "layers-wrong-type": lambda m: m.update(layers=json.dumps({"stem": {"type": "QLinear"}})),
+        "low-rank-rank-bomb": lambda m: m.update(layers=json.dumps({"conv": {"type": "LowRankConv2d", "rank": 10**7}})),
         "meta-names-a-path": lambda m: m.update(meta=json.dumps({"model": "/etc", "source": "/etc/passwd"}),
                                                 layers=json.dumps({"nope": {"type": "QConv2d"}})),
     }  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -46,8 +47,8 @@ class LowRankLinear(LowRankMixin, nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
         super().__init__()
-        if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank must be an integer in [1, {min(in_features, out_features)}], got {rank!r}")
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=bias)
 
@@ -85,6 +86,14 @@ class LowRankConv2d(LowRankMixin, nn.Module):
         super().__init__()
         if conv_args["groups"] != 1:
             raise ValueError("LowRankConv2d supports groups=1 convolutions only")
+        kernel = conv_args["kernel_size"]
+        fan_in = conv_args["in_channels"] * (kernel * kernel if isinstance(kernel, int) else math.prod(kernel))
+        if (
+            isinstance(rank, bool)
+            or not isinstance(rank, int)
+            or not 1 <= rank <= min(conv_args["out_channels"], fan_in)
+        ):
+            raise ValueError(f"rank must be an integer in [1, {min(conv_args['out_channels'], fan_in)}], got {rank!r}")
         self.down = nn.Conv2d(**{**conv_args, "out_channels": rank, "bias": False})
         self.up = nn.Conv2d(rank, conv_args["out_channels"], 1, bias=conv_args["bias"])
 
