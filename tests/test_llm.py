@@ -267,6 +267,17 @@ def test_a_cached_conversion_is_reused_only_while_it_matches_its_record(tmp_path
     assert "no readable" in llm.cache_problem(out, digest[0])
 
 
+def test_scoring_text_logs_its_progress(caplog) -> None:  # type: ignore[no-untyped-def]
+    """A long LLM evaluation is visibly alive: about ten lines per text, naming the window and the time."""
+    from bitsmith.eval.lm import score
+
+    rows = torch.randint(0, 96, (20, 16), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("INFO", logger="bitsmith"):
+        score(make_llama(), rows, what="Persuasion")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("scoring Persuasion")]
+    assert len(lines) == 9 and lines[0].startswith("scoring Persuasion: window 2/20")
+
+
 def test_a_model_without_a_topology_adapter_is_refused() -> None:
     with pytest.raises(ValueError, match="has no topology adapter"):
         topology_of(nn.Linear(2, 2))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bitsmith.progress import log
 from bitsmith.terminal import console, errors
 
 QUALITY = ("accuracy", "cosine", "retrieval", "perplexity", "fid_zoo_cnn", "kid_zoo_cnn", "noise_mse")  # printed
@@ -26,6 +27,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_attacks(args, model, task)
     if args.slices or args.threshold:
         return _eval_precisions(args, model, task)
+    log.info(f"scoring {args.checkpoint} on {task.eval_examples} examples")
     metrics = task.evaluate(model)
     cost = model_cost(model, task.first(task.example(1))).totals
     reference = args.model or "the zoo model the checkpoint names"
@@ -110,7 +112,9 @@ def _deploy_and_time(args: argparse.Namespace, model: Any, fp32: Any, task: Any)
     from bitsmith.run import measure_deployed
 
     example = task.example(args.batch)
+    log.info(f"deploying on {args.backend}: export, then {args.runs} timed runs and the task's metrics")
     deployed = measure_deployed(model, task, args.backend, example, args.runs, args.threads, getattr(args, "out", None))
+    log.info(f"timing the float model ({args.runs} runs)")
     fp32_timing = time_forward(fp32, example, runs=args.runs, num_threads=args.threads)
     timing = Timing.from_dict(deployed["timing"])
     scores = {k: deployed[k] for k in QUALITY if k in deployed}

@@ -169,6 +169,7 @@ def load_checkpoint(
             f"{path}: the checkpoint was made from the model directory {str(meta.get('source'))[:200]!r}; "
             "pass --model DIR to load it (bitsmith does not open paths named inside a checkpoint)"
         )
+    log.info(f"loading the float {str(name)[:200]} (the checkpoint's reference)")
     if meta.get("task") == "language-model" or name in LLM_MODELS:
         from bitsmith.eval.lm import language_model_task
         from bitsmith.zoo.llm import load_llm
@@ -183,6 +184,7 @@ def load_checkpoint(
         task = embedding_task(tokenizer, None, 1, 1, seed)
     refuse_quantized_reference(fp32, name)
     model = load(path, copy.deepcopy(fp32)).eval()  # a checkpoint that does not fit stops here, before any scoring
+    log.info(f"scoring the float {name} (the reference) on {task.eval_examples} examples")
     task.evaluate(fp32)  # the FP32 model is the reference of cosine similarity / KL
     return model, fp32, task
 

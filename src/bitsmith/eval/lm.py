@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bitsmith.method import eval_mode, output_logits
+from bitsmith.progress import duration, log
 
 CALIB_NOVELS = ("emma", "mansfieldpark")
 PROMPTS = (
@@ -76,13 +78,19 @@ def logits_of(model: nn.Module, ids: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def score(model: nn.Module, rows: Tensor, reference: nn.Module | None = None, compared: int = 0) -> dict[str, float]:
+def score(
+    model: nn.Module, rows: Tensor, reference: nn.Module | None = None, compared: int = 0, what: str = "text"
+) -> dict[str, float]:
     """``perplexity``: ``exp`` of the mean next-token negative log-likelihood over every scored token of
     ``rows``. With a ``reference``, its first ``compared`` rows also give ``kl``, the mean KL(P_ref || P_model)
-    per token (nats), and ``top1_agreement``, from the same forward passes of ``model``."""
+    per token (nats), and ``top1_agreement``, from the same forward passes of ``model``. Progress is logged
+    about ten times (``what`` names the text)."""
     nll, scored, kl, agree, positions = 0.0, 0, 0.0, 0, 0
+    count, started, every = rows.shape[0], time.perf_counter(), max(1, rows.shape[0] // 10)
     with eval_mode(model):
         for index, row in enumerate(rows.split(1)):
+            if index and index % every == 0:
+                log.info(f"scoring {what}: window {index}/{count}, {duration(time.perf_counter() - started)} elapsed")
             logits = logits_of(model, row)[0]
             nll += float(F.cross_entropy(logits[:-1], row[0, 1:], reduction="sum"))
             scored += row.shape[1] - 1
@@ -153,7 +161,7 @@ class LanguageModelTask:
             self.reference = copy.deepcopy(model).eval()
         out: dict[str, float] = {}
         for index, (name, rows) in enumerate(self.eval_rows.items()):  # KL / agreement on the first text
-            scores = score(model, rows, self.reference if index == 0 else None, self.kl_windows)
+            scores = score(model, rows, self.reference if index == 0 else None, self.kl_windows, name)
             out[name] = scores.pop("perplexity")
             out.update(scores)
         return out
