@@ -261,6 +261,14 @@ MUTANTS = [
     ),
     M(
         "run-folder",
+        "a full disk left to the library's traceback",
+        "files.py",
+        "    if not full and not any(text in str(exc).lower() for text in FULL_MESSAGES):",
+        "    if True:",
+        "tests/test_run_folder.py -k full_disk",
+    ),
+    M(
+        "run-folder",
         "every process resumes rank 0's training state",
         "train.py",
         "state, optimizer = load_training_state(state_of_rank(path, at.rank), model, cfg, methods, fingerprint)",

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -187,3 +191,53 @@ def test_a_second_run_into_a_folder_being_written_stops_in_one_line(tmp_path: Pa
             pass
     with run_lock(tmp_path):  # released afterwards
         pass
+
+
+def run_with_file_limit(args: list[str], limit: int) -> subprocess.CompletedProcess[str]:
+    """``bitsmith ARGS`` where no file may grow past ``limit`` bytes (RLIMIT_FSIZE: the file system refuses
+    more, as a full disk does; the signal that would kill the process ignored)."""
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "BITSMITH_QUIET": "1"}
+    return subprocess.run([sys.executable, "-m", "bitsmith", *args], capture_output=True, text=True,
+                          preexec_fn=limited, env=env, timeout=600)  # fmt: skip
+
+
+@pytest.mark.parametrize(("recipe", "refused"), [("cnn-ptq-w8a8", "model.safetensors"), ("cnn-bsq", "train_state.pt")])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_space_and_publishes_nothing(
+    recipe: str, refused: str, tmp_path: Path
+) -> None:
+    """PTQ's checkpoint (safetensors) and a training state (torch.save: "unexpected pos") hit a full disk: one
+    line naming the file, the space it needed and what is left; no partial file, no manifest."""
+    from test_recipe_cli import _has_data
+
+    if not _has_data():
+        pytest.skip("Fashion-MNIST not installed (make data)")
+    out = tmp_path / "run"
+    done = run_with_file_limit(["run", f"recipes/{recipe}.yaml", "--smoke", "--out", str(out), "export.deploy=none"],
+                               40_000)  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert len(errors) == 1 and f"{refused}: could not be written: no space left for it (needs about" in errors[0]
+    assert "MiB free there); free some space or choose another --out" in errors[0]
+    assert not (out / MANIFEST).exists() and not list(out.glob(".*.tmp")) and not (out / "model.safetensors").exists()
+
+
+def test_a_full_disk_while_exporting_a_folder_leaves_no_folder(tmp_path: Path) -> None:
+    from bitsmith.files import DiskFull, atomic_folder
+
+    def write(folder: Path) -> None:
+        (folder / "config.json").write_text("{}")
+        raise RuntimeError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    with pytest.raises(DiskFull, match=r"hf: .*no space left for it \(needs about 2\.0 MiB"):
+        try:
+            atomic_folder(tmp_path / "hf", write, needed=2 * 2**20)
+        except DiskFull as exc:
+            raise DiskFull(exc.errno, f"{Path(exc.filename).name}: {exc.strerror}") from None
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.iterdir())

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from bitsmith.cli_eval import cmd_deploy, cmd_eval
 from bitsmith.cli_scale import add_scale_commands, launch_torchrun
+from bitsmith.files import DiskFull
 from bitsmith.terminal import console, errors
 
 
@@ -304,6 +305,8 @@ def error_line(exc: BaseException) -> str:
     """One line for an expected failure; a full disk or a refused write says what to do."""
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
+    if isinstance(exc, DiskFull):
+        return f"{exc.filename}: could not be written: {exc.strerror}; free some space or choose another --out"
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.errno is not None:
         where = f" writing {exc.filename}" if exc.filename else ""
         hint = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some space",

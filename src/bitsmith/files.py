@@ -4,6 +4,7 @@ published together (a manifest written last, checked by readers)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -30,9 +31,41 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()  # what open() would give: 0644 under the usual umask (mkstemp gives 0600)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+# How libraries report a write the file system refused (safetensors: "os error 28"; torch.save: "unexpected pos"
+# or "file write failed"), besides an OSError with one of FULL_ERRNOS.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+FULL_MESSAGES = ("no space left", "os error 28", "os error 27", "file too large", "disk quota", "unexpected pos",
+                 "file write failed")  # fmt: skip
+
+
+class DiskFull(OSError):
+    """A file could not be written because its file system (or a file-size limit) refused more bytes."""
+
+
+def _mib(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+def disk_full(exc: BaseException, path: Path, needed: int | None) -> DiskFull | None:
+    """``exc`` as one ``DiskFull`` naming ``path``, the space it needed (``needed`` bytes, when known) and the
+    space left there; None when ``exc`` is another failure."""
+    full = isinstance(exc, OSError) and exc.errno in FULL_ERRNOS
+    if not full and not any(text in str(exc).lower() for text in FULL_MESSAGES):
+        return None
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    sizes = [f"needs about {_mib(needed)}" if needed is not None else None,
+             f"{_mib(free)} free there" if free is not None else None]  # fmt: skip
+    detail = "; ".join(s for s in sizes if s)
+    return DiskFull(errno.ENOSPC, f"no space left for it ({detail})" if detail else "no space left for it", str(path))
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None], needed: int | None = None) -> Path:
     """Write ``path`` by calling ``write(temporary path)`` beside it, then renaming it into place: a reader
-    sees the old file or the new one, never a part of one. The temporary file is removed on failure."""
+    sees the old file or the new one, never a part of one. The temporary file is removed on failure; a full
+    disk is one ``DiskFull`` error naming the file and the space it ``needed`` (bytes, when the caller knows)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
@@ -41,13 +74,20 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         write(tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except Exception as exc:
+        full = disk_full(exc, path, needed)
+        if full is None:
+            raise
+        raise full from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
 
 
-def atomic_folder(path: str | os.PathLike[str], write: Callable[[Path], None], replace: bool = True) -> Path:
+def atomic_folder(
+    path: str | os.PathLike[str], write: Callable[[Path], None], replace: bool = True, needed: int | None = None
+) -> Path:
     """Write the folder ``path`` by calling ``write(temporary folder)`` beside it, then renaming it into place:
     it exists whole or not at all. ``replace``: an existing folder is replaced; otherwise one that appeared
     meanwhile (another process wrote it) is kept and this copy dropped."""
@@ -64,6 +104,11 @@ def atomic_folder(path: str | os.PathLike[str], write: Callable[[Path], None], r
         except OSError:
             if replace or not path.is_dir():
                 raise
+    except Exception as exc:
+        full = disk_full(exc, path, needed)
+        if full is None:
+            raise
+        raise full from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -135,7 +135,17 @@ def save_training_state(
     }
     if is_vit(model):  # structured pruning may have narrowed it: the widths rebuild the shapes on resume
         payload["structure"] = structure_counts(model)
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    tensors = [t for t in [*payload["model"].values(), *_tensors(payload["optimizer"])] if isinstance(t, Tensor)]
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), sum(t.numel() * t.element_size() for t in tensors))
+
+
+def _tensors(tree: Any) -> list[Any]:
+    """The leaves of nested dicts and lists (an optimizer's state)."""
+    if isinstance(tree, dict):
+        return [leaf for value in tree.values() for leaf in _tensors(value)]
+    if isinstance(tree, list | tuple):
+        return [leaf for value in tree for leaf in _tensors(value)]
+    return [tree]
 
 
 def rank_state_path(path: Path, rank: int, epoch: int) -> Path:

@@ -152,7 +152,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
     if uses_int8_attention(model):  # PTQ's int8_attention: switched on again on load
         metadata["attention"] = "int8"
     metadata["sha256"] = _digest(tensors, metadata)
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    needed = sum(t.numel() * t.element_size() for t in tensors.values()) + sum(map(len, metadata.values()))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), needed)
 
 
 def _read_file(path: Path, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

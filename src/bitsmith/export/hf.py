@@ -78,7 +78,7 @@ def write_hf_folder(
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
 
-    return atomic_folder(out, write)
+    return atomic_folder(out, write, needed=sum(t.numel() * t.element_size() for t in state.values()))
 
 
 def packed_state(model: nn.Module, layers: dict[str, dict[str, Any]]) -> dict[str, Tensor]:
