@@ -832,6 +832,14 @@ MUTANTS = [
     ),
     M(
         "mobiquant",
+        "random router (never trained)",
+        "methods/mobiquant.py",
+        "    for _ in range(steps):\n        loss = (router.net(tokens) - goal).pow(2).mean()",
+        "    for _ in range(0):\n        loss = (router.net(tokens) - goal).pow(2).mean()",
+        "tests/test_mobiquant.py",
+    ),
+    M(
+        "mobiquant",
         "router trained on inverted gains",
         "methods/mobiquant.py",
         "        goal = torch.log(gains / budget_weight).T  # (T, E-1)",
