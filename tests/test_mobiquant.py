@@ -80,6 +80,15 @@ def test_the_router_spends_bits_on_the_tokens_that_need_them(router_seed: int) -
     def error(out: torch.Tensor) -> float:
         return float(((out - target).pow(2).sum(-1) / target.pow(2).sum(-1)).mean())
 
+    # the gate logits predict each held-out token's log gain per slice, also within the coarse-group tokens
+    # (an untrained router: |r| <= 0.35 over all gates, <= 0.06 within; trained: 0.95 and 0.55)
+    errors = (readings - target).pow(2).sum(-1) / target.pow(2).sum(-1)  # (slices, tokens)
+    goal = torch.log((errors[:-1] - errors[1:]).clamp(min=1e-12)).T
+    with torch.no_grad():
+        predicted = routed.router.net(test)
+    assert torch.corrcoef(torch.stack([predicted.flatten(), goal.flatten()]))[0, 1] > 0.8
+    assert torch.corrcoef(torch.stack([predicted[::2, 0], goal[::2, 0]]))[0, 1] > 0.3
+
     for threshold in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
         set_operating_point(model, threshold=threshold)
         with torch.no_grad():
