@@ -132,6 +132,22 @@ MUTANTS = [
     ),
     M(
         "robust-eval",
+        "the unbounded-attack sanity check never fires",
+        "robust/evaluate.py",
+        '    if checks["unbounded"] > UNBOUNDED_ACCURACY + margin:',
+        "    if False:",
+        "tests/test_robust.py -k sanity_checks",
+    ),
+    M(
+        "robust-eval",
+        "the stronger-attack sanity check never fires",
+        "robust/evaluate.py",
+        '    if checks["steps_x2_restarts_plus_1"] > accuracy + margin:',
+        "    if False:",
+        "tests/test_robust.py -k sanity_checks",
+    ),
+    M(
+        "robust-eval",
         "ART told the inputs lie in [0, 255]",
         "robust/attacks.py",
         "nb_classes=classes, clip_values=(LOW, HIGH),",

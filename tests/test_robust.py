@@ -77,17 +77,49 @@ def test_fgsm_is_one_signed_step_of_eps() -> None:
     assert torch.allclose((adv - x).abs()[inside], torch.full_like(x[inside], 0.05), atol=1e-6)
 
 
+class Masked(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.round(x * 8) / 8)  # round has a zero gradient: no STE
+
+
+def test_the_sanity_checks_flag_masked_gradients_of_an_adversarially_trained_model() -> None:
+    """Masking where it is most likely: an adversarially trained model behind a gradient-free rounding. The
+    transfer from the same training and the sanity checks show it; the honest robust model passes every check."""
+    robust = trained("adv-train")
+    _, _, x, y = fashion()
+    x, y = x[:300], y[:300]
+    spec = AttackSpec(eps=0.1, steps=10)
+    same = robust_evaluate(Masked(robust), x, y, [spec], source=robust, attacker=pgd, sanity=True)
+    assert any("exceeds the transfer attack" in flag for flag in same.flags)
+    assert any("unbounded attack (Linf eps 1) leaves" in flag for flag in same.flags)
+    honest = robust_evaluate(robust, x, y, [spec], source=robust, attacker=pgd, sanity=True)
+    assert not honest.flags, honest.flags
+    checks = honest.results[0].checks
+    assert checks["unbounded"] <= 0.02 and checks["eps_x2"] <= honest.results[0].accuracy
+    assert checks["steps_x2_restarts_plus_1"] <= honest.results[0].accuracy + 0.02
+
+
+def test_the_sanity_checks_flag_an_attack_that_gets_weaker_with_more_effort() -> None:
+    """An attacker whose stronger settings leave more accuracy (a random-direction 'attack' when given more
+    steps) is flagged by the more-steps-and-restarts check."""
+    model = trained()
+    _, _, x, y = fashion()
+    x, y = x[:200], y[:200]
+
+    def erratic(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: AttackSpec) -> torch.Tensor:
+        return pgd(model, x, y, spec) if spec.steps <= 10 else x
+
+    report = robust_evaluate(model, x, y, [AttackSpec(eps=0.1, steps=10)], attacker=erratic, sanity=True)
+    assert any("a stronger attack (20 steps, 2 restarts) leaves more accuracy" in flag for flag in report.flags)
+
+
 def test_transfer_attack_flags_masked_gradients() -> None:
     """A model whose input rounding has no gradient resists white-box PGD only because its gradient is zero:
     the transfer attack from the unmasked model still breaks it, and the report says so."""
-
-    class Masked(nn.Module):
-        def __init__(self, inner: nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.inner(torch.round(x * 8) / 8)  # round has a zero gradient: no STE
 
     source = trained()
     _, _, x, y = fashion()

@@ -45,12 +45,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_attacks(args: argparse.Namespace, model: Any, task: Any) -> int:
     """Clean and robust top-1 under each attack and eps, white-box (through the fake-quant modules) and transferred
-    from the trained FP32 zoo model; ``--json`` also writes the report and a RobustBench-style entry."""
+    from the checkpoint's own weights in float, with the sanity checks of every PGD number; ``--json`` also writes
+    the report and a RobustBench-style entry."""
     from bitsmith.data import subset
     from bitsmith.export.checkpoint import read_meta
     from bitsmith.files import atomic_write_text
     from bitsmith.robust import attack_specs, robust_evaluate
-    from bitsmith.zoo import pretrained
+    from bitsmith.run import float_twin
 
     if task.kind != "classification":
         raise ValueError(
@@ -60,16 +61,11 @@ def _eval_attacks(args: argparse.Namespace, model: Any, task: Any) -> int:
     meta = read_meta(args.checkpoint)
     name = args.model or meta.get("model")
     images, labels = subset(*task.test, args.subset, seed=0)
-    source = None
-    if args.transfer:
-        try:
-            source = pretrained(name, args.data, train_if_missing=False)
-        except FileNotFoundError as err:
-            console.print(f"no transfer attack: {err}", highlight=False)
-    report = robust_evaluate(model, images, labels, specs, source=source)
+    source = float_twin(model) if args.transfer else None  # the same training's weights, without fake quantization
+    report = robust_evaluate(model, images, labels, specs, source=source, sanity=True)
     scope = "all" if args.subset is None or args.subset >= len(task.test[1]) else f"a seeded subset of {len(labels)}"
     console.print(f"{args.checkpoint} ({scope} test images; transfer source: "
-                  f"{'the trained FP32 ' + name if source is not None else 'none'})", highlight=False)  # fmt: skip
+                  f"{'its own weights in float' if source is not None else 'none'})", highlight=False)  # fmt: skip
     for line in report.lines():
         console.print(f"  {line}", highlight=False)
     if args.json:

@@ -154,7 +154,16 @@ class AttackSection(_Strict):
     steps: int = Field(20, ge=1)
     restarts: int = Field(1, ge=1)
     subset: int | None = Field(None, ge=1, description="attack a seeded subset of the test images (all when null)")
-    transfer: bool = Field(True, description="also attack the compressed model with examples crafted on the FP32 one")
+    transfer: bool = Field(
+        True,
+        description="also attack the compressed model with examples crafted on its own "
+        "weights in float (same training, no fake quantization in the gradient path)",
+    )
+    sanity: bool = Field(
+        True,
+        description="check every PGD number: accuracy falls with eps, a stronger attack never "
+        "raises it, an unbounded one reaches 0 % (each failure is flagged)",
+    )
 
     def specs(self) -> list[Any]:
         from bitsmith.robust import attack_specs

@@ -245,7 +245,7 @@ def measure(model: nn.Module, task: Task, recipe: Recipe, smoke: bool) -> dict[s
 
 def robust_section(recipe: Recipe, fp32: nn.Module, model: nn.Module, task: Task, smoke: bool) -> dict[str, Any]:
     """The recipe's attacks on the FP32 and the compressed model (white-box; the compressed one also under the
-    transfer attack from FP32), and a RobustBench-style entry for the compressed one."""
+    transfer attack from its own weights in float), and a RobustBench-style entry for the compressed one."""
     from bitsmith.robust import robust_evaluate
 
     assert recipe.attack is not None and isinstance(task, ClassificationTask)
@@ -258,10 +258,19 @@ def robust_section(recipe: Recipe, fp32: nn.Module, model: nn.Module, task: Task
     specs = recipe.attack.specs()
     log.info(f"attacking the FP32 and the compressed model on {len(labels)} test images: "
              + ", ".join(s.label() for s in specs))  # fmt: skip
-    base = robust_evaluate(fp32, images, labels, specs)
-    comp = robust_evaluate(model, images, labels, specs, source=fp32 if recipe.attack.transfer else None)
+    base = robust_evaluate(fp32, images, labels, specs, sanity=recipe.attack.sanity)
+    source = float_twin(model) if recipe.attack.transfer else None  # same training: masking shows, robustness not
+    comp = robust_evaluate(model, images, labels, specs, source=source, sanity=recipe.attack.sanity)
     return {"baseline": base.to_dict(), "compressed": comp.to_dict(),
             "robustbench": comp.robustbench_entry(str(recipe.model.name), recipe.model_dump(mode="json"))}  # fmt: skip
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """``model``'s own (quantized, masked) weights as a plain float model: the transfer source of the same
+    training, whose gradients no fake quantizer or input rounding hides."""
+    from bitsmith.nn import strip
+
+    return strip(copy.deepcopy(model)).eval()
 
 
 def run_fingerprint(resolved: dict[str, Any], source: str, smoke: bool) -> str:

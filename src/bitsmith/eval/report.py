@@ -220,8 +220,9 @@ def robustness_lines(robust: dict[str, Any] | None) -> list[str]:
     if not robust:
         return []
     base, comp = robust["baseline"], robust["compressed"]
-    md = ["## Robustness", "", f"Top-1 % on {comp['examples']} test images; transfer = examples crafted on the FP32 "
-          "model, evaluated on the compressed one.", "", "| attack | FP32 | compressed | compressed, transfer from FP32 |",
+    md = ["## Robustness", "", f"Top-1 % on {comp['examples']} test images; transfer = examples crafted on the "
+          "compressed model's own weights in float (same training, no fake quantization in the gradient path), "
+          "evaluated on the compressed one.", "", "| attack | FP32 | compressed | compressed, transfer |",
           "|---|---|---|---|", f"| none (clean) | {100 * base['clean']:.2f} | {100 * comp['clean']:.2f} | |"]  # fmt: skip
     for b, c in zip(base["results"], comp["results"], strict=True):
         transfer = f"{100 * c['transfer_accuracy']:.2f}" if c["transfer_accuracy"] is not None else ""
