@@ -186,13 +186,23 @@ def test_max_mat_keeps_the_strongest_loss_per_example() -> None:
     assert (losses.argmax(0) == 1).float().mean() > 0.5  # mostly the larger strength, not always the same one
 
 
-def test_robustbench_entry_reports_autoattack_at_the_largest_eps() -> None:
+def test_robustbench_entry_reports_the_standard_autoattack_and_the_strongest_attack() -> None:
+    """The standard AutoAttack (ART's, its own settings) is ``autoattack_acc``; a reduced variant is named as such
+    and never fills that field; ``robust_acc`` is the least accuracy any attack left at the largest eps."""
     model = trained()
     _, _, x, y = fashion()
-    report = robust_evaluate(model, x[:40], y[:40], [AttackSpec(name="autoattack", eps=0.05, steps=5)])
+    specs = [AttackSpec(name="pgd", eps=0.05, steps=1), AttackSpec(name="autoattack-lite", eps=0.05, steps=5),
+             AttackSpec(name="autoattack", eps=0.05)]  # fmt: skip
+    report = robust_evaluate(model, x[:20], y[:20], specs)
+    pgd1, lite, standard = report.results
+    assert standard.attack == "autoattack (standard) Linf eps 0.05" and lite.attack.startswith("autoattack-lite-5")
     entry = report.robustbench_entry("tiny-cnn", "recipes/x.yaml")
-    assert entry["autoattack_acc"] == round(100 * report.results[0].accuracy, 2)
-    assert entry["autoattack_acc"] <= entry["clean_acc"] and entry["norm"] == "Linf" and entry["examples"] == 40
+    assert entry["autoattack_acc"] == round(100 * standard.accuracy, 2)
+    assert entry["autoattack_lite_acc"] == round(100 * lite.accuracy, 2)
+    assert entry["robust_acc"] == round(100 * min(r.accuracy for r in report.results), 2)
+    assert standard.accuracy <= pgd1.accuracy and entry["norm"] == "Linf" and entry["examples"] == 20
+    lite_only = robust_evaluate(model, x[:20], y[:20], specs[1:2]).robustbench_entry("tiny-cnn", None)
+    assert lite_only["autoattack_acc"] is None and lite_only["robust_acc"] == lite_only["autoattack_lite_acc"]
 
 
 def test_eval_attack_cli_writes_the_report_and_names_bad_settings(tmp_path, capsys) -> None:  # noqa: ANN001
@@ -270,3 +280,18 @@ def test_the_toolbox_attacks_inside_the_data_range() -> None:
     adv = art_attack(model, x, y, AttackSpec(eps=0.3, steps=3))
     assert float(adv.max()) <= 1.0 and float(adv.min()) >= 0.0
     assert float((adv - x).abs().max()) > 0.05  # the attack moved the images
+
+
+def test_the_robustness_table_states_the_strongest_attack_per_eps() -> None:
+    from bitsmith.eval.report import robustness_lines
+
+    def result(name: str, accuracy: float, transfer: float | None) -> dict:
+        return {"attack": f"{name} Linf eps 0.1", "name": name, "eps": 0.1, "norm": "inf", "accuracy": accuracy,
+                "transfer_accuracy": transfer}  # fmt: skip
+
+    base = {"clean": 0.9, "examples": 10, "results": [result("pgd", 0.5, None), result("autoattack", 0.4, None)],
+            "flags": []}  # fmt: skip
+    comp = {"clean": 0.9, "examples": 10, "results": [result("pgd", 0.6, 0.3), result("autoattack", 0.5, 0.45)],
+            "flags": []}  # fmt: skip
+    lines = robustness_lines({"baseline": base, "compressed": comp})
+    assert "| **strongest attack** Linf eps 0.1 | 40.00 | 30.00 | |" in lines

@@ -148,7 +148,7 @@ class ExportSpec(_Strict):
 class AttackSection(_Strict):
     """Robust evaluation of the FP32 and the compressed model (zoo classifiers)."""
 
-    attacks: list[Literal["fgsm", "pgd", "autoattack"]] = Field(["pgd"], min_length=1)
+    attacks: list[Literal["fgsm", "pgd", "autoattack", "autoattack-lite"]] = Field(["pgd"], min_length=1)
     eps: list[float] = Field([0.1], min_length=1, description="strengths in the input's units ([0, 1] images)")
     norm: Literal["inf", "2"] = "inf"
     steps: int = Field(20, ge=1)
