@@ -145,17 +145,21 @@ HCE_MEMBERS = {  # member methods: pruned = 50 % unstructured + W8A8; quantized 
     ],
     "quantized": [{"name": "qat", "w_bits": 4, "a_bits": 8, "fold_bn": False}],
 }
-HCE_ROWS = {"HCE: pruned + quantized": ("pruned", "quantized"), "two pruned": ("pruned", "pruned"),
-            "two quantized": ("quantized", "quantized")}  # fmt: skip
+HCE_ROWS: dict[str, tuple[tuple[str, str], dict[str, Any]]] = {  # members, HCE settings
+    "HCE: pruned + quantized": (("pruned", "quantized"), {}),
+    "two pruned": (("pruned", "pruned"), {}),
+    "two quantized": (("quantized", "quantized"), {}),
+    "HCE: pruned + quantized, no diversity term (mu 0, ablation)": (("pruned", "quantized"), {"mu": 0.0}),
+}
 
 
 def hce_row(label: str) -> dict[str, Any]:
-    kinds = HCE_ROWS[label]
+    kinds, settings = HCE_ROWS[label]
     methods = [
         {**m, "where": {"include": [f"members.{i}.*"]}} for i, kind in enumerate(kinds) for m in HCE_MEMBERS[kind]
     ]
     build = lambda: Ensemble([pretrained("cnn"), pretrained("cnn")], EXAMPLE)  # noqa: E731
-    model, seconds = trained(label, build, [*methods, {"name": "hce"}], TUNE)
+    model, seconds = trained(label, build, [*methods, {"name": "hce", **settings}], TUNE)
     _, _, xt, yt = data()
     layers = [layer for m in model.members for layer in model_cost(m, EXAMPLE).layers]
     bops = sum(layer.bops * (1 - layer.sparsity) for layer in layers if layer.bops is not None)
