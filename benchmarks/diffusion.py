@@ -85,6 +85,22 @@ def save_grid(images: torch.Tensor, name: str) -> None:
     save_figure(fig, f"diffusion-{slug(name)}.png")
 
 
+def plot_noise_steps(rows: list[dict[str, Any]]) -> None:
+    """Each row's noise MSE against FP32 per time step (log scale), t from 999 down to 0 as the sampler runs."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in rows:
+        steps = sorted(r["noise_mse_per_step"].items(), key=lambda kv: -int(kv[0]))
+        ax.plot([int(t) for t, _ in steps], [v for _, v in steps], label=r["name"][:60])
+    ax.set_xlim(1000, 0)
+    ax.set_yscale("log")
+    ax.set_xlabel("time step t (the sampler runs from 999 to 0)")
+    ax.set_ylabel("noise MSE vs FP32")
+    ax.legend(fontsize=6)
+    save_figure(fig, "diffusion-noise-steps.png")
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:60]
 
@@ -182,6 +198,12 @@ def write(rows: list[dict[str, Any]]) -> None:
                   "seed and configuration (its FP32 FID then `2.087671`, now `2.087669`); they involve no reconstruction, "
                   "which is all that changed since (a fix: the targets of later units had included the rounding "
                   "written into earlier units' weights). Delete them from `diffusion.json` to measure them again."]  # fmt: skip
+    stepped = [r for r in done if r.get("noise_mse_per_step") and r.get("variant") != "fp32"]
+    if stepped:
+        plot_noise_steps(stepped)
+        lines += ["", "Noise MSE against FP32 at each sampler step (the table's column is their mean; where the "
+                  "quantized models' error concentrates, along the trajectory):", "",
+                  "![noise MSE per step](diffusion-noise-steps.png)"]  # fmt: skip
     if base is not None:
         lines += ["", f"Samples, the same {GRID} seeds in every grid:"]
     for r in done:

@@ -131,7 +131,9 @@ def entries(model: torch.nn.Module, task: Any) -> list[Entry]:
         ("activation-norm pruning, no fine-tune", {"name": "hidden-prune", "target": PAT_TARGET, "score": "activation",
                                                    "steps": 0}),
     ):  # fmt: skip
-        variant = f"{entry['name']}-{entry.get('score', '')}-{entry['steps']}" + ("-deterministic" * ("mask_noise" in entry))
+        variant = f"{entry['name']}-{entry.get('score', '')}-{entry['steps']}" + (
+            "-deterministic" * ("mask_noise" in entry)
+        )
         out.append((f"{label} (hidden 576 -> {PAT_TARGET}, {entry['steps']} steps)", {"section": "pat",
                     "variant": variant}, {"methods": [entry]}, functools.partial(factor_row, prepared, [entry])))  # fmt: skip
     for kind, label in (("trex", "T-REX r1 = r2 = 4, semantic prior"), ("trex-noprior", "T-REX r1 = r2 = 4, no prior"),
