@@ -291,7 +291,8 @@ def write(rows: list[dict[str, Any]]) -> None:
             f"Hidden size 576 -> {PAT_TARGET} (25 % of the residual channels removed from every layer, the embedding "
             "and the tied LM head). Every fine-tune: LoRA (peft) rank 8, alpha 16, dropout 0.05 on every Linear but "
             f"the LM head, AdamW lr 1e-4, gradient clipping 0.3, one 512-token calibration window per step, {PAT_STEPS} "
-            "steps; PAT also trains its HSMs (rank 200) and the shared mask (lr 1e-2). The post-hoc rows keep the "
+            "steps; PAT also trains its HSMs (rank 200) and the shared mask (lr 1e-2; logistic noise of scale 2 on the "
+            "mask while it learns, bitsmith's default; the deterministic row: the paper's mask). The post-hoc rows keep the "
             "channels with the largest weight norm or residual-stream RMS (8 calibration windows), remove the rest, "
             "then fine-tune the same way. Parameters: the pruned models are equal in size.",
             "",
