@@ -46,6 +46,7 @@ STEPS = 100  # end-to-end stage: one 512-token calibration window per step
 GROUP = 64  # SmolLM2's 576 inputs are not a multiple of 128 (the paper's group)
 SPEED_RUNS = 10
 PAT_TARGET, PAT_STEPS = 432, 100
+PAT_BUDGETS = (1, 2, 4)  # PAT and its activation-norm baseline at 1x, 2x, 4x the steps
 ADAPTER_LM_STEPS = 60  # hidden 576 -> 432 (25 % of the channels pruned)
 
 
@@ -130,12 +131,21 @@ def entries(model: torch.nn.Module, task: Any) -> list[Entry]:
         ("magnitude pruning, no fine-tune", {"name": "hidden-prune", "target": PAT_TARGET, "score": "magnitude", "steps": 0}),
         ("activation-norm pruning, no fine-tune", {"name": "hidden-prune", "target": PAT_TARGET, "score": "activation",
                                                    "steps": 0}),
+        *[(label, {**entry, "steps": PAT_STEPS * scale}) for scale in PAT_BUDGETS[1:] for label, entry in (
+            ("PAT", {"name": "pat", "target": PAT_TARGET}),
+            ("activation-norm pruning + LoRA", {"name": "hidden-prune", "target": PAT_TARGET, "score": "activation"}),
+        )],  # the budget curve: does PAT's gap to the baseline close with steps?
     ):  # fmt: skip
         variant = f"{entry['name']}-{entry.get('score', '')}-{entry['steps']}" + (
             "-deterministic" * ("mask_noise" in entry)
         )
-        out.append((f"{label} (hidden 576 -> {PAT_TARGET}, {entry['steps']} steps)", {"section": "pat",
-                    "variant": variant}, {"methods": [entry]}, functools.partial(factor_row, prepared, [entry])))  # fmt: skip
+        key = {
+            "section": "pat",
+            "variant": variant,
+            **({"budget": entry["steps"]} if entry["steps"] > PAT_STEPS else {}),
+        }
+        out.append((f"{label} (hidden 576 -> {PAT_TARGET}, {entry['steps']} steps)", key, {"methods": [entry]},
+                    functools.partial(factor_row, prepared, [entry])))  # fmt: skip
     for kind, label in (("trex", "T-REX r1 = r2 = 4, semantic prior"), ("trex-noprior", "T-REX r1 = r2 = 4, no prior"),
                         ("lora", "LoRA (peft), equal parameters"), ("head", "head only (no adapter)")):  # fmt: skip
         out.append((f"sentiment: {label}", {"section": "t-rex", "task": "sentiment", "variant": kind}, {},
@@ -153,7 +163,7 @@ def headline(key: dict[str, Any]) -> bool:
     """The rows each method's target is judged on; the 8-expert, experts-trained and 2.5-bit rows come after."""
     extra = key.get("experts") == 8 or key.get("variant") == "learned-pa-experts"
     extra = extra or (key.get("variant"), key.get("task")) == ("trex-noprior", "sentiment")
-    extra = extra or key.get("variant") == "global-no-c2c3"
+    extra = extra or key.get("variant") == "global-no-c2c3" or "budget" in key
     return not extra and key.get("bits") != 2.5
 
 
