@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from bitsmith.method import Method, register_method
-from bitsmith.quant.layers import attach, uniform_weight_quantizer, weight_input_size
+from bitsmith.quant.layers import attach, check_group, uniform_weight_quantizer
 from bitsmith.quant.uniform import Bits, GroupSize, UniformQuantizer
 
 
@@ -32,10 +32,8 @@ class RTN(Method):
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
         c = self.layer_config(overrides)
-        inputs = weight_input_size(layer)
-        if inputs % c["group_size"] and not c["per_channel_fallback"]:
-            raise ValueError(f"rtn: group_size {c['group_size']} does not divide the {inputs} inputs of layer {name!r}; "
-                             "choose a divisor, exclude the layer, or set per_channel_fallback: true")  # fmt: skip
+        if not c["per_channel_fallback"]:
+            check_group("rtn", name, layer, c["group_size"], ", exclude the layer, or set per_channel_fallback: true")
         return uniform_weight_quantizer(name, layer, c["bits"], "group", c["group_size"], c["symmetric"], "minmax",
                                         float_zero=c["float_zero"])  # fmt: skip
 

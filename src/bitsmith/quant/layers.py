@@ -79,13 +79,19 @@ def grouped_weight_quantizer(method: str, name: str, module: nn.Module, bits: in
                              symmetric: bool) -> UniformQuantizer:  # fmt: skip
     """The weight quantizer of the LLM weight-only methods: groups of ``group_size`` inputs (0: per output
     channel), min-max. A group size that does not divide the layer is refused with the numbers (no fallback)."""
-    inputs = weight_input_size(module)
-    if group_size and inputs % group_size:
-        raise ValueError(f"{method}: group_size {group_size} does not divide the {inputs} inputs of layer {name!r}; "
-                         "choose a divisor (e.g. 32, 64) or group_size 0 (per channel)")  # fmt: skip
+    check_group(method, name, module, group_size, "or group_size 0 (per channel)")
     granularity = "group" if group_size else "channel"
     return uniform_weight_quantizer(name, module, bits, granularity, group_size or None, symmetric,
                                     weight_observer(bits, symmetric))  # fmt: skip
+
+
+def check_group(method: str, name: str, module: nn.Module, group_size: int, other_fix: str) -> None:
+    """A ``group_size`` that does not divide ``module``'s inputs is one line with the numbers and the fixes
+    (a divisor, or ``other_fix``); 0 (per channel) always fits."""
+    inputs = weight_input_size(module)
+    if group_size and inputs % group_size:
+        raise ValueError(f"{method}: group_size {group_size} does not divide the {inputs} inputs of layer {name!r}; "
+                         f"choose a divisor (e.g. 32, 64) {other_fix}")  # fmt: skip
 
 
 def weight_observer(bits: int, symmetric: bool) -> str:
