@@ -1016,6 +1016,22 @@ MUTANTS = [
         "tests/test_ptq_methods.py",
     ),
     M(
+        "gguf",
+        "Q4 nibbles in the wrong order (weight j + 16 in the low nibble)",
+        "export/gguf_blocks.py",
+        "packed = nibbles[:, : BLOCK // 2] | (nibbles[:, BLOCK // 2 :] << np.uint8(4))",
+        "packed = nibbles[:, BLOCK // 2 :] | (nibbles[:, : BLOCK // 2] << np.uint8(4))",
+        "tests/test_gguf_export.py",
+    ),
+    M(
+        "gguf",
+        "Q4_1 minimum with the wrong sign",
+        "export/gguf_blocks.py",
+        "minimum = _fp16(-zero * scale.to(torch.float16).float())",
+        "minimum = _fp16(zero * scale.to(torch.float16).float())",
+        "tests/test_gguf_export.py",
+    ),
+    M(
         "deploy",
         "torchao: the shared-input Linear fusion not run",
         "export/pt2e.py",

@@ -1,0 +1,104 @@
+"""bitsmith's grouped uniform weights as llama.cpp's block types (``ggml-quants.c``; the ``gguf`` package
+de-quantizes them): the codes bitsmith chose, written without re-quantizing.
+
+* ``Q8_0``: blocks of 32, one fp16 scale ``d``, int8 codes: ``x = d q`` (bitsmith: symmetric 8 bits).
+* ``Q4_0``: blocks of 32, fp16 ``d``, 4-bit ``q`` in 0..15: ``x = d (q - 8)`` (bitsmith: symmetric 4 bits; its
+  codes -8..7 are ``q - 8``). Byte ``j`` holds weight ``j`` in its low nibble and weight ``j + 16`` in its high.
+* ``Q4_1``: blocks of 32, fp16 ``d`` and fp16 minimum ``m``, ``x = d q + m`` (bitsmith: asymmetric 4 bits,
+  ``(c - z) s`` with ``d = s``, ``m = -z s``).
+
+A group of ``g`` weights (``g`` a multiple of 32) is ``g / 32`` blocks with the same scale. The scales (and
+``m``) are stored in fp16: the file holds bitsmith's model with its scales rounded to fp16, and
+``check_round_trip`` measures that against the model as optimised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, quants
+from torch import Tensor
+
+from bitsmith.quant.uniform import UniformQuantizer
+
+BLOCK = 32
+GRIDS = "symmetric 8-bit -> Q8_0, symmetric 4-bit -> Q4_0, asymmetric 4-bit -> Q4_1, in groups of a multiple of 32"
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    qtype: GGMLQuantizationType
+    data: np.ndarray  # uint8 (rows, bytes per row)
+    shape: tuple[int, int]
+
+
+def gguf_type(name: str, q: UniformQuantizer) -> GGMLQuantizationType:
+    """The block type whose grid equals ``q``'s, or one line naming the layer, its grid and the grids that map."""
+    grouped = q.granularity == "group" and q.group_size is not None and q.group_size % BLOCK == 0
+    kind = {(8, True): GGMLQuantizationType.Q8_0, (4, True): GGMLQuantizationType.Q4_0,
+            (4, False): GGMLQuantizationType.Q4_1}.get((q._bits, q.symmetric))  # fmt: skip
+    if not grouped or kind is None or q.dynamic or q.binary:
+        grid = f"{q._bits}-bit {'symmetric' if q.symmetric else 'asymmetric'} {q.granularity}"
+        grid += f" {q.group_size}" if q.granularity == "group" else ""
+        raise ValueError(f"gguf: layer {name!r} has a {grid} grid, which no GGUF block type holds; the grids that "
+                         f"map: {GRIDS}")  # fmt: skip
+    return kind
+
+
+def _fp16(x: Tensor) -> np.ndarray:
+    return x.to(torch.float16).numpy()
+
+
+def pack(name: str, q: UniformQuantizer, weight: Tensor) -> GgufTensor:
+    """``weight`` (``out x in``) encoded by ``q`` and written as the block type of ``gguf_type``."""
+    qtype = gguf_type(name, q)
+    enc = q.encode(weight.detach().float())
+    rows, cols = enc.codes.shape
+    per_group = q.group_size // BLOCK  # type: ignore[operator]
+    blocks = rows * cols // BLOCK
+    codes = enc.codes.reshape(blocks, BLOCK).numpy()
+    scale = enc.params["scale"].reshape(-1).repeat_interleave(per_group)
+    d = _fp16(scale).reshape(blocks, 1).view(np.uint8)
+    if qtype == GGMLQuantizationType.Q8_0:
+        payload = [d, codes.astype(np.int8).view(np.uint8)]
+    else:
+        nibbles = (codes + 8 if qtype == GGMLQuantizationType.Q4_0 else codes).astype(np.uint8)
+        packed = nibbles[:, : BLOCK // 2] | (nibbles[:, BLOCK // 2 :] << np.uint8(4))
+        payload = [d, packed]
+        if qtype == GGMLQuantizationType.Q4_1:
+            zero = enc.params["zero_point"].reshape(-1).repeat_interleave(per_group)
+            minimum = _fp16(-zero * scale.to(torch.float16).float()).reshape(blocks, 1).view(np.uint8)
+            payload = [d, minimum, packed]
+    return GgufTensor(qtype, np.concatenate(payload, axis=1).reshape(rows, -1), (rows, cols))
+
+
+def unpack(tensor: GgufTensor) -> Tensor:
+    """The float weight the ``gguf`` package de-quantizes from ``tensor`` (llama.cpp's arithmetic)."""
+    return torch.from_numpy(quants.dequantize(tensor.data, tensor.qtype)).reshape(tensor.shape)
+
+
+def check_round_trip(name: str, q: UniformQuantizer, weight: Tensor, tensor: GgufTensor) -> float:
+    """The largest difference between the file's weight and bitsmith's, relative to the layer's largest weight;
+    raises when an element exceeds what fp16 scales allow: half an fp16 step (relative ``2^-11``, or the
+    subnormal step ``2^-25`` absolute) of ``d`` times ``|code|``, and of ``m = -z d`` (``|z|`` steps of ``d``
+    plus its own rounding), with a float32 margin."""
+    enc = q.encode(weight.detach().float())
+    ours = q.decode(enc)
+    per_group = q.group_size // BLOCK  # type: ignore[operator]
+    rows, cols = enc.codes.shape
+
+    def spread(values: Tensor) -> Tensor:  # one value per group -> one per weight
+        return values.reshape(-1).repeat_interleave(per_group * BLOCK).reshape(rows, cols)
+
+    scale, zero = spread(enc.params["scale"]).abs(), spread(enc.params["zero_point"]).abs()
+    code = enc.codes.float().abs() if q.symmetric else enc.codes.float()
+    bound = (2.0**-11 * scale + 2.0**-25) * (code + 2 * zero) + 1e-6 * ours.abs() + 1e-12
+    difference = (unpack(tensor) - ours).abs()
+    worst = int(torch.argmax(difference - bound))
+    if float((difference - bound).reshape(-1)[worst]) > 0:
+        raise ValueError(f"gguf: layer {name!r} written as {tensor.qtype.name} differs from bitsmith's weight by "
+                         f"{float(difference.reshape(-1)[worst]):.3g} at element {worst} (bound "
+                         f"{float(bound.reshape(-1)[worst]):.3g} from the fp16 scales): the export is wrong")  # fmt: skip
+    return float(difference.max()) / max(float(ours.abs().max()), 1e-30)
