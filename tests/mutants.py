@@ -1032,6 +1032,14 @@ MUTANTS = [
         "tests/test_gguf_export.py",
     ),
     M(
+        "gguf",
+        "Llama's q / k rows not permuted to llama.cpp's rotary order",
+        "export/gguf_file.py",
+        "data = blocks.data if heads is None else permute_rows(blocks.data, heads)",
+        "data = blocks.data",
+        "tests/test_gguf_export.py -k smollm2",
+    ),
+    M(
         "deploy",
         "torchao: the shared-input Linear fusion not run",
         "export/pt2e.py",

@@ -3,6 +3,7 @@ package's de-quantization: the codes bitsmith chose, byte-exact, with only the s
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ gguf = pytest.importorskip("gguf")  # the `llm` extra
 
 from bitsmith.export.gguf_blocks import check_round_trip, gguf_type, pack, unpack  # noqa: E402
 from bitsmith.quant.uniform import UniformQuantizer  # noqa: E402
+from test_recipe_cli import needs_llm  # noqa: E402
 
 CASES = [(8, True, False, 32, "Q8_0"), (4, True, False, 32, "Q4_0"), (4, True, False, 128, "Q4_0"),
          (4, False, False, 64, "Q4_1"), (4, False, True, 32, "Q4_1")]  # fmt: skip
@@ -56,3 +58,62 @@ def test_a_grid_no_gguf_type_holds_is_refused_by_name(bits: int, symmetric: bool
     with pytest.raises(ValueError, match=r"gguf: layer 'model.layers.0.mlp.up_proj' has a .* grid, which no GGUF block "
                                          r"type holds; the grids that map: symmetric 8-bit -> Q8_0"):  # fmt: skip
         gguf_type("model.layers.0.mlp.up_proj", q)
+
+
+def test_a_tiny_llamas_tensors_read_back_as_bitsmiths_weights() -> None:
+    """Every tensor of a compressed Llama goes to its GGUF name; quantized ones read back (blocks de-quantized,
+    q / k rows put back in Hugging Face's order) within the fp16 bound of bitsmith's weights, floats exactly."""
+    from bitsmith import build_method, compress
+    from bitsmith.export.gguf_file import _heads, gguf_tensors, read_weight
+    from conftest import make_llama
+
+    model = make_llama()
+    compress(model, [build_method({"name": "rtn", "bits": 4, "group_size": 32, "symmetric": True,
+                                   "where": {"include": ["model.layers.*"]}})], [])  # fmt: skip
+    tensors = gguf_tensors(model)
+    assert "blk.0.attn_q.weight" in tensors and "token_embd.weight" in tensors
+    modules = dict(model.named_modules())
+    for _, (hf_name, value) in tensors.items():
+        owner = modules[hf_name.rpartition(".")[0]]
+        back = read_weight(value, _heads(model.config, hf_name))
+        if isinstance(value, np.ndarray):
+            assert torch.equal(back, model.state_dict()[hf_name])
+        else:
+            ours = owner.weight_q(owner.weight).detach()
+            assert (back - ours).abs().max() <= 2e-3 * ours.abs().max(), hf_name
+
+
+def test_an_input_quantized_layer_is_refused_by_name() -> None:
+    from bitsmith import build_method, compress
+    from bitsmith.export.gguf_file import gguf_tensors
+    from conftest import make_llama, token_batches
+
+    model = make_llama()
+    compress(model, [build_method({"name": "ptq", "w_bits": 8, "a_bits": 8, "w_granularity": "group",
+                                   "w_group_size": 32, "where": {"include": ["model.layers.*"]}})], token_batches())  # fmt: skip
+    with pytest.raises(ValueError, match="gguf: layer 'model.layers.0.self_attn.q_proj' is compressed in a way GGUF"):
+        gguf_tensors(model)
+
+
+@needs_llm
+def test_smollm2_written_as_q4_0_loads_in_transformers_with_bitsmiths_logits(tmp_path) -> None:  # noqa: ANN001
+    """The whole file: SmolLM2 with RTN on the Q4_0 grid, its metadata and tokenizer from the zoo GGUF, read by
+    transformers' own GGUF loader (which de-quantizes the blocks and undoes the q / k permutation): the same
+    next-token choices and logits within the fp16 scale rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from bitsmith import build_method, compress
+    from bitsmith.export.gguf_file import write_gguf
+    from bitsmith.zoo.llm import gguf_path, load_llm
+
+    model, tokenizer = load_llm("smollm2")
+    compress(model, [build_method({"name": "rtn", "bits": 4, "group_size": 32, "symmetric": True,
+                                   "where": {"include": ["model.layers.*"]}})], [])  # fmt: skip
+    out = write_gguf(model, gguf_path("smollm2"), tmp_path / "smollm2-q4_0.gguf")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, trust_remote_code=False,
+                                                local_files_only=True).eval()  # fmt: skip
+    ids = tokenizer("It is a truth universally acknowledged, that a single man", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, back(input_ids=ids).logits
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert (ours - theirs).abs().max() < 5e-3 * ours.abs().max()
