@@ -117,3 +117,25 @@ def test_smollm2_written_as_q4_0_loads_in_transformers_with_bitsmiths_logits(tmp
         ours, theirs = model(input_ids=ids).logits, back(input_ids=ids).logits
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     assert (ours - theirs).abs().max() < 5e-3 * ours.abs().max()
+
+
+@needs_llm
+def test_a_recipe_with_export_gguf_publishes_model_gguf_in_the_run(tmp_path) -> None:  # noqa: ANN001
+    """`export.gguf: true` on the SmolLM2 RTN recipe (asymmetric 4-bit, groups of 64): model.gguf is in the run
+    folder and its manifest, its block layers are Q4_1, and the file reads back."""
+    import json
+
+    from bitsmith.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "recipes/smollm2-rtn-w4g64.yaml", "--out", str(out), "--smoke", "export.gguf=true"]) == 0
+    assert "model.gguf" in json.loads((out / "manifest.json").read_text())["files"]
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["token_embd.weight"] == "F32"
+
+
+def test_export_gguf_is_refused_for_a_model_without_a_gguf_source(tmp_path) -> None:  # noqa: ANN001
+    from bitsmith.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="export.gguf: a GGUF file takes its architecture and tokenizer"):
+        load_recipe("recipes/cnn-ptq-w8a8.yaml", ["export.gguf=true"])

@@ -18,7 +18,8 @@ from typing import Any
 TMP_SUFFIX = ".tmp"
 MANIFEST = "manifest.json"
 # Everything `bitsmith run` may write: a rerun removes those it no longer produces (never other files).
-RUN_OUTPUTS = ("report.json", "report.md", "layers.png", "training.png", "recipe.resolved.yaml", "model.safetensors")
+RUN_OUTPUTS = ("report.json", "report.md", "layers.png", "training.png", "recipe.resolved.yaml", "model.safetensors",
+               "model.gguf")  # fmt: skip
 RUN_FOLDERS = ("hf", "compressed-tensors")  # exports that are whole folders
 
 

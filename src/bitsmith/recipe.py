@@ -140,6 +140,11 @@ class ExportSpec(_Strict):
     compressed_tensors: bool = Field(
         False, description="also write a compressed-tensors directory (compressed-tensors/, the format vLLM reads)"
     )
+    gguf: bool = Field(
+        False,
+        description="also write model.gguf (llama.cpp, ollama): Q8_0 / Q4_0 / Q4_1 layers from "
+        "bitsmith's codes, metadata and tokenizer from the zoo LLM's GGUF (smollm2)",
+    )
     deploy: Literal["none", "auto", "onnxruntime", "torchao", "torch"] = Field(
         "none", description="also deploy on this backend and report its metrics and latency next to FP32"
     )
@@ -387,6 +392,9 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
                           f"(got {recipe.data.name!r})")  # fmt: skip
     recipe.data.name = expected
     check_structure(recipe)
+    if recipe.export.gguf and recipe.model.name != "smollm2":
+        raise RecipeError("export.gguf: a GGUF file takes its architecture and tokenizer from the zoo LLM's GGUF "
+                          "(llama architecture: smollm2); remove it for this model")  # fmt: skip
     bad = [c for c in recipe.eval.critical_classes or [] if not 0 <= c < 10]
     if expected != "fashion-mnist" and recipe.eval.critical_classes:
         raise RecipeError("eval.critical_classes: only classification tasks have classes (remove it for HF models)")

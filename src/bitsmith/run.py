@@ -373,6 +373,11 @@ def _run_recipe(
             compressed["metrics"]["file_bytes"] = path.stat().st_size
 
         writers["model.safetensors"] = write_checkpoint
+    if recipe.export.gguf:  # before the report: a grid GGUF cannot hold stops the run with nothing published
+        from bitsmith.export.gguf_file import write_gguf
+        from bitsmith.zoo.llm import gguf_path
+
+        writers["model.gguf"] = lambda path: write_gguf(model, gguf_path(str(recipe.model.name)), path)
     writers |= {
         **run_report_writers(report),
         "recipe.resolved.yaml": lambda path: atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False)),
