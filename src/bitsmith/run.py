@@ -107,8 +107,9 @@ def load_classifier(name: str, root: str | None, smoke: bool) -> nn.Module:
     return model.eval()
 
 
-def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
-    """The recipe's model and the task it is calibrated and evaluated on."""
+def load_task(recipe: Recipe, smoke: bool, source: str | None = None) -> tuple[nn.Module, Task]:
+    """The recipe's model and the task it is calibrated and evaluated on (``source``: ``model_source(recipe)``
+    when the caller has it already; resolving a zoo LLM verifies its files, which is not free)."""
     data = recipe.data
     calib_size = min(data.calib_size, SMOKE["calib_size"]) if smoke else data.calib_size
     if recipe.model.name == GENERATIVE:
@@ -122,7 +123,7 @@ def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
         from bitsmith.eval.lm import language_model_task
         from bitsmith.zoo.llm import load_causal_lm
 
-        model, tokenizer = load_causal_lm(model_source(recipe))
+        model, tokenizer = load_causal_lm(source or model_source(recipe))
         windows = SMOKE["lm_eval_windows"] if smoke else data.eval_size
         calib = min(data.calib_size, SMOKE["lm_calib_windows"]) if smoke else data.calib_size
         task = language_model_task(tokenizer, windows, calib, data.calib_batch_size, data.seed,
@@ -132,7 +133,7 @@ def load_task(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
         return model, task
     from bitsmith.zoo.minilm import load_hf_encoder
 
-    model, tokenizer = load_hf_encoder(model_source(recipe))
+    model, tokenizer = load_hf_encoder(source or model_source(recipe))
     eval_size = SMOKE["text_eval_size"] if smoke else data.eval_size
     return model, embedding_task(tokenizer, eval_size, calib_size, data.calib_batch_size, data.seed)
 
@@ -302,8 +303,9 @@ def run_recipe(
 def _run_recipe(
     recipe: Recipe, resolved: dict[str, Any], out: Path, smoke: bool, name: str | None, restart: bool, at: Any
 ) -> dict[str, Any]:
-    fingerprint = run_fingerprint(resolved, model_source(recipe), smoke)  # what was asked (before solving)
-    model, task = load_task(recipe, smoke)
+    source = model_source(recipe)  # once: for a zoo LLM it hashes the GGUF file and the converted cache
+    fingerprint = run_fingerprint(resolved, source, smoke)  # what was asked (before solving)
+    model, task = load_task(recipe, smoke, source)
     log.info(f"measuring the FP32 baseline on {task.eval_examples} examples")
     baseline = measure(model, task, recipe, smoke) if at.main else {}
     methods = recipe.build_methods()
@@ -347,7 +349,6 @@ def _run_recipe(
 
     resolved = copy.deepcopy(resolved)
     resolved["methods"] = [m.config() for m in methods]  # solved allocations re-run without re-solving
-    source = model_source(recipe)
     report = {
         "name": name or out.name,
         "model": recipe.model.name or source,
