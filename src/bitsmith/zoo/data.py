@@ -26,24 +26,27 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
+def _holding_data(folder: Path) -> Path | None:
+    """``folder`` or its ``fashion-mnist`` subfolder, whichever holds the idx files (None: neither)."""
+    return next((sub for sub in (folder, folder / "fashion-mnist") if _find(sub, FILES["test"][0])), None)
+
+
 def fashion_mnist_dir(root: str | os.PathLike[str] | None = None) -> Path:
     """The directory holding the idx files: ``root``, else ``$BITSMITH_DATA``, else Debian's. A ``root`` (or
     ``$BITSMITH_DATA``) that is given but holds no data is an error, never a silent fall back to another copy."""
     chosen = next((Path(p) for p in (root, os.environ.get("BITSMITH_DATA")) if p), None)
     if chosen is not None:
-        for sub in (chosen, chosen / "fashion-mnist"):
-            if _find(sub, FILES["test"][0]):
-                return sub
+        found = _holding_data(chosen)
+        if found is not None:
+            return found
         what = "data.root" if root else "BITSMITH_DATA"
         raise FileNotFoundError(f"{what} {chosen}: no Fashion-MNIST idx files there (t10k-images-idx3-ubyte[.gz] and "
                                 "friends); point it at the folder that holds them, or leave it unset for Debian's")  # fmt: skip
-    candidates = [DEBIAN_DIR]
-    for candidate in candidates:
-        for sub in (candidate, candidate / "fashion-mnist"):
-            if _find(sub, FILES["test"][0]):
-                return sub
+    found = _holding_data(DEBIAN_DIR)
+    if found is not None:
+        return found
     raise FileNotFoundError(
-        f"Fashion-MNIST idx files not found in {[str(c) for c in candidates]}. Install them with "
+        f"Fashion-MNIST idx files not found in {[str(DEBIAN_DIR)]}. Install them with "
         f"`{INSTALL_HINT}` (as root), or point BITSMITH_DATA (or the recipe's data.root) at a directory "
         "holding train-images-idx3-ubyte[.gz] and friends."
     )
