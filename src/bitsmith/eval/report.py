@@ -228,14 +228,15 @@ def robustness_lines(robust: dict[str, Any] | None) -> list[str]:
         transfer = f"{100 * c['transfer_accuracy']:.2f}" if c["transfer_accuracy"] is not None else ""
         md.append(f"| {c['attack']} | {100 * b['accuracy']:.2f} | {100 * c['accuracy']:.2f} | {transfer} |")
     strengths = sorted({(r["eps"], r["norm"]) for r in comp["results"]})
-    for eps, norm in strengths if len(comp["results"]) > len(strengths) else []:  # several attacks per eps
+    if len(comp["results"]) > len(strengths):  # several attacks per eps: the least accuracy any of them left
+        from bitsmith.robust.evaluate import AttackResult, robust_accuracy
 
-        def worst(results: list[dict[str, Any]], e: float = eps, n: str = norm) -> float:
-            return min(min(r["accuracy"], 1.0 if r["transfer_accuracy"] is None else r["transfer_accuracy"])
-                       for r in results if (r["eps"], r["norm"]) == (e, n))  # fmt: skip
+        def worst(results: list[dict[str, Any]], eps: float, norm: str) -> str:
+            least = min(robust_accuracy(AttackResult(**r)) for r in results if (r["eps"], r["norm"]) == (eps, norm))
+            return f"{100 * least:.2f}"
 
-        md.append(f"| **strongest attack** L{norm} eps {eps:g} | {100 * worst(base['results']):.2f} | "
-                  f"{100 * worst(comp['results']):.2f} | |")  # fmt: skip
+        md += [f"| **strongest attack** L{norm} eps {eps:g} | {worst(base['results'], eps, norm)} | "
+               f"{worst(comp['results'], eps, norm)} | |" for eps, norm in strengths]  # fmt: skip
     return md + [""] + [f"**Warning:** {flag}" for flag in comp["flags"]] + [""]
 
 

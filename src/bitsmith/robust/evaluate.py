@@ -43,11 +43,6 @@ class RobustReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def strongest(self, eps: float, norm: str) -> AttackResult | None:
-        """The attack that left the least accuracy at ``eps`` / ``norm`` (white-box or transferred)."""
-        runs = [r for r in self.results if (r.eps, r.norm) == (eps, norm)]
-        return min(runs, key=lambda r: robust_accuracy(r), default=None)
-
     def robustbench_entry(self, model: str, recipe: Any, dataset: str = "fashion-mnist") -> dict[str, Any]:
         """A RobustBench-style leaderboard entry at the largest eps: clean accuracy, the standard AutoAttack's
         (``autoattack_acc``, None when it was not run: a reduced variant is reported as ``autoattack_lite_acc``),
@@ -58,11 +53,11 @@ class RobustReport:
         top = max(self.results, key=lambda r: r.eps)
         at = [r for r in self.results if (r.eps, r.norm) == (top.eps, top.norm)]
         named = {r.name: round(100 * r.accuracy, 2) for r in at}
-        worst = self.strongest(top.eps, top.norm)
+        worst = min(at, key=robust_accuracy)  # the attack that left the least accuracy there
         return {"dataset": dataset, "model": model, "clean_acc": round(100 * self.clean, 2),
                 "autoattack_acc": named.get("autoattack"), "autoattack_lite_acc": named.get("autoattack-lite"),
-                "robust_acc": round(100 * robust_accuracy(worst), 2) if worst else None,
-                "strongest_attack": worst.attack if worst else None, "eps": top.eps, "norm": f"L{top.norm}",
+                "robust_acc": round(100 * robust_accuracy(worst), 2), "strongest_attack": worst.attack,
+                "eps": top.eps, "norm": f"L{top.norm}",
                 "examples": self.examples, "bitsmith_recipe": recipe}  # fmt: skip
 
     def lines(self) -> list[str]:
