@@ -41,14 +41,19 @@ class LowRankMixin:
         return nn.Sequential(self.down, self.up)
 
 
+def check_rank(rank: object, limit: int) -> None:
+    """A rank read from a spec or a checkpoint: an integer in ``[1, limit]``, checked before anything is allocated."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+        raise ValueError(f"rank must be an integer in [1, {limit}], got {rank!r}")
+
+
 @register_compressed
 class LowRankLinear(LowRankMixin, nn.Module):
     """``nn.Linear(in, out)`` factored as ``Linear(in, r, bias=False)`` then ``Linear(r, out)``."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
         super().__init__()
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be an integer in [1, {min(in_features, out_features)}], got {rank!r}")
+        check_rank(rank, min(in_features, out_features))
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=bias)
 
@@ -88,12 +93,7 @@ class LowRankConv2d(LowRankMixin, nn.Module):
             raise ValueError("LowRankConv2d supports groups=1 convolutions only")
         kernel = conv_args["kernel_size"]
         fan_in = conv_args["in_channels"] * (kernel * kernel if isinstance(kernel, int) else math.prod(kernel))
-        if (
-            isinstance(rank, bool)
-            or not isinstance(rank, int)
-            or not 1 <= rank <= min(conv_args["out_channels"], fan_in)
-        ):
-            raise ValueError(f"rank must be an integer in [1, {min(conv_args['out_channels'], fan_in)}], got {rank!r}")
+        check_rank(rank, min(conv_args["out_channels"], fan_in))
         self.down = nn.Conv2d(**{**conv_args, "out_channels": rank, "bias": False})
         self.up = nn.Conv2d(rank, conv_args["out_channels"], 1, bias=conv_args["bias"])
 
