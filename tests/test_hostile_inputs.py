@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitsmith import build_method, compress
-from bitsmith.recipe import MAX_RECIPE_VALUES, RecipeError, apply_overrides, load_recipe, parse_recipe
+from bitsmith.recipe import RecipeError, apply_overrides, load_recipe, parse_recipe
+from bitsmith.recipe_yaml import MAX_RECIPE_VALUES
 from bitsmith.train import StaleTrainingState, TrainConfig, fit
 from conftest import make_cnn
 

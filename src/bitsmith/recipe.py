@@ -3,32 +3,20 @@ pydantic. Errors name the field path, the bad value and what is allowed."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from bitsmith.method import METHODS, Method
+from bitsmith.recipe_yaml import SHOWN, RecipeError, apply_overrides, read_recipe_file, short_repr
 from bitsmith.train import TrainConfig
 from bitsmith.zoo import HF_MODELS, LLM_MODELS, ZOO
 
 GENERATIVE = "ddpm"  # the zoo's diffusion model (bitsmith.zoo.diffusion), scored by the generation task
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run: the message names the field path, the value and what is allowed."""
-
-
-MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few hundred bytes; anything near this is not one
-MAX_RECIPE_VALUES = 100_000  # values after YAML alias expansion (an alias bomb expands exponentially)
-MAX_RECIPE_DEPTH = 64  # nested mappings / lists; a recipe nests three or four deep
-SHOWN = 80  # characters of a bad value quoted in an error
 
 
 class _Strict(BaseModel):
@@ -66,29 +54,10 @@ class ModelSpec(_Strict):
         return value
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= SHOWN else f"{text[:SHOWN]}... ({len(text)} characters)"
-
-
 def _key(part: Any) -> str:
     """A field path part as typed, or quoted (and cut) when it is not a plain name."""
     text = str(part)
-    return text if re.fullmatch(r"[\w\-@*.]{1,80}", text) else _short(text)
-
-
-def count_values(data: Any, limit: int = MAX_RECIPE_VALUES) -> int:
-    """Values in ``data`` with YAML aliases expanded, counting stops past ``limit`` (so a bomb is cheap)."""
-    count, stack = 0, [data]
-    while stack and count <= limit:
-        node = stack.pop()
-        count += 1
-        if isinstance(node, dict):
-            stack.extend(node.keys())
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-    return count
+    return text if re.fullmatch(r"[\w\-@*.]{1,80}", text) else short_repr(text)
 
 
 def _reject_bools(cls: type, data: dict[str, Any], prefix: str) -> None:
@@ -213,12 +182,12 @@ def _format(err: dict[str, Any], prefix: str) -> str:
     loc = ".".join(_key(p) for p in (prefix, *err["loc"]) if p != "")
     message = err["msg"].removeprefix("Value error, ")
     value = err.get("input")
-    return f"{loc}: {message}" if isinstance(value, dict) else f"{loc}: {message} (got {_short(value)})"
+    return f"{loc}: {message}" if isinstance(value, dict) else f"{loc}: {message} (got {short_repr(value)})"
 
 
 def _validate(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise RecipeError(f"{prefix}: expected a mapping of fields, got {_short(data)}")
+        raise RecipeError(f"{prefix}: expected a mapping of fields, got {short_repr(data)}")
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - allowed)
     if unknown:
@@ -238,81 +207,15 @@ def validate_method(entry: dict[str, Any], prefix: str = "method") -> Method:
         raise RecipeError(f"{prefix}: each method needs a 'name'; registered: {', '.join(METHODS.names())}")
     name = entry["name"]
     if name not in METHODS:
-        raise RecipeError(f"{prefix}.name: unknown method {_short(name)}; registered: {', '.join(METHODS.names())}")
+        raise RecipeError(f"{prefix}.name: unknown method {short_repr(name)}; registered: {', '.join(METHODS.names())}")
     fields = {k: v for k, v in entry.items() if k != "name"}
     return _validate(METHODS.get(name), fields, prefix)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted ``key=value`` overrides (``methods.0.w_bits=4``); values are parsed as YAML."""
-    data = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"override {item!r}: expected key=value, e.g. methods.0.w_bits=4")
-        parts, node = key.split("."), data
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if not isinstance(node, (dict, list)):
-                raise RecipeError(f"override {key[:SHOWN]}: {'.'.join(parts[:depth])} is the value {_short(node)}, "
-                                  "not a mapping or a list")  # fmt: skip
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError(f"override {key}: {'.'.join(parts[:depth])} has no item {part}")
-                index: int | str = int(part)
-            else:
-                index = part
-            if last:
-                node[index] = parse_yaml(raw, f"override {key}")
-            else:
-                if isinstance(node, dict) and part not in node:
-                    node[part] = {}
-                node = node[index]
-    return data
-
-
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, dict[str, Any]]:
     """Read, override and validate a recipe; returns the recipe and the resolved raw mapping."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path}: no such file")
-    size = path.stat().st_size
-    if size > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe {path}: {size} bytes; a recipe is at most {MAX_RECIPE_BYTES}")
-    raw = parse_yaml(path.read_text(errors="replace"), f"recipe {path}")
-    raw = {} if raw is None else raw  # an empty file: parse_recipe names what is missing
+    raw = read_recipe_file(Path(path))
     return parse_recipe(apply_overrides(raw, overrides or [])), raw
-
-
-def parse_yaml(text: str, what: str) -> Any:
-    """``yaml.safe_load`` with the limits a recipe needs: at most ``MAX_RECIPE_VALUES`` values once aliases
-    are expanded (checked before anything walks the expanded data)."""
-    with contextlib.suppress(yaml.YAMLError):  # the full parse below names a syntax error
-        check_depth(text, what)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{what}: not valid YAML ({' '.join(str(exc).split())[:200]})") from None
-    except RecursionError:
-        raise RecipeError(f"{what}: nested too deeply") from None
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise RecipeError(f"{what}: a value cannot be read ({str(exc).split(';')[0][:120]})") from None
-    if count_values(data) > MAX_RECIPE_VALUES:
-        raise RecipeError(f"{what}: more than {MAX_RECIPE_VALUES} values once YAML aliases are expanded")
-    return data
-
-
-def check_depth(text: str, what: str) -> None:
-    """Refuse YAML nested more than ``MAX_RECIPE_DEPTH`` deep from the parser's events, before the (recursive)
-    composer builds anything: a deeply nested file is refused at once instead of after a deep recursion."""
-    depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_RECIPE_DEPTH:
-                raise RecipeError(f"{what}: nested more than {MAX_RECIPE_DEPTH} deep")
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
 
 
 def is_causal_lm(path: str) -> bool:
