@@ -34,6 +34,7 @@ from bitsmith.eval.cost import model_cost
 from bitsmith.eval.lm import language_model_task
 from bitsmith.method import build_method, compress
 from bitsmith.methods.precision_routing import token_router
+from bitsmith.quant.lattice import rate_pair
 from bitsmith.routing import average_bits, routed_layers, set_operating_point, static_mix
 
 ROWS = RESULTS / "llm-methods.json"
@@ -45,6 +46,7 @@ def liftquant(model: str, bits: float, **changes: Any) -> list[dict[str, Any]]:
     return [{"name": "liftquant", "bits": bits, "hadamard": HADAMARD[model], "where": BLOCKS, **changes}]
 
 
+LIFT_BUDGET = (1000, 1)  # codebook steps x restarts of the official-shape rows: 20to8 trains at ~0.4 s a step
 CURVE_WINDOWS = 20  # the router curves: many operating points, each scored on fewer windows (stated)
 THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -58,15 +60,21 @@ def configurations(model: str) -> list[tuple[str, list[dict[str, Any]], dict[str
         ("FP32", [], {"model": model, "method": "fp32", "bits": 32, "variant": ""})
     ]
     for bits in (2.5, 3.0, 2.0) if model == "smollm2" else (2.5, 3.0):
-        out.append((f"LiftQuant {bits} b/w (m=4, Hadamard {HADAMARD[model]}, error feedback)", liftquant(model, bits),
-                    {"model": model, "method": "liftquant", "bits": bits, "variant": ""}))  # fmt: skip
+        m, n = rate_pair(bits)  # the official shapes: 20to8, 18to6, 16to8
+        out.append((f"LiftQuant {bits} b/w ({n}to{m}, codebook {LIFT_BUDGET[0]} steps x {LIFT_BUDGET[1]}, Hadamard "
+                    f"{HADAMARD[model]}, error feedback)", liftquant(model, bits, codebook_steps=LIFT_BUDGET[0],
+                    codebook_restarts=LIFT_BUDGET[1]), {"model": model, "method": "liftquant", "bits": bits,
+                    "variant": f"{n}to{m}-cb{LIFT_BUDGET[0]}x{LIFT_BUDGET[1]}"}))  # fmt: skip
+        out.append((f"LiftQuant {bits} b/w (m=4, Hadamard {HADAMARD[model]}, error feedback)",
+                    liftquant(model, bits, group=4), {"model": model, "method": "liftquant", "bits": bits,
+                    "variant": "m4"}))  # fmt: skip
     if model == "smollm2":
         for bits in (6, 8):  # GPTQ W2 / W3 / W4 g64 are in llm.json
             out.append((f"GPTQ W{bits} g64", [{"name": "gptq", "bits": bits, "group_size": 64, "where": BLOCKS}],
                         {"model": model, "method": "gptq", "bits": bits, "variant": ""}))  # fmt: skip
-        out.append(("LiftQuant 2.5 b/w, no error feedback", liftquant(model, 2.5, error_feedback=False),
+        out.append(("LiftQuant 2.5 b/w (m=4), no error feedback", liftquant(model, 2.5, group=4, error_feedback=False),
                     {"model": model, "method": "liftquant", "bits": 2.5, "variant": "no-feedback"}))  # fmt: skip
-        out.append(("LiftQuant 2.5 b/w, no Hadamard", liftquant(model, 2.5, hadamard=0),
+        out.append(("LiftQuant 2.5 b/w (m=4), no Hadamard", liftquant(model, 2.5, group=4, hadamard=0),
                     {"model": model, "method": "liftquant", "bits": 2.5, "variant": "no-hadamard"}))  # fmt: skip
     return out
 
@@ -196,8 +204,9 @@ SECTIONS = [  # (title, which rows, note)
     (
         "LiftQuant",
         lambda r: r["method"] in ("fp32", "liftquant"),
-        "n sign bits per m = 4 weights, one FP32 scale "
-        "per row; error feedback = GPTQ-style compensation in the Hadamard-rotated space.",
+        "n sign bits per m weights (the official shapes 16to8 / 20to8 / 18to6, and bitsmith's former m = 4), one FP32 "
+        "scale per row; error feedback = GPTQ-style compensation in the Hadamard-rotated space. Codebooks: "
+        "[lift-codebooks.md](lift-codebooks.md).",
     ),
     (
         "MoBiQuant: one stored model read at 2 / 4 / 6 / 8 bits",
@@ -262,10 +271,13 @@ def plot(rows: list[dict[str, Any]]) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
     mine = [r for r in rows if r.get("model") == "smollm2" and "error" not in r]
-    series = {"LiftQuant": [r for r in mine if r["method"] == "liftquant" and not r["variant"]]}
+    series = {
+        "LiftQuant m = 4": [r for r in mine if r["method"] == "liftquant" and r["variant"] == "m4"],
+        "LiftQuant official shapes": [r for r in mine if r["method"] == "liftquant" and "to" in r["variant"]],
+    }
     for method in ("rtn", "gptq", "awq"):
         series[method.upper()] = [r for r in baselines("smollm2") if r["method"] == method and r["group"] == 64]
-    for (label, points), marker in zip(series.items(), "osx^", strict=False):
+    for (label, points), marker in zip(series.items(), "oDsx^", strict=False):
         xy = sorted((r["avg_weight_bits"], r["perplexity"]) for r in points)
         if xy:
             axes[0].plot(*zip(*xy, strict=True), marker + "-", label=label, alpha=0.8)

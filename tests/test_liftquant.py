@@ -58,9 +58,35 @@ def test_the_candidate_search_is_close_to_brute_force_and_decodes_exactly(codebo
     assert packed.numel() == 2000 and torch.equal(unpack_signs(packed, 2000, 8), y)
 
 
-def test_rates_pick_a_codebook_shape_or_are_refused_with_the_allowed_values() -> None:
-    assert rate_pair(2.0) == (4, 8) and rate_pair(2.5) == (4, 10) and rate_pair(3.0) == (4, 12)
-    assert rate_pair(8 / 3) == (3, 8)
+def test_the_candidates_are_the_signs_of_the_completed_inverse_applied_to_every_padding() -> None:
+    """The search's precomputed padding offsets give exactly ``sign([M; N]^-1 [z; p])`` for every ``p`` (16to8)."""
+    codebook = LiftCodebook(torch.randn(8, 16, generator=torch.Generator().manual_seed(2)))
+    z = gaussian(50, 8, seed=4)
+    pads = sign_table(8)
+    lifted = torch.cat([z[:, None, :].expand(-1, 256, -1), pads[None].expand(50, -1, -1)], -1)
+    assert torch.equal(codebook.candidates(z), torch.sign(lifted @ codebook.inverse().T))
+
+
+def test_vectors_of_8_code_gaussian_data_better_than_vectors_of_4_at_the_same_rate(
+    codebook_8to4: LiftCodebook,
+) -> None:
+    """The reason the official pipeline uses m = 8: at 2.0 bits per weight 16to8 beats 8to4 (measured: 0.085 vs
+    0.094 per dimension at these budgets; the trained soft-min over the 64 nearest candidates is what gets it
+    there: an untrained 16to8 is far worse)."""
+    z = gaussian(4000, 8, seed=11)
+    trained = LiftCodebook.train(8, 16, steps=200, restarts=1)
+    assert trained.mse(z) < 0.97 * codebook_8to4.mse(z.reshape(-1, 4))
+    assert trained.mse(z) < LLOYD_MAX_2BIT
+
+
+def test_rates_pick_the_official_codebook_shapes_or_are_refused_with_the_allowed_values() -> None:
+    assert rate_pair(2.0) == (8, 16) and rate_pair(2.5) == (8, 20) and rate_pair(3.0) == (6, 18)
+    assert rate_pair(3.0, max_padding=16) == (8, 24)  # the official 3-bit 24to8: 65,536 candidates per vector
+    assert (
+        rate_pair(2.0, group=4) == (4, 8) and rate_pair(2.5, group=4) == (4, 10) and rate_pair(8 / 3, group=4) == (3, 8)
+    )
+    with pytest.raises(ValueError, match="search_bits must be 1..16"):
+        rate_pair(2.5, max_padding=17)
     with pytest.raises(ValueError, match=r"no codebook realises 1.0 bits per weight.*2\.5"):
         rate_pair(1.0)
     with pytest.raises(ValueError, match="fewer than"):
@@ -123,7 +149,14 @@ def test_liftquant_on_a_decoder_beats_direct_encoding_and_rtn_2bit_and_reloads_e
     ids = calib[0]["input_ids"]
     with torch.no_grad():
         reference = model(input_ids=ids).logits
-    lift_entry = {"name": "liftquant", "bits": 2.5, "hadamard": 16, "codebook_steps": 200, "codebook_restarts": 1}
+    lift_entry = {
+        "name": "liftquant",
+        "bits": 2.5,
+        "group": 4,
+        "hadamard": 16,
+        "codebook_steps": 200,
+        "codebook_restarts": 1,
+    }
 
     def compressed(entry: dict) -> tuple[torch.nn.Module, float]:
         quantized = copy.deepcopy(model)
@@ -154,7 +187,7 @@ def test_bad_liftquant_settings_are_refused_with_the_fix(tmp_path: Path, monkeyp
         compress(make_llama(), [build_method({"name": "liftquant", "hadamard": 24, **small})], token_batches())
     wrong = tmp_path / "m.safetensors"
     save_file({"matrix": torch.randn(4, 8)}, str(wrong))
-    with pytest.raises(ValueError, match="holds a 4x8 M; bits 2.5 .group 4. needs a finite 4x10 M"):
+    with pytest.raises(ValueError, match="holds a 4x8 M; bits 2.5 .group 8. needs a finite 8x20 M"):
         compress(make_llama(), [build_method({"name": "liftquant", "codebook_file": str(wrong)})], token_batches())
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="cannot be read as safetensors"):
@@ -164,15 +197,19 @@ def test_bad_liftquant_settings_are_refused_with_the_fix(tmp_path: Path, monkeyp
         LiftQuantizer(4, 10).quantize_weight(torch.randn(3, 6))
 
 
-def test_a_huge_hadamard_block_is_refused_against_the_layer_before_any_allocation() -> None:
+def test_a_huge_hadamard_block_is_refused_against_the_layer_before_any_allocation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """2^20 columns would be a 4 TiB matrix: refused in one line because the layer has 64 inputs."""
     import time
 
     from bitsmith.sequential import peak_rss, reset_peak_rss
 
+    monkeypatch.setenv("BITSMITH_CACHE", str(tmp_path))  # the 1-step codebook is trained here, not cached
     reset_peak_rss()
     before, start = peak_rss(), time.perf_counter()
     with pytest.raises(ValueError, match="do not split into Hadamard blocks of 1048576"):
         compress(make_llama(), [build_method({"name": "liftquant", "hadamard": 2**20, "codebook_steps": 1,
                                               "where": {"include": ["model.layers.0.mlp.up_proj"]}})])  # fmt: skip
-    assert time.perf_counter() - start < 30 and peak_rss() - before < 512 << 20
+    seconds, grown = time.perf_counter() - start, peak_rss() - before
+    assert seconds < 30 and grown < 512 << 20, (seconds, grown >> 20)

@@ -30,7 +30,7 @@ TINY_CONFIG: dict[str, dict] = {
     "gptq": {"group_size": 32},
     "rtn": {"per_channel_fallback": True},  # the tiny CNN's layers have 9..72 inputs
     "awq": {"group_size": 32, "n_grid": 4},
-    "liftquant": {"hadamard": 16, "codebook_steps": 30, "codebook_restarts": 1},
+    "liftquant": {"group": 4, "hadamard": 16, "codebook_steps": 30, "codebook_restarts": 1},
     "mobiquant": {"group_size": 32, "router_steps": 10},
     "npft": {"steps": 2, "rounds": 1, "fisher_batches": 1},
     "precision_routing": {"windows": 2, "steps": 10},
