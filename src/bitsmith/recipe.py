@@ -295,7 +295,9 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
                           f"(got {recipe.data.name!r})")  # fmt: skip
     recipe.data.name = expected
     check_structure(recipe)
-    if recipe.export.gguf and recipe.model.name != "smollm2":
+    from bitsmith.zoo.llm import GGUF_MODELS
+
+    if recipe.export.gguf and recipe.model.name not in GGUF_MODELS:
         raise RecipeError("export.gguf: a GGUF file takes its architecture and tokenizer from the zoo LLM's GGUF "
                           "(llama architecture: smollm2); remove it for this model")  # fmt: skip
     bad = [c for c in recipe.eval.critical_classes or [] if not 0 <= c < 10]

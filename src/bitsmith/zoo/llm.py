@@ -56,6 +56,9 @@ LLMS: dict[str, LLMSource] = {
 }  # fmt: skip
 
 
+GGUF_MODELS = ("smollm2",)  # zoo LLMs whose GGUF (llama architecture) bitsmith.export.gguf_file writes again
+
+
 def get_llm(name: str) -> LLMSource:
     if name not in LLMS:
         raise ValueError(f"unknown LLM {name!r}; available: {sorted(LLMS)} (or a Hugging Face directory path)")
