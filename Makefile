@@ -8,7 +8,7 @@ PEERS  := .venv-peers/.installed
 # llama.cpp (extra `llamacpp`): compiled from llama-cpp-python's source distribution once; the CMake build folder
 # is kept in bitsmith's cache because llama.cpp's own tools (llama-quantize, llama-imatrix) are built there too
 LLAMACPP_VERSION := 0.3.36
-LLAMACPP_BUILD   ?= $(HOME)/.cache/bitsmith/llama.cpp-$(LLAMACPP_VERSION)
+LLAMACPP_BUILD   ?= $(or $(BITSMITH_CACHE),$(HOME)/.cache/bitsmith)/llama.cpp-$(LLAMACPP_VERSION)
 LLAMACPP         := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 
 FMNIST := /usr/share/datasets/fashion-mnist
@@ -35,7 +35,7 @@ $(LLAMACPP): $(STAMP)
 	CMAKE_ARGS="-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 		-DLLAMA_BUILD_EXAMPLES=OFF -DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PIP) --no-binary llama-cpp-python -C build-dir=$(LLAMACPP_BUILD) llama-cpp-python==$(LLAMACPP_VERSION)
-	$(PY) -m bitsmith.llamacpp --check
+	$(PY) -m bitsmith.export.llamacpp --check
 	touch $(LLAMACPP)
 
 install-llamacpp: $(LLAMACPP)

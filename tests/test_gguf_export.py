@@ -83,6 +83,27 @@ def test_a_tiny_llamas_tensors_read_back_as_bitsmiths_weights() -> None:
             assert (back - ours).abs().max() <= 2e-3 * ours.abs().max(), hf_name
 
 
+@pytest.mark.parametrize("float_type", ["f16", "q8_0"])
+def test_the_embedding_is_written_in_the_float_type_asked(float_type: str) -> None:
+    """``f16``: the table in half precision; ``q8_0``: llama.cpp's own Q8_0 rounding of it (its quantize tool's
+    choice for a tied embedding); norms stay float32 either way."""
+    from bitsmith.export.gguf_file import gguf_tensors
+    from conftest import make_llama
+
+    model = make_llama()
+    table = model.get_input_embeddings().weight.detach()
+    _, value = gguf_tensors(model, float_type)["token_embd.weight"]
+    if float_type == "f16":
+        assert value.dtype == np.float16 and torch.equal(torch.from_numpy(value), table.half())
+    else:
+        assert value.qtype == gguf.GGMLQuantizationType.Q8_0
+        step = table.abs().amax(1, keepdim=True) / 127  # bounds each block's d; error <= d/2 + fp16(d)
+        assert (unpack(value) - table).abs().le(0.6 * step).all() and not torch.equal(unpack(value), table)  # + fp16 d
+    assert gguf_tensors(model, float_type)["output_norm.weight"][1].dtype == np.float32
+    with pytest.raises(ValueError, match="float type 'bf8'; choose one of f32, f16, q8_0"):
+        gguf_tensors(model, "bf8")
+
+
 def test_an_input_quantized_layer_is_refused_by_name() -> None:
     from bitsmith import build_method, compress
     from bitsmith.export.gguf_file import gguf_tensors

@@ -279,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--gguf", action="store_true", required=True,
                         help="a GGUF file for llama.cpp / ollama (zoo LLMs with Q8_0 / Q4_0 / Q4_1 grids)")  # fmt: skip
     export.add_argument("--out", help="the file to write (default: model.gguf beside the checkpoint)")
+    export.add_argument(
+        "--float-type",
+        choices=["f32", "f16", "q8_0"],
+        default="f32",
+        help="the GGUF's unquantized matrices (the embedding); q8_0: rounded as llama.cpp does",
+    )
     export.set_defaults(func=cmd_export)
 
     report = sub.add_parser("report", help="compare run directories")

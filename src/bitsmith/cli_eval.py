@@ -163,6 +163,6 @@ def cmd_export(args: argparse.Namespace) -> int:
                          f"of {str(name)[:80]!r}")  # fmt: skip
     model, _, _ = load_checkpoint(str(checkpoint), None, None, 1)
     out = Path(args.out) if args.out else checkpoint.with_name("model.gguf")
-    write_gguf(model, gguf_path(str(name)), out)
+    write_gguf(model, gguf_path(str(name)), out, args.float_type)
     console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; every tensor checked against the checkpoint)")
     return 0

@@ -111,8 +111,11 @@ class ExportSpec(_Strict):
     )
     gguf: bool = Field(
         False,
-        description="also write model.gguf (llama.cpp, ollama): Q8_0 / Q4_0 / Q4_1 layers from "
-        "bitsmith's codes, metadata and tokenizer from the zoo LLM's GGUF (smollm2)",
+        description="also write model.gguf (llama.cpp, ollama): Q8_0 / Q4_0 / Q4_1 (and, with a method's grid:, "
+        "Q4_K / Q6_K) layers from bitsmith's codes, metadata and tokenizer from the zoo LLM's GGUF (smollm2)",
+    )
+    gguf_float: Literal["f32", "f16", "q8_0"] = Field(
+        "f32", description="model.gguf's unquantized matrices (the embedding): f32, f16, or q8_0 as llama.cpp rounds it"
     )
     deploy: Literal["none", "auto", "onnxruntime", "torchao", "torch"] = Field(
         "none", description="also deploy on this backend and report its metrics and latency next to FP32"

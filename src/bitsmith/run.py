@@ -378,7 +378,9 @@ def _run_recipe(
         from bitsmith.export.gguf_file import write_gguf
         from bitsmith.zoo.llm import gguf_path
 
-        writers["model.gguf"] = lambda path: write_gguf(model, gguf_path(str(recipe.model.name)), path)
+        writers["model.gguf"] = lambda path: write_gguf(
+            model, gguf_path(str(recipe.model.name)), path, recipe.export.gguf_float
+        )
     writers |= {
         **run_report_writers(report),
         "recipe.resolved.yaml": lambda path: atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False)),

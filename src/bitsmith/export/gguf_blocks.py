@@ -9,7 +9,14 @@ de-quantizes them): the codes bitsmith chose, written without re-quantizing.
 
 A group of ``g`` weights (``g`` a multiple of 32) is ``g / 32`` blocks with the same scale. The scales (and
 ``m``) are stored in fp16: the file holds bitsmith's model with its scales rounded to fp16, and
-``check_round_trip`` measures that against the model as optimised.
+``check_round_trip`` measures that against the model as optimised. A quantizer on a GGUF grid
+(``bitsmith.quant.gguf_grid``: ``grid: q4_0`` etc.) already optimised with the stored scales, so its file is
+its model to float32 rounding; the K-quants need such a grid:
+
+* ``Q4_K``: super-blocks of 256 (``d``, ``dmin`` fp16; 12 bytes of 6-bit group scales and minimums; 128 bytes of
+  nibbles, byte ``32 j + l`` holding weight ``64 j + l`` low and ``64 j + 32 + l`` high).
+* ``Q6_K``: super-blocks of 256 (128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 group scales,
+  fp16 ``d``), codes ``q + 32`` in 0..63.
 """
 
 from __future__ import annotations
@@ -21,10 +28,14 @@ import torch
 from gguf import GGMLQuantizationType, quants
 from torch import Tensor
 
+from bitsmith.quant.base import Encoded
+from bitsmith.quant.gguf_grid import GgufGrid, super_scales
 from bitsmith.quant.uniform import UniformQuantizer
 
 BLOCK = 32
-GRIDS = "symmetric 8-bit -> Q8_0, symmetric 4-bit -> Q4_0, asymmetric 4-bit -> Q4_1, in groups of a multiple of 32"
+GRIDS = ("symmetric 8-bit -> Q8_0, symmetric 4-bit -> Q4_0, asymmetric 4-bit -> Q4_1, in groups of a multiple of "
+         "32; a quantizer with `grid:` q8_0 / q4_0 / q4_1 / q4_k / q6_k -> that type")  # fmt: skip
+K_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K)
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,8 @@ class GgufTensor:
 
 def gguf_type(name: str, q: UniformQuantizer) -> GGMLQuantizationType:
     """The block type whose grid equals ``q``'s, or one line naming the layer, its grid and the grids that map."""
+    if q.grid is not None:
+        return GGMLQuantizationType[q.grid.name.upper()]
     grouped = q.granularity == "group" and q.group_size is not None and q.group_size % BLOCK == 0
     kind = {(8, True): GGMLQuantizationType.Q8_0, (4, True): GGMLQuantizationType.Q4_0,
             (4, False): GGMLQuantizationType.Q4_1}.get((q._bits, q.symmetric))  # fmt: skip
@@ -56,6 +69,10 @@ def pack(name: str, q: UniformQuantizer, weight: Tensor) -> GgufTensor:
     qtype = gguf_type(name, q)
     enc = q.encode(weight.detach().float())
     rows, cols = enc.codes.shape
+    if qtype in K_TYPES:
+        assert q.grid is not None
+        data = (_pack_q4_k if qtype == GGMLQuantizationType.Q4_K else _pack_q6_k)(q.grid, enc)
+        return GgufTensor(qtype, data.reshape(rows, -1), (rows, cols))
     per_group = q.group_size // BLOCK  # type: ignore[operator]
     blocks = rows * cols // BLOCK
     codes = enc.codes.reshape(blocks, BLOCK).numpy()
@@ -74,6 +91,31 @@ def pack(name: str, q: UniformQuantizer, weight: Tensor) -> GgufTensor:
     return GgufTensor(qtype, np.concatenate(payload, axis=1).reshape(rows, -1), (rows, cols))
 
 
+def _pack_q4_k(grid: GgufGrid, enc: Encoded) -> np.ndarray:
+    """``(super-blocks, 144)`` bytes: ``d``, ``dmin``, the 6-bit scales / minimums, the nibbles."""
+    scale = enc.params["scale"].float()
+    d, sc = super_scales(grid, scale)
+    dmin, mn = super_scales(grid, enc.params["zero_point"].float() * scale)  # the minimum ``z s`` (>= 0)
+    sc, mn = sc.to(torch.uint8).numpy(), mn.to(torch.uint8).numpy()
+    low, high = sc[:, 4:], mn[:, 4:]
+    packed_scales = np.concatenate([sc[:, :4] | ((low >> 4) << 6), mn[:, :4] | ((high >> 4) << 6),
+                                    (low & 0x0F) | ((high & 0x0F) << 4)], axis=1)  # fmt: skip
+    q = enc.codes.reshape(-1, 4, 2, 32).numpy().astype(np.uint8)  # (blocks, pairs of groups, 2, 32)
+    nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([_fp16(d).view(np.uint8), _fp16(dmin).view(np.uint8), packed_scales, nibbles], axis=1)
+
+
+def _pack_q6_k(grid: GgufGrid, enc: Encoded) -> np.ndarray:
+    """``(super-blocks, 210)`` bytes: low nibbles, high 2-bit pairs, int8 group scales, ``d``."""
+    d, sc = super_scales(grid, enc.params["scale"].float())
+    q = (enc.codes.reshape(-1, 2, 128).numpy() + 32).astype(np.uint8)  # (blocks, halves, 128)
+    low, high = q & 0x0F, q >> 4
+    ql = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(-1, 128)
+    high = high.reshape(-1, 2, 4, 32)
+    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(-1, 64)
+    return np.concatenate([ql, qh, sc.to(torch.int8).numpy().view(np.uint8), _fp16(d).view(np.uint8)], axis=1)
+
+
 def unpack(tensor: GgufTensor) -> Tensor:
     """The float weight the ``gguf`` package de-quantizes from ``tensor`` (llama.cpp's arithmetic)."""
     return torch.from_numpy(quants.dequantize(tensor.data, tensor.qtype)).reshape(tensor.shape)
@@ -86,11 +128,10 @@ def check_round_trip(name: str, q: UniformQuantizer, weight: Tensor, tensor: Ggu
     plus its own rounding), with a float32 margin."""
     enc = q.encode(weight.detach().float())
     ours = q.decode(enc)
-    per_group = q.group_size // BLOCK  # type: ignore[operator]
     rows, cols = enc.codes.shape
 
     def spread(values: Tensor) -> Tensor:  # one value per group -> one per weight
-        return values.reshape(-1).repeat_interleave(per_group * BLOCK).reshape(rows, cols)
+        return values.reshape(-1).repeat_interleave(q.group_size).reshape(rows, cols)  # type: ignore[arg-type]
 
     scale, zero = spread(enc.params["scale"]).abs(), spread(enc.params["zero_point"]).abs()
     code = enc.codes.float().abs() if q.symmetric else enc.codes.float()

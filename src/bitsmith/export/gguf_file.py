@@ -39,10 +39,18 @@ def _heads(config: Any, hf_name: str) -> int | None:
     return None
 
 
-def gguf_tensors(model: nn.Module) -> dict[str, tuple[str, GgufTensor | np.ndarray]]:
-    """``{GGUF name: (HF name, blocks or float32 array)}`` of a Llama-family ``model`` (tied LM head omitted)."""
+FLOAT_TYPES = ("f32", "f16", "q8_0")  # the unquantized matrices (the embedding); q8_0: llama.cpp's own rounding
+
+
+def gguf_tensors(model: nn.Module, float_type: str = "f32") -> dict[str, tuple[str, GgufTensor | np.ndarray]]:
+    """``{GGUF name: (HF name, blocks or float array)}`` of a Llama-family ``model`` (tied LM head omitted); float
+    matrices (the embedding) in ``float_type``: ``f32``, ``f16``, or ``q8_0`` rounded by the ``gguf`` package's
+    Q8_0 quantizer (llama.cpp's, which its quantize tool applies to a tied embedding); vectors (norms) in float32,
+    as llama.cpp keeps them."""
     import gguf
 
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(f"gguf: float type {float_type!r}; choose one of {', '.join(FLOAT_TYPES)}")
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is model.get_input_embeddings().weight
@@ -68,20 +76,25 @@ def gguf_tensors(model: nn.Module) -> dict[str, tuple[str, GgufTensor | np.ndarr
             out[name] = (hf_name, GgufTensor(blocks.qtype, np.ascontiguousarray(data), blocks.shape))
         else:
             array = tensor.detach().float().numpy()
-            out[name] = (hf_name, np.ascontiguousarray(array if heads is None else permute_rows(array, heads)))
+            array = np.ascontiguousarray(array if heads is None else permute_rows(array, heads))
+            if array.ndim > 1 and float_type == "q8_0" and array.shape[1] % 32 == 0:
+                q8 = gguf.GGMLQuantizationType.Q8_0
+                out[name] = (hf_name, GgufTensor(q8, gguf.quants.quantize(array, q8), array.shape))
+                continue
+            out[name] = (hf_name, array.astype(np.float16) if array.ndim > 1 and float_type == "f16" else array)
     return out
 
 
-def write_gguf(model: nn.Module, source: str | Path, out: str | Path) -> Path:
-    """Write ``model`` (compressed by bitsmith) to ``out`` with ``source``'s metadata and tokenizer; read it back
-    and check every tensor before publishing it."""
+def write_gguf(model: nn.Module, source: str | Path, out: str | Path, float_type: str = "f32") -> Path:
+    """Write ``model`` (compressed by bitsmith) to ``out`` with ``source``'s metadata and tokenizer, float matrices in
+    ``float_type``; read it back and check every tensor before publishing it."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
     architecture = reader.fields["general.architecture"].contents()
     if architecture != "llama":
         raise ValueError(f"gguf: export supports the llama architecture; {source} is {architecture!r}")
-    tensors = gguf_tensors(model)
+    tensors = gguf_tensors(model, float_type)
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, architecture)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from bitsmith.data import current_mask, drop_padding, real_token_mask
 from bitsmith.method import Method, register_method
 from bitsmith.nn import QLinear
+from bitsmith.quant.gguf_grid import GgufGridName
 from bitsmith.quant.layers import attach, float_weights, grouped_weight_quantizer
 from bitsmith.quant.uniform import Bits, UniformQuantizer
 from bitsmith.sequential import BlockInputs, run_block, sequential
@@ -38,7 +39,15 @@ CLIP_TOKENS = 512
 
 def fake_quantize(weight: Tensor, q: UniformQuantizer) -> Tensor:
     """``weight`` round-tripped through a fresh min-max quantizer of ``q``'s configuration."""
-    fresh = UniformQuantizer(q.bits, q.symmetric, q.granularity, ch_axis=0, group_size=q.group_size)
+    fresh = UniformQuantizer(
+        q.bits,
+        q.symmetric,
+        q.granularity,
+        ch_axis=0,
+        group_size=q.group_size,
+        float_zero=q.float_zero,
+        grid=q.grid.name if q.grid else None,
+    )
     return fresh.calibrate_(weight)(weight)
 
 
@@ -157,11 +166,13 @@ class AWQ(Method):
     clip: bool = True
     max_shrink: Annotated[float, Field(ge=0, lt=1)] = 0.5
     search_batches: Annotated[int, Field(ge=1)] = 2  # calibration batches the scale search runs on
+    grid: GgufGridName | None = None  # a llama.cpp GGUF grid (q4_0, q4_1, q8_0, q4_k, q6_k): fixes bits and groups
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         def weight_q(name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
             c = self.layer_config(overrides)
-            return grouped_weight_quantizer("awq", name, layer, c["bits"], c["group_size"], c["symmetric"])
+            return grouped_weight_quantizer("awq", name, layer, c["bits"], c["group_size"], c["symmetric"],
+                                            c["grid"])  # fmt: skip
 
         self._specs = attach(model, self.where, weight_q, None)
         return self._specs

@@ -35,6 +35,7 @@ from bitsmith.data import drop_padding
 from bitsmith.method import Method, register_method
 from bitsmith.nn import QLinear
 from bitsmith.quant.functional import int_range, params_from_range
+from bitsmith.quant.gguf_grid import GgufGrid, GgufGridName, grid_params
 from bitsmith.quant.layers import attach, float_weights, grouped_weight_quantizer
 from bitsmith.quant.uniform import Bits, UniformQuantizer
 from bitsmith.sequential import BlockInputs, StopBlock, run_block, sequential
@@ -92,26 +93,39 @@ class GroupParams:
     """Scale and zero point of each (row, group), filled as the column walk reaches each group. A symmetric
     1-bit grid is binary: ``sign(w) * mean|w|`` per group (the official GEMQ GPTQ's 1-bit quantizer)."""
 
-    def __init__(self, rows: int, columns: int, bits: int, group_size: int, symmetric: bool) -> None:
+    def __init__(self, rows: int, columns: int, bits: int, group_size: int, symmetric: bool,
+                 grid: GgufGrid | None = None) -> None:  # fmt: skip
         self.binary = bits == 1 and symmetric
         self.qmin, self.qmax = (-1, 1) if self.binary else int_range(bits, symmetric)
-        self.group_size, self.symmetric = group_size or columns, symmetric
+        self.group_size, self.symmetric, self.grid = group_size or columns, symmetric, grid
+        # the columns whose parameters are fitted together: a group, or a K-quant super-block of groups
+        self.span = self.group_size * (grid.per_super if grid else 1)
         groups = columns // self.group_size
         self.scale, self.zero = torch.zeros(rows, groups), torch.zeros(rows, groups)
 
     def fit(self, group: int, weights: Tensor) -> None:
-        """Min-max (binary: mean |w|) parameters of ``group`` from ``weights`` ``(rows, group_size)``."""
+        """Min-max (binary: mean |w|; on ``grid``: its parameters) of the groups from ``group`` on that ``weights``
+        ``(rows, k * group_size)`` covers."""
         if self.binary:
             self.scale[:, group] = weights.abs().mean(1).clamp(min=1e-8)
             return
-        scale, zero = params_from_range(weights.amin(1), weights.amax(1), self.qmin, self.qmax, self.symmetric)
-        self.scale[:, group], self.zero[:, group] = scale, zero
+        rows, count = weights.shape[0], weights.shape[1] // self.group_size
+        parts = weights.reshape(rows, count, self.group_size)
+        if self.grid is not None:
+            scale, zero = grid_params(self.grid, parts.amin(-1).reshape(-1), parts.amax(-1).reshape(-1),
+                                      self.qmin, self.qmax)  # fmt: skip
+        else:
+            scale, zero = params_from_range(parts.amin(-1), parts.amax(-1), self.qmin, self.qmax, self.symmetric)
+        self.scale[:, group : group + count] = scale.reshape(rows, count)
+        self.zero[:, group : group + count] = zero.reshape(rows, count)
 
     def quantize(self, column: Tensor, index: int) -> Tensor:
         g = index // self.group_size
         s, z = self.scale[:, g], self.zero[:, g]
         if self.binary:
             return torch.where(column >= 0, s, -s)
+        if self.grid is not None and not self.symmetric:  # a float zero point: codes round(x / s + z)
+            return (torch.clamp(torch.round(column / s + z), self.qmin, self.qmax) - z) * s
         return (torch.clamp(torch.round(column / s) + z, self.qmin, self.qmax) - z) * s
 
 
@@ -134,12 +148,17 @@ def inverse_hessian_factor(H: Tensor, damp: float) -> Tensor:
 @torch.no_grad()
 def gptq_quantize(
     weight: Tensor, hessian: Tensor, bits: int, group_size: int, symmetric: bool, damp: float,
-    act_order: bool, block_size: int,
+    act_order: bool, block_size: int, grid: GgufGrid | None = None,
 ) -> tuple[Tensor, GroupParams]:  # fmt: skip
-    """The GPTQ-quantized ``weight`` ``(out, in)`` (values on the grid) and its group parameters."""
+    """The GPTQ-quantized ``weight`` ``(out, in)`` (values on the grid) and its group parameters. On a GGUF
+    ``grid`` the parameters are the file's (fp16; K-quants: a super-block's group scales fitted together when the
+    walk reaches it, from the weights as error feedback has left them) and act-order is off (a GGUF block
+    holds consecutive columns)."""
     W, H = without_dead_columns(weight, hessian)
     rows, columns = W.shape
-    params = GroupParams(rows, columns, bits, group_size, symmetric)
+    params = GroupParams(rows, columns, bits, group_size, symmetric, grid)
+    if grid is not None:
+        act_order, block_size = False, max(block_size, params.span)  # a super-block lies inside one block
     size = params.group_size
     static = act_order or size == columns  # per-channel, or act-order: parameters before any update
     if static:
@@ -155,8 +174,8 @@ def gptq_quantize(
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             column = int(perm[i1 + i])
-            if not static and column % size == 0:  # a new group: min-max of W as the official code reads it
-                params.fit(column // size, W[:, i1 + i : i1 + i + size])
+            if not static and column % params.span == 0:  # a new group: min-max of W as the official code reads it
+                params.fit(column // size, W[:, i1 + i : i1 + i + params.span])
             w, d = W1[:, i], Hinv1[i, i]
             q = params.quantize(w, column)
             Q[:, i1 + i] = q
@@ -181,13 +200,15 @@ class GPTQ(Method):
     act_order: bool = True
     block_size: Annotated[int, Field(ge=1)] = 128
     true_sequential: bool = True
+    grid: GgufGridName | None = None  # a llama.cpp GGUF grid (q4_0, q4_1, q8_0, q4_k, q6_k): fixes bits and groups
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         def weight_q(name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
             if isinstance(layer.weight_q, UniformQuantizer):  # bits chosen by an earlier method (mixed)
                 return layer.weight_q
             c = self.layer_config(overrides)
-            return grouped_weight_quantizer("gptq", name, layer, c["bits"], c["group_size"], c["symmetric"])
+            return grouped_weight_quantizer("gptq", name, layer, c["bits"], c["group_size"], c["symmetric"],
+                                            c["grid"])  # fmt: skip
 
         self._specs = attach(model, self.where, weight_q, None)
         return self._specs
@@ -206,7 +227,7 @@ class GPTQ(Method):
         q: UniformQuantizer = layer.weight_q  # type: ignore[assignment]
         size = q.group_size if q.granularity == "group" else 0
         values, params = gptq_quantize(layer.weight, hessian, q.bits, size, q.symmetric, self.damp,
-                                       self.act_order, self.block_size)  # fmt: skip
+                                       self.act_order, self.block_size, q.grid)  # fmt: skip
         with torch.no_grad():
             layer.weight.copy_(values.to(layer.weight.dtype))
             q.scale = params.scale.reshape(-1).clone()

@@ -13,7 +13,8 @@ from typing import Any
 from torch import nn
 
 from bitsmith.method import Method, register_method
-from bitsmith.quant.layers import attach, check_group, uniform_weight_quantizer
+from bitsmith.quant.gguf_grid import GgufGridName
+from bitsmith.quant.layers import attach, check_group, grouped_weight_quantizer, uniform_weight_quantizer
 from bitsmith.quant.uniform import Bits, GroupSize, UniformQuantizer
 
 
@@ -29,9 +30,12 @@ class RTN(Method):
     symmetric: bool = False
     float_zero: bool = False  # grid min + scale * k (llama.cpp Q4_1 / HQQ style) instead of an integer zero point
     per_channel_fallback: bool = False  # layers the group does not divide: per-channel scales instead of an error
+    grid: GgufGridName | None = None  # a llama.cpp GGUF grid (q4_0, q4_1, q8_0, q4_k, q6_k): fixes bits and groups
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
         c = self.layer_config(overrides)
+        if c["grid"] is not None:
+            return grouped_weight_quantizer("rtn", name, layer, c["bits"], c["group_size"], c["symmetric"], c["grid"])
         if not c["per_channel_fallback"]:
             check_group("rtn", name, layer, c["group_size"], ", exclude the layer, or set per_channel_fallback: true")
         return uniform_weight_quantizer(name, layer, c["bits"], "group", c["group_size"], c["symmetric"], "minmax",

@@ -13,6 +13,7 @@ from torch import nn
 from bitsmith.method import eval_mode, run_forward
 from bitsmith.nn import QConv2d, QEmbedding, QLinear, QuantizedMixin, as_linear
 from bitsmith.quant.base import Quantizer
+from bitsmith.quant.gguf_grid import check_width, get_grid
 from bitsmith.quant.uniform import UniformQuantizer
 from bitsmith.select import Selection
 from bitsmith.swap import swap
@@ -56,6 +57,7 @@ def uniform_weight_quantizer(
     symmetric: bool,
     observer: str,
     float_zero: bool = False,
+    grid: str | None = None,
 ) -> UniformQuantizer:
     """A weight quantizer calibrated on ``module``'s weight. Groups that do not divide the layer's
     input size fall back to per-channel scales, with a warning naming the layer."""
@@ -67,7 +69,14 @@ def uniform_weight_quantizer(
         )
         granularity = "channel"
     q = UniformQuantizer(
-        bits, symmetric, granularity, ch_axis=0, group_size=group_size, observer=observer, float_zero=float_zero
+        bits,
+        symmetric,
+        granularity,
+        ch_axis=0,
+        group_size=group_size,
+        observer=observer,
+        float_zero=float_zero,
+        grid=grid,
     )
     masked = getattr(module, "masked_weight", None)  # a swapped layer's weight with its sparsity mask
     with torch.no_grad():
@@ -76,9 +85,15 @@ def uniform_weight_quantizer(
 
 
 def grouped_weight_quantizer(method: str, name: str, module: nn.Module, bits: int, group_size: int,
-                             symmetric: bool) -> UniformQuantizer:  # fmt: skip
+                             symmetric: bool, grid: str | None = None) -> UniformQuantizer:  # fmt: skip
     """The weight quantizer of the LLM weight-only methods: groups of ``group_size`` inputs (0: per output
-    channel), min-max. A group size that does not divide the layer is refused with the numbers (no fallback)."""
+    channel), min-max. A group size that does not divide the layer is refused with the numbers (no fallback).
+    ``grid``: a GGUF block grid instead (``bitsmith.quant.gguf_grid``), which fixes bits, groups and symmetry."""
+    if grid is not None:
+        spec = get_grid(grid)
+        check_width(spec, name, weight_input_size(module))
+        return uniform_weight_quantizer(name, module, spec.bits, "group", spec.group, spec.symmetric, "minmax",
+                                        float_zero=not spec.symmetric, grid=spec.name)  # fmt: skip
     check_group(method, name, module, group_size, "or group_size 0 (per channel)")
     granularity = "group" if group_size else "channel"
     return uniform_weight_quantizer(name, module, bits, granularity, group_size or None, symmetric,

@@ -24,6 +24,7 @@ from bitsmith.quant.functional import (
     quantize_codes,
     quantize_codes_float_zero,
 )
+from bitsmith.quant.gguf_grid import get_grid, grid_params
 from bitsmith.quant.observers import OBSERVERS, Observer, build_observer
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
@@ -57,6 +58,9 @@ class UniformQuantizer(Quantizer):
         lsq_batch_dim: for ``learned`` activations: exclude dim 0 (the batch) from LSQ's ``N``.
         float_zero: asymmetric only: a float zero point (grid ``min + scale * k``, llama.cpp Q4_1 / HQQ style)
             instead of an integer one (which keeps 0 exactly representable); stored as 32 bits.
+        grid: a llama.cpp GGUF block grid (``q8_0``, ``q4_0``, ``q4_1``, ``q4_k``, ``q6_k``;
+            ``bitsmith.quant.gguf_grid``): every range is turned into parameters the GGUF type stores exactly
+            (fp16 scales; K-quants: group scales quantized per super-block); it fixes bits, symmetry and groups.
     """
 
     kind = "uniform"
@@ -75,8 +79,15 @@ class UniformQuantizer(Quantizer):
         scale: float | None = None,
         lsq_batch_dim: bool = False,
         float_zero: bool = False,
+        grid: str | None = None,
     ) -> None:
         super().__init__()
+        self.grid = None if grid is None else get_grid(grid)
+        if self.grid is not None:
+            expected = (self.grid.bits, self.grid.symmetric, "group", self.grid.group, not self.grid.symmetric)
+            if (bits, symmetric, granularity, group_size, float_zero) != expected or dynamic or step != "calibrated":
+                raise ValueError(f"grid {grid}: needs bits {expected[0]}, symmetric {expected[1]}, groups of "
+                                 f"{expected[3]}, float_zero {expected[4]}, a calibrated static step")  # fmt: skip
         int_range(bits, symmetric)  # validates bits
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -130,11 +141,14 @@ class UniformQuantizer(Quantizer):
             "step": self.step, "observer": self.observer_name, "observer_args": self.observer_args,
             "dynamic": self.dynamic, "scale": self.fixed_scale, "lsq_batch_dim": self.lsq_batch_dim,
             **({"float_zero": True} if self.float_zero else {}),
+            **({"grid": self.grid.name} if self.grid else {}),
         }  # fmt: skip
 
     def overhead_bits(self) -> int:
         if self.dynamic:
             return 0
+        if self.grid is not None:  # the GGUF type's own bytes: its bits per weight beyond the codes
+            return round(self.scale.numel() * self.grid.group * (self.grid.bits_per_weight - self.grid.bits))
         zero_bits = 0 if self.symmetric else 32 if self.float_zero else storage_bits(self._bits)
         return self.scale.numel() * (32 + zero_bits)
 
@@ -187,10 +201,13 @@ class UniformQuantizer(Quantizer):
 
     @torch.no_grad()
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
-        """Set scale and zero point from a clipping range per row."""
-        scale, zero_point = params_from_range(
-            lo.float(), hi.float(), self.qmin, self.qmax, self.symmetric, float_zero=self.float_zero
-        )
+        """Set scale and zero point from a clipping range per row (on the GGUF grid, when there is one)."""
+        if self.grid is not None:
+            scale, zero_point = grid_params(self.grid, lo.float(), hi.float(), self.qmin, self.qmax)
+        else:
+            scale, zero_point = params_from_range(
+                lo.float(), hi.float(), self.qmin, self.qmax, self.symmetric, float_zero=self.float_zero
+            )
         if isinstance(self.scale, nn.Parameter):
             self.scale = nn.Parameter(scale)
         else:

@@ -1,0 +1,237 @@
+"""GGUF files run inside llama.cpp (SmolLM2-135M): bitsmith's RTN / GPTQ / AWQ written on llama.cpp's own grids
+against llama.cpp's own quantizations of the same FP32 model (its quantize tool, Q4_K_M also with an importance
+matrix on the same calibration windows), every row scored by llama.cpp on the same text windows as PyTorch.
+
+Quality rows (perplexity on Persuasion and the Python docs, KL and top-1 agreement with the PyTorch FP32 model)
+run on ``BITSMITH_BENCH_THREADS`` threads and may share the machine; ``--time`` measures prefill (512 tokens) and
+greedy decode (128 new tokens, batch 1) tokens/s on 2 threads, to run alone on an idle machine, and the memory
+bandwidth (a 1 GiB copy) for the fraction of the bandwidth limit. bitsmith's files keep the embedding as llama.cpp's
+Q4_0 / Q4_1 files do (Q8_0, rounded by llama.cpp's own rule), so the rows differ only in the block layers.
+
+Writes docs/results/gguf.{json,md,png}; rows resume; ``--write-only`` rewrites the page; ``--only TEXT`` measures
+the rows whose label contains TEXT. Needs ``make install-llamacpp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from common import RESULTS, Rows, save_figure
+from llm import BLOCKS, CALIB_BATCH, CALIB_WINDOWS, bench_threads, compress_quietly
+
+from bitsmith.deploy import int8_pairs_saturate
+from bitsmith.eval.lm import LanguageModelTask, language_model_task
+from bitsmith.export.gguf_file import write_gguf
+from bitsmith.export.llamacpp import GgufLanguageModel, importance_matrix, quantize, speed
+from bitsmith.zoo import cache_dir
+from bitsmith.zoo.llm import gguf_path, load_llm
+
+ROWS = RESULTS / "gguf.json"
+WORK = cache_dir() / "bench" / "gguf"  # the GGUF files, kept for the timed pass
+EVAL_WINDOWS = 20  # per text: fewer than llm.md's 80 (llama.cpp at 1 thread scores ~4 s a window); stated
+KL_WINDOWS = 8
+LLAMACPP_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
+BITSMITH = [(method, grid) for grid in ("q4_0", "q4_1") for method in ("rtn", "gptq", "awq")] + [("gptq", "q8_0")]
+
+
+def rows_to_measure() -> list[tuple[str, dict[str, Any]]]:
+    out = [("PyTorch FP32 (eager)", {"source": "pytorch", "type": "F32"}),
+           ("llama.cpp F32 (written by bitsmith)", {"source": "llama.cpp", "type": "F32"})]  # fmt: skip
+    out += [(f"llama.cpp {t}", {"source": "llama.cpp", "type": t}) for t in LLAMACPP_TYPES]
+    out.append(("llama.cpp Q4_K_M + imatrix", {"source": "llama.cpp", "type": "Q4_K_M-imatrix"}))
+    out += [(f"bitsmith {m.upper()} on {g.upper()}", {"source": "bitsmith", "method": m, "type": g.upper()})
+            for m, g in BITSMITH]  # fmt: skip
+    return out
+
+
+def file_of(key: dict[str, Any]) -> Path:
+    return WORK / f"{key['source']}-{key.get('method', '')}-{key['type']}.gguf".replace("--", "-")
+
+
+class Bench:
+    def __init__(self) -> None:
+        torch.set_num_threads(bench_threads())
+        WORK.mkdir(parents=True, exist_ok=True)
+        self.model, tokenizer = load_llm("smollm2")
+        self.task: LanguageModelTask = language_model_task(tokenizer, EVAL_WINDOWS, CALIB_WINDOWS, CALIB_BATCH,
+                                                           seed=0, kl_windows=KL_WINDOWS)  # fmt: skip
+        self.fp32_metrics = self.task.evaluate(self.model)  # also makes the FP32 reference
+        self.f32 = WORK / "llama.cpp-F32.gguf"
+        if not self.f32.is_file():
+            write_gguf(self.model, gguf_path("smollm2"), self.f32)
+
+    def scored(self, path: Path) -> dict[str, Any]:
+        lm = GgufLanguageModel(path, threads=bench_threads())
+        try:
+            metrics = self.task.evaluate(lm)
+        finally:
+            lm.close()
+        return {**metrics, "file_mib": round(path.stat().st_size / 2**20, 2),
+                "bits_per_weight": round(path.stat().st_size * 8 / self.parameters(), 3)}  # fmt: skip
+
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())  # tied LM head counted once
+
+    def calibration_text(self) -> Path:
+        """The calibration windows as text, for llama.cpp's imatrix tool (it tokenizes them again)."""
+        path = WORK / "calibration.txt"
+        if not path.is_file():
+            windows = torch.cat([b["input_ids"] for b in self.task.calibration])
+            path.write_text("\n".join(self.task.tokenizer.decode(w, skip_special_tokens=True) for w in windows))
+        return path
+
+    def measure(self, key: dict[str, Any]) -> dict[str, Any]:
+        if key["source"] == "pytorch":
+            return {**self.fp32_metrics, "quant_seconds": 0.0}
+        path = file_of(key)
+        began = time.perf_counter()
+        if key["source"] == "llama.cpp" and key["type"] != "F32":
+            imatrix = None
+            if key["type"].endswith("imatrix"):
+                imatrix = WORK / "imatrix.gguf"
+                importance_matrix(self.f32, self.calibration_text(), imatrix, CALIB_WINDOWS, threads=bench_threads())
+            quantize(self.f32, path, key["type"].split("-")[0], imatrix, threads=bench_threads())
+        elif key["source"] == "bitsmith":
+            quantized = copy.deepcopy(self.model)
+            compress_quietly(quantized, [{"name": key["method"], "grid": key["type"].lower(), "where": BLOCKS}],
+                             self.task)  # fmt: skip
+            write_gguf(quantized, gguf_path("smollm2"), path, float_type="q8_0")
+            del quantized
+        seconds = time.perf_counter() - began if key["type"] != "F32" else 0.0
+        return {**self.scored(path if key["type"] != "F32" else self.f32), "quant_seconds": round(seconds, 1)}
+
+
+def bandwidth_gb_s() -> float:
+    """Memory bandwidth: the best of 5 copies of 1 GiB (read + write bytes per second)."""
+    source, target = np.ones(2**27), np.empty(2**27)
+    best = min(_timed(lambda: np.copyto(target, source)) for _ in range(5))
+    return 2 * source.nbytes / best / 1e9
+
+
+def _timed(action: Any) -> float:
+    began = time.perf_counter()
+    action()
+    return time.perf_counter() - began
+
+
+def time_rows(rows: Rows, only: str | None) -> None:
+    """Prefill / decode tokens/s of every measured GGUF file on 2 threads (run alone), and the bandwidth."""
+    from bitsmith.eval.latency import load_averages
+
+    torch.set_num_threads(2)
+    model, tokenizer = load_llm("smollm2")
+    task = language_model_task(tokenizer, 2, 1, 1, seed=0)
+    prompt = task.eval_rows["perplexity"][0].tolist()
+    bandwidth = bandwidth_gb_s()
+    machine = {"cpu": torch.backends.cpu.get_cpu_capability(), "vnni": not int8_pairs_saturate(),
+               "bandwidth_gb_s": round(bandwidth, 1), "load_before": load_averages()}  # fmt: skip
+    for row in list(rows.rows):
+        if "error" in row or (only and only not in row["name"]) or row["source"] == "pytorch":
+            continue
+        key = {k: row[k] for k in ("source", "method", "type") if k in row}
+        path = file_of(key) if row["type"] != "F32" else WORK / "llama.cpp-F32.gguf"
+        if not path.is_file():
+            continue
+        measured = speed(path, prompt, threads=2)
+        bytes_per_token = path.stat().st_size  # every weight is read once per token (the tied embedding too)
+        limit = bandwidth * 1e9 / bytes_per_token
+        rows.put({**row, **measured, **machine, "bandwidth_fraction": measured["decode_tokens_per_s"] / limit},
+                 **key)  # fmt: skip
+        print(row["name"], {k: round(v, 1) for k, v in measured.items()}, flush=True)
+
+
+def write_page(rows: list[dict[str, Any]]) -> None:
+    fp32 = next((r for r in rows if r["source"] == "pytorch"), None)
+    lines = [
+        "# GGUF files inside llama.cpp",
+        "",
+        "Regenerate: `make bench-gguf` (`python benchmarks/gguf.py`, then `--time` alone on an idle machine; rows "
+        "resume; `--write-only` rewrites this page). SmolLM2-135M; every GGUF row is scored by llama.cpp "
+        "(llama-cpp-python 0.3.36) on the same token windows as the PyTorch row: perplexity on the first "
+        f"{EVAL_WINDOWS} windows of 512 tokens of *Persuasion* and of the Python docs, KL(FP32 || file) and top-1 "
+        f"agreement with the PyTorch FP32 model on the first {KL_WINDOWS}. Calibration (bitsmith's GPTQ / AWQ, "
+        f"llama.cpp's imatrix): {CALIB_WINDOWS} random windows of *Emma* and *Mansfield Park*. bitsmith's rows "
+        "quantize the 30 decoder blocks' Linears on the named grid (`grid:`) and write the embedding as Q8_0 as "
+        "llama.cpp's own Q4_0 / Q4_1 files do. Increase: perplexity minus the llama.cpp F32 row's.",
+        "",
+        "| row | ppl Persuasion | increase | ppl docs | increase | KL | top-1 % | file MiB | bits/weight | "
+        "quantize s | prefill tok/s | decode tok/s | of bandwidth limit | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = next((r for r in rows if r["source"] == "llama.cpp" and r["type"] == "F32" and "error" not in r), fp32)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 12)
+            continue
+        up = f"{r['perplexity'] - base['perplexity']:+.2f}" if base else ""
+        up_docs = f"{r['perplexity_docs'] - base['perplexity_docs']:+.2f}" if base else ""
+        speed_cells = (f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
+                       f"{100 * r['bandwidth_fraction']:.0f} %") if "decode_tokens_per_s" in r else "| |"  # fmt: skip
+        lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {up} | {r['perplexity_docs']:.2f} | {up_docs} | "
+                     f"{r.get('kl', 0):.4f} | {100 * r.get('top1_agreement', 1):.1f} | {r.get('file_mib', '')} | "
+                     f"{r.get('bits_per_weight', '')} | {r['quant_seconds']} | {speed_cells} | "
+                     f"{r.get('load', [0])[0]:.1f} |")  # fmt: skip
+    timed = [r for r in rows if "bandwidth_gb_s" in r]
+    if timed:
+        t = timed[0]
+        lines += ["", f"Timed on 2 threads, {t['cpu']}{' with VNNI' if t['vnni'] else ''}; memory bandwidth "
+                  f"{t['bandwidth_gb_s']} GB/s (1 GiB copy); load before timing {t['load_before']}. The bandwidth "
+                  "limit of decode is bandwidth / file bytes (every weight read once per token)."]  # fmt: skip
+    lines += ["", "![perplexity vs file size](gguf.png)", ""]
+    (RESULTS / "gguf.md").write_text("\n".join(lines))
+    plot(rows)
+
+
+def plot(rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for source, marker in (("llama.cpp", "s"), ("bitsmith", "o")):
+        chosen = [r for r in rows if r["source"] == source and "error" not in r and "file_mib" in r]
+        ax.scatter([r["file_mib"] for r in chosen], [r["perplexity"] for r in chosen], marker=marker, label=source)
+        for r in chosen:
+            ax.annotate(r["name"].replace(f"{source} ", ""), (r["file_mib"], r["perplexity"]), fontsize=6)
+    ax.set(xlabel="file MiB", ylabel="perplexity, Persuasion (llama.cpp)", title="SmolLM2-135M GGUF files in llama.cpp")
+    ax.legend()
+    save_figure(fig, "gguf.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-only", action="store_true")
+    parser.add_argument("--time", action="store_true", help="time the measured files (alone, 2 threads)")
+    parser.add_argument("--only", default=None)
+    args = parser.parse_args()
+    rows = Rows(ROWS)
+    if args.time:
+        time_rows(rows, args.only)
+    elif not args.write_only:
+        bench = None
+        for label, key in rows_to_measure():
+            if (args.only and args.only not in label) or rows.done(**key):
+                continue
+            print(f"{label} ...", flush=True)
+            bench = bench or Bench()
+            try:
+                row = bench.measure(key)
+            except (ValueError, RuntimeError, FileNotFoundError) as exc:
+                row = {"error": str(exc).splitlines()[0][:200]}
+            rows.add({"name": label, **key, **row, "threads": bench_threads()})
+            print(
+                f"  { {k: v for k, v in rows.rows[-1].items() if k in ('perplexity', 'kl', 'file_mib')} }", flush=True
+            )
+            write_page(rows.rows)
+    write_page(rows.rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""llama.cpp as a backend for GGUF files: the same language-model metrics as PyTorch (a GGUF file answers like a
+causal LM module), llama.cpp's own quantizers and importance matrix (its ``llama-quantize`` / ``llama-imatrix``
+tools), and prefill / decode speed.
+
+Installed by ``make install-llamacpp``: llama-cpp-python (the extra ``llamacpp``) compiled from its source
+distribution, which vendors llama.cpp, with the tools built in the same CMake build; the build folder stays in
+bitsmith's cache (``llama.cpp-VERSION``; ``BITSMITH_LLAMACPP_BUILD`` names another). ``python -m
+bitsmith.export.llamacpp --check`` says what is there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+VERSION = "0.3.36"  # llama-cpp-python, pinned in pyproject's `llamacpp` extra and the Makefile
+TOOLS = ("llama-quantize", "llama-imatrix")
+BUILD_HINT = (f"run `make install-llamacpp` (compiles llama-cpp-python {VERSION} and llama.cpp's tools once, "
+              "about 5 minutes on 2 cores)")  # fmt: skip
+# the llama.cpp types of the peer rows (llama-quantize's names)
+PEER_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q4_K_S", "Q6_K", "F16")
+
+
+def build_dir() -> Path:
+    from bitsmith.zoo import cache_dir
+
+    return Path(os.environ.get("BITSMITH_LLAMACPP_BUILD") or cache_dir() / f"llama.cpp-{VERSION}")
+
+
+def tool(name: str) -> Path:
+    """The path of llama.cpp's tool ``name`` in the cached build, or one line saying how to build it."""
+    root = build_dir()
+    found = [root / "bin" / name, *sorted(root.glob(f"**/bin/{name}"))] if root.is_dir() else []
+    for path in found:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(f"llama.cpp's {name} is not built in {root}: {BUILD_HINT}")
+
+
+def binding() -> Any:
+    """The ``llama_cpp`` module, or one line saying how to install it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise FileNotFoundError(f"llama-cpp-python is not installed: {BUILD_HINT}") from None
+    return llama_cpp
+
+
+def _run(command: list[str], what: str) -> float:
+    began = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"llama.cpp {what} failed ({done.returncode}): {' | '.join(tail)[:400]}")
+    return time.perf_counter() - began
+
+
+def quantize(source: Path, out: Path, qtype: str, imatrix: Path | None = None, threads: int = 2) -> float:
+    """llama.cpp's own quantization of ``source`` (an F32 / F16 GGUF) to ``qtype`` (e.g. ``Q4_K_M``), with an
+    importance matrix when given; returns the seconds it took."""
+    command = [str(tool("llama-quantize")), *(["--imatrix", str(imatrix)] if imatrix else [])]
+    return _run([*command, str(source), str(out), qtype, str(threads)], f"quantize to {qtype}")
+
+
+def importance_matrix(model: Path, text: Path, out: Path, chunks: int, context: int = 512, threads: int = 2) -> float:
+    """llama.cpp's importance matrix of ``model`` on the first ``chunks`` windows of ``context`` tokens of
+    ``text`` (a UTF-8 file); returns the seconds it took."""
+    command = [str(tool("llama-imatrix")), "-m", str(model), "-f", str(text), "-o", str(out), "-c", str(context),
+               "--chunks", str(chunks), "-t", str(threads), "--no-ppl"]  # fmt: skip
+    return _run(command, "imatrix")
+
+
+class GgufLanguageModel(nn.Module):
+    """A GGUF file run by llama.cpp that answers ``forward(input_ids)`` with next-token logits, like a causal LM
+    module: ``bitsmith.eval.lm.score`` and the language-model task evaluate it unchanged (token ids are shared:
+    the zoo's tokenizer is the GGUF's)."""
+
+    def __init__(self, path: Path, context: int = 512, threads: int = 2) -> None:
+        super().__init__()
+        self.path, self.context = Path(path), context
+        self.llm = binding().Llama(model_path=str(path), n_ctx=context, n_batch=context, n_ubatch=context,
+                                   logits_all=True, n_threads=threads, n_threads_batch=threads,
+                                   verbose=False)  # fmt: skip
+
+    def close(self) -> None:
+        """Free llama.cpp's model now (not at interpreter exit, where the binding's finaliser can fail)."""
+        self.llm.close()
+
+    def forward(self, input_ids: Tensor, **_: Any) -> SimpleNamespace:
+        rows = []
+        for row in input_ids.tolist():
+            if len(row) > self.context:
+                raise ValueError(f"{self.path.name}: {len(row)} tokens exceed the context of {self.context}")
+            self.llm.reset()
+            self.llm.eval(row)
+            rows.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
+        return SimpleNamespace(logits=torch.stack(rows))
+
+
+def speed(
+    path: Path, prompt: list[int], prefill: int = 512, new_tokens: int = 128, threads: int = 2
+) -> dict[str, float]:
+    """Prefill tokens/s (``prefill`` tokens of ``prompt`` in one batch) and greedy decode tokens/s (``new_tokens``
+    after the first 17 tokens of ``prompt``, batch 1), on ``threads`` threads."""
+    llm = binding().Llama(model_path=str(path), n_ctx=prefill + new_tokens + 32, n_batch=prefill, n_ubatch=prefill,
+                          logits_all=False, n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
+    if len(prompt) < prefill:
+        raise ValueError(f"speed: the prompt has {len(prompt)} tokens, fewer than the {prefill} to prefill")
+    llm.eval(prompt[:16])  # warm-up: the first call maps the weights
+    llm.reset()
+    began = time.perf_counter()
+    llm.eval(prompt[:prefill])
+    prefill_seconds = time.perf_counter() - began
+    llm.reset()
+    llm.eval(prompt[:17])
+    began = time.perf_counter()
+    for _ in range(new_tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+    decode_seconds = time.perf_counter() - began
+    llm.close()
+    return {"prefill_tokens_per_s": prefill / prefill_seconds, "decode_tokens_per_s": new_tokens / decode_seconds}
+
+
+def check() -> list[str]:
+    """What is installed: the binding's version and each tool's path (raises with the fix when one is missing)."""
+    module = binding()
+    found = getattr(module, "__version__", "?")
+    if found != VERSION:
+        raise FileNotFoundError(f"llama-cpp-python {found} is installed, bitsmith pins {VERSION}: {BUILD_HINT}")
+    return [f"llama-cpp-python {found}", *(f"{name}: {tool(name)}" for name in TOOLS)]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--check"]:
+        sys.exit("usage: python -m bitsmith.export.llamacpp --check")
+    try:
+        print("\n".join(check()))
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
