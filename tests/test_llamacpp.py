@@ -31,6 +31,13 @@ def test_a_missing_build_names_the_make_target(tmp_path: Path, monkeypatch: pyte
         llamacpp.tool("llama-quantize")
 
 
+def test_eval_of_a_missing_gguf_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bitsmith.cli import main
+
+    assert main(["eval", str(tmp_path / "model.gguf")]) != 0
+    assert "model.gguf: no such GGUF file" in capsys.readouterr().err
+
+
 @pytest.mark.heavy
 @needs_llm
 @needs_llamacpp
@@ -55,3 +62,6 @@ def test_llama_cpp_scores_bitsmiths_files_like_pytorch(tmp_path: Path) -> None:
     with torch.no_grad():  # llama.cpp rounds activations to 8 bits in its Q4_0 dot products: close, not equal
         assert score(lm, rows, model, 1)["kl"] < 0.02
     lm.close()
+    from bitsmith.cli import main
+
+    assert main(["eval", str(q4), "--windows", "1", "--backend", "llama.cpp"]) == 0  # the CLI: scored and timed

@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--if-missing", action="store_true", help=argparse.SUPPRESS)  # the default since 0.1
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint")
-    evaluate.add_argument("checkpoint")
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint (or a GGUF file, in llama.cpp)")
+    evaluate.add_argument("checkpoint", help="model.safetensors from `bitsmith run`, or a .gguf file (zoo LLMs)")
     evaluate.add_argument("--model", help="zoo model name or HF directory (default: from the checkpoint)")
     evaluate.add_argument("--data", help="Fashion-MNIST directory")
     evaluate.add_argument(
@@ -261,13 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-transfer", dest="transfer", action="store_false",
                           help="skip the transfer attack from the trained FP32 zoo model")  # fmt: skip
     evaluate.add_argument("--json", help="write the robust report and a RobustBench-style entry here")
-    evaluate.add_argument("--backend", choices=["auto", *BACKENDS], help="also deploy and time it against FP32")
+    evaluate.add_argument("--backend", choices=["auto", *BACKENDS, "llama.cpp"],
+                          help="also deploy and time it against FP32 (a .gguf file: llama.cpp's prefill / decode)")  # fmt: skip
     _timing_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     deploy = sub.add_parser("deploy", help="export a checkpoint to an integer backend, check and time it")
     deploy.add_argument("checkpoint")
-    deploy.add_argument("--backend", default="auto", choices=["auto", *BACKENDS], help="default: the fastest here")
+    deploy.add_argument("--backend", default="auto", choices=["auto", *BACKENDS, "llama.cpp"],
+                        help="default: the fastest here; llama.cpp: a GGUF file (zoo LLMs), scored and timed")  # fmt: skip
     deploy.add_argument("--out", help="directory for the exported model (ONNX)")
     deploy.add_argument("--model", help="zoo model name or HF directory (default: from the checkpoint)")
     deploy.add_argument("--data", help="Fashion-MNIST directory")

@@ -11,6 +11,7 @@ from typing import Any
 from bitsmith.progress import log
 from bitsmith.terminal import console, errors
 
+GGUF_WINDOWS = 8  # 512-token windows per text when a GGUF file is scored without --windows
 QUALITY = ("accuracy", "cosine", "retrieval", "perplexity", "fid_zoo_cnn", "kid_zoo_cnn", "noise_mse")  # printed
 
 
@@ -22,6 +23,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bitsmith.eval.cost import model_cost
     from bitsmith.run import load_checkpoint
 
+    if args.checkpoint.endswith(".gguf"):
+        return _gguf_in_llamacpp(Path(args.checkpoint), args.model or "smollm2", args.windows, args.threads,
+                                 timed=args.backend is not None)  # fmt: skip
     model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data, args.windows)
     if args.attack:
         return _eval_attacks(args, model, task)
@@ -95,6 +99,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     if args.out:
         writable_folder(Path(args.out))
+    if args.backend == "llama.cpp":  # the checkpoint as a GGUF file, scored and timed inside llama.cpp
+        args.gguf, args.float_type = True, "q8_0"
+        args.out = str(Path(args.out) / "model.gguf") if args.out else None
+        cmd_export(args)
+        path = Path(args.out) if args.out else _checkpoint_file(args.checkpoint).with_name("model.gguf")
+        return _gguf_in_llamacpp(path, args.model or "smollm2", None, args.threads, timed=True)
     model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data)
     deployed = _deploy_and_time(args, model, fp32, task)
     if deployed["path"]:
@@ -150,12 +160,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bitsmith.run import load_checkpoint
     from bitsmith.zoo.llm import GGUF_MODELS, gguf_path
 
-    checkpoint = Path(args.checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "model.safetensors"
-    if not checkpoint.is_file():
-        raise ValueError(f"{args.checkpoint}: no checkpoint there; pass model.safetensors or a run folder written "
-                         "with export: {checkpoint: true}")  # fmt: skip
+    checkpoint = _checkpoint_file(args.checkpoint)
     name = read_meta(str(checkpoint)).get("model")
     if name not in GGUF_MODELS:
         raise ValueError(f"{checkpoint}: --gguf needs a checkpoint of a zoo LLM with the llama architecture "
@@ -165,4 +170,43 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else checkpoint.with_name("model.gguf")
     write_gguf(model, gguf_path(str(name)), out, args.float_type)
     console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; every tensor checked against the checkpoint)")
+    return 0
+
+
+def _checkpoint_file(given: str) -> Path:
+    """``given`` or, for a run folder, its ``model.safetensors``; one line when there is none."""
+    checkpoint = Path(given)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "model.safetensors"
+    if not checkpoint.is_file():
+        raise ValueError(f"{given}: no checkpoint there; pass model.safetensors or a run folder written "
+                         "with export: {checkpoint: true}")  # fmt: skip
+    return checkpoint
+
+
+def _gguf_in_llamacpp(path: Path, name: str, windows: int | None, threads: int, timed: bool) -> int:
+    """A GGUF file scored by llama.cpp on the language-model task's windows (KL / top-1 against the FP32 zoo model
+    ``name``, whose tokenizer the file shares), and with ``timed`` its prefill / decode speed."""
+    from bitsmith.eval.lm import language_model_task
+    from bitsmith.export.llamacpp import GgufLanguageModel, speed
+    from bitsmith.zoo.llm import load_llm
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    fp32, tokenizer = load_llm(name)
+    count = windows or GGUF_WINDOWS
+    task = language_model_task(tokenizer, count, 1, 1, seed=0, kl_windows=min(count, 16))
+    log.info(f"scoring FP32 {name} and {path.name} (llama.cpp, {threads} threads) on {count} windows per text")
+    task.evaluate(fp32)
+    lm = GgufLanguageModel(path, threads=threads)
+    try:
+        metrics = task.evaluate(lm)
+    finally:
+        lm.close()
+    line = f"{path}: {_summary(metrics)} on {task.eval_examples} tokens (KL / agreement against FP32 {name})"
+    if timed:
+        speeds = speed(path, task.eval_rows["perplexity"][0].tolist(), threads=threads)
+        line += (f"; llama.cpp prefill {speeds['prefill_tokens_per_s']:.0f} tokens/s (512), decode "
+                 f"{speeds['decode_tokens_per_s']:.1f} tokens/s (128 new, batch 1), {threads} threads")  # fmt: skip
+    console.print(line, highlight=False)
     return 0
