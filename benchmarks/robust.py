@@ -3,7 +3,8 @@ single strength vs MAT (mixed, max over strengths), all fine-tuned from the ship
 the same images, then attacked with the Adversarial Robustness Toolbox's PGD-20 and FGSM over an eps sweep.
 ``--speed`` times one PGD-20 evaluation of the 10,000 test images (run it alone). Writes
 docs/results/robustness.{json,md,png}; rows resume (a training killed mid-way resumes from its last epoch);
-``--write-only`` rewrites the page.
+``--write-only`` rewrites the page; ``--autoattack [--only TEXT]`` adds the standard AutoAttack (and PGD-20 on the
+same images) at eps 0.1 to the training and compressed rows.
 """
 
 from __future__ import annotations
@@ -133,6 +134,55 @@ def compressed_row(methods: list[dict[str, Any]]) -> dict[str, Any]:
     return {**row, "threads": torch.get_num_threads()}
 
 
+AA_EXAMPLES, AA_EPS = 500, 0.1  # the standard AutoAttack (ART) on the first 500 of the test images, at eps 0.1
+
+
+def autoattack_fields(model: torch.nn.Module) -> dict[str, Any]:
+    """The standard AutoAttack and PGD-20 at ``AA_EPS`` on the same first ``AA_EXAMPLES`` test images, and the
+    strongest (least accuracy) of the two: the robust number a table should quote."""
+    _, _, xt, yt = data()
+    xt, yt = xt[:AA_EXAMPLES], yt[:AA_EXAMPLES]
+    out: dict[str, Any] = {}
+    for name in ("autoattack", "pgd"):
+        began = time.perf_counter()
+        spec = AttackSpec(name=name, eps=AA_EPS, steps=EVAL_STEPS)
+        out[f"aa_subset_{name}"] = attacked_accuracy(model, xt, yt, art_attack(model, xt, yt, spec))
+        out[f"aa_subset_{name}_seconds"] = round(time.perf_counter() - began, 1)
+    out["aa_subset_strongest"] = min(out["aa_subset_autoattack"], out["aa_subset_pgd"])
+    return out
+
+
+def model_of(row: dict[str, Any]) -> torch.nn.Module | None:
+    """The (cached or re-trained) model a training or compressed row measured."""
+    if row.get("section") == "training" and row.get("variant") == "parallel MAT":
+        parts = [train([{"name": "adv-train", "eps": eps, "steps": TRAIN_STEPS}])[0] for eps in STRENGTHS]
+        return Ensemble(parts, torch.zeros(1, 1, 28, 28)).eval()
+    if row.get("section") == "training":
+        return train(dict(TRAININGS)[row["variant"]])[0]
+    if row.get("section") == "compressed":
+        model = copy.deepcopy(train(AT_BASE)[0])
+        methods = dict(COMPRESSED)[row["variant"]]
+        if methods:
+            x, y, _, _ = data()
+            compress(model, [build_method(m) for m in methods],
+                     [(x[i : i + 128], y[i : i + 128]) for i in range(0, 512, 128)])  # fmt: skip
+        return model
+    return None
+
+
+def add_autoattack(rows: Rows, only: str | None) -> None:
+    """Fill the AutoAttack fields of every training and compressed row that lacks them (``only``: by label)."""
+    for row in list(rows.rows):
+        if "aa_subset_autoattack" in row or "error" in row or (only and only not in row["name"]):
+            continue
+        model = model_of(row)
+        if model is None:
+            continue
+        print(f"AutoAttack: {row['name']} ...", flush=True)
+        rows.put({**row, **autoattack_fields(model)}, section=row["section"], variant=row["variant"])
+        write(rows.rows)
+
+
 def sweep_row(methods: list[dict[str, Any]]) -> dict[str, Any]:
     model, seconds = train(methods)
     return {**sweep(model), "train_seconds": round(seconds, 1)}
@@ -206,14 +256,20 @@ def write(rows: list[dict[str, Any]]) -> None:
         f"PGD-{EVAL_STEPS} (L-inf, step 2.5 eps / {EVAL_STEPS}, one random start) and FGSM; mean and worst over eps "
         f"in {{{', '.join(str(e) for e in SWEEP)}}} (0 = clean).",
         "",
-        f"| training | clean | {head} | PGD mean | PGD worst | FGSM mean | train s | load |",
-        "|---|---|" + "---|" * (len(SWEEP) - 1) + "---|---|---|---|---|",
+        f"The last three columns: the standard AutoAttack (ART's `AutoAttack`: APGD-CE and APGD-DLR, 100 iterations "
+        f"x 5 restarts, DeepFool, Square 5,000 queries x 5 restarts) and PGD-{EVAL_STEPS} at eps {AA_EPS} on the same "
+        f"first {AA_EXAMPLES} of those test images, and the strongest of the two (the robust number to quote); "
+        "empty where not run yet (`python benchmarks/robust.py --autoattack`).",
+        "",
+        f"| training | clean | {head} | PGD mean | PGD worst | FGSM mean | train s | load | AutoAttack {AA_EPS} | "
+        f"PGD {AA_EPS} (same {AA_EXAMPLES}) | strongest {AA_EPS} |",
+        "|---|---|" + "---|" * (len(SWEEP) - 1) + "---|---|---|---|---|---|---|---|",
     ]
     for r in trained:
         cells = " | ".join(f"{100 * r['pgd'][str(eps)]:.2f}" for eps in SWEEP[1:])
         lines.append(f"| {r['name']} | {100 * r['clean']:.2f} | {cells} | {100 * r['pgd_mean']:.2f} | "
                      f"{100 * r['pgd_worst']:.2f} | {100 * r['fgsm_mean']:.2f} | {r['train_seconds']:.0f} | "
-                     f"{r['load'][0]:.1f} |")  # fmt: skip
+                     f"{r['load'][0]:.1f} | {aa_cells(r)} |")  # fmt: skip
     lines += compressed_lines([r for r in rows if r.get("section") == "compressed" and "error" not in r])
     for section, title, start in (("continued", "CLAT vs full PGD-AT fine-tuning (zoo CNN)", "the PGD-AT eps 0.1 CNN "
                                    f"above, {TUNE.epochs} more epoch on the same {TRAIN_EXAMPLES:,} images"),
@@ -243,6 +299,11 @@ def write(rows: list[dict[str, Any]]) -> None:
     plot(trained)
 
 
+def aa_cells(r: dict[str, Any]) -> str:
+    keys = ("aa_subset_autoattack", "aa_subset_pgd", "aa_subset_strongest")
+    return " | ".join(f"{100 * r[k]:.2f}" if k in r else "" for k in keys)
+
+
 def compressed_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
@@ -252,11 +313,13 @@ def compressed_lines(rows: list[dict[str, Any]]) -> list[str]:
              "same attack crafted on the FP32 robust CNN. A white-box number above the transfer number would be "
              "gradient masking.", "",
              "| model | avg weight bits | clean | PGD 0.05 white-box | PGD 0.05 transfer | PGD 0.1 white-box | "
-             "PGD 0.1 transfer | load |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"PGD 0.1 transfer | load | AutoAttack {AA_EPS} | PGD {AA_EPS} (same {AA_EXAMPLES}) | strongest "
+             f"{AA_EPS} |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['name']} | {r['avg_weight_bits']:.2f} | {100 * r['clean']:.2f} | "
                      f"{100 * r['white']['0.05']:.2f} | {100 * r['transfer']['0.05']:.2f} | "
-                     f"{100 * r['white']['0.1']:.2f} | {100 * r['transfer']['0.1']:.2f} | {r['load'][0]:.1f} |")  # fmt: skip
+                     f"{100 * r['white']['0.1']:.2f} | {100 * r['transfer']['0.1']:.2f} | {r['load'][0]:.1f} | "
+                     f"{aa_cells(r)} |")  # fmt: skip
     return lines
 
 
@@ -281,6 +344,9 @@ if __name__ == "__main__":
         write(json.loads(ROWS.read_text()))
     else:
         torch.set_num_threads(bench_threads())
+        if "--autoattack" in sys.argv:
+            add_autoattack(Rows(ROWS), sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None)
+            sys.exit(0)
         speed = "--speed" in sys.argv
         todo = [("PGD-20 timing", {"section": "speed"}, {}, speed_row)] if speed else entries()
         fill(Rows(ROWS), todo, write)
