@@ -1057,6 +1057,14 @@ MUTANTS = [
     ),
     M(
         "gguf",
+        "Q5: the fifth bits in the wrong order",
+        "export/gguf_blocks.py",
+        "fifth = (nibbles >> 4).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)",
+        "fifth = (nibbles >> 4).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)[::-1]",
+        "tests/test_gguf_export.py",
+    ),
+    M(
+        "gguf",
         "K-quant group scales not put on their super-block's levels",
         "quant/gguf_grid.py",
         "        scale = (unit.clamp(min=FP16_TINY) * k).reshape(-1)\n        munit",

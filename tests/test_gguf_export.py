@@ -14,7 +14,8 @@ from bitsmith.quant.uniform import UniformQuantizer  # noqa: E402
 from test_recipe_cli import needs_llm  # noqa: E402
 
 CASES = [(8, True, False, 32, "Q8_0"), (4, True, False, 32, "Q4_0"), (4, True, False, 128, "Q4_0"),
-         (4, False, False, 64, "Q4_1"), (4, False, True, 32, "Q4_1")]  # fmt: skip
+         (4, False, False, 64, "Q4_1"), (4, False, True, 32, "Q4_1"), (5, True, False, 32, "Q5_0"),
+         (5, False, True, 64, "Q5_1")]  # fmt: skip
 
 
 def weight(seed: int = 0) -> torch.Tensor:

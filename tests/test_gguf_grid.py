@@ -85,7 +85,7 @@ def test_a_method_with_grid_sets_the_layers_and_refuses_widths_the_grid_cannot_s
     q = model.model.layers[0].self_attn.q_proj.weight_q
     assert (q.grid.name, q.bits, q.group_size, q.symmetric) == ("q4_1", 4, 32, False)
     with pytest.raises(ValueError, match=r"grid q4_k: layer 'model.layers.0.self_attn.q_proj' has 64 inputs, not a "
-                                         r"multiple of 256; grids that fit it: q8_0, q4_0, q4_1"):  # fmt: skip
+                                         r"multiple of 256; grids that fit it: q8_0, q5_0, q5_1, q4_0, q4_1"):  # fmt: skip
         compress(
             make_llama(), [build_method({"name": "rtn", "grid": "q4_k", "where": {"include": ["model.layers.*"]}})]
         )

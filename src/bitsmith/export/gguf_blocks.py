@@ -6,6 +6,8 @@ de-quantizes them): the codes bitsmith chose, written without re-quantizing.
   codes -8..7 are ``q - 8``). Byte ``j`` holds weight ``j`` in its low nibble and weight ``j + 16`` in its high.
 * ``Q4_1``: blocks of 32, fp16 ``d`` and fp16 minimum ``m``, ``x = d q + m`` (bitsmith: asymmetric 4 bits,
   ``(c - z) s`` with ``d = s``, ``m = -z s``).
+* ``Q5_0`` / ``Q5_1``: as ``Q4_0`` / ``Q4_1`` with 5-bit codes (``x = d (q - 16)`` / ``d q + m``): the low 4 bits as
+  ``Q4``'s nibbles, the fifth bits in one little-endian 32-bit word per block (bit ``j``: weight ``j``).
 
 A group of ``g`` weights (``g`` a multiple of 32) is ``g / 32`` blocks with the same scale. The scales (and
 ``m``) are stored in fp16: the file holds bitsmith's model with its scales rounded to fp16, and
@@ -33,8 +35,9 @@ from bitsmith.quant.gguf_grid import GgufGrid, super_scales
 from bitsmith.quant.uniform import UniformQuantizer
 
 BLOCK = 32
-GRIDS = ("symmetric 8-bit -> Q8_0, symmetric 4-bit -> Q4_0, asymmetric 4-bit -> Q4_1, in groups of a multiple of "
-         "32; a quantizer with `grid:` q8_0 / q4_0 / q4_1 / q4_k / q6_k -> that type")  # fmt: skip
+GRIDS = ("symmetric 8-bit -> Q8_0, symmetric 4 / 5-bit -> Q4_0 / Q5_0, asymmetric 4 / 5-bit -> Q4_1 / Q5_1, in "
+         "groups of a multiple of 32; a quantizer with `grid:` q8_0 / q5_0 / q5_1 / q4_0 / q4_1 / q4_k / q6_k -> that "
+         "type")  # fmt: skip
 K_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K)
 
 
@@ -51,7 +54,8 @@ def gguf_type(name: str, q: UniformQuantizer) -> GGMLQuantizationType:
         return GGMLQuantizationType[q.grid.name.upper()]
     grouped = q.granularity == "group" and q.group_size is not None and q.group_size % BLOCK == 0
     kind = {(8, True): GGMLQuantizationType.Q8_0, (4, True): GGMLQuantizationType.Q4_0,
-            (4, False): GGMLQuantizationType.Q4_1}.get((q._bits, q.symmetric))  # fmt: skip
+            (4, False): GGMLQuantizationType.Q4_1, (5, True): GGMLQuantizationType.Q5_0,
+            (5, False): GGMLQuantizationType.Q5_1}.get((q._bits, q.symmetric))  # fmt: skip
     if not grouped or kind is None or q.dynamic or q.binary:
         grid = f"{q._bits}-bit {'symmetric' if q.symmetric else 'asymmetric'} {q.granularity}"
         grid += f" {q.group_size}" if q.granularity == "group" else ""
@@ -81,13 +85,17 @@ def pack(name: str, q: UniformQuantizer, weight: Tensor) -> GgufTensor:
     if qtype == GGMLQuantizationType.Q8_0:
         payload = [d, codes.astype(np.int8).view(np.uint8)]
     else:
-        nibbles = (codes + 8 if qtype == GGMLQuantizationType.Q4_0 else codes).astype(np.uint8)
-        packed = nibbles[:, : BLOCK // 2] | (nibbles[:, BLOCK // 2 :] << np.uint8(4))
+        offset = {GGMLQuantizationType.Q4_0: 8, GGMLQuantizationType.Q5_0: 16}.get(qtype, 0)  # signed -> unsigned
+        nibbles = (codes + offset).astype(np.uint8)
+        packed = (nibbles[:, : BLOCK // 2] & 0x0F) | ((nibbles[:, BLOCK // 2 :] & 0x0F) << np.uint8(4))
         payload = [d, packed]
-        if qtype == GGMLQuantizationType.Q4_1:
+        if qtype in (GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1):  # bit j of qh: weight j's fifth bit
+            fifth = (nibbles >> 4).astype(np.uint32) << np.arange(BLOCK, dtype=np.uint32)
+            payload = [d, fifth.sum(1, dtype=np.uint32).astype("<u4").reshape(blocks, 1).view(np.uint8), packed]
+        if qtype in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_1):
             zero = enc.params["zero_point"].reshape(-1).repeat_interleave(per_group)
             minimum = _fp16(-zero * scale.to(torch.float16).float()).reshape(blocks, 1).view(np.uint8)
-            payload = [d, minimum, packed]
+            payload = [d, minimum, *payload[1:]]
     return GgufTensor(qtype, np.concatenate(payload, axis=1).reshape(rows, -1), (rows, cols))
 
 

@@ -166,7 +166,7 @@ class AWQ(Method):
     clip: bool = True
     max_shrink: Annotated[float, Field(ge=0, lt=1)] = 0.5
     search_batches: Annotated[int, Field(ge=1)] = 2  # calibration batches the scale search runs on
-    grid: GgufGridName | None = None  # a llama.cpp GGUF grid (q4_0, q4_1, q8_0, q4_k, q6_k): fixes bits and groups
+    grid: GgufGridName | None = None  # a llama.cpp GGUF grid (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k)
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         def weight_q(name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:

@@ -200,7 +200,7 @@ class GPTQ(Method):
     act_order: bool = True
     block_size: Annotated[int, Field(ge=1)] = 128
     true_sequential: bool = True
-    grid: GgufGridName | None = None  # a llama.cpp GGUF grid (q4_0, q4_1, q8_0, q4_k, q6_k): fixes bits and groups
+    grid: GgufGridName | None = None  # a llama.cpp GGUF grid (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k)
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         def weight_q(name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:

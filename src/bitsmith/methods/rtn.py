@@ -30,7 +30,7 @@ class RTN(Method):
     symmetric: bool = False
     float_zero: bool = False  # grid min + scale * k (llama.cpp Q4_1 / HQQ style) instead of an integer zero point
     per_channel_fallback: bool = False  # layers the group does not divide: per-channel scales instead of an error
-    grid: GgufGridName | None = None  # a llama.cpp GGUF grid (q4_0, q4_1, q8_0, q4_k, q6_k): fixes bits and groups
+    grid: GgufGridName | None = None  # a llama.cpp GGUF grid (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k)
 
     def _weight_q(self, name: str, layer: nn.Module, overrides: dict[str, Any]) -> UniformQuantizer:
         c = self.layer_config(overrides)

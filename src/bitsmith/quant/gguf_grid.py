@@ -3,6 +3,7 @@ a quantizer optimises the weights exactly as the file will store them.
 
 * ``q8_0`` / ``q4_0``: symmetric 8 / 4 bits, groups of 32, the scale ``d`` in fp16.
 * ``q4_1``: asymmetric 4 bits, groups of 32, ``x = d q + m``: ``d`` and the minimum ``m`` in fp16.
+* ``q5_0`` / ``q5_1``: as ``q4_0`` / ``q4_1`` with 5 bits.
 * ``q4_k``: asymmetric 4 bits, groups of 32 in super-blocks of 256: ``x = d sc_j q - dmin m_j`` with 6-bit
   ``sc_j``, ``m_j`` (0..63) per group and fp16 ``d``, ``dmin`` per super-block; the minimum is at most 0.
 * ``q6_k``: symmetric 6 bits, groups of 16 in super-blocks of 256: ``x = d sc_j q`` with int8 ``sc_j``, fp16 ``d``.
@@ -22,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-GgufGridName = Literal["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"]  # a method's `grid:` field
+GgufGridName = Literal["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q6_k"]  # a method's `grid:` field
 FP16_TINY = 2.0**-24  # the smallest positive fp16 (subnormal): a scale never rounds to 0
 
 
@@ -42,13 +43,15 @@ class GgufGrid:
     @property
     def bits_per_weight(self) -> float:
         """The file's bits per weight, scales included (llama.cpp's block sizes)."""
-        return {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0, "q4_k": 4.5, "q6_k": 6.5625}[self.name]
+        return {"q8_0": 8.5, "q5_0": 5.5, "q5_1": 6.0, "q4_0": 4.5, "q4_1": 5.0, "q4_k": 4.5, "q6_k": 6.5625}[self.name]
 
 
 GRIDS = {
     grid.name: grid
     for grid in (
         GgufGrid("q8_0", 8, True, 32),
+        GgufGrid("q5_0", 5, True, 32),
+        GgufGrid("q5_1", 5, False, 32),
         GgufGrid("q4_0", 4, True, 32),
         GgufGrid("q4_1", 4, False, 32),
         GgufGrid("q4_k", 4, False, 32, 256, 63),
