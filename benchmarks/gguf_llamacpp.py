@@ -47,7 +47,26 @@ def rows_to_measure() -> list[tuple[str, dict[str, Any]]]:
     out.append(("llama.cpp Q4_K_M + imatrix", {"source": "llama.cpp", "type": "Q4_K_M-imatrix"}))
     out += [(f"bitsmith {m.upper()} on {g.upper()}", {"source": "bitsmith", "method": m, "type": g.upper()})
             for m, g in BITSMITH]  # fmt: skip
+    out.append(("bitsmith mixed Q4_0 / Q5_0 / Q8_0 + GPTQ, at Q4_K_M's block size",
+                {"source": "bitsmith", "method": "mixed-gptq", "type": "MIXED"}))  # fmt: skip
     return out
+
+
+def block_bits(path: Path) -> float:
+    """Bits per weight of the decoder blocks' matrices in a GGUF file (scales included)."""
+    import gguf
+
+    blocks = [t for t in gguf.GGUFReader(str(path)).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return sum(int(t.n_bytes) for t in blocks) * 8 / sum(int(t.n_elements) for t in blocks)
+
+
+def mixed_methods(budget_file: Path) -> list[dict[str, Any]]:
+    """``mixed`` picks 4, 5 or 8 bits (symmetric groups of 32: Q4_0 / Q5_0 / Q8_0, 0.5 bits of fp16 scale each)
+    per Linear from Fisher sensitivities, at the block bits of ``budget_file``; GPTQ then quantizes each layer."""
+    return [{"name": "mixed", "sensitivity": "fisher", "sensitivity_batches": 1, "candidates": [4, 5, 8],
+             "avg_bits": round(block_bits(budget_file) - 0.5, 3), "a_bits": None, "w_granularity": "group",
+             "w_group_size": 32, "w_symmetric": True, "where": BLOCKS},
+            {"name": "gptq", "where": BLOCKS}]  # fmt: skip
 
 
 def file_of(key: dict[str, Any]) -> Path:
@@ -99,8 +118,11 @@ class Bench:
             quantize(self.f32, path, key["type"].split("-")[0], imatrix, threads=bench_threads())
         elif key["source"] == "bitsmith":
             quantized = copy.deepcopy(self.model)
-            compress_quietly(quantized, [{"name": key["method"], "grid": key["type"].lower(), "where": BLOCKS}],
-                             self.task)  # fmt: skip
+            if key["method"] == "mixed-gptq":
+                methods = mixed_methods(file_of({"source": "llama.cpp", "type": "Q4_K_M"}))
+            else:
+                methods = [{"name": key["method"], "grid": key["type"].lower(), "where": BLOCKS}]
+            compress_quietly(quantized, methods, self.task)
             write_gguf(quantized, gguf_path("smollm2"), path, float_type="q8_0")
             del quantized
         seconds = time.perf_counter() - began if key["type"] != "F32" else 0.0
