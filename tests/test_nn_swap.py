@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 from bitsmith import LowRankConv2d, LowRankLinear, QConv2d, QLinear, Selection, build_method, compress, strip, swap
-from bitsmith.nn import compressed_layers
+from bitsmith.nn import compressed_layers, rebuild
 from bitsmith.quant import UniformQuantizer
-from bitsmith.swap import rebuild
 from conftest import make_cnn
 
 

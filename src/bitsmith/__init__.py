@@ -6,7 +6,7 @@ from bitsmith.ensemble import Ensemble
 from bitsmith.eval.cost import model_cost
 from bitsmith.export.checkpoint import CheckpointError, load, save
 from bitsmith.method import METHODS, Method, build_method, compress, register_method, run_forward
-from bitsmith.nn import LowRankConv2d, LowRankLinear, QConv2d, QLinear, compressed_layers, strip
+from bitsmith.nn import LowRankConv2d, LowRankLinear, QConv2d, QLinear, compressed_layers, rebuild, strip
 from bitsmith.quant import (
     OBSERVERS,
     QUANTIZERS,
@@ -18,7 +18,7 @@ from bitsmith.quant import (
 )
 from bitsmith.select import Selection
 from bitsmith.split_ensemble import SplitEnsemble
-from bitsmith.swap import rebuild, swap
+from bitsmith.swap import swap
 
 __version__ = "0.1.0"
 

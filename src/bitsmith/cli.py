@@ -10,13 +10,12 @@ import os
 import sys
 import typing
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
 
+from bitsmith.cli_args import number_list, positive_int, probability
 from bitsmith.cli_eval import cmd_deploy, cmd_eval, cmd_export
 from bitsmith.cli_scale import add_scale_commands, launch_torchrun
 from bitsmith.files import DiskFull
@@ -146,37 +145,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def probability(text: str) -> float:
-    """An argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {value}")
-    return value
-
-
-def number_list(parse: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-    """An argparse type: comma-separated values, each read by ``parse``."""
-
-    def parse_all(text: str) -> list[Any]:
-        return [parse(part.strip()) for part in text.split(",") if part.strip()]
-
-    return parse_all
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
 
 
 def _timing_options(parser: argparse.ArgumentParser) -> None:

@@ -61,7 +61,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def add_scale_commands(sub: Any) -> None:
     """The ``sweep`` and ``tune`` subcommands."""
-    from bitsmith.cli import positive_int
+    from bitsmith.cli_args import positive_int
 
     sweep = sub.add_parser("sweep", help="run every combination of a grid of overrides on Ray, compare them")
     sweep.add_argument("recipe")

@@ -37,19 +37,3 @@ def swap(model: nn.Module, where: Selection | dict[str, Any] | None, fn: SwapFn)
             set_submodule(model, name, new)
         specs[name] = spec_of(new)
     return specs
-
-
-def rebuild(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
-    """Re-create the compressed layers of a ``{name: spec}`` map on a plain model (parents first)."""
-    from bitsmith.nn import build_compressed
-
-    for name in sorted(layers, key=lambda n: n.count(".")):
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(
-                f"layer {name!r} of the compressed-layer map is not in the model; "
-                "was it saved from a different architecture?"
-            ) from None
-        set_submodule(model, name, build_compressed(module, layers[name]))
-    return model

@@ -23,11 +23,10 @@ from torch import nn
 from bitsmith.export.pack import pack, unpack
 from bitsmith.files import atomic_write
 from bitsmith.hidden import pruned_hidden_size, shrink_hidden_to
-from bitsmith.nn import QuantizedMixin, compressed_layers
+from bitsmith.nn import QuantizedMixin, compressed_layers, rebuild
 from bitsmith.quant.attention import enable_int8_attention, uses_int8_attention
 from bitsmith.quant.base import Encoded
 from bitsmith.structure import is_vit, shrink_to, structure_counts
-from bitsmith.swap import rebuild
 
 FORMAT = "bitsmith"
 FORMAT_VERSION = 2  # 2: the digest covers the metadata and the shapes

@@ -14,6 +14,7 @@ from bitsmith.nn.activation import QInput, QOutput, QuantizedActivation
 from bitsmith.nn.base import COMPRESSED, as_linear, conv_args, embedding_args, is_hf_conv1d, register_compressed
 from bitsmith.nn.low_rank import LowRankConv2d, LowRankLinear, LowRankMixin
 from bitsmith.nn.quantized import QConv2d, QEmbedding, QLinear, QuantizedMixin
+from bitsmith.swap import set_submodule
 
 __all__ = [
     "COMPRESSED", "LowRankConv2d", "LowRankLinear", "LowRankMixin", "QConv2d", "QEmbedding", "QInput", "QLinear",
@@ -47,8 +48,6 @@ def strip(model: nn.Module, merge_low_rank: bool = False) -> nn.Module:
     input quantizers are dropped. Low-rank layers become ``nn.Sequential(down, up)`` (or one merged
     dense layer with ``merge_low_rank=True``).
     """
-    from bitsmith.swap import set_submodule
-
     names = [name for name, m in model.named_modules() if is_compressed(m)]
     for name in sorted(names, key=lambda n: -n.count(".")):  # children first
         module = model.get_submodule(name) if name else model
@@ -57,4 +56,18 @@ def strip(model: nn.Module, merge_low_rank: bool = False) -> nn.Module:
         if not name:
             return plain
         set_submodule(model, name, plain)
+    return model
+
+
+def rebuild(model: nn.Module, layers: dict[str, dict[str, Any]]) -> nn.Module:
+    """Re-create the compressed layers of a ``{name: spec}`` map on a plain model (parents first)."""
+    for name in sorted(layers, key=lambda n: n.count(".")):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(
+                f"layer {name!r} of the compressed-layer map is not in the model; "
+                "was it saved from a different architecture?"
+            ) from None
+        set_submodule(model, name, build_compressed(module, layers[name]))
     return model
