@@ -213,6 +213,12 @@ def write_page(rows: list[dict[str, Any]]) -> None:
         "quantize the 30 decoder blocks' Linears on the named grid (`grid:`) and write the embedding as Q8_0 as "
         "llama.cpp's own Q4_0 / Q4_1 files do. Increase: perplexity minus the llama.cpp F32 row's.",
         "",
+        "Read the Q4_1 rows with care: SmolLM2's float weights are de-quantized from the Q4_1 GGUF it ships as, so "
+        "every block's minimum and maximum are already Q4_1 grid points and any Q4_1 re-quantization (llama.cpp's "
+        "or bitsmith's round-to-nearest) recovers them almost exactly. Q4_0 (a symmetric grid) and the K-quant mix "
+        "are the informative rows. SmolLM2's widths (576) are not multiples of 256, so llama.cpp's Q4_K_M gives "
+        "most of its tensors its fallback type Q5_0 (only `ffn_down`, 1,536 wide, gets Q4_K / Q6_K).",
+        "",
         "| row | ppl Persuasion | increase | ppl docs | increase | KL | top-1 % | file MiB | bits/weight | "
         "quantize s | prefill tok/s | decode tok/s | of bandwidth limit | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
