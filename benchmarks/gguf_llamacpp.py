@@ -49,7 +49,23 @@ def rows_to_measure() -> list[tuple[str, dict[str, Any]]]:
             for m, g in BITSMITH]  # fmt: skip
     out.append(("bitsmith mixed Q4_0 / Q5_0 / Q8_0 + GPTQ, at Q4_K_M's block size",
                 {"source": "bitsmith", "method": "mixed-gptq", "type": "MIXED"}))  # fmt: skip
+    out.append(("bitsmith GPTQ on llama.cpp's Q4_K_M type of each tensor",
+                {"source": "bitsmith", "method": "gptq-types", "type": "Q4_K_M"}))  # fmt: skip
     return out
+
+
+def types_of(model: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """``where`` selecting the decoder blocks with, per Linear, the grid of its tensor's type in the GGUF ``path``
+    (e.g. llama.cpp's Q4_K_M mix: Q5_0 / Q4_K / Q6_K / Q8_0 on SmolLM2)."""
+    import gguf
+
+    stored = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(path)).tensors}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    overrides = {}
+    for name, module in model.named_modules():
+        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear):
+            overrides[name] = {"grid": stored[f"{names.get_name(name + '.weight', try_suffixes=('.weight',))}"]}
+    return {**BLOCKS, "overrides": overrides}
 
 
 def block_bits(path: Path) -> float:
@@ -120,6 +136,9 @@ class Bench:
             quantized = copy.deepcopy(self.model)
             if key["method"] == "mixed-gptq":
                 methods = mixed_methods(file_of({"source": "llama.cpp", "type": "Q4_K_M"}))
+            elif key["method"] == "gptq-types":
+                where = types_of(self.model, file_of({"source": "llama.cpp", "type": "Q4_K_M"}))
+                methods = [{"name": "gptq", "grid": "q5_0", "where": where}]
             else:
                 methods = [{"name": key["method"], "grid": key["type"].lower(), "where": BLOCKS}]
             compress_quietly(quantized, methods, self.task)
