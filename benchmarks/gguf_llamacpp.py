@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from common import RESULTS, Rows, save_figure
 from llm import BLOCKS, CALIB_BATCH, CALIB_WINDOWS, bench_threads, compress_quietly
+from llm_speed import timed
 
 from bitsmith.deploy import int8_pairs_saturate
 from bitsmith.eval.lm import LanguageModelTask, language_model_task
@@ -173,7 +174,14 @@ def time_rows(rows: Rows, only: str | None) -> None:
     machine = {"cpu": torch.backends.cpu.get_cpu_capability(), "vnni": not int8_pairs_saturate(),
                "bandwidth_gb_s": round(bandwidth, 1), "load_before": load_averages()}  # fmt: skip
     for row in list(rows.rows):
-        if "error" in row or (only and only not in row["name"]) or row["source"] == "pytorch":
+        if "error" in row or (only and only not in row["name"]) or row["source"] == "build":
+            continue
+        if row["source"] == "pytorch":  # transformers' eager FP32 with its KV cache (benchmarks/llm_speed.py)
+            ids = torch.tensor([prompt])
+            eager = timed(model.eval(), ids, ids[:, :17])
+            measured = {"prefill_tokens_per_s": eager["prefill_tok_s"], "decode_tokens_per_s": eager["decode_tok_s"]}
+            rows.put({**row, **measured, **machine}, source="pytorch")
+            print(row["name"], {k: round(v, 1) for k, v in measured.items()}, flush=True)
             continue
         key = {k: row[k] for k in ("source", "method", "type") if k in row}
         path = file_of(key) if row["type"] != "F32" else WORK / "llama.cpp-F32.gguf"
@@ -251,8 +259,9 @@ def write_page(rows: list[dict[str, Any]]) -> None:
             continue
         up = f"{r['perplexity'] - base['perplexity']:+.2f}" if base else ""
         up_docs = f"{r['perplexity_docs'] - base['perplexity_docs']:+.2f}" if base else ""
-        speed_cells = (f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
-                       f"{100 * r['bandwidth_fraction']:.0f} %") if "decode_tokens_per_s" in r else "| |"  # fmt: skip
+        fraction = f"{100 * r['bandwidth_fraction']:.0f} %" if "bandwidth_fraction" in r else ""
+        speed_cells = (f"{r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | {fraction}"
+                       if "decode_tokens_per_s" in r else "| |")  # fmt: skip
         lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {up} | {r['perplexity_docs']:.2f} | {up_docs} | "
                      f"{r.get('kl', 0):.4f} | {100 * r.get('top1_agreement', 1):.1f} | {r.get('file_mib', '')} | "
                      f"{r.get('bits_per_weight', '')} | {r['quant_seconds']} | {speed_cells} | "

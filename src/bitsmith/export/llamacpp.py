@@ -110,30 +110,33 @@ class GgufLanguageModel(nn.Module):
         return SimpleNamespace(logits=torch.stack(rows))
 
 
-def speed(
-    path: Path, prompt: list[int], prefill: int = 512, new_tokens: int = 128, threads: int = 2
-) -> dict[str, float]:
+def speed(path: Path, prompt: list[int], prefill: int = 512, new_tokens: int = 128, threads: int = 2,
+          runs: int = 3) -> dict[str, float]:  # fmt: skip
     """Prefill tokens/s (``prefill`` tokens of ``prompt`` in one batch) and greedy decode tokens/s (``new_tokens``
-    after the first 17 tokens of ``prompt``, batch 1), on ``threads`` threads."""
+    after the first 17 tokens of ``prompt``, batch 1), on ``threads`` threads: the median of ``runs``."""
     check_gguf(path)
-    llm = binding().Llama(model_path=str(path), n_ctx=prefill + new_tokens + 32, n_batch=prefill, n_ubatch=prefill,
-                          logits_all=False, n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
     if len(prompt) < prefill:
         raise ValueError(f"speed: the prompt has {len(prompt)} tokens, fewer than the {prefill} to prefill")
-    llm.eval(prompt[:16])  # warm-up: the first call maps the weights
-    llm.reset()
-    began = time.perf_counter()
-    llm.eval(prompt[:prefill])
-    prefill_seconds = time.perf_counter() - began
-    llm.reset()
-    llm.eval(prompt[:17])
-    began = time.perf_counter()
-    for _ in range(new_tokens):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        llm.eval([token])
-    decode_seconds = time.perf_counter() - began
-    llm.close()
-    return {"prefill_tokens_per_s": prefill / prefill_seconds, "decode_tokens_per_s": new_tokens / decode_seconds}
+    llm = binding().Llama(model_path=str(path), n_ctx=prefill + new_tokens + 32, n_batch=prefill, n_ubatch=prefill,
+                          logits_all=False, n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
+    try:
+        llm.eval(prompt[:16])  # warm-up: the first call maps the weights
+        prefills, decodes = [], []
+        for _ in range(runs):
+            llm.reset()
+            began = time.perf_counter()
+            llm.eval(prompt[:prefill])
+            prefills.append(time.perf_counter() - began)
+            llm.reset()
+            llm.eval(prompt[:17])
+            began = time.perf_counter()
+            for _ in range(new_tokens):
+                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            decodes.append(time.perf_counter() - began)
+    finally:
+        llm.close()
+    return {"prefill_tokens_per_s": prefill / float(np.median(prefills)),
+            "decode_tokens_per_s": new_tokens / float(np.median(decodes))}  # fmt: skip
 
 
 def check() -> list[str]:
