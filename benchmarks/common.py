@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,14 @@ from bitsmith.files import atomic_write_text
 from bitsmith.zoo import pretrained
 
 RESULTS = Path(__file__).parent.parent / "docs" / "results"
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every resumable benchmark takes: ``--write-only`` (rewrite the page) and ``--only TEXT``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--write-only", action="store_true", help="rewrite the page from the stored rows")
+    parser.add_argument("--only", default=None, help="measure only the rows whose label contains this")
+    return parser
 
 
 def save_figure(fig: Any, name: str) -> None:

@@ -14,7 +14,6 @@ the rows whose label contains TEXT. Needs ``make install-llamacpp``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import RESULTS, Rows, save_figure
+from common import RESULTS, Rows, bench_parser, save_figure
 from llm import BLOCKS, CALIB_BATCH, CALIB_WINDOWS, bench_threads, compress_quietly
 from llm_speed import timed
 
@@ -297,10 +296,8 @@ def plot(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write-only", action="store_true")
+    parser = bench_parser(__doc__)
     parser.add_argument("--time", action="store_true", help="time the measured files (alone, 2 threads)")
-    parser.add_argument("--only", default=None)
     parser.add_argument("--time-build", action="store_true", help="time llama.cpp's build into a fresh folder (alone)")
     args = parser.parse_args()
     rows = Rows(ROWS)

@@ -11,12 +11,11 @@ Writes docs/results/lift-codebooks.{json,md,png}; rows resume; ``--write-only`` 
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 import torch
-from common import RESULTS, Rows, save_figure
+from common import RESULTS, Rows, bench_parser, save_figure
 
 from bitsmith.deploy import int8_pairs_saturate
 from bitsmith.methods.liftquant import trained_codebook
@@ -101,9 +100,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write-only", action="store_true")
-    parser.add_argument("--only", default=None)
+    parser = bench_parser(__doc__)
     args = parser.parse_args()
     rows = Rows(ROWS)
     if not args.write_only:
