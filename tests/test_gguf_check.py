@@ -12,7 +12,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from bitsmith.export.gguf_check import check_gguf  # noqa: E402
+from bitsmith.export.gguf_check import validate_gguf  # noqa: E402
 from bitsmith.sequential import peak_rss, reset_peak_rss  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def header(tensors: int, entries: int) -> bytes:
 
 
 def test_a_well_formed_file_passes(good: Path) -> None:
-    check_gguf(good)
+    validate_gguf(good)
 
 
 @pytest.mark.parametrize(
@@ -73,6 +73,6 @@ def test_a_damaged_or_hostile_file_is_one_line_without_a_large_allocation(
     reset_peak_rss()
     before, began = peak_rss(), time.perf_counter()
     with pytest.raises(ValueError, match=rf"bad.gguf: not a readable GGUF file: .*{problem}") as error:
-        check_gguf(bad)
+        validate_gguf(bad)
     assert "\n" not in str(error.value)
     assert time.perf_counter() - began < 5 and peak_rss() - before < 64 << 20

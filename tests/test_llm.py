@@ -21,6 +21,7 @@ from bitsmith.topology import topology_of
 from bitsmith.zoo.llm import check_gguf
 from bitsmith.zoo.prose import _record, rst_prose
 from conftest import make_llama, token_batches
+from test_recipe_cli import needs_llm
 
 BLOCKS = {"include": ["model.layers.*"]}
 
@@ -426,3 +427,27 @@ def test_awq_scores_the_attention_group_on_the_attention_output(monkeypatch: pyt
                                           "n_grid": 4})], token_batches())  # fmt: skip
     attention = [float_o_proj for name, float_o_proj in calls if name == "LlamaAttention"]
     assert attention and all(attention)  # o_proj computes in float while q/k/v's scales are searched
+
+
+@needs_llm
+def test_a_calibration_mix_takes_python_docs_windows_only_after_the_text_the_evaluation_reads() -> None:
+    """``docs_share`` 0.5: half the calibration windows come from the Python docs, each from beyond the last token
+    the docs evaluation scores (no window of the test text is calibrated on); the other half from Austen."""
+    from bitsmith.eval.lm import language_model_task, token_stream
+    from bitsmith.zoo.llm import load_llm
+    from bitsmith.zoo.prose import python_docs
+
+    _, tokenizer = load_llm("smollm2")
+    task = language_model_task(tokenizer, 2, 8, 4, seed=0, window=64, docs_share=0.5)
+    docs = token_stream(tokenizer, python_docs())
+    read_by_eval = task.eval_rows["perplexity_docs"].numel()
+    calib = torch.cat([batch["input_ids"] for batch in task.calibration])
+
+    def found_at(row: torch.Tensor) -> int:  # where the window's tokens start in the docs stream, -1 if absent
+        hits = torch.nonzero((docs.unfold(0, 64, 1) == row).all(1)).flatten()
+        return int(hits[0]) if hits.numel() else -1
+
+    starts = [found_at(row) for row in calib]
+    assert sum(s >= 0 for s in starts) == 4 and all(s < 0 or s >= read_by_eval for s in starts)
+    with pytest.raises(ValueError, match="the evaluation reads all .* tokens of the Python docs"):
+        language_model_task(tokenizer, None, 4, 4, seed=0, window=64, docs_share=0.5)

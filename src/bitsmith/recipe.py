@@ -90,6 +90,13 @@ class DataSpec(_Strict):
         ge=1,
         description="test images, text pairs or (LLMs) 512-token windows per text to evaluate (all when null)",
     )
+    calib_docs_share: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="LLMs: the share of calibration windows taken from the Python docs (after the text the "
+        "evaluation reads) instead of Emma / Mansfield Park, for a model used on text nobody calibrated for",
+    )
     seed: int = 0
 
 
@@ -297,6 +304,9 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         raise RecipeError(f"data.name: {recipe.model.name or recipe.model.path} is evaluated on {expected!r} "
                           f"(got {recipe.data.name!r})")  # fmt: skip
     recipe.data.name = expected
+    if recipe.data.calib_docs_share and expected != "austen":
+        raise RecipeError(f"data.calib_docs_share: only decoder LLMs calibrate on text; {expected} has no Python docs "
+                          "to mix in (remove it)")  # fmt: skip
     check_structure(recipe)
     from bitsmith.zoo.llm import GGUF_MODELS
 

@@ -127,6 +127,7 @@ def load_task(recipe: Recipe, smoke: bool, source: str | None = None) -> tuple[n
         windows = SMOKE["lm_eval_windows"] if smoke else data.eval_size
         calib = min(data.calib_size, SMOKE["lm_calib_windows"]) if smoke else data.calib_size
         task = language_model_task(tokenizer, windows, calib, data.calib_batch_size, data.seed,
+                                   docs_share=data.calib_docs_share,
                                    **({"window": SMOKE["lm_window"], "kl_windows": windows} if smoke else {}))  # fmt: skip
         if smoke:
             task.new_tokens = SMOKE["lm_new_tokens"]

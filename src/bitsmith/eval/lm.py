@@ -183,18 +183,30 @@ def language_model_task(
     seed: int,
     window: int = 512,
     kl_windows: int = 16,
+    docs_share: float = 0.0,
 ) -> LanguageModelTask:
-    """Calibration: ``calib_windows`` random windows of *Emma* + *Mansfield Park*; evaluation: the first
-    ``eval_windows`` windows of *Persuasion* and of the Python library reference (all when None)."""
+    """Calibration: ``calib_windows`` random windows of *Emma* + *Mansfield Park*, of which a ``docs_share`` come
+    from the Python library reference instead (drawn after the text the evaluation reads, never overlapping it);
+    evaluation: the first ``eval_windows`` windows of *Persuasion* and of the Python library reference (all when
+    None)."""
     from bitsmith.zoo.prose import austen_novels, python_docs
 
     novels = austen_novels()
     bos = bos_id(tokenizer)
-    calib_stream = token_stream(tokenizer, "\n\n".join(novels[name] for name in CALIB_NOVELS))
-    calib = random_windows(calib_stream, window, calib_windows, bos, seed)
+    docs = token_stream(tokenizer, python_docs())
     eval_rows = {
         "perplexity": windows(token_stream(tokenizer, novels["persuasion"]), window, eval_windows, bos),
-        "perplexity_docs": windows(token_stream(tokenizer, python_docs()), window, eval_windows, bos),
+        "perplexity_docs": windows(docs, window, eval_windows, bos),
     }
+    from_docs = round(calib_windows * docs_share)
+    calib_stream = token_stream(tokenizer, "\n\n".join(novels[name] for name in CALIB_NOVELS))
+    calib = random_windows(calib_stream, window, calib_windows - from_docs, bos, seed)
+    if from_docs:
+        held_out = docs[eval_rows["perplexity_docs"].shape[0] * (window - (bos is not None)) :]
+        if held_out.numel() < window:
+            raise ValueError(f"calib_docs_share: the evaluation reads all {docs.numel()} tokens of the Python docs, "
+                             "so none are left to calibrate on; set eval_size or a share of 0")  # fmt: skip
+        calib = torch.cat([calib, random_windows(held_out, window, from_docs, bos, seed)])
+        calib = calib[torch.randperm(calib.shape[0], generator=torch.Generator().manual_seed(seed))]
     batches = [{"input_ids": part} for part in calib.split(calib_batch_size)]
     return LanguageModelTask(tokenizer, eval_rows, batches, kl_windows=kl_windows)

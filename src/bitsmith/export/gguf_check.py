@@ -58,7 +58,7 @@ class _Reader:
         return self.unsigned(SCALAR_SIZES[kind], what)
 
 
-def check_gguf(path: str | Path) -> None:
+def validate_gguf(path: str | Path) -> None:
     """Raise one line (``ValueError``) unless ``path`` is a well-formed GGUF file whose tensors lie inside it."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 

