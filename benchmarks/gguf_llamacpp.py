@@ -36,6 +36,7 @@ ROWS = RESULTS / "gguf.json"
 WORK = cache_dir() / "bench" / "gguf"  # the GGUF files, kept for the timed pass
 EVAL_WINDOWS = 20  # per text: fewer than llm.md's 80 (llama.cpp at 1 thread scores ~4 s a window); stated
 KL_WINDOWS = 8
+DOCS_SHARE_PCT = 50  # the calibration mix row: this share of the windows from the Python docs (after the scored text)
 LLAMACPP_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 BITSMITH = [(method, grid) for grid in ("q4_0", "q4_1") for method in ("rtn", "gptq", "awq")] + [("gptq", "q8_0")]
 
@@ -51,6 +52,8 @@ def rows_to_measure() -> list[tuple[str, dict[str, Any]]]:
                 {"source": "bitsmith", "method": "mixed-gptq", "type": "MIXED"}))  # fmt: skip
     out.append(("bitsmith GPTQ on llama.cpp's Q4_K_M type of each tensor",
                 {"source": "bitsmith", "method": "gptq-types", "type": "Q4_K_M"}))  # fmt: skip
+    out.append((f"bitsmith GPTQ on Q4_0, calibration {100 - DOCS_SHARE_PCT} % Austen + {DOCS_SHARE_PCT} % Python docs",
+                {"source": "bitsmith", "method": "gptq-mix", "type": "Q4_0"}))  # fmt: skip
     return out
 
 
@@ -133,15 +136,19 @@ class Bench:
                 importance_matrix(self.f32, self.calibration_text(), imatrix, CALIB_WINDOWS, threads=bench_threads())
             quantize(self.f32, path, key["type"].split("-")[0], imatrix, threads=bench_threads())
         elif key["source"] == "bitsmith":
-            quantized = copy.deepcopy(self.model)
+            quantized, calibration = copy.deepcopy(self.model), self.task
             if key["method"] == "mixed-gptq":
                 methods = mixed_methods(file_of({"source": "llama.cpp", "type": "Q4_K_M"}))
+            elif key["method"] == "gptq-mix":
+                methods = [{"name": "gptq", "grid": "q4_0", "where": BLOCKS}]
+                calibration = language_model_task(self.task.tokenizer, EVAL_WINDOWS, CALIB_WINDOWS, CALIB_BATCH,
+                                                  seed=0, docs_share=DOCS_SHARE_PCT / 100)  # fmt: skip
             elif key["method"] == "gptq-types":
                 where = types_of(self.model, file_of({"source": "llama.cpp", "type": "Q4_K_M"}))
                 methods = [{"name": "gptq", "grid": "q5_0", "where": where}]
             else:
                 methods = [{"name": key["method"], "grid": key["type"].lower(), "where": BLOCKS}]
-            compress_quietly(quantized, methods, self.task)
+            compress_quietly(quantized, methods, calibration)
             write_gguf(quantized, gguf_path("smollm2"), path, float_type="q8_0")
             del quantized
         seconds = time.perf_counter() - began if key["type"] != "F32" else 0.0
