@@ -1073,6 +1073,14 @@ MUTANTS = [
     ),
     M(
         "gguf",
+        "Q4_0 / Q5_0 grid: an unsigned scale max|x| / 7 (the -8 level unused)",
+        "quant/gguf_grid.py",
+        "    if grid.symmetric and grid.name in SIGNED_SCALE:",
+        "    if False:",
+        "tests/test_gguf_grid.py",
+    ),
+    M(
+        "gguf",
         "K-quant group scales not put on their super-block's levels",
         "quant/gguf_grid.py",
         "        scale = (unit.clamp(min=FP16_TINY) * k).reshape(-1)\n        munit",

@@ -89,3 +89,14 @@ def test_a_method_with_grid_sets_the_layers_and_refuses_widths_the_grid_cannot_s
         compress(
             make_llama(), [build_method({"name": "rtn", "grid": "q4_k", "where": {"include": ["model.layers.*"]}})]
         )
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q5_0"])
+def test_rtn_on_q4_0_and_q5_0_is_llama_cpps_own_rounding(name: str) -> None:
+    """llama.cpp's reference quantizer (the ``gguf`` package's copy) writes the same blocks as bitsmith's RTN on the
+    grid: the signed scale ``max / -8`` (``-16``) that uses every level; bytes differ only where the two round a tie
+    differently (``x * (1 / d)`` truncated after ``+ 8.5`` vs ``x / d`` rounded half to even)."""
+    w = weight(rows=64)
+    ours = pack("layer", grid_quantizer(name).calibrate_(w), w).data.reshape(-1)
+    theirs = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[name.upper()]).reshape(-1)
+    assert (ours == theirs).mean() > 0.995

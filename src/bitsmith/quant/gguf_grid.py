@@ -8,7 +8,9 @@ a quantizer optimises the weights exactly as the file will store them.
   ``sc_j``, ``m_j`` (0..63) per group and fp16 ``d``, ``dmin`` per super-block; the minimum is at most 0.
 * ``q6_k``: symmetric 6 bits, groups of 16 in super-blocks of 256: ``x = d sc_j q`` with int8 ``sc_j``, fp16 ``d``.
 
-``grid_params`` turns each group's min-max range into parameters on the grid: fp16-rounded scales (and minimums),
+``grid_params`` turns each group's min-max range into parameters on the grid: fp16-rounded scales (and minimums;
+for ``q4_0`` / ``q5_0`` llama.cpp's signed scale ``max / -8`` (``-16``), which puts the group's largest weight
+on the code ``-8`` and so uses all 16 (32) levels, where ``max|x| / 7`` would leave ``-8`` unused),
 or for the K-quants the group scales quantized against their super-block's scale, the largest group taking the
 top level (63 or 127) so that the packer reads ``d`` back exactly (``super_scales``). Deviation from llama.cpp's
 own K-quantizer (``make_qkx2_quants``): the group scale and minimum come from the min-max range (and, in GPTQ /
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 GgufGridName = Literal["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q6_k"]  # a method's `grid:` field
+SIGNED_SCALE = ("q4_0", "q5_0")  # grids whose scale carries the sign of the group's largest weight (all 2^b levels)
 FP16_TINY = 2.0**-24  # the smallest positive fp16 (subnormal): a scale never rounds to 0
 
 
@@ -94,6 +97,11 @@ def _levels(values: Tensor, levels: int, lowest: int) -> tuple[Tensor, Tensor]:
 def grid_params(grid: GgufGrid, lo: Tensor, hi: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
     """Scale and (float) zero point per group on ``grid`` from each group's range ``[lo, hi]`` (flat, groups of a
     row consecutive: a K-quant super-block is ``per_super`` consecutive groups); codes ``x / s + z``."""
+    if grid.symmetric and grid.name in SIGNED_SCALE:  # llama.cpp: d = max / -8 (-16), max the largest |x| signed
+        signed = torch.where(lo.abs() > hi.abs(), lo, hi)
+        scale = fp16(signed / qmin)
+        scale = torch.where(scale.abs() < FP16_TINY, torch.full_like(scale, FP16_TINY), scale)
+        return scale, torch.zeros_like(scale)
     if grid.symmetric:
         scale = torch.maximum(lo.abs(), hi.abs()) / qmax
         if grid.super_block:
