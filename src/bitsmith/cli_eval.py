@@ -99,11 +99,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     if args.out:
         writable_folder(Path(args.out))
-    if args.backend == "llama.cpp":  # the checkpoint as a GGUF file, scored and timed inside llama.cpp
-        args.gguf, args.float_type = True, "q8_0"
-        args.out = str(Path(args.out) / "model.gguf") if args.out else None
-        cmd_export(args)
-        path = Path(args.out) if args.out else _checkpoint_file(args.checkpoint).with_name("model.gguf")
+    if args.backend == "llama.cpp":  # the checkpoint as a GGUF file (embedding Q8_0), scored and timed in llama.cpp
+        path = export_gguf(args.checkpoint, Path(args.out) / "model.gguf" if args.out else None, "q8_0")
+        log.info(f"written: {path}")
         return _gguf_in_llamacpp(path, args.model or "smollm2", None, args.threads, timed=True)
     model, fp32, task = load_checkpoint(args.checkpoint, args.model, args.data)
     deployed = _deploy_and_time(args, model, fp32, task)
@@ -155,22 +153,27 @@ def integer_kernels(deployed: dict[str, Any]) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """A run's checkpoint as a GGUF file: the zoo LLM's architecture and tokenizer, bitsmith's codes as blocks."""
+    out = export_gguf(args.checkpoint, Path(args.out) if args.out else None, args.float_type)
+    console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; every tensor checked against the checkpoint)")
+    return 0
+
+
+def export_gguf(given: str, out: Path | None, float_type: str) -> Path:
+    """Write the checkpoint ``given`` (or a run folder's) as a GGUF file at ``out`` (default: ``model.gguf``
+    beside it); refused in one line for a model without a llama-architecture GGUF source."""
     from bitsmith.export.checkpoint import read_meta
     from bitsmith.export.gguf_file import write_gguf
     from bitsmith.run import load_checkpoint
     from bitsmith.zoo.llm import GGUF_MODELS, gguf_path
 
-    checkpoint = _checkpoint_file(args.checkpoint)
+    checkpoint = _checkpoint_file(given)
     name = read_meta(str(checkpoint)).get("model")
     if name not in GGUF_MODELS:
         raise ValueError(f"{checkpoint}: --gguf needs a checkpoint of a zoo LLM with the llama architecture "
                          f"({', '.join(GGUF_MODELS)}), whose GGUF gives the architecture and tokenizer; this one is "
                          f"of {str(name)[:80]!r}")  # fmt: skip
     model, _, _ = load_checkpoint(str(checkpoint), None, None, 1)
-    out = Path(args.out) if args.out else checkpoint.with_name("model.gguf")
-    write_gguf(model, gguf_path(str(name)), out, args.float_type)
-    console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; every tensor checked against the checkpoint)")
-    return 0
+    return write_gguf(model, gguf_path(str(name)), out or checkpoint.with_name("model.gguf"), float_type)
 
 
 def _checkpoint_file(given: str) -> Path:
