@@ -157,4 +157,4 @@ if __name__ == "__main__":
     )
     parser.add_argument("--write-only", action="store_true", help="re-render from the saved rows")
     args = parser.parse_args()
-    write(Rows(RESULTS / "sparsity.json").rows if args.write_only else run(args.part))
+    write(Rows(RESULTS / "sparsity.json").rows if args.write_only else run(args.part), __doc__)
