@@ -1,6 +1,7 @@
 """Q-Diffusion's two diffusion-specific pieces: calibration data drawn from the float sampler's trajectories
 (uniformly over its time steps, or at one step: the naive baseline), and the layers fed by a U-Net decoder's skip
-concatenation with the channel where the concatenation splits."""
+concatenation with the channel where the concatenation splits; and the recipe's generation task, whose calibration
+batches are those trajectories."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bitsmith.eval.generative import CALIBRATION_SEED, sample
+from bitsmith.eval.generative import CALIBRATION_SEED, GenerationTask, ddim_scheduler, sample
 from bitsmith.method import eval_mode, run_forward
 
 NAIVE_STEP = 800  # the single-step baseline's time step (Q-Diffusion's fallback)
@@ -40,8 +41,6 @@ def trajectory_batches(
     """Calibration batches ``{"sample": x_t, "timestep": t}`` of the float model's DDIM trajectories. Uniform:
     ``samples`` trajectories, each kept at the time steps ``calibration_steps`` spreads over the sampler's steps;
     single-step: as many inputs in all (one trajectory per uniform input), all at the step nearest t = 800."""
-    from bitsmith.eval.generative import ddim_scheduler
-
     timesteps = [int(t) for t in ddim_scheduler(sampler_steps).timesteps]
     keep = set(calibration_steps(timesteps, calib_steps, uniform, single_step))
     runs = samples if uniform else samples * len(calibration_steps(timesteps, calib_steps))
@@ -83,3 +82,21 @@ def concat_splits(model: nn.Module, batch: Any) -> dict[str, int]:
                 skip = channels[-(i + 1)]
                 splits[f"{name}.resnets.{i}.conv_shortcut"] = int(shortcut.in_channels) - skip
     return splits
+
+
+def generation_task(model: nn.Module, spec: Any, data_root: str | None, smoke: bool = False) -> GenerationTask:
+    """The task of a recipe's ``generation`` section (``smoke``: 64 samples, 4 sampler steps, 2 trajectories)."""
+    from bitsmith.zoo.data import load_fashion_mnist
+
+    samples, steps = (
+        (min(spec.samples, 64), min(spec.sampler_steps, 4)) if smoke else (spec.samples, spec.sampler_steps)
+    )
+    calib_steps, calib_samples = (
+        min(spec.calib_steps, steps),
+        (min(spec.calib_samples, 4) if smoke else spec.calib_samples),
+    )
+    images, _ = load_fashion_mnist("test", data_root)
+    batches = trajectory_batches(
+        model, calib_samples, steps, calib_steps, spec.calib_uniform, single_step=spec.calib_timestep
+    )
+    return GenerationTask(images[:samples], batches, samples, steps, spec.seed, 2 if smoke else spec.trajectories)

@@ -84,7 +84,7 @@ def load_structured_classifier(recipe: Recipe, smoke: bool) -> nn.Module:
 def load_generative(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
     """The zoo DDPM and its generation task. A smoke run without a trained DDPM uses fresh seeded weights (its
     samples are noise; the run only exercises the pipeline)."""
-    from bitsmith.eval.generative import generation_task
+    from bitsmith.qdiffusion import generation_task
     from bitsmith.zoo.diffusion import build_ddpm, ddpm_path, pretrained_ddpm
 
     if smoke and not ddpm_path().is_file():
@@ -154,7 +154,7 @@ def load_checkpoint(
     data = meta.get("recipe", {}).get("data", {})
     seed = data.get("seed", 0)
     if name == GENERATIVE:  # scored against the zoo DDPM (the reference of the noise error)
-        from bitsmith.eval.generative import generation_task
+        from bitsmith.qdiffusion import generation_task
         from bitsmith.zoo.diffusion import build_ddpm, pretrained_ddpm
 
         fp32 = pretrained_ddpm(data_root, train_if_missing=False)

@@ -203,22 +203,3 @@ class GenerationTask:
         generated = sample(model, self.sample_count, self.sampler_steps, self.seed)
         self.last_per_step = noise_mse_per_step(self.reference, model, self.path or [])
         return {**generative_scores(generated, self.real).to_dict(), **noise_error_summary(self.last_per_step)}
-
-
-def generation_task(model: nn.Module, spec: Any, data_root: str | None, smoke: bool = False) -> GenerationTask:
-    """The task of a recipe's ``generation`` section (``smoke``: 64 samples, 4 sampler steps, 2 trajectories)."""
-    from bitsmith.qdiffusion import trajectory_batches
-    from bitsmith.zoo.data import load_fashion_mnist
-
-    samples, steps = (
-        (min(spec.samples, 64), min(spec.sampler_steps, 4)) if smoke else (spec.samples, spec.sampler_steps)
-    )
-    calib_steps, calib_samples = (
-        min(spec.calib_steps, steps),
-        (min(spec.calib_samples, 4) if smoke else spec.calib_samples),
-    )
-    images, _ = load_fashion_mnist("test", data_root)
-    batches = trajectory_batches(
-        model, calib_samples, steps, calib_steps, spec.calib_uniform, single_step=spec.calib_timestep
-    )
-    return GenerationTask(images[:samples], batches, samples, steps, spec.seed, 2 if smoke else spec.trajectories)
