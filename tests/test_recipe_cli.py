@@ -175,7 +175,7 @@ def test_the_zoo_lists_every_model_it_loads_with_its_package_state(monkeypatch: 
 # minutes on 2 cores: `make test-heavy`; the fast suite runs one LLM recipe (RTN) end to end, the methods of the
 # others on tiny models (test_llm.py, test_liftquant.py, test_mobiquant.py)
 HEAVY_RECIPES = {"smollm2-liftquant-2.5bit", "smollm2-mobiquant", "smollm2-awq-w4g64", "smollm2-mixed-gptq-3bit",
-                 "smollm2-gptq-w4g64"}  # fmt: skip
+                 "smollm2-gptq-w4g64", "smollm2-gptq-gguf-q4_0", "smollm2-mixed-gguf"}  # fmt: skip
 SMOKE_OVERRIDES = {"ddpm-q-diffusion-w4a8": ["methods.0.iters=5"]}  # block reconstruction: seconds, not minutes
 
 
