@@ -1073,7 +1073,7 @@ MUTANTS = [
     ),
     M(
         "gguf",
-        "Q4_0 / Q5_0 grid: an unsigned scale max|x| / 7 (the -8 level unused)",
+        "Q4_0 / Q5_0 grid: an unsigned scale (largest magnitude / 7; the -8 level unused)",
         "quant/gguf_grid.py",
         "    if grid.symmetric and grid.name in SIGNED_SCALE:",
         "    if False:",

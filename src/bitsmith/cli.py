@@ -52,6 +52,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """The recipes that ship with bitsmith, each with the first line of its comment."""
+    from bitsmith.recipe_yaml import shipped_recipes
+
+    table = Table("recipe (bitsmith run NAME --out DIR)", "what it does")
+    for name, path in shipped_recipes().items():
+        first = next((line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        table.add_row(name, first)
+    console.print(table)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from bitsmith.method import METHODS, methods_markdown
 
@@ -178,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a YAML recipe and write a report")
-    run.add_argument("recipe")
+    run.add_argument("recipe", help="a recipe file, or the name of a shipped one (bitsmith recipes)")
     run.add_argument("--out", required=True, help="output directory")
     run.add_argument("--smoke", action="store_true", help="tiny subsets, for tests")
     run.add_argument("--restart", action="store_true", help="discard a training state left in --out, start over")
@@ -193,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_scale_commands(sub)
 
+    sub.add_parser("recipes", help="list the recipes that ship with bitsmith").set_defaults(func=cmd_recipes)
     methods = sub.add_parser("methods", help="list registered methods")
     methods.add_argument("--markdown", action="store_true", help="the README's methods table")
     methods.set_defaults(func=cmd_methods)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from bitsmith.method import METHODS, Method
-from bitsmith.recipe_yaml import SHOWN, RecipeError, apply_overrides, read_recipe_file, short_repr
+from bitsmith.recipe_yaml import SHOWN, RecipeError, apply_overrides, find_recipe, read_recipe_file, short_repr
 from bitsmith.train import TrainConfig
 from bitsmith.zoo import HF_MODELS, LLM_MODELS, ZOO
 
@@ -224,7 +224,7 @@ def validate_method(entry: dict[str, Any], prefix: str = "method") -> Method:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, dict[str, Any]]:
     """Read, override and validate a recipe; returns the recipe and the resolved raw mapping."""
-    raw = read_recipe_file(Path(path))
+    raw = read_recipe_file(find_recipe(path))
     return parse_recipe(apply_overrides(raw, overrides or [])), raw
 
 

@@ -41,6 +41,27 @@ def count_values(data: Any, limit: int = MAX_RECIPE_VALUES) -> int:
     return count
 
 
+SHIPPED_RECIPES = Path(__file__).resolve().parent / "recipes"  # inside the package: `bitsmith run NAME`
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """``{name: path}`` of the recipes that ship with bitsmith (``bitsmith recipes`` lists them)."""
+    return {path.stem: path for path in sorted(SHIPPED_RECIPES.glob("*.yaml"))}
+
+
+def find_recipe(given: str | Path) -> Path:
+    """``given`` when it is a file, else the shipped recipe of that name (``cnn-ptq-w8a8``; a ``.yaml`` suffix
+    allowed); one line naming both when neither exists."""
+    path = Path(given)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes().get(path.name.removesuffix(".yaml")) if path.parent == Path(".") else None
+    if shipped is not None:
+        return shipped
+    raise RecipeError(f"recipe {given}: no such file, and no shipped recipe of that name (`bitsmith recipes` lists "
+                      "them)")  # fmt: skip
+
+
 def read_recipe_file(path: Path) -> Any:
     """The parsed YAML of the recipe file ``path`` (``{}`` for an empty file: the schema names what is missing)."""
     if not path.is_file():
