@@ -151,19 +151,19 @@ def gptq_quantize(
     act_order: bool, block_size: int, grid: GgufGrid | None = None,
 ) -> tuple[Tensor, GroupParams]:  # fmt: skip
     """The GPTQ-quantized ``weight`` ``(out, in)`` (values on the grid) and its group parameters. On a GGUF
-    ``grid`` the parameters are the file's (fp16; K-quants: a super-block's group scales fitted together when the
-    walk reaches it, from the weights as error feedback has left them) and act-order is off (a GGUF block
-    holds consecutive columns)."""
+    ``grid`` the parameters are the file's (fp16; K-quants: a super-block's group scales fitted together, when the
+    walk reaches it from the weights as error feedback has left them, or with act-order from the weights before
+    any update: static groups, so a GGUF block still holds consecutive columns)."""
     W, H = without_dead_columns(weight, hessian)
     rows, columns = W.shape
     params = GroupParams(rows, columns, bits, group_size, symmetric, grid)
     if grid is not None:
-        act_order, block_size = False, max(block_size, params.span)  # a super-block lies inside one block
+        block_size = max(block_size, params.span)  # a super-block lies inside one block
     size = params.group_size
     static = act_order or size == columns  # per-channel, or act-order: parameters before any update
     if static:
-        for g in range(columns // size):
-            params.fit(g, W[:, g * size : (g + 1) * size])
+        for start in range(0, columns, params.span):
+            params.fit(start // size, W[:, start : start + params.span])
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_hessian_factor(H, damp)
