@@ -1035,8 +1035,8 @@ MUTANTS = [
         "gguf",
         "Q4 nibbles in the wrong order (weight j + 16 in the low nibble)",
         "export/gguf_blocks.py",
-        "packed = nibbles[:, : BLOCK // 2] | (nibbles[:, BLOCK // 2 :] << np.uint8(4))",
-        "packed = nibbles[:, BLOCK // 2 :] | (nibbles[:, : BLOCK // 2] << np.uint8(4))",
+        "packed = (nibbles[:, : BLOCK // 2] & 0x0F) | ((nibbles[:, BLOCK // 2 :] & 0x0F) << np.uint8(4))",
+        "packed = (nibbles[:, BLOCK // 2 :] & 0x0F) | ((nibbles[:, : BLOCK // 2] & 0x0F) << np.uint8(4))",
         "tests/test_gguf_export.py",
     ),
     M(
