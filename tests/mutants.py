@@ -1099,8 +1099,8 @@ MUTANTS = [
         "gguf",
         "GPTQ on a grid fits plain min-max parameters",
         "methods/gptq.py",
-        "        if self.grid is not None:\n            scale, zero = grid_params(",
-        "        if False:\n            scale, zero = grid_params(",
+        "scale, zero = range_params(self.grid, lo, hi,",
+        "scale, zero = range_params(None, lo, hi,",
         "tests/test_gguf_grid.py",
     ),
     M(

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from bitsmith.data import drop_padding
 from bitsmith.method import Method, register_method
 from bitsmith.nn import QLinear
-from bitsmith.quant.functional import int_range, params_from_range
-from bitsmith.quant.gguf_grid import GgufGrid, GgufGridName, grid_params
+from bitsmith.quant.functional import int_range
+from bitsmith.quant.gguf_grid import GgufGrid, GgufGridName, range_params
 from bitsmith.quant.layers import attach, float_weights, grouped_weight_quantizer
 from bitsmith.quant.uniform import Bits, UniformQuantizer
 from bitsmith.sequential import BlockInputs, StopBlock, run_block, sequential
@@ -111,11 +111,8 @@ class GroupParams:
             return
         rows, count = weights.shape[0], weights.shape[1] // self.group_size
         parts = weights.reshape(rows, count, self.group_size)
-        if self.grid is not None:
-            scale, zero = grid_params(self.grid, parts.amin(-1).reshape(-1), parts.amax(-1).reshape(-1),
-                                      self.qmin, self.qmax)  # fmt: skip
-        else:
-            scale, zero = params_from_range(parts.amin(-1), parts.amax(-1), self.qmin, self.qmax, self.symmetric)
+        lo, hi = parts.amin(-1).reshape(-1), parts.amax(-1).reshape(-1)
+        scale, zero = range_params(self.grid, lo, hi, self.qmin, self.qmax, self.symmetric)
         self.scale[:, group : group + count] = scale.reshape(rows, count)
         self.zero[:, group : group + count] = zero.reshape(rows, count)
 

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from bitsmith.quant.functional import params_from_range
+
 GgufGridName = Literal["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q6_k"]  # a method's `grid:` field
 SIGNED_SCALE = ("q4_0", "q5_0")  # grids whose scale carries the sign of the group's largest weight (all 2^b levels)
 FP16_TINY = 2.0**-24  # the smallest positive fp16 (subnormal): a scale never rounds to 0
@@ -123,6 +125,16 @@ def grid_params(grid: GgufGrid, lo: Tensor, hi: Tensor, qmin: int, qmax: int) ->
         scale = fp16(scale).clamp(min=FP16_TINY)
         minimum = fp16(minimum)
     return scale, qmin + minimum / scale
+
+
+def range_params(
+    grid: GgufGrid | None, lo: Tensor, hi: Tensor, qmin: int, qmax: int, symmetric: bool, float_zero: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of each range ``[lo, hi]``: on ``grid`` when there is one (``grid_params``), else
+    ``functional.params_from_range``'s plain ones."""
+    if grid is not None:
+        return grid_params(grid, lo, hi, qmin, qmax)
+    return params_from_range(lo, hi, qmin, qmax, symmetric, float_zero=float_zero)
 
 
 def super_scales(grid: GgufGrid, values: Tensor) -> tuple[Tensor, Tensor]:

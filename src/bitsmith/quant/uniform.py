@@ -24,7 +24,7 @@ from bitsmith.quant.functional import (
     quantize_codes,
     quantize_codes_float_zero,
 )
-from bitsmith.quant.gguf_grid import get_grid, grid_params
+from bitsmith.quant.gguf_grid import get_grid, range_params
 from bitsmith.quant.observers import OBSERVERS, Observer, build_observer
 
 GRANULARITIES = ("tensor", "channel", "group", "token")
@@ -202,12 +202,9 @@ class UniformQuantizer(Quantizer):
     @torch.no_grad()
     def set_range(self, lo: Tensor, hi: Tensor) -> None:
         """Set scale and zero point from a clipping range per row (on the GGUF grid, when there is one)."""
-        if self.grid is not None:
-            scale, zero_point = grid_params(self.grid, lo.float(), hi.float(), self.qmin, self.qmax)
-        else:
-            scale, zero_point = params_from_range(
-                lo.float(), hi.float(), self.qmin, self.qmax, self.symmetric, float_zero=self.float_zero
-            )
+        scale, zero_point = range_params(
+            self.grid, lo.float(), hi.float(), self.qmin, self.qmax, self.symmetric, self.float_zero
+        )
         if isinstance(self.scale, nn.Parameter):
             self.scale = nn.Parameter(scale)
         else:
