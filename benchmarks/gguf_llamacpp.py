@@ -67,7 +67,7 @@ def types_of(model: torch.nn.Module, path: Path) -> dict[str, Any]:
     overrides = {}
     for name, module in model.named_modules():
         if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear):
-            overrides[name] = {"grid": stored[f"{names.get_name(name + '.weight', try_suffixes=('.weight',))}"]}
+            overrides[name] = {"grid": stored[names.get_name(name + ".weight", try_suffixes=(".weight",))]}
     return {**BLOCKS, "overrides": overrides}
 
 
@@ -100,7 +100,7 @@ class Bench:
         self.task: LanguageModelTask = language_model_task(tokenizer, EVAL_WINDOWS, CALIB_WINDOWS, CALIB_BATCH,
                                                            seed=0, kl_windows=KL_WINDOWS)  # fmt: skip
         self.fp32_metrics = self.task.evaluate(self.model)  # also makes the FP32 reference
-        self.f32 = WORK / "llama.cpp-F32.gguf"
+        self.f32 = file_of({"source": "llama.cpp", "type": "F32"})  # every other file starts from it
         if not self.f32.is_file():
             write_gguf(self.model, gguf_path("smollm2"), self.f32)
 
@@ -152,7 +152,7 @@ class Bench:
             write_gguf(quantized, gguf_path("smollm2"), path, float_type="q8_0")
             del quantized
         seconds = time.perf_counter() - began if key["type"] != "F32" else 0.0
-        return {**self.scored(path if key["type"] != "F32" else self.f32), "quant_seconds": round(seconds, 1)}
+        return {**self.scored(path), "quant_seconds": round(seconds, 1)}
 
 
 def bandwidth_gb_s() -> float:
@@ -190,7 +190,7 @@ def time_rows(rows: Rows, only: str | None) -> None:
             print(row["name"], {k: round(v, 1) for k, v in measured.items()}, flush=True)
             continue
         key = {k: row[k] for k in ("source", "method", "type") if k in row}
-        path = file_of(key) if row["type"] != "F32" else WORK / "llama.cpp-F32.gguf"
+        path = file_of(key)
         if not path.is_file():
             continue
         measured = speed(path, prompt, threads=2)

@@ -191,11 +191,11 @@ def _gguf_in_llamacpp(path: Path, name: str, windows: int | None, threads: int, 
     """A GGUF file scored by llama.cpp on the language-model task's windows (KL / top-1 against the FP32 zoo model
     ``name``, whose tokenizer the file shares), and with ``timed`` its prefill / decode speed."""
     from bitsmith.eval.lm import language_model_task
+    from bitsmith.export.gguf_check import validate_gguf
     from bitsmith.export.llamacpp import GgufLanguageModel, speed
     from bitsmith.zoo.llm import load_llm
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
+    validate_gguf(path)  # a missing or damaged file is refused before the FP32 model loads
     fp32, tokenizer = load_llm(name)
     count = windows or GGUF_WINDOWS
     task = language_model_task(tokenizer, count, 1, 1, seed=0, kl_windows=min(count, 16))

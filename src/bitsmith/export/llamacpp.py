@@ -28,8 +28,6 @@ VERSION = "0.3.36"  # llama-cpp-python, pinned in pyproject's `llamacpp` extra a
 TOOLS = ("llama-quantize", "llama-imatrix")
 BUILD_HINT = (f"run `make install-llamacpp` (compiles llama-cpp-python {VERSION} and llama.cpp's tools once, "
               "about 5 minutes on 2 cores)")  # fmt: skip
-# the llama.cpp types of the peer rows (llama-quantize's names)
-PEER_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q4_K_S", "Q6_K", "F16")
 
 
 def build_dir() -> Path:
