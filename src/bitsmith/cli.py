@@ -64,6 +64,17 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """The registered task kinds (``task:`` in a recipe), each with the data it reads."""
+    from bitsmith.tasks import TASKS
+
+    table = Table("task", "built-in data", "what it measures")
+    for name, cls in TASKS.items():
+        table.add_row(name, ", ".join(cls.data_names) + (", own (data.path)" if cls.own_data else ""), cls.summary)
+    console.print(table)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from bitsmith.method import METHODS, methods_markdown
 
@@ -206,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_scale_commands(sub)
 
     sub.add_parser("recipes", help="list the recipes that ship with bitsmith").set_defaults(func=cmd_recipes)
+    sub.add_parser("tasks", help="list the task kinds a recipe can name (task:)").set_defaults(func=cmd_tasks)
     methods = sub.add_parser("methods", help="list registered methods")
     methods.add_argument("--markdown", action="store_true", help="the README's methods table")
     methods.set_defaults(func=cmd_methods)

@@ -208,7 +208,7 @@ def _gguf_in_llamacpp(path: Path, name: str, windows: int | None, threads: int, 
         lm.close()
     line = f"{path}: {_summary(metrics)} on {task.eval_examples} tokens (KL / agreement against FP32 {name})"
     if timed:
-        speeds = speed(path, task.eval_rows["perplexity"][0].tolist(), threads=threads)
+        speeds = speed(path, next(iter(task.eval_rows.values()))[0].tolist(), threads=threads)
         line += (f"; llama.cpp prefill {speeds['prefill_tokens_per_s']:.0f} tokens/s (512), decode "
                  f"{speeds['decode_tokens_per_s']:.1f} tokens/s (128 new, batch 1), {threads} threads")  # fmt: skip
     console.print(line, highlight=False)

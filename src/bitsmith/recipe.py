@@ -14,9 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from bitsmith.method import METHODS, Method
 from bitsmith.recipe_yaml import SHOWN, RecipeError, apply_overrides, find_recipe, read_recipe_file, short_repr
 from bitsmith.train import TrainConfig
-from bitsmith.zoo import HF_MODELS, LLM_MODELS, ZOO
-
-GENERATIVE = "ddpm"  # the zoo's diffusion model (bitsmith.zoo.diffusion), scored by the generation task
+from bitsmith.zoo import GENERATIVE, HF_MODELS, LLM_MODELS, ZOO
 
 
 class _Strict(BaseModel):
@@ -26,6 +24,13 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     name: str | None = Field(None, description="zoo model name (see `bitsmith zoo`)")
     path: str | None = Field(None, description="a Hugging Face model directory (local files only)")
+    factory: str | None = Field(
+        None, description="your own classifier: a Python import path 'package.module:callable' returning a "
+        "torch.nn.Module (the one code bitsmith runs on a recipe's word; files are only ever read as data)")  # fmt: skip
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of model.factory")
+    weights: str | None = Field(
+        None, description="model.factory's weights: a .safetensors file or a state dict saved with torch.save "
+        "(read with weights_only=True)")  # fmt: skip
     init: Literal["pretrained", "scratch"] = Field(
         "pretrained", description="zoo classifiers: the trained checkpoint, or a fresh seeded initialisation (train)"
     )
@@ -37,9 +42,19 @@ class ModelSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _one_source(cls, data: Any) -> Any:
-        if isinstance(data, dict) and (data.get("name") is None) == (data.get("path") is None):
-            raise ValueError("give either a zoo model 'name' (see `bitsmith zoo`) or a Hugging Face directory 'path'")
+        if isinstance(data, dict) and sum(data.get(k) is not None for k in ("name", "path", "factory")) != 1:
+            raise ValueError("give one of a zoo model 'name' (see `bitsmith zoo`), a Hugging Face directory 'path' or "
+                             "a Python import path 'factory' ('package.module:callable')")  # fmt: skip
+        if isinstance(data, dict) and data.get("factory") is None and (data.get("weights") or data.get("kwargs")):
+            raise ValueError("'weights' and 'kwargs' belong to 'factory' (a zoo model or a directory has its own)")
         return data
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"no such file: {value[:SHOWN]} (a .safetensors file or a state dict saved by torch.save)")
+        return value
 
     @field_validator("path")
     @classmethod
@@ -69,11 +84,25 @@ def _reject_bools(cls: type, data: dict[str, Any], prefix: str) -> None:
 
 
 class DataSpec(_Strict):
-    name: Literal["fashion-mnist", "docstrings", "austen"] | None = Field(
+    name: Literal["fashion-mnist", "docstrings", "austen", "own"] | None = Field(
         None,
         description="fashion-mnist for zoo classifiers, docstrings (text pairs) for HF encoders, austen (prose) for "
-        "decoder LLMs; default: by model",
+        "decoder LLMs, own for data.path; default: by task",
     )
+    path: str | None = Field(
+        None, description="your own data: an image folder (ROOT/CLASS/IMAGE, or ROOT/train + ROOT/val) for "
+        "classification; for language models and encoders a .txt file, a folder of .txt files, JSON lines, parquet, "
+        "or a `datasets` folder (save_to_disk)")  # fmt: skip
+    column: str = Field("text", description="data.path's text column (JSON lines, parquet, datasets)")
+    pair_column: str | None = Field(
+        None, description="encoders: a second text column paired with data.column, for retrieval recall@1"
+    )
+    image_size: int = Field(224, ge=8, le=1024, description="image folders: images are resized to this square size")
+    channels: Literal[1, 3] = Field(3, description="image folders: 1 (grayscale) or 3 (RGB)")
+    eval_share: float = Field(
+        0.2, gt=0.0, lt=1.0, description="data.path: the share held out for evaluation (images and text records; "
+        "for a language model the last share of the text's tokens); an image folder with train/ and val/ is "
+        "split as laid out")  # fmt: skip
     root: str | None = Field(None, description="Fashion-MNIST directory (default: BITSMITH_DATA or the Debian path)")
 
     @field_validator("root")
@@ -170,6 +199,8 @@ class GenerationSection(_Strict):
 
 
 class Recipe(_Strict):
+    task: str | None = Field(None, description="the task kind (`bitsmith tasks`); default: the kind that claims the "
+                             "model")  # fmt: skip
     model: ModelSpec
     data: DataSpec = DataSpec()
     methods: list[dict[str, Any]] = Field(default_factory=list)
@@ -228,27 +259,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> tuple[R
     return parse_recipe(apply_overrides(raw, overrides or [])), raw
 
 
-def is_causal_lm(path: str) -> bool:
-    """Whether the Hugging Face directory ``path`` holds a causal (decoder) LM, from its config.json (a
-    missing or unreadable config, or one without ``architectures``, is a one-line error)."""
-    from bitsmith.zoo.hf_directory import ModelDirectoryError
-    from bitsmith.zoo.hf_directory import is_causal_lm as names_causal_lm
-
-    try:  # model.path's validator has checked that config.json is there
-        return names_causal_lm(Path(path))
-    except (ModelDirectoryError, OSError) as exc:
-        raise RecipeError(f"model.path: {exc}") from None
-
-
-def task_data(name: str | None, path: str | None) -> str:
-    """The data a model is evaluated on: fashion-mnist (zoo classifiers, the DDPM), austen (decoder LLMs), docstrings."""
-    if name in ZOO or name == GENERATIVE:
-        return "fashion-mnist"
-    if name in LLM_MODELS or (path is not None and is_causal_lm(path)):
-        return "austen"
-    return "docstrings"
-
-
 def check_structure(recipe: Recipe) -> None:
     """``model.members`` / ``split`` / ``init``: zoo classifiers only, split of the CNN only, fresh starts train."""
     model = recipe.model
@@ -299,14 +309,22 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         raise RecipeError(
             f"model.name: unknown model {recipe.model.name!r}; zoo models: {', '.join(known)} (or give 'path')"
         )
-    expected = task_data(recipe.model.name, recipe.model.path)
+    from bitsmith.tasks import TASKS, task_kind
+
+    if recipe.task is not None and recipe.task not in TASKS:
+        raise RecipeError(f"task: unknown task {short_repr(recipe.task)}; registered: {', '.join(TASKS.names())}")
+    kind = task_kind(recipe)
+    recipe.task = kind.registered_name
+    expected = kind.data_name(recipe)
     if recipe.data.name not in (None, expected):
-        raise RecipeError(f"data.name: {recipe.model.name or recipe.model.path} is evaluated on {expected!r} "
+        model = recipe.model.name or recipe.model.path or recipe.model.factory
+        raise RecipeError(f"data.name: the {recipe.task} task of {model} reads {expected!r} "
                           f"(got {recipe.data.name!r})")  # fmt: skip
     recipe.data.name = expected
-    if recipe.data.calib_docs_share and expected != "austen":
-        raise RecipeError(f"data.calib_docs_share: only decoder LLMs calibrate on text; {expected} has no Python docs "
-                          "to mix in (remove it)")  # fmt: skip
+    if recipe.data.calib_docs_share and kind.registered_name != "language-model":
+        raise RecipeError(f"data.calib_docs_share: only decoder LLMs calibrate on text; the {recipe.task} task has "
+                          "no Python docs to mix in (remove it)")  # fmt: skip
+    kind.check(recipe)
     check_structure(recipe)
     from bitsmith.zoo.llm import GGUF_MODELS
 
@@ -314,15 +332,17 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         raise RecipeError("export.gguf: a GGUF file takes its architecture and tokenizer from the zoo LLM's GGUF "
                           "(llama architecture: smollm2); remove it for this model")  # fmt: skip
     bad = [c for c in recipe.eval.critical_classes or [] if not 0 <= c < 10]
-    if expected != "fashion-mnist" and recipe.eval.critical_classes:
-        raise RecipeError("eval.critical_classes: only classification tasks have classes (remove it for HF models)")
-    if bad:
+    if not kind.labelled and recipe.eval.critical_classes:
+        raise RecipeError(f"eval.critical_classes: only classification tasks have classes (remove it for the "
+                          f"{recipe.task} task)")  # fmt: skip
+    if bad and expected == "fashion-mnist":
         raise RecipeError(f"eval.critical_classes: {bad} are not Fashion-MNIST classes (0..9)")
-    if expected != "fashion-mnist" and recipe.train is not None:
-        raise RecipeError("train: training needs a labelled classification task; HF models are post-training only")
+    if not kind.labelled and recipe.train is not None:
+        raise RecipeError(f"train: training needs a labelled classification task; the {recipe.task} task is "
+                          "post-training only")  # fmt: skip
     if recipe.attack is not None:
-        if expected != "fashion-mnist":
-            raise RecipeError("attack: robust evaluation attacks image classifiers (zoo cnn / vit); remove it here")
+        if not kind.labelled:
+            raise RecipeError("attack: robust evaluation attacks image classifiers (classification task); remove it")
         try:
             recipe.attack.specs()
         except ValueError as err:

@@ -10,133 +10,34 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from torch import nn
 
 from bitsmith import distributed
 from bitsmith.data import subset
-from bitsmith.ensemble import Ensemble
 from bitsmith.eval.cost import model_cost
 from bitsmith.eval.latency import time_forward
 from bitsmith.eval.report import run_report_writers
-from bitsmith.eval.tasks import ClassificationTask, Task, classification_task, embedding_task
+from bitsmith.eval.tasks import Task, classification_task, embedding_task
 from bitsmith.export.checkpoint import save
 from bitsmith.files import MANIFEST, atomic_write_text, publish_run, run_lock, writable_folder
 from bitsmith.method import compress
 from bitsmith.progress import duration, log
 from bitsmith.recipe import GENERATIVE, GenerationSection, Recipe
-from bitsmith.split_ensemble import class_groups, penultimate_features
+from bitsmith.tasks import SMOKE, load_task, task_kind
 from bitsmith.train import TrainConfig, fit, remove_training_states
 from bitsmith.zoo import (
     HF_MODELS,
     LLM_MODELS,
     ZOO,
     build_structure,
-    checkpoint_path,
-    get_zoo_model,
-    pretrained,
     structure_of,
 )
-from bitsmith.zoo.data import load_fashion_mnist
-
-SMOKE = {"eval_size": 200, "text_eval_size": 32, "calib_size": 32, "latency_runs": 2, "latency_batch": 16,
-         "train_examples": 256, "lm_eval_windows": 2, "lm_calib_windows": 1, "lm_window": 128, "lm_new_tokens": 4,
-         "attack_examples": 64}  # fmt: skip
 
 
 def model_source(recipe: Recipe) -> str:
-    """The zoo name or the HF directory the recipe's model comes from (``minilm`` resolves to its package)."""
-    if recipe.model.path is not None:
-        return str(Path(recipe.model.path).resolve())
-    if recipe.model.name in HF_MODELS:
-        from bitsmith.zoo.minilm import minilm_dir
-
-        return str(minilm_dir())
-    if recipe.model.name in LLM_MODELS:
-        from bitsmith.zoo.llm import llm_dir
-
-        return str(llm_dir(recipe.model.name))
-    return str(recipe.model.name)
-
-
-def load_structured_classifier(recipe: Recipe, smoke: bool) -> nn.Module:
-    """The recipe's zoo classifier: one model, an Ensemble of ``members`` or a Split-Ensemble (``split``), from the
-    trained checkpoint (``init: pretrained``) or fresh seeded weights (``init: scratch``; a split is always fresh)."""
-    spec, data = recipe.model, recipe.data
-    name = str(spec.name)
-    if spec.split is not None:
-        groups = spec.split
-        if isinstance(groups, int):
-            images, labels = subset(*load_fashion_mnist("train", data.root), 5000, seed=data.seed)
-            cnn = load_classifier(name, data.root, smoke)
-            groups = class_groups(penultimate_features(cnn, images), labels, groups)
-            log.info(f"split-ensemble class groups (by the trained CNN's class-mean features): {groups}")
-        return build_structure(name, {"split": groups}, data.seed)
-    if spec.init == "scratch":
-        return build_structure(name, {"members": spec.members}, data.seed)
-    if spec.members:
-        one = load_classifier(name, data.root, smoke)
-        return Ensemble([copy.deepcopy(one) for _ in range(spec.members)], torch.zeros(1, 1, 28, 28))
-    return load_classifier(name, data.root, smoke)
-
-
-def load_generative(recipe: Recipe, smoke: bool) -> tuple[nn.Module, Task]:
-    """The zoo DDPM and its generation task. A smoke run without a trained DDPM uses fresh seeded weights (its
-    samples are noise; the run only exercises the pipeline)."""
-    from bitsmith.qdiffusion import generation_task
-    from bitsmith.zoo.diffusion import build_ddpm, ddpm_path, pretrained_ddpm
-
-    if smoke and not ddpm_path().is_file():
-        torch.manual_seed(recipe.data.seed)
-        model = build_ddpm().eval()
-    else:
-        model = pretrained_ddpm(recipe.data.root)
-    return model, generation_task(model, recipe.generation, recipe.data.root, smoke)
-
-
-def load_classifier(name: str, root: str | None, smoke: bool) -> nn.Module:
-    """A zoo classifier. A smoke run without a cached checkpoint trains one tiny epoch instead."""
-    entry = get_zoo_model(name)
-    if checkpoint_path(name).is_file() or not smoke:
-        return pretrained(name, root)
-    torch.manual_seed(0)
-    model = entry.build()
-    images, labels = subset(*load_fashion_mnist("train", root), 1000, seed=0)
-    fit(model, images, labels, TrainConfig(epochs=1, batch_size=64, optimizer="adamw", lr=2e-3))
-    return model.eval()
-
-
-def load_task(recipe: Recipe, smoke: bool, source: str | None = None) -> tuple[nn.Module, Task]:
-    """The recipe's model and the task it is calibrated and evaluated on (``source``: ``model_source(recipe)``
-    when the caller has it already; resolving a zoo LLM verifies its files, which is not free)."""
-    data = recipe.data
-    calib_size = min(data.calib_size, SMOKE["calib_size"]) if smoke else data.calib_size
-    if recipe.model.name == GENERATIVE:
-        return load_generative(recipe, smoke)
-    if recipe.data.name == "fashion-mnist":
-        model = load_structured_classifier(recipe, smoke)
-        eval_size = SMOKE["eval_size"] if smoke else data.eval_size
-        critical = recipe.eval.critical_classes
-        return model, classification_task(data.root, eval_size, calib_size, data.calib_batch_size, data.seed, critical)
-    if recipe.data.name == "austen":
-        from bitsmith.eval.lm import language_model_task
-        from bitsmith.zoo.llm import load_causal_lm
-
-        model, tokenizer = load_causal_lm(source or model_source(recipe))
-        windows = SMOKE["lm_eval_windows"] if smoke else data.eval_size
-        calib = min(data.calib_size, SMOKE["lm_calib_windows"]) if smoke else data.calib_size
-        task = language_model_task(tokenizer, windows, calib, data.calib_batch_size, data.seed,
-                                   docs_share=data.calib_docs_share,
-                                   **({"window": SMOKE["lm_window"], "kl_windows": windows} if smoke else {}))  # fmt: skip
-        if smoke:
-            task.new_tokens = SMOKE["lm_new_tokens"]
-        return model, task
-    from bitsmith.zoo.minilm import load_hf_encoder
-
-    model, tokenizer = load_hf_encoder(source or model_source(recipe))
-    eval_size = SMOKE["text_eval_size"] if smoke else data.eval_size
-    return model, embedding_task(tokenizer, eval_size, calib_size, data.calib_batch_size, data.seed)
+    """The zoo name, HF directory or import path the recipe's model comes from (its task kind's ``source``)."""
+    return task_kind(recipe).source(recipe)
 
 
 def load_checkpoint(
@@ -250,7 +151,7 @@ def robust_section(recipe: Recipe, fp32: nn.Module, model: nn.Module, task: Task
     transfer attack from its own weights in float), and a RobustBench-style entry for the compressed one."""
     from bitsmith.robust import robust_evaluate
 
-    assert recipe.attack is not None and isinstance(task, ClassificationTask)
+    assert recipe.attack is not None and task_kind(recipe).labelled
     size = (
         min(recipe.attack.subset or SMOKE["attack_examples"], SMOKE["attack_examples"])
         if smoke
@@ -313,7 +214,7 @@ def _run_recipe(
     fp32 = copy.deepcopy(model) if recipe.attack is not None else None
     start = time.perf_counter()
     train_cfg = recipe.train_config()
-    trains = train_cfg is not None and isinstance(task, ClassificationTask)
+    trains = train_cfg is not None and task_kind(recipe).labelled
     if methods:
         names = ", ".join(m.registered_name for m in methods)
         log.info(f"compressing with {names} ({task.calib_examples} calibration examples)")

@@ -210,3 +210,29 @@ def language_model_task(
         calib = calib[torch.randperm(calib.shape[0], generator=torch.Generator().manual_seed(seed))]
     batches = [{"input_ids": part} for part in calib.split(calib_batch_size)]
     return LanguageModelTask(tokenizer, eval_rows, batches, kl_windows=kl_windows)
+
+
+def text_language_model_task(
+    tokenizer: Any,
+    text: str,
+    eval_windows: int | None,
+    calib_windows: int,
+    calib_batch_size: int,
+    seed: int,
+    eval_share: float = 0.1,
+    window: int = 512,
+    kl_windows: int = 16,
+) -> LanguageModelTask:
+    """A user's own text (``data.path``): the last ``eval_share`` of its tokens are evaluated (perplexity, and KL /
+    agreement with FP32), the first part gives ``calib_windows`` random calibration windows; they never overlap."""
+    bos = bos_id(tokenizer)
+    stream = token_stream(tokenizer, text)
+    cut = int(stream.numel() * (1 - eval_share))
+    try:
+        eval_rows = {"perplexity_own": windows(stream[cut:], window, eval_windows, bos)}
+        calib = random_windows(stream[:cut], window, calib_windows, bos, seed)
+    except ValueError as exc:
+        raise ValueError(f"data.path: {exc} (the text is split {1 - eval_share:.0%} calibration / "
+                         f"{eval_share:.0%} evaluation by data.eval_share)") from None  # fmt: skip
+    batches = [{"input_ids": part} for part in calib.split(calib_batch_size)]
+    return LanguageModelTask(tokenizer, eval_rows, batches, kl_windows=kl_windows)

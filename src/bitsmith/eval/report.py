@@ -21,6 +21,7 @@ METRIC_COLUMNS = [
     ("critical_accuracy", "critical top-1 %", lambda v: f"{100 * v:.2f}"),
     ("perplexity", "ppl Persuasion", lambda v: f"{v:.2f}"),
     ("perplexity_docs", "ppl Python docs", lambda v: f"{v:.2f}"),
+    ("perplexity_own", "ppl (your text)", lambda v: f"{v:.2f}"),
     ("kl", "KL to FP32", lambda v: f"{v:.4f}"),
     ("fid_zoo_cnn", "FID (zoo-CNN features)", lambda v: f"{v:.3f}"),
     ("kid_zoo_cnn", "KID (zoo-CNN features)", lambda v: f"{v:.4f}"),
@@ -37,7 +38,17 @@ METRIC_COLUMNS = [
 ]
 
 
-HEADLINE = {"accuracy", "cosine", "retrieval", "perplexity", "perplexity_docs", "kl", "fid_zoo_cnn", "noise_mse"}
+HEADLINE = {
+    "accuracy",
+    "cosine",
+    "retrieval",
+    "perplexity",
+    "perplexity_docs",
+    "perplexity_own",
+    "kl",
+    "fid_zoo_cnn",
+    "noise_mse",
+}
 
 
 def save_figure(fig: Any, path: Path) -> Path:
@@ -54,10 +65,13 @@ def quality(metrics: dict[str, Any]) -> tuple[str, float]:
     """The headline quality metric of a run, as (label, percent): top-1, else retrieval recall@1."""
     if metrics.get("accuracy") is not None:
         return "top-1 %", 100 * metrics["accuracy"]
-    if metrics.get("perplexity") is not None:
-        return "perplexity", metrics["perplexity"]
+    for key in ("perplexity", "perplexity_own"):  # the built-in text, or the user's (data.path)
+        if metrics.get(key) is not None:
+            return "perplexity", metrics[key]
     if metrics.get("fid_zoo_cnn") is not None:
         return "FID (zoo-CNN features)", metrics["fid_zoo_cnn"]
+    if metrics.get("retrieval") is None:  # an encoder on a single text column: no pairs to retrieve
+        return "cosine to FP32 %", 100 * metrics["cosine"]
     return "recall@1 %", 100 * metrics["retrieval"]
 
 

@@ -91,7 +91,7 @@ class EmbeddingTask:
     def example(self, batch_size: int) -> dict[str, Tensor]:
         from bitsmith.zoo.minilm import tokenize
 
-        texts = [text for pair in self.pairs for text in pair]
+        texts = [text for pair in self.pairs for text in pair if text]
         return tokenize(self.tokenizer, (texts * (1 + batch_size // max(len(texts), 1)))[:batch_size])
 
     def first(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -100,11 +100,16 @@ class EmbeddingTask:
         length = int(one["attention_mask"].sum())
         return {key: value[:, :length] if value.dim() >= 2 else value for key, value in one.items()}
 
+    @property
+    def paired(self) -> bool:
+        """Whether the pairs have passages (retrieval is scored); a user's single text column has none."""
+        return any(passage for _, passage in self.pairs)
+
     def embeddings(self, model: nn.Module) -> Tensor:
-        """Embeddings of all queries, then all passages ``(2 * pairs, dim)``."""
+        """Embeddings of all queries, then all passages ``(2 * pairs, dim)`` (queries only when not ``paired``)."""
         from bitsmith.zoo.minilm import embed_texts
 
-        texts = [q for q, _ in self.pairs] + [p for _, p in self.pairs]
+        texts = [q for q, _ in self.pairs] + ([p for _, p in self.pairs] if self.paired else [])
         with eval_mode(model):
             return embed_texts(model, self.tokenizer, texts)
 
@@ -115,10 +120,10 @@ class EmbeddingTask:
         if self.reference is None:  # the first model evaluated is the FP32 reference
             self.reference = out
         n = len(self.pairs)
-        return {
-            "cosine": mean_cosine(out, self.reference),
-            "retrieval": retrieval_recall_at_1(out[:n], out[n:]),
-        }
+        scores = {"cosine": mean_cosine(out, self.reference)}
+        if self.paired:
+            scores["retrieval"] = retrieval_recall_at_1(out[:n], out[n:])
+        return scores
 
 
 def classification_task(
@@ -133,9 +138,22 @@ def classification_task(
     ``critical`` classes get their own accuracy."""
     from bitsmith.zoo.data import load_fashion_mnist
 
-    test = load_fashion_mnist("test", root)
+    test, train = load_fashion_mnist("test", root), load_fashion_mnist("train", root)
+    return labelled_task(test, train, eval_size, calib_size, calib_batch_size, seed, critical)
+
+
+def labelled_task(
+    test: tuple[Tensor, Tensor],
+    train: tuple[Tensor, Tensor],
+    eval_size: int | None,
+    calib_size: int,
+    calib_batch_size: int,
+    seed: int,
+    critical: list[int] | None = None,
+) -> ClassificationTask:
+    """Any labelled images (Fashion-MNIST, a user's image folder): ``eval_size`` of ``test`` (all when None),
+    ``calib_size`` calibration images drawn from ``train``."""
     test = subset(*test, eval_size, seed=seed)
-    train = load_fashion_mnist("train", root)
     calib_images, calib_labels = subset(*train, calib_size, seed=seed + 1)
     calib = [x for x, _ in batches(calib_images, calib_labels, calib_batch_size)]
     return ClassificationTask(test=test, train=train, calibration=calib, critical=critical, calib_labels=calib_labels)
@@ -156,6 +174,20 @@ def embedding_task(
     calib_pairs, eval_pairs = pairs[:CALIB_PAIRS], pairs[CALIB_PAIRS:]
     calib_texts = [text for pair in calib_pairs for text in pair][:calib_size]
     return EmbeddingTask(tokenizer, eval_pairs[:eval_size] if eval_size else eval_pairs, calib_texts, calib_batch_size)
+
+
+def text_embedding_task(
+    tokenizer: Any, records: list[tuple[str, str]], eval_size: int | None, calib_size: int, calib_batch_size: int,
+    seed: int, eval_share: float,
+) -> EmbeddingTask:  # fmt: skip
+    """A user's own texts (``data.path``, ``data.column``; with ``data.pair_column`` each record's paired text, so
+    that retrieval recall@1 is scored too): an ``eval_share`` of the records is evaluated, the rest calibrate."""
+    from bitsmith.own_data import split_records
+
+    calib_records, eval_records = split_records(records, eval_share, seed)
+    calib_texts = [text for pair in calib_records for text in pair if text][:calib_size]
+    return EmbeddingTask(tokenizer, eval_records[:eval_size] if eval_size else eval_records, calib_texts,
+                         calib_batch_size)  # fmt: skip
 
 
 from bitsmith.eval.lm import LanguageModelTask  # noqa: E402  (after the tasks it sits beside)

@@ -108,33 +108,75 @@ class GgufLanguageModel(nn.Module):
         return SimpleNamespace(logits=torch.stack(rows))
 
 
+class SpeedTimer:
+    """One GGUF file loaded for timing: prefill seconds (``prefill`` tokens in one batch) and greedy decode seconds
+    (``new_tokens`` after a 17-token prompt, batch 1) on ``threads`` threads."""
+
+    def __init__(self, path: Path, prefill: int = 512, new_tokens: int = 128, threads: int = 2) -> None:
+        validate_gguf(path)
+        self.prefill_tokens, self.new_tokens = prefill, new_tokens
+        self.llm = binding().Llama(model_path=str(path), n_ctx=prefill + new_tokens + 32, n_batch=prefill,
+                                   n_ubatch=prefill, logits_all=False, n_threads=threads, n_threads_batch=threads,
+                                   verbose=False)  # fmt: skip
+
+    def warm_up(self, prompt: list[int]) -> None:
+        if len(prompt) < self.prefill_tokens:
+            raise ValueError(f"speed: the prompt has {len(prompt)} tokens, fewer than the {self.prefill_tokens} "
+                             "to prefill")  # fmt: skip
+        self.llm.eval(prompt[:16])  # the first call maps the weights
+
+    def prefill(self, prompt: list[int]) -> float:
+        self.llm.reset()
+        began = time.perf_counter()
+        self.llm.eval(prompt[: self.prefill_tokens])
+        return time.perf_counter() - began
+
+    def decode(self, prompt: list[int]) -> float:
+        self.llm.reset()
+        self.llm.eval(prompt[:17])
+        began = time.perf_counter()
+        for _ in range(self.new_tokens):
+            self.llm.eval([int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))])
+        return time.perf_counter() - began
+
+    def close(self) -> None:
+        self.llm.close()
+
+
 def speed(path: Path, prompt: list[int], prefill: int = 512, new_tokens: int = 128, threads: int = 2,
           runs: int = 3) -> dict[str, float]:  # fmt: skip
-    """Prefill tokens/s (``prefill`` tokens of ``prompt`` in one batch) and greedy decode tokens/s (``new_tokens``
-    after the first 17 tokens of ``prompt``, batch 1), on ``threads`` threads: the median of ``runs``."""
-    validate_gguf(path)
-    if len(prompt) < prefill:
-        raise ValueError(f"speed: the prompt has {len(prompt)} tokens, fewer than the {prefill} to prefill")
-    llm = binding().Llama(model_path=str(path), n_ctx=prefill + new_tokens + 32, n_batch=prefill, n_ubatch=prefill,
-                          logits_all=False, n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
+    """Prefill and greedy decode tokens/s of one file (``SpeedTimer``): the median of ``runs``."""
+    timer = SpeedTimer(path, prefill, new_tokens, threads)
     try:
-        llm.eval(prompt[:16])  # warm-up: the first call maps the weights
-        prefills, decodes = [], []
-        for _ in range(runs):
-            llm.reset()
-            began = time.perf_counter()
-            llm.eval(prompt[:prefill])
-            prefills.append(time.perf_counter() - began)
-            llm.reset()
-            llm.eval(prompt[:17])
-            began = time.perf_counter()
-            for _ in range(new_tokens):
-                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-            decodes.append(time.perf_counter() - began)
+        timer.warm_up(prompt)
+        prefills = [timer.prefill(prompt) for _ in range(runs)]
+        decodes = [timer.decode(prompt) for _ in range(runs)]
     finally:
-        llm.close()
+        timer.close()
     return {"prefill_tokens_per_s": prefill / float(np.median(prefills)),
             "decode_tokens_per_s": new_tokens / float(np.median(decodes))}  # fmt: skip
+
+
+def paired_speed(first: Path, second: Path, prompt: list[int], rounds: int = 10, threads: int = 2,
+                 new_tokens: int = 128) -> dict[str, float]:  # fmt: skip
+    """Decode tokens/s of two files timed in alternation (ABBA order, both loaded), so that a machine's drift
+    touches both alike: each file's median, and the median over rounds of first / second."""
+    timers = [SpeedTimer(path, new_tokens=new_tokens, threads=threads) for path in (first, second)]
+    try:
+        for timer in timers:
+            timer.warm_up(prompt)
+        seconds: list[list[float]] = [[], []]
+        for round_ in range(rounds):
+            for which in (0, 1) if round_ % 2 == 0 else (1, 0):
+                seconds[which].append(timers[which].decode(prompt))
+    finally:
+        for timer in timers:
+            timer.close()
+    ratios = [b / a for a, b in zip(*seconds, strict=True)]  # tokens/s of first over second
+    return {"first_decode_tokens_per_s": new_tokens / float(np.median(seconds[0])),
+            "second_decode_tokens_per_s": new_tokens / float(np.median(seconds[1])),
+            "decode_ratio": float(np.median(ratios)), "decode_ratio_min": min(ratios),
+            "decode_ratio_max": max(ratios), "rounds": rounds}  # fmt: skip
 
 
 def check() -> list[str]:

