@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from bitsmith.method import build_method, compress
-from bitsmith.methods.trex import intuition_prior, semantic_prior
+from bitsmith.methods.moe.trex import intuition_prior, semantic_prior
 
 R1, R2 = 4, 4
 BATCH, LR, SEED = 32, 1e-3, 0

@@ -39,10 +39,10 @@ from common import RESULTS, Rows, load, save_figure  # noqa: E402
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
 from bitsmith.files import atomic_write_text  # noqa: E402
-from bitsmith.methods.bsq import BSQ  # noqa: E402
-from bitsmith.methods.csq import CSQ  # noqa: E402
-from bitsmith.methods.msq import MSQ  # noqa: E402
-from bitsmith.methods.qat import QAT  # noqa: E402
+from bitsmith.methods.qat.bsq import BSQ  # noqa: E402
+from bitsmith.methods.qat.csq import CSQ  # noqa: E402
+from bitsmith.methods.qat.msq import MSQ  # noqa: E402
+from bitsmith.methods.qat.qat import QAT  # noqa: E402
 from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import cache_dir  # noqa: E402
 

@@ -30,8 +30,8 @@ from bitsmith import compress  # noqa: E402
 from bitsmith.eval.tasks import classification_task  # noqa: E402
 from bitsmith.files import atomic_write_text  # noqa: E402
 from bitsmith.method import Method  # noqa: E402
-from bitsmith.methods.hero import HERO, SAM  # noqa: E402
-from bitsmith.methods.ptq import PTQ  # noqa: E402
+from bitsmith.methods.ptq.ptq import PTQ  # noqa: E402
+from bitsmith.methods.robust.hero import HERO, SAM  # noqa: E402
 from bitsmith.sensitivity import hutchinson_traces, top_eigenvalues  # noqa: E402
 from bitsmith.train import TrainConfig, fit  # noqa: E402
 from bitsmith.zoo import get_zoo_model  # noqa: E402

@@ -1,7 +1,7 @@
 """LiftQuant's codebooks on their own: the mean squared error per dimension of i.i.d. N(0, 1) vectors coded at
 2, 2.5 and 3 bits per weight with vectors of m = 4 (bitsmith's former default) and the official shapes with
 m = 8 (16to8, 20to8, 24to8) or 6 (18to6), against the best scalar quantizer (Lloyd-Max) and the
-rate-distortion bound 2^(-2R). Each codebook is trained by ``bitsmith.methods.liftquant.trained_codebook``
+rate-distortion bound 2^(-2R). Each codebook is trained by ``bitsmith.methods.llm.liftquant.trained_codebook``
 (the cache the method uses) at the budget in its row; the error is measured on 20,000 vectors from a seed
 training never draws; the encoder's time per vector is measured on one thread.
 
@@ -18,7 +18,7 @@ import torch
 from common import RESULTS, Rows, bench_parser, save_figure
 
 from bitsmith.deploy import int8_pairs_saturate
-from bitsmith.methods.liftquant import trained_codebook
+from bitsmith.methods.llm.liftquant import trained_codebook
 
 ROWS = RESULTS / "lift-codebooks.json"
 EVAL_VECTORS = 20_000

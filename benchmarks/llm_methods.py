@@ -34,9 +34,9 @@ from llm import (
 from bitsmith.eval.cost import model_cost
 from bitsmith.eval.lm import language_model_task
 from bitsmith.method import build_method, compress
-from bitsmith.methods.precision_routing import token_router
+from bitsmith.methods.llm.precision_routing import token_router
+from bitsmith.methods.llm.routing import average_bits, routed_layers, set_operating_point, static_mix
 from bitsmith.quant.lattice import rate_pair
-from bitsmith.routing import average_bits, routed_layers, set_operating_point, static_mix
 
 ROWS = RESULTS / "llm-methods.json"
 BASELINES = {"smollm2": RESULTS / "llm.json", "gemma3": RESULTS / "llm_gemma3.json"}

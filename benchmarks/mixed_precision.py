@@ -29,10 +29,10 @@ from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
 from bitsmith.files import atomic_write_text  # noqa: E402
 from bitsmith.method import Method  # noqa: E402
-from bitsmith.methods.fisher_reg import FisherTraceRegularizer, critical_gradient_norm  # noqa: E402
-from bitsmith.methods.mixed import MixedPrecision  # noqa: E402
-from bitsmith.methods.ptq import PTQ  # noqa: E402
-from bitsmith.methods.qat import QAT  # noqa: E402
+from bitsmith.methods.ptq.mixed import MixedPrecision  # noqa: E402
+from bitsmith.methods.ptq.ptq import PTQ  # noqa: E402
+from bitsmith.methods.qat.fisher_reg import FisherTraceRegularizer, critical_gradient_norm  # noqa: E402
+from bitsmith.methods.qat.qat import QAT  # noqa: E402
 from bitsmith.train import TrainConfig, fit  # noqa: E402
 
 UNIFORM = [8, 4, 3, 2]

@@ -38,7 +38,7 @@ from llm import (
 
 from bitsmith.eval.cost import model_cost
 from bitsmith.eval.latency import load_averages, time_forward
-from bitsmith.moe import active_ffn_fraction
+from bitsmith.methods.moe.experts import active_ffn_fraction
 
 ROWS = RESULTS / "moe.json"
 ROUTER_STEPS = 200  # PA stage, per block (router only, 1024 tokens per step)

@@ -28,9 +28,9 @@ from common import RESULTS, Rows, load, save_figure  # noqa: E402
 from bitsmith import compress  # noqa: E402
 from bitsmith.files import atomic_write_text  # noqa: E402
 from bitsmith.method import Method  # noqa: E402
-from bitsmith.methods.noisyquant import NoisyQuant  # noqa: E402
-from bitsmith.methods.ptq import PTQ  # noqa: E402
-from bitsmith.methods.smoothquant import SmoothQuant  # noqa: E402
+from bitsmith.methods.ptq.noisyquant import NoisyQuant  # noqa: E402
+from bitsmith.methods.ptq.ptq import PTQ  # noqa: E402
+from bitsmith.methods.ptq.smoothquant import SmoothQuant  # noqa: E402
 
 SETTINGS = [(8, 8), (8, 6), (6, 6), (4, 8)]
 SEEDS = [0, 1, 2]

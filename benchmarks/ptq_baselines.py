@@ -25,7 +25,7 @@ from common import RESULTS, Rows, load, save_figure  # noqa: E402
 from bitsmith import compress  # noqa: E402
 from bitsmith.eval.cost import model_cost  # noqa: E402
 from bitsmith.files import atomic_write_text  # noqa: E402
-from bitsmith.methods.ptq import PTQ  # noqa: E402
+from bitsmith.methods.ptq.ptq import PTQ  # noqa: E402
 
 SETTINGS = [(8, 8), (6, 6), (4, 8), (4, 4)]
 OBSERVERS = ["minmax", "percentile", "mse"]

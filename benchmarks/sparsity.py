@@ -34,10 +34,10 @@ from sparsity_report import write
 
 from bitsmith import compress
 from bitsmith.method import Method
-from bitsmith.methods.bitslice import BitSlice
-from bitsmith.methods.deephoyer import DeepHoyer
-from bitsmith.methods.prune import Prune
-from bitsmith.methods.svd_train import SVDTraining
+from bitsmith.methods.qat.bitslice import BitSlice
+from bitsmith.methods.sparse.deephoyer import DeepHoyer
+from bitsmith.methods.sparse.prune import Prune
+from bitsmith.methods.sparse.svd_train import SVDTraining
 from bitsmith.train import TrainConfig, fit
 
 EPOCHS = 3

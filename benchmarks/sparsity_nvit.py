@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 
 from bitsmith import compress
 from bitsmith.eval.latency import measure_latency
-from bitsmith.methods.nvit import NViT
+from bitsmith.methods.sparse.nvit import NViT
 from bitsmith.structure import dims, macs, remove_units, shrink_to, structure_counts
 from bitsmith.train import TrainConfig, fit
 from bitsmith.zoo.vision import ViT

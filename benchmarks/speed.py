@@ -50,8 +50,8 @@ from bitsmith.export.onnx import OnnxRuntimeModel, export_onnx  # noqa: E402
 from bitsmith.export.pt2e import CompiledModel, export_graph  # noqa: E402
 from bitsmith.export.qdq import KeywordInputs  # noqa: E402
 from bitsmith.files import atomic_write_text  # noqa: E402
-from bitsmith.methods.ptq import PTQ  # noqa: E402
-from bitsmith.methods.smoothquant import SmoothQuant  # noqa: E402
+from bitsmith.methods.ptq.ptq import PTQ  # noqa: E402
+from bitsmith.methods.ptq.smoothquant import SmoothQuant  # noqa: E402
 
 THREADS = 2
 BATCH = {"minilm": 32, "cnn": 256, "vit": 256}

@@ -53,7 +53,7 @@ MUTANTS = [
     M(
         "dverge",
         "deep-ensemble members get 1/M of their gradient",
-        "methods/deep_ensemble.py",
+        "methods/ensembles/deep_ensemble.py",
         "        return sum(nn.functional.cross_entropy(member(x), y) for member in members)",
         "        return sum(nn.functional.cross_entropy(member(x), y) for member in members) / len(members)",
         "tests/test_ensemble.py -k own_loss",
@@ -61,7 +61,7 @@ MUTANTS = [
     M(
         "awq",
         "the block's other linears quantized during the scale search",
-        "methods/awq.py",
+        "methods/llm/awq.py",
         "            with float_weights(others):",
         "            with float_weights([]):",
         "tests/test_llm.py -k attention_output",
@@ -69,7 +69,7 @@ MUTANTS = [
     M(
         "gptq",
         "act-order walks the columns in ascending Hessian order",
-        "methods/gptq.py",
+        "methods/llm/gptq.py",
         "perm = torch.argsort(torch.diag(H), descending=True)",
         "perm = torch.argsort(torch.diag(H), descending=False)",
         "tests/test_llm.py -k act_order_quantizes",
@@ -77,7 +77,7 @@ MUTANTS = [
     M(
         "gptq",
         "true_sequential ignored (every layer's Hessian from the float block)",
-        "methods/gptq.py",
+        "methods/llm/gptq.py",
         "order = topo.sequential_order(block) if true_sequential else [tuple(mine)]",
         "order = [tuple(mine)]",
         "tests/test_llm.py -k true_sequential",
@@ -85,7 +85,7 @@ MUTANTS = [
     M(
         "awq",
         "each linear scored alone instead of the block output",
-        "methods/awq.py",
+        "methods/llm/awq.py",
         "        if inspected is not None and calls is not None:",
         "        if False:",
         "tests/test_llm.py -k attention_output",
@@ -93,7 +93,7 @@ MUTANTS = [
     M(
         "mobiquant",
         "no clipping search",
-        "methods/mobiquant.py",
+        "methods/llm/mobiquant.py",
         "            search_clipping(q, layer.weight, tokens.pow(2).mean(0), self.clip_slices, self.clip_grid)",
         "            pass",
         "tests/test_mobiquant.py",
@@ -101,7 +101,7 @@ MUTANTS = [
     M(
         "npft",
         "outliers by weight magnitude instead of Fisher information",
-        "methods/npft.py",
+        "methods/llm/npft.py",
         "mask = outlier_mask(fisher[name], self.sensitivity)",
         "mask = outlier_mask(layer.weight.abs(), self.sensitivity)",
         "tests/test_npft.py -k fisher_information",
@@ -109,7 +109,7 @@ MUTANTS = [
     M(
         "factorllm",
         "no straight-through router gradient",
-        "moe.py",
+        "methods/moe/experts.py",
         "gates = mask - probs.detach() + probs",
         "gates = mask",
         "tests/test_factorllm.py -k hard_top_k",
@@ -117,7 +117,7 @@ MUTANTS = [
     M(
         "dverge",
         "no momentum in the feature distillation",
-        "methods/dverge.py",
+        "methods/ensembles/dverge.py",
         "momentum = mu * momentum + grad /",
         "momentum = 0 * momentum + grad /",
         "tests/test_ensemble.py -k per_image",
@@ -125,7 +125,7 @@ MUTANTS = [
     M(
         "dverge",
         "momentum normalised over the batch instead of per image",
-        "methods/dverge.py",
+        "methods/ensembles/dverge.py",
         "norm = grad.abs().flatten(1).sum(1).clamp_min(1e-12)",
         "norm = grad.abs().sum().clamp_min(1e-12).expand(grad.shape[0])",
         "tests/test_ensemble.py -k per_image",
@@ -181,7 +181,7 @@ MUTANTS = [
     M(
         "sharpbalance",
         "random fixed subsets instead of the flattest samples",
-        "methods/sharpbalance.py",
+        "methods/ensembles/sharpbalance.py",
         "return sam_sets([flattest(per_sample_sharpness(m, x, y), self.flat_ratio) for m in members])",
         "return sam_sets([flattest(torch.rand(len(y), generator=torch.Generator().manual_seed(i)), self.flat_ratio) for i, m in enumerate(members)])",
         "tests/test_sharpbalance.py -k own_per_sample",
@@ -311,7 +311,7 @@ MUTANTS = [
     M(
         "factorllm",
         "trained experts distilled from themselves (the teacher drifts)",
-        "methods/factorllm.py",
+        "methods/moe/factorllm.py",
         "teacher_model = copy.deepcopy(model).eval() if self.train_experts else model",
         "teacher_model = model",
         "tests/test_factorllm.py -k frozen_dense_teacher",
@@ -319,7 +319,7 @@ MUTANTS = [
     M(
         "gemq",
         "1-bit coefficient candidates on the min-max {0, range} grid",
-        "methods/gemq.py",
+        "methods/moe/gemq.py",
         'q = grouped_weight_quantizer("gemq", f"{name}.{proj}", layer, bits, group_size, bits == 1)',
         'q = grouped_weight_quantizer("gemq", f"{name}.{proj}", layer, bits, group_size, False)',
         "tests/test_gemq.py -k one_bit",
@@ -327,7 +327,7 @@ MUTANTS = [
     M(
         "gptq",
         "binary groups scaled by the largest magnitude instead of the mean magnitude",
-        "methods/gptq.py",
+        "methods/llm/gptq.py",
         "self.scale[:, group] = weights.abs().mean(1).clamp(min=1e-8)",
         "self.scale[:, group] = weights.abs().amax(1).clamp(min=1e-8)",
         "tests/test_gemq.py -k one_bit",
@@ -351,7 +351,7 @@ MUTANTS = [
     M(
         "gptq",
         "padding positions enter the Hessians",
-        "methods/gptq.py",
+        "methods/llm/gptq.py",
         "x = drop_padding(args[0].detach()).reshape(-1, args[0].shape[-1]).float()",
         "x = args[0].detach().reshape(-1, args[0].shape[-1]).float()",
         "tests/test_padding.py -k decoder_calibration",
@@ -359,7 +359,7 @@ MUTANTS = [
     M(
         "awq",
         "padding positions enter the activation means and the scale search",
-        "methods/awq.py",
+        "methods/llm/awq.py",
         "out.inputs[key].append(drop_padding(a[0].detach()))",
         "out.inputs[key].append(a[0].detach())",
         "tests/test_padding.py -k decoder_calibration",
@@ -448,7 +448,7 @@ MUTANTS = [
     M(
         "q-diffusion",
         "the skip-concatenation layers keep one joint grid",
-        "methods/q_diffusion.py",
+        "methods/ptq/q_diffusion.py",
         "                split_layer(model.get_submodule(name), channel)",
         "                pass",
         "tests/test_qdiffusion.py -k splits_the_concatenation",
@@ -465,7 +465,7 @@ MUTANTS = [
     M(
         "clat",
         "the criticality term's passes move the batch-norm statistics",
-        "methods/clat.py",
+        "methods/robust/clat.py",
         "        with frozen_norm_statistics(model):\n",
         "        with torch.enable_grad():\n",
         "tests/test_clat.py -k batch_norm",
@@ -473,7 +473,7 @@ MUTANTS = [
     M(
         "clat",
         "critical layers never reselected",
-        "methods/clat.py",
+        "methods/robust/clat.py",
         "        if epoch % self.reselect_every or epoch == epochs:",
         "        if True:",
         "tests/test_clat.py -k reselected",
@@ -489,7 +489,7 @@ MUTANTS = [
     M(
         "adv-train",
         "training batch left clean",
-        "methods/adv_train.py",
+        "methods/robust/adv_train.py",
         "return pgd(model, x, y, self.spec(self.eps)), y",
         "return x, y",
         "tests/test_robust.py",
@@ -497,7 +497,7 @@ MUTANTS = [
     M(
         "mat",
         "mixed MAT drops the clean examples",
-        "methods/mat.py",
+        "methods/robust/mat.py",
         "return torch.cat([x, *crafted]), y.repeat(len(crafted) + 1)",
         "return torch.cat(crafted), y.repeat(len(crafted))",
         "tests/test_robust.py",
@@ -505,7 +505,7 @@ MUTANTS = [
     M(
         "mat",
         "max MAT keeps the weakest strength",
-        "methods/mat.py",
+        "methods/robust/mat.py",
         "worst = losses.argmax(0)",
         "worst = losses.argmin(0)",
         "tests/test_robust.py",
@@ -513,7 +513,7 @@ MUTANTS = [
     M(
         "dverge",
         "each member trained on its own distilled images",
-        "methods/dverge.py",
+        "methods/ensembles/dverge.py",
         "                if i != j:",
         "                if i == j:",
         "tests/test_ensemble.py",
@@ -521,7 +521,7 @@ MUTANTS = [
     M(
         "dverge",
         "distillation ascends the feature distance",
-        "methods/dverge.py",
+        "methods/ensembles/dverge.py",
         "adv = adv.detach() - step_size * momentum.sign()",
         "adv = adv.detach() + step_size * momentum.sign()",
         "tests/test_ensemble.py",
@@ -537,7 +537,7 @@ MUTANTS = [
     M(
         "clat",
         "least critical layers selected first",
-        "methods/clat.py",
+        "methods/robust/clat.py",
         "for name in sorted(scores, key=scores.get, reverse=True):",
         "for name in sorted(scores, key=scores.get):",
         "tests/test_clat.py",
@@ -545,7 +545,7 @@ MUTANTS = [
     M(
         "clat",
         "nothing frozen",
-        "methods/clat.py",
+        "methods/robust/clat.py",
         "p.requires_grad_(id(p) in trainable)",
         "p.requires_grad_(True)",
         "tests/test_clat.py tests/test_safer.py",
@@ -553,7 +553,7 @@ MUTANTS = [
     M(
         "clat",
         "criticality term dropped",
-        "methods/clat.py",
+        "methods/robust/clat.py",
         "return self.lam * sum(criticality(clean, adversarial).values())",
         "return torch.zeros(())",
         "tests/test_clat.py",
@@ -561,7 +561,7 @@ MUTANTS = [
     M(
         "hce",
         "diversity penalised instead of rewarded",
-        "methods/hce.py",
+        "methods/ensembles/hce.py",
         "- self.mu * non_target_diversity(logits, y)",
         "+ self.mu * non_target_diversity(logits, y)",
         "tests/test_hce.py",
@@ -569,7 +569,7 @@ MUTANTS = [
     M(
         "hce",
         "the true class kept in the diversity distributions",
-        "methods/hce.py",
+        "methods/ensembles/hce.py",
         "keep = torch.ones_like(logits[0], dtype=torch.bool).scatter_(1, y[:, None], False)",
         "keep = torch.ones_like(logits[0], dtype=torch.bool).scatter_(1, (y[:, None] + 1) % logits.shape[-1], False)",
         "tests/test_hce.py",
@@ -585,7 +585,7 @@ MUTANTS = [
     M(
         "safer",
         "the flattest layers selected",
-        "methods/safer.py",
+        "methods/robust/safer.py",
         "self._selected = sorted(scores, key=scores.get, reverse=True)[: self.layers]",
         "self._selected = sorted(scores, key=scores.get)[: self.layers]",
         "tests/test_safer.py",
@@ -593,7 +593,7 @@ MUTANTS = [
     M(
         "safer",
         "plain gradient instead of SAM's",
-        "methods/safer.py",
+        "methods/robust/safer.py",
         "        self._sam.ascend(params, nn.functional.cross_entropy(model(x), y))\n",
         "",
         "tests/test_safer.py",
@@ -601,7 +601,7 @@ MUTANTS = [
     M(
         "sharpbalance",
         "sharpest samples taken instead of the flattest",
-        "methods/sharpbalance.py",
+        "methods/ensembles/sharpbalance.py",
         "mask[sharpness.argsort()[: round(ratio * len(sharpness))]] = True",
         "mask[sharpness.argsort(descending=True)[: round(ratio * len(sharpness))]] = True",
         "tests/test_sharpbalance.py",
@@ -609,7 +609,7 @@ MUTANTS = [
     M(
         "sharpbalance",
         "SAM on the member's own flattest set instead of the others'",
-        "methods/sharpbalance.py",
+        "methods/ensembles/sharpbalance.py",
         "others = torch.stack([f for j, f in enumerate(flat) if j != i]).any(0)",
         "others = flat[i]",
         "tests/test_sharpbalance.py",
@@ -617,7 +617,7 @@ MUTANTS = [
     M(
         "sharpbalance",
         "SGD part's gradient dropped",
-        "methods/sharpbalance.py",
+        "methods/ensembles/sharpbalance.py",
         "            p.grad = g.clone() if p.grad is None else p.grad + g\n",
         "            pass\n",
         "tests/test_sharpbalance.py",
@@ -641,7 +641,7 @@ MUTANTS = [
     M(
         "split-ensemble",
         "OOD class weighted by its frequency instead of its inverse",
-        "methods/split_ensemble.py",
+        "methods/ensembles/split_ensemble.py",
         "else 1.0 / (model.classes - size)",
         "else float(model.classes - size)",
         "tests/test_split_ensemble.py",
@@ -657,7 +657,7 @@ MUTANTS = [
     M(
         "ensemble",
         "deep ensemble trains the averaged prediction instead of each member",
-        "methods/deep_ensemble.py",
+        "methods/ensembles/deep_ensemble.py",
         "return sum(nn.functional.cross_entropy(member(x), y) for member in members)",
         "return nn.functional.cross_entropy(model(x), y)",
         "tests/test_ensemble.py",
@@ -673,7 +673,7 @@ MUTANTS = [
     M(
         "factorllm",
         "pseudo-labels are the experts farthest from the dense output",
-        "moe.py",
+        "methods/moe/experts.py",
         "(-mse).topk(top_k, -1)",
         "mse.topk(top_k, -1)",
         "tests/test_factorllm.py",
@@ -681,7 +681,7 @@ MUTANTS = [
     M(
         "factorllm",
         "router not trained in the PA stage",
-        "methods/factorllm.py",
+        "methods/moe/factorllm.py",
         "        optimizer.step()\n    with torch.no_grad():",
         "        pass\n    with torch.no_grad():",
         "tests/test_factorllm.py",
@@ -689,7 +689,7 @@ MUTANTS = [
     M(
         "factorllm",
         "output not rescaled by E / k",
-        "moe.py",
+        "methods/moe/experts.py",
         "return (out * (self.num_experts / self.top_k)).reshape(shape)",
         "return out.reshape(shape)",
         "tests/test_factorllm.py",
@@ -697,7 +697,7 @@ MUTANTS = [
     M(
         "factorllm",
         "all experts run on every token",
-        "moe.py",
+        "methods/moe/experts.py",
         "rows = mask[:, e].nonzero().squeeze(1)",
         "rows = torch.arange(mask.shape[0])",
         "tests/test_factorllm.py",
@@ -705,7 +705,7 @@ MUTANTS = [
     M(
         "gemq",
         "coefficients not gradient-weighted",
-        "methods/gemq.py",
+        "methods/moe/gemq.py",
         "(g2[rows] * (scale",
         "(torch.ones_like(g2[rows]) * (scale",
         "tests/test_gemq.py",
@@ -713,7 +713,7 @@ MUTANTS = [
     M(
         "gemq",
         "global allocation solved layer by layer",
-        "methods/gemq.py",
+        "methods/moe/gemq.py",
         'groups = [list(sizes)] if self.allocation == "global" else',
         'groups = [list(sizes)] if self.allocation == "none" else',
         "tests/test_gemq.py",
@@ -721,7 +721,7 @@ MUTANTS = [
     M(
         "gemq",
         "experts quantized at the widest candidate, not their allocation",
-        "methods/gemq.py",
+        "methods/moe/gemq.py",
         'overrides = {f"{u}.{p}": {"bits": b, **(',
         'overrides = {f"{u}.{p}": {"bits": max(self.candidates), **(',
         "tests/test_gemq.py",
@@ -729,7 +729,7 @@ MUTANTS = [
     M(
         "gemq",
         "gradients taken at the wrong place (the block input)",
-        "methods/gemq.py",
+        "methods/moe/gemq.py",
         "handles = [moe.register_forward_hook(keep(name)) for name, moe in moes.items()]",
         "handles = [moe.register_forward_pre_hook(lambda m, a, n=name: keep(n)(m, a, a[0])) for name, moe in moes.items()]",
         "tests/test_gemq.py",
@@ -737,7 +737,7 @@ MUTANTS = [
     M(
         "pat",
         "HSM transform not folded into the writer",
-        "methods/pat.py",
+        "methods/sparse/pat.py",
         "t = self.scale[:, None] * (torch.eye(self.up.shape[0]) + self.up @ self.down)",
         "t = self.scale[:, None] * torch.eye(self.up.shape[0])",
         "tests/test_pat.py",
@@ -745,7 +745,7 @@ MUTANTS = [
     M(
         "pat",
         "HSM does not apply the shared mask",
-        "methods/pat.py",
+        "methods/sparse/pat.py",
         "return (x + F.linear(F.linear(x, self.down), self.up)) * self.scale * mask",
         "return (x + F.linear(F.linear(x, self.down), self.up)) * self.scale",
         "tests/test_pat.py",
@@ -753,7 +753,7 @@ MUTANTS = [
     M(
         "pat",
         "kept-channel count without its straight-through gradient",
-        "methods/pat.py",
+        "methods/sparse/pat.py",
         "count = (binary - self.logits.detach() + self.logits).sum()",
         "count = binary.sum()",
         "tests/test_pat.py",
@@ -761,7 +761,7 @@ MUTANTS = [
     M(
         "pat",
         "mask learning rate 0",
-        "methods/pat.py",
+        "methods/sparse/pat.py",
         '{"params": [self._mask.logits], "lr": self.mask_lr}',
         '{"params": [self._mask.logits], "lr": 0.0}',
         "tests/test_pat.py",
@@ -769,7 +769,7 @@ MUTANTS = [
     M(
         "pat",
         "the mask learns without its noise (the paper's deterministic mask)",
-        "methods/pat.py",
+        "methods/sparse/pat.py",
         "return torch.sigmoid(temperature * logits + self.noise) + bias",
         "return torch.sigmoid(temperature * logits) + bias",
         "tests/test_pat.py",
@@ -793,7 +793,7 @@ MUTANTS = [
     M(
         "t-rex",
         "one routing matrix for every token (the mean)",
-        "methods/trex.py",
+        "methods/moe/trex.py",
         'mixed = torch.einsum("...i,...ij->...j", x @ self.A.T, routing)',
         'mixed = torch.einsum("...i,...ij->...j", x @ self.A.T, routing.reshape(-1, self.r1, self.r2).mean(0))',
         "tests/test_trex.py",
@@ -801,7 +801,7 @@ MUTANTS = [
     M(
         "t-rex",
         "semantic prior ignored",
-        "methods/trex.py",
+        "methods/moe/trex.py",
         "        prior = PRIOR.get()\n",
         "        prior = None\n",
         "tests/test_trex.py",
@@ -841,7 +841,7 @@ MUTANTS = [
     M(
         "liftquant",
         "no error feedback: the vector's error is not propagated",
-        "methods/liftquant.py",
+        "methods/llm/liftquant.py",
         "                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)",
         "                pass",
         "tests/test_liftquant.py",
@@ -865,7 +865,7 @@ MUTANTS = [
     M(
         "mobiquant",
         "random router (never trained)",
-        "methods/mobiquant.py",
+        "methods/llm/mobiquant.py",
         "    for _ in range(steps):\n        loss = (router.net(tokens) - goal).pow(2).mean()",
         "    for _ in range(0):\n        loss = (router.net(tokens) - goal).pow(2).mean()",
         "tests/test_mobiquant.py",
@@ -873,7 +873,7 @@ MUTANTS = [
     M(
         "mobiquant",
         "router trained on inverted gains",
-        "methods/mobiquant.py",
+        "methods/llm/mobiquant.py",
         "        goal = torch.log(gains / budget_weight).T  # (T, E-1)",
         "        goal = -torch.log(gains / budget_weight).T  # (T, E-1)",
         "tests/test_mobiquant.py",
@@ -889,7 +889,7 @@ MUTANTS = [
     M(
         "npft",
         "outliers at random positions",
-        "methods/npft.py",
+        "methods/llm/npft.py",
         "    mask[torch.topk(fisher.reshape(-1), count).indices] = True",
         "    mask[torch.randperm(fisher.numel())[:count]] = True",
         "tests/test_npft.py",
@@ -897,7 +897,7 @@ MUTANTS = [
     M(
         "npft",
         "noise not zero-mean",
-        "methods/npft.py",
+        "methods/llm/npft.py",
         "        noise[row, mask[row]] = u - u.mean()",
         "        noise[row, mask[row]] = u",
         "tests/test_npft.py",
@@ -905,7 +905,7 @@ MUTANTS = [
     M(
         "npft",
         "clean base not restored after a round",
-        "methods/npft.py",
+        "methods/llm/npft.py",
         "                    layer.weight.copy_(clean[name])",
         "                    pass",
         "tests/test_npft.py",
@@ -913,7 +913,7 @@ MUTANTS = [
     M(
         "npft",
         "no noise written",
-        "methods/npft.py",
+        "methods/llm/npft.py",
         "                layer.weight.add_(outlier_noise(layer.weight, mask, generator))",
         "                pass",
         "tests/test_npft.py",
@@ -921,7 +921,7 @@ MUTANTS = [
     M(
         "precision-routing",
         "router trained on inverted KL",
-        "methods/precision_routing.py",
+        "methods/llm/precision_routing.py",
         "targets.append(torch.log(",
         "targets.append(-torch.log(",
         "tests/test_precision_routing.py",
@@ -937,7 +937,7 @@ MUTANTS = [
     M(
         "gptq",
         "no error feedback inside a block",
-        "methods/gptq.py",
+        "methods/llm/gptq.py",
         "            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)",
         "            pass",
         "tests/test_llm.py",
@@ -945,7 +945,7 @@ MUTANTS = [
     M(
         "gptq",
         "no lazy update of later blocks",
-        "methods/gptq.py",
+        "methods/llm/gptq.py",
         "        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]",
         "        pass",
         "tests/test_llm.py",
@@ -953,7 +953,7 @@ MUTANTS = [
     M(
         "gptq",
         "act-order permutation not undone",
-        "methods/gptq.py",
+        "methods/llm/gptq.py",
         "    return Q[:, torch.argsort(perm)], params",
         "    return Q, params",
         "tests/test_llm.py",
@@ -961,7 +961,7 @@ MUTANTS = [
     M(
         "awq",
         "no scale search (ratio 0 only)",
-        "methods/awq.py",
+        "methods/llm/awq.py",
         "        scales = x_mean.pow(ratio).clamp(min=1e-4)",
         "        scales = x_mean.pow(0.0).clamp(min=1e-4)",
         "tests/test_llm.py",
@@ -969,7 +969,7 @@ MUTANTS = [
     M(
         "awq",
         "scales not folded into the feeder",
-        "methods/awq.py",
+        "methods/llm/awq.py",
         "            topo.divide_feeder(block, group, scales)",
         "            pass",
         "tests/test_llm.py",
@@ -986,7 +986,7 @@ MUTANTS = [
     M(
         "ptq",
         "weights not quantized",
-        "methods/ptq.py",
+        "methods/ptq/ptq.py",
         'if c["w_bits"] is None:\n            return None\n        return uniform',
         "if True:\n            return None\n        return uniform",
         "tests/test_ptq_methods.py",
@@ -994,7 +994,7 @@ MUTANTS = [
     M(
         "ptq",
         "inputs never calibrated",
-        "methods/ptq.py",
+        "methods/ptq/ptq.py",
         "        inputs = [model.get_submodule(name).input_q for name in self._layers]",
         "        inputs = []",
         "tests/test_ptq_methods.py",
@@ -1002,7 +1002,7 @@ MUTANTS = [
     M(
         "ptq",
         "granularity ignored",
-        "methods/ptq.py",
+        "methods/ptq/ptq.py",
         'c["w_bits"], c["w_granularity"]',
         'c["w_bits"], "tensor"',
         "tests/test_ptq_methods.py",
@@ -1010,7 +1010,7 @@ MUTANTS = [
     M(
         "rtn",
         "symmetric grid instead of the asymmetric default",
-        "methods/rtn.py",
+        "methods/ptq/rtn.py",
         'c["group_size"], c["symmetric"], "minmax"',
         'c["group_size"], True, "minmax"',
         "tests/test_ptq_methods.py",
@@ -1018,7 +1018,7 @@ MUTANTS = [
     M(
         "rtn",
         "per-channel instead of per-group scales",
-        "methods/rtn.py",
+        "methods/ptq/rtn.py",
         'c["bits"], "group", c["group_size"]',
         'c["bits"], "channel", c["group_size"]',
         "tests/test_ptq_methods.py",
@@ -1026,7 +1026,7 @@ MUTANTS = [
     M(
         "rtn",
         "one bit more",
-        "methods/rtn.py",
+        "methods/ptq/rtn.py",
         'uniform_weight_quantizer(name, layer, c["bits"],',
         'uniform_weight_quantizer(name, layer, c["bits"] + 1,',
         "tests/test_ptq_methods.py",
@@ -1098,7 +1098,7 @@ MUTANTS = [
     M(
         "gguf",
         "GPTQ on a grid fits plain min-max parameters",
-        "methods/gptq.py",
+        "methods/llm/gptq.py",
         "scale, zero = range_params(self.grid, lo, hi,",
         "scale, zero = range_params(None, lo, hi,",
         "tests/test_gguf_grid.py",
@@ -1202,7 +1202,7 @@ MUTANTS = [
     M(
         "deploy",
         "residual adds: output quantizers never calibrated",
-        "methods/ptq.py",
+        "methods/ptq/ptq.py",
         "observe(model, [*inputs, *(model.get_submodule(name).quantizer for name in self._activations)], batches)",
         "observe(model, inputs, batches)",
         "tests/test_residual_adds.py",
@@ -1242,7 +1242,7 @@ MUTANTS = [
     M(
         "deploy",
         "int8 attention: PTQ's option ignored",
-        "methods/ptq.py",
+        "methods/ptq/ptq.py",
         "        if self.int8_attention:",
         "        if False:",
         "tests/test_int8_attention.py",
@@ -1250,7 +1250,7 @@ MUTANTS = [
     M(
         "smoothquant",
         "alpha and 1 - alpha swapped",
-        "methods/smoothquant.py",
+        "methods/ptq/smoothquant.py",
         "scale = a_max.clamp(min=1e-5).pow(self.alpha) / w_max.clamp(min=1e-5).pow(1 - self.alpha)",
         "scale = a_max.clamp(min=1e-5).pow(1 - self.alpha) / w_max.clamp(min=1e-5).pow(self.alpha)",
         "tests/test_noisyquant.py tests/test_ptq_methods.py",
@@ -1266,7 +1266,7 @@ MUTANTS = [
     M(
         "smoothquant",
         "scale from the weights only",
-        "methods/smoothquant.py",
+        "methods/ptq/smoothquant.py",
         "w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)",
         "w_max, a_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0), torch.ones_like(a_max)",
         "tests/test_noisyquant.py tests/test_ptq_methods.py tests/test_llm.py",
@@ -1274,7 +1274,7 @@ MUTANTS = [
     M(
         "smoothquant",
         "feeder fold: the feeder's rows not divided (the check must then reject the fold)",
-        "methods/smoothquant.py",
+        "methods/ptq/smoothquant.py",
         "            saved = _divide_outputs(feeder, scale)\n",
         "            saved = feeder.weight.detach().clone(), None if feeder.bias is None else feeder.bias.detach().clone()\n",
         "tests/test_ptq_methods.py",
@@ -1282,7 +1282,7 @@ MUTANTS = [
     M(
         "smoothquant",
         "decoder path: 1/s not folded into the feeder",
-        "methods/smoothquant.py",
+        "methods/ptq/smoothquant.py",
         "topo.divide_feeder(block, group, scale)",
         "pass",
         "tests/test_llm.py",
@@ -1290,7 +1290,7 @@ MUTANTS = [
     M(
         "smoothquant",
         "decoder path: weights not multiplied by s",
-        "methods/smoothquant.py",
+        "methods/ptq/smoothquant.py",
         "layer.weight.mul_(scale.to(layer.weight)[None, :])\n            for n in group.linears:",
         "pass\n            for n in group.linears:",
         "tests/test_llm.py",
@@ -1298,7 +1298,7 @@ MUTANTS = [
     M(
         "noisyquant",
         "no mean shift",
-        "methods/noisyquant.py",
+        "methods/ptq/noisyquant.py",
         "mu = grid_search(lambda m: error(quantizer, m * step), -1.0, 1.0, self.grid, keep=0.0) * step",
         "mu = 0.0",
         "tests/test_noisyquant.py",
@@ -1306,7 +1306,7 @@ MUTANTS = [
     M(
         "noisyquant",
         "no clip search",
-        "methods/noisyquant.py",
+        "methods/ptq/noisyquant.py",
         "if self.clip_search and _searchable(quantizer):",
         "if False:",
         "tests/test_noisyquant.py",
@@ -1314,7 +1314,7 @@ MUTANTS = [
     M(
         "noisyquant",
         "no noise",
-        "methods/noisyquant.py",
+        "methods/ptq/noisyquant.py",
         "noise = mu + k * u",
         "noise = mu + 0 * u",
         "tests/test_noisyquant.py",
@@ -1322,7 +1322,7 @@ MUTANTS = [
     M(
         "noisyquant",
         "clip candidates from the row subsample",
-        "methods/noisyquant.py",
+        "methods/ptq/noisyquant.py",
         "self._clip(quantizer, full_range, error)",
         "self._clip(quantizer, (float(rows.min()), float(rows.max())), error)",
         "tests/test_padding.py",
@@ -1338,7 +1338,7 @@ MUTANTS = [
     M(
         "smoothquant",
         "padding enters the activation maxima",
-        "methods/smoothquant.py",
+        "methods/ptq/smoothquant.py",
         "m = drop_padding(x.detach()).abs()",
         "m = x.detach().abs()",
         "tests/test_padding.py",
@@ -1346,7 +1346,7 @@ MUTANTS = [
     M(
         "mixed",
         "causal LM scored against its own argmax, not the next token",
-        "methods/mixed.py",
+        "methods/ptq/mixed.py",
         'return inputs, inputs["input_ids"][:, 1:]',
         "return inputs, output_logits(run_forward(model, inputs)).argmax(-1)[:, 1:]",
         "tests/test_llm.py",
@@ -1354,7 +1354,7 @@ MUTANTS = [
     M(
         "mixed",
         "padding enters the activation candidates",
-        "methods/mixed.py",
+        "methods/ptq/mixed.py",
         "self._inputs = {name: drop_padding(x.detach()) for name, x in inputs.items()}",
         "self._inputs = {name: x.detach() for name, x in inputs.items()}",
         "tests/test_padding.py",
@@ -1362,7 +1362,7 @@ MUTANTS = [
     M(
         "mixed",
         "sensitivities ignored",
-        "methods/mixed.py",
+        "methods/ptq/mixed.py",
         "b: weight_s[name] * _error(q, model.get_submodule(name).weight)",
         "b: 1.0 * _error(q, model.get_submodule(name).weight)",
         "tests/test_mixed.py",
@@ -1370,7 +1370,7 @@ MUTANTS = [
     M(
         "mixed",
         "critical objective ignored",
-        "methods/mixed.py",
+        "methods/ptq/mixed.py",
         "            loss = loss + self.critical_weight * critical_loss(logits, labels, self.critical, reduction)",
         "            pass",
         "tests/test_mixed.py",
@@ -1378,7 +1378,7 @@ MUTANTS = [
     M(
         "mixed",
         "budget ignored",
-        "methods/mixed.py",
+        "methods/ptq/mixed.py",
         "        picked = allocate(cost, budgets)",
         "        picked = allocate(cost, [])",
         "tests/test_mixed.py",
@@ -1386,7 +1386,7 @@ MUTANTS = [
     M(
         "mixed",
         "negative traces by abs()",
-        "methods/mixed.py",
+        "methods/ptq/mixed.py",
         "return {name: max(value, 0.0) for name, value in measured.items()}",
         "return {name: abs(value) for name, value in measured.items()}",
         "tests/test_mixed.py",
@@ -1394,7 +1394,7 @@ MUTANTS = [
     M(
         "mixed",
         "user override not fixed",
-        "methods/mixed.py",
+        "methods/ptq/mixed.py",
         'weights = [fixed["w_bits"]] if "w_bits" in fixed else self.candidates',
         "weights = self.candidates",
         "tests/test_mixed.py",
@@ -1403,7 +1403,7 @@ MUTANTS = [
     M(
         "qat",
         "no batch-norm folding",
-        "methods/qat.py",
+        "methods/qat/qat.py",
         "self._pairs = conv_bn_pairs(model, convs) if convs else {}",
         "self._pairs = {}",
         "tests/test_qat.py",
@@ -1411,7 +1411,7 @@ MUTANTS = [
     M(
         "bsq",
         "planes never clamped",
-        "methods/bsq.py",
+        "methods/qat/bsq.py",
         "        for _, _, q in bitplane_layers(model, self._layers):\n            q.clamp_planes_(0.0, 2.0)\n\n    def schedule",
         "        pass\n\n    def schedule",
         "tests/test_bsq.py",
@@ -1419,7 +1419,7 @@ MUTANTS = [
     M(
         "bsq",
         "no group Lasso",
-        "methods/bsq.py",
+        "methods/qat/bsq.py",
         "q.pos[0].numel() * q.bits / total * group_lasso(q)",
         "q.pos[0].numel() * q.bits / total * 0 * group_lasso(q)",
         "tests/test_bsq.py",
@@ -1427,7 +1427,7 @@ MUTANTS = [
     M(
         "bsq",
         "fine-tune skipped (never frozen)",
-        "methods/bsq.py",
+        "methods/qat/bsq.py",
         "self._frozen = self.finetune_epochs > 0 and epoch >= epochs - self.finetune_epochs",
         "self._frozen = False",
         "tests/test_bsq.py",
@@ -1435,7 +1435,7 @@ MUTANTS = [
     M(
         "bsq",
         "clipped gradient in the fixed fine-tune",
-        "methods/bsq.py",
+        "methods/qat/bsq.py",
         'RoundClampQuantizer(q.bits, gradient="identity")',
         "RoundClampQuantizer(q.bits)",
         "tests/test_bsq.py",
@@ -1443,7 +1443,7 @@ MUTANTS = [
     M(
         "msq",
         "Hessian rule inverted",
-        "methods/msq.py",
+        "methods/qat/msq.py",
         "sorted(names, key=lambda n: traces[n])[:count]",
         "sorted(names, key=lambda n: -traces[n])[:count]",
         "tests/test_msq.py",
@@ -1451,7 +1451,7 @@ MUTANTS = [
     M(
         "msq",
         "no LSB penalty",
-        "methods/msq.py",
+        "methods/qat/msq.py",
         "(q.lsb(layer.masked_weight()) * q.step).sum()",
         "0 * (q.lsb(layer.masked_weight()) * q.step).sum()",
         "tests/test_msq.py",
@@ -1459,7 +1459,7 @@ MUTANTS = [
     M(
         "msq",
         "LSB never dropped",
-        "methods/msq.py",
+        "methods/qat/msq.py",
         "        for _ in range(min(allowed, q.bits - self.min_bits)):",
         "        for _ in range(0):",
         "tests/test_msq.py",
@@ -1467,7 +1467,7 @@ MUTANTS = [
     M(
         "csq",
         "no temperature annealing",
-        "methods/csq.py",
+        "methods/qat/csq.py",
         "q.beta.fill_(self.t_final ** (epoch / ticket))",
         "q.beta.fill_(1.0)",
         "tests/test_csq.py",
@@ -1475,7 +1475,7 @@ MUTANTS = [
     M(
         "csq",
         "no ticket",
-        "methods/csq.py",
+        "methods/qat/csq.py",
         "                q.hard_mask.fill_(True)",
         "                pass",
         "tests/test_csq.py",
@@ -1483,7 +1483,7 @@ MUTANTS = [
     M(
         "csq",
         "size-weighted budget computed per layer",
-        "methods/csq.py",
+        "methods/qat/csq.py",
         'if budget == "layers":',
         "if True:",
         "tests/test_csq.py",
@@ -1491,7 +1491,7 @@ MUTANTS = [
     M(
         "csq",
         "budget sign ignored",
-        "methods/csq.py",
+        "methods/qat/csq.py",
         "over = selected_fraction(quantizers, self.budget) - self.target_bits / self.start_bits",
         "over = 1.0",
         "tests/test_csq.py",
@@ -1499,7 +1499,7 @@ MUTANTS = [
     M(
         "hero",
         "no Hessian term",
-        "methods/hero.py",
+        "methods/robust/hero.py",
         "return surrogate - surrogate.detach() + gamma * norm",
         "return gamma * norm",
         "tests/test_hero.py",
@@ -1507,7 +1507,7 @@ MUTANTS = [
     M(
         "hero",
         "gradient not normalised",
-        "methods/hero.py",
+        "methods/robust/hero.py",
         "scale = radius / norm.clamp(min=1e-12)",
         "scale = radius",
         "tests/test_hero.py",
@@ -1515,7 +1515,7 @@ MUTANTS = [
     M(
         "sam",
         "gradient at the unperturbed point",
-        "methods/hero.py",
+        "methods/robust/hero.py",
         "moved = gradient({name: p + scale * gi",
         "moved = gradient({name: p + 0 * scale * gi",
         "tests/test_hero.py",
@@ -1523,7 +1523,7 @@ MUTANTS = [
     M(
         "fisher-reg",
         "no Fisher term",
-        "methods/fisher_reg.py",
+        "methods/qat/fisher_reg.py",
         "return self.lam * ",
         "return 0 * self.lam * ",
         "tests/test_mixed.py",
@@ -1531,7 +1531,7 @@ MUTANTS = [
     M(
         "qat",
         "batch norms never frozen",
-        "methods/qat.py",
+        "methods/qat/qat.py",
         "                model.get_submodule(conv).weight_q.freeze()",
         "                pass",
         "tests/test_qat.py",
@@ -1539,7 +1539,7 @@ MUTANTS = [
     M(
         "qat",
         "LSQ step not learned",
-        "methods/qat.py",
+        "methods/qat/qat.py",
         'return UniformQuantizer(c["w_bits"], True, "channel", ch_axis=0, step="learned")',
         'return UniformQuantizer(c["w_bits"], True, "channel", ch_axis=0, dynamic=True)',
         "tests/test_qat.py",
@@ -1547,7 +1547,7 @@ MUTANTS = [
     M(
         "qat",
         "batch norm not folded at finalize",
-        "methods/qat.py",
+        "methods/qat/qat.py",
         "            fold_batchnorm(model.get_submodule(conv), model.get_submodule(bn))",
         "            pass",
         "tests/test_qat.py",
@@ -1555,7 +1555,7 @@ MUTANTS = [
     M(
         "hero",
         "gamma ignored",
-        "methods/hero.py",
+        "methods/robust/hero.py",
         "return finite_difference_penalty(model, batch, self.gamma, self.radius)",
         "return finite_difference_penalty(model, batch, 0.1, self.radius)",
         "tests/test_hero.py",
@@ -1563,7 +1563,7 @@ MUTANTS = [
     M(
         "sam",
         "radius not rho",
-        "methods/hero.py",
+        "methods/robust/hero.py",
         "return finite_difference_penalty(model, batch, self.rho, self.rho)",
         "return finite_difference_penalty(model, batch, self.rho, 2 * self.rho)",
         "tests/test_hero.py",
@@ -1571,7 +1571,7 @@ MUTANTS = [
     M(
         "sam",
         "batch-norm statistics updated by the extra passes",
-        "methods/hero.py",
+        "methods/robust/hero.py",
         "            module._buffers[name] = buffer.clone()",
         "            pass",
         "tests/test_hero.py",
@@ -1579,7 +1579,7 @@ MUTANTS = [
     M(
         "fisher-reg",
         "gradient not squared",
-        "methods/fisher_reg.py",
+        "methods/qat/fisher_reg.py",
         "return sum((g.pow(2).sum() for g in grads), torch.zeros(()))",
         "return sum((g.abs().sum() for g in grads), torch.zeros(()))",
         "tests/test_mixed.py",
@@ -1587,7 +1587,7 @@ MUTANTS = [
     M(
         "fisher-reg",
         "all classes instead of the critical ones",
-        "methods/fisher_reg.py",
+        "methods/qat/fisher_reg.py",
         "loss = critical_loss(model(inputs), labels, classes)",
         "loss = torch.nn.functional.cross_entropy(model(inputs), labels)",
         "tests/test_mixed.py",
@@ -1596,7 +1596,7 @@ MUTANTS = [
     M(
         "prune",
         "keeps the smallest weights",
-        "sparsity.py",
+        "methods/sparse/sparsity.py",
         "mask[torch.argsort(scores.detach(), stable=True)[:drop]] = False",
         "mask[torch.argsort(scores.detach(), stable=True, descending=True)[:drop]] = False",
         "tests/test_sparsity.py",
@@ -1604,7 +1604,7 @@ MUTANTS = [
     M(
         "prune",
         "no gradual schedule",
-        "methods/prune.py",
+        "methods/sparse/prune.py",
         "self.apply(model, self.sparsity * (1 - (1 - epoch / ramp_epochs) ** 3))",
         "pass",
         "tests/test_sparsity.py",
@@ -1612,7 +1612,7 @@ MUTANTS = [
     M(
         "prune",
         "N:M keeps the smallest",
-        "sparsity.py",
+        "methods/sparse/sparsity.py",
         "groups.topk(n, dim=-1).indices",
         "groups.topk(n, dim=-1, largest=False).indices",
         "tests/test_sparsity.py",
@@ -1620,7 +1620,7 @@ MUTANTS = [
     M(
         "deephoyer",
         "no regulariser",
-        "methods/deephoyer.py",
+        "methods/sparse/deephoyer.py",
         "return self.lam * sum(regularizer(model.get_submodule(n).masked_weight()) for n in self._layers)",
         "return 0 * sum(regularizer(model.get_submodule(n).masked_weight()) for n in self._layers)",
         "tests/test_sparsity.py",
@@ -1628,7 +1628,7 @@ MUTANTS = [
     M(
         "deephoyer",
         "never prunes",
-        "methods/deephoyer.py",
+        "methods/sparse/deephoyer.py",
         "                layer.set_mask(threshold_mask(w, self.sensitivity))",
         "                pass",
         "tests/test_sparsity.py",
@@ -1636,7 +1636,7 @@ MUTANTS = [
     M(
         "deephoyer",
         "Hoyer instead of Hoyer-square",
-        "sparsity.py",
+        "methods/sparse/sparsity.py",
         "return w.abs().sum().pow(2) / (w.pow(2).sum() + EPS)",
         "return w.abs().sum() / (w.pow(2).sum().sqrt() + EPS)",
         "tests/test_sparsity.py",
@@ -1644,7 +1644,7 @@ MUTANTS = [
     M(
         "svd-train",
         "no singular-value regulariser",
-        "methods/svd_train.py",
+        "methods/sparse/svd_train.py",
         "total = total + self.lam_s * sum(regularizer(layer.s * layer.keep) for layer in layers)",
         "pass",
         "tests/test_svd_train.py",
@@ -1652,7 +1652,7 @@ MUTANTS = [
     M(
         "svd-train",
         "no orthogonality term",
-        "methods/svd_train.py",
+        "methods/sparse/svd_train.py",
         "total = self.lam_o * sum(layer.orthogonality() for layer in layers)",
         "total = 0 * sum(layer.orthogonality() for layer in layers)",
         "tests/test_svd_train.py",
@@ -1660,7 +1660,7 @@ MUTANTS = [
     M(
         "svd-train",
         "keeps the smallest singular values",
-        "methods/svd_train.py",
+        "methods/sparse/svd_train.py",
         "order = torch.argsort(power, descending=True)",
         "order = torch.argsort(power)",
         "tests/test_svd_train.py",
@@ -1668,7 +1668,7 @@ MUTANTS = [
     M(
         "bitslice",
         "no slice regulariser",
-        "methods/bitslice.py",
+        "methods/qat/bitslice.py",
         "total = total + sum(s.abs().sum() for s in slices) / len(slices)",
         "pass",
         "tests/test_bitslice.py",
@@ -1676,7 +1676,7 @@ MUTANTS = [
     M(
         "bitslice",
         "no pruning threshold",
-        "methods/bitslice.py",
+        "methods/qat/bitslice.py",
         "layer.set_mask(layer.weight.detach().abs() >= self.prune_threshold)",
         "pass",
         "tests/test_bitslice.py",
@@ -1684,7 +1684,7 @@ MUTANTS = [
     M(
         "bitslice",
         "slices not subtracted",
-        "methods/bitslice.py",
+        "methods/qat/bitslice.py",
         "rest = rest - unit * value.detach()",
         "rest = rest",
         "tests/test_bitslice.py",
@@ -1692,7 +1692,7 @@ MUTANTS = [
     M(
         "nvit",
         "random saliency",
-        "methods/nvit.py",
+        "methods/sparse/nvit.py",
         "scores = {key: sum(self._ema[k] for k in self._with_v(key)) for key in keys}",
         "scores = {key: torch.rand_like(sum(self._ema[k] for k in self._with_v(key))) for key in keys}",
         "tests/test_nvit.py",
@@ -1700,7 +1700,7 @@ MUTANTS = [
     M(
         "nvit",
         "highest scores pruned",
-        "methods/nvit.py",
+        "methods/sparse/nvit.py",
         "return sorted(ranked, key=lambda item: item[0])",
         "return sorted(ranked, key=lambda item: -item[0])",
         "tests/test_nvit.py",
@@ -1708,7 +1708,7 @@ MUTANTS = [
     M(
         "nvit",
         "Taylor score without the gradient",
-        "methods/nvit.py",
+        "methods/sparse/nvit.py",
         "lambda p: p * p.grad if p.grad is not None else torch.zeros_like(p)",
         "lambda p: p * p",
         "tests/test_nvit.py",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitsmith import compress
-from bitsmith.methods.bitslice import BitSlice, bit_slices, power_of_two_step
+from bitsmith.methods.qat.bitslice import BitSlice, bit_slices, power_of_two_step
 from bitsmith.train import TrainConfig, accuracy, fit
 from conftest import make_cnn
 from test_qat import toy_data

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bitsmith import compress, load, model_cost, save
-from bitsmith.methods.bsq import BSQ, adjust_precision, fix_scheme
-from bitsmith.methods.msq import MSQ
+from bitsmith.methods.qat.bsq import BSQ, adjust_precision, fix_scheme
+from bitsmith.methods.qat.msq import MSQ
 from bitsmith.quant.bitplane import BitPlaneQuantizer
 from bitsmith.quant.roundclamp import RoundClampQuantizer
 from bitsmith.train import TrainConfig, TrainState, accuracy, fit

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bitsmith import build_method, compress
-from bitsmith.methods.clat import criticality, layer_outputs, parameter_layers
+from bitsmith.methods.robust.clat import criticality, layer_outputs, parameter_layers
 from bitsmith.train import TrainConfig, fit
 from conftest import make_cnn
 

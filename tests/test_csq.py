@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitsmith import compress, load, save
-from bitsmith.methods.csq import CSQ, selected_fraction
+from bitsmith.methods.qat.csq import CSQ, selected_fraction
 from bitsmith.quant.csq import CSQQuantizer
 from conftest import make_cnn
 

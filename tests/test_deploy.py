@@ -12,8 +12,8 @@ from bitsmith import compress
 from bitsmith.deploy import agreement, available_backends, deploy
 from bitsmith.export.pt2e import pt2e_available
 from bitsmith.export.qdq import deployable
-from bitsmith.methods.ptq import PTQ
-from bitsmith.methods.rtn import RTN
+from bitsmith.methods.ptq.ptq import PTQ
+from bitsmith.methods.ptq.rtn import RTN
 from conftest import EXACT_W_BITS, bert_batch, make_bert, make_cnn
 
 pytest.importorskip("onnxruntime")
@@ -99,7 +99,7 @@ def test_torchao_runs_q_k_v_as_one_int8_gemm_per_layer_and_matches(tmp_path: Pat
     pytest.importorskip("transformers")
     from torch.profiler import ProfilerActivity, profile
 
-    from bitsmith.methods.smoothquant import SmoothQuant
+    from bitsmith.methods.ptq.smoothquant import SmoothQuant
 
     model, batch = make_bert(layers=2), bert_batch
     encoder = {"include": ["encoder.*"]}

@@ -21,11 +21,14 @@ def test_python_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_the_readme_lists_every_registered_method_with_its_page() -> None:
-    from bitsmith.method import METHODS, methods_markdown
+    from bitsmith.method import METHODS, families_markdown, methods_markdown
 
     readme = (ROOT / "README.md").read_text()
     listed = readme.split("<!-- methods -->\n")[1].split("\n<!-- /methods -->")[0]
     assert listed == methods_markdown(), "README's methods table is stale: paste `bitsmith methods --markdown`"
+    assert families_markdown() in readme.split("## Set-up")[0], (
+        "README's opening list is stale: paste `bitsmith methods --families`"
+    )
     for name, cls in METHODS.items():
         assert (ROOT / "docs" / "methods" / f"{cls.doc_page or name}.md").is_file(), f"{name} has no page"
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bitsmith import Ensemble, build_method, compress, load, save
-from bitsmith.methods.dverge import distill, feature_layers, features
+from bitsmith.methods.ensembles.dverge import distill, feature_layers, features
 from bitsmith.robust import AttackSpec
 from bitsmith.robust.diversity import disagreement, transferability
 from conftest import TinyCNN, make_cnn, make_ensemble

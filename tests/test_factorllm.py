@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bitsmith import build_method, compress, load, save
-from bitsmith.moe import MoEFeedForward, moe_layers, prior_approximate_loss, prior_labels
+from bitsmith.methods.moe.experts import MoEFeedForward, moe_layers, prior_approximate_loss, prior_labels
 from conftest import make_llama, token_batches
 
 
@@ -78,7 +78,7 @@ class PairFFN(torch.nn.Module):
 def test_the_prior_approximate_stage_routes_each_token_to_the_experts_that_compute_it() -> None:
     """Trained on the PA pseudo-labels, the router's top-2 is each token's true pair of experts; the untrained
     router and random routing are mostly wrong."""
-    from bitsmith.methods.factorllm import train_router
+    from bitsmith.methods.moe.factorllm import train_router
 
     dense = PairFFN()
     x, truth = dense.tokens(512)
@@ -133,7 +133,7 @@ def test_bad_expert_counts_name_the_allowed_range(entry: dict, message: str) -> 
 def test_trained_experts_learn_from_a_frozen_dense_teacher(monkeypatch: pytest.MonkeyPatch) -> None:
     """With train_experts the teacher's logits at every step are the original dense model's: the experts that
     train are not the teacher."""
-    from bitsmith.methods import factorllm
+    from bitsmith.methods.moe import factorllm
 
     model = make_llama()
     before = copy.deepcopy(model)

@@ -11,8 +11,8 @@ import torch
 
 from bitsmith import build_method, compress
 from bitsmith.alloc import AtLeast, Budget, allocate
-from bitsmith.methods.gemq import expert_coefficients
-from bitsmith.moe import MoEFeedForward, moe_layers
+from bitsmith.methods.moe.experts import MoEFeedForward, moe_layers
+from bitsmith.methods.moe.gemq import expert_coefficients
 from conftest import make_llama, token_batches
 
 
@@ -41,7 +41,7 @@ def test_coefficients_are_the_gradient_weighted_change_of_the_block_output() -> 
 
 
 def build_expert_rtn(moe: MoEFeedForward, e: int, bits: int) -> torch.nn.Module:
-    from bitsmith.methods.gemq import rtn_expert
+    from bitsmith.methods.moe.gemq import rtn_expert
 
     return rtn_expert(moe.experts[e], bits, 32, "x")
 
@@ -49,7 +49,7 @@ def build_expert_rtn(moe: MoEFeedForward, e: int, bits: int) -> torch.nn.Module:
 def test_global_allocation_gives_the_bits_to_the_sensitive_layer() -> None:
     """Layer b's experts are 100x more sensitive than layer a's: the global program moves bits from a to b; the
     per-layer program cannot (each layer must average 2 bits); both meet the budget."""
-    from bitsmith.methods.gemq import GEMQ
+    from bitsmith.methods.moe.gemq import GEMQ
 
     cost = {}
     for layer, weight in (("a", 1.0), ("b", 100.0)):
@@ -86,9 +86,9 @@ def test_global_allocation_gives_the_bits_to_the_sensitive_layer() -> None:
 def test_one_bit_experts_are_sign_times_mean_magnitude() -> None:
     """The official 1-bit quantizer: each group of a row becomes sign(w) * mean|w| (relative error 1 - 2/pi for
     Gaussian weights), in the coefficient pass (RTN) and in GPTQ; min-max {0, range} would zero most weights."""
-    from bitsmith.methods.gemq import rtn_expert
-    from bitsmith.methods.gptq import gptq_quantize
-    from bitsmith.moe import Expert
+    from bitsmith.methods.llm.gptq import gptq_quantize
+    from bitsmith.methods.moe.experts import Expert
+    from bitsmith.methods.moe.gemq import rtn_expert
 
     torch.manual_seed(0)
     expert = Expert(64, 128, torch.nn.SiLU())
@@ -142,7 +142,7 @@ def test_gemq_needs_a_mixture_of_experts() -> None:
 
 
 def test_output_gradients_are_the_loss_gradients_at_each_moe_output() -> None:
-    from bitsmith.methods.gemq import output_gradients
+    from bitsmith.methods.moe.gemq import output_gradients
 
     model, calib = factorized(steps=5)
     ids = calib[0]["input_ids"][:1]

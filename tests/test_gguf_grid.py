@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf")  # the `llm` extra
 
 from bitsmith import build_method, compress  # noqa: E402
 from bitsmith.export.gguf_blocks import pack, unpack  # noqa: E402
-from bitsmith.methods.gptq import gptq_quantize  # noqa: E402
+from bitsmith.methods.llm.gptq import gptq_quantize  # noqa: E402
 from bitsmith.quant.gguf_grid import GRIDS, fp16, super_scales  # noqa: E402
 from bitsmith.quant.uniform import UniformQuantizer  # noqa: E402
 from conftest import make_llama, token_batches  # noqa: E402

@@ -12,8 +12,8 @@ from bitsmith import compress
 from bitsmith.export.graph_passes import fuse_shared_input_linears, share_input_quantize
 from bitsmith.export.pt2e import export_graph
 from bitsmith.export.qdq import deployable
-from bitsmith.methods.ptq import PTQ
-from bitsmith.methods.smoothquant import SmoothQuant
+from bitsmith.methods.ptq.ptq import PTQ
+from bitsmith.methods.ptq.smoothquant import SmoothQuant
 from conftest import bert_batch, make_bert
 
 pytest.importorskip("transformers")

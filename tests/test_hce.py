@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bitsmith import build_method, compress
-from bitsmith.methods.hce import js_divergence, non_target_distributions, non_target_diversity
+from bitsmith.methods.ensembles.hce import js_divergence, non_target_distributions, non_target_diversity
 from conftest import make_ensemble
 
 

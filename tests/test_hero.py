@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bitsmith.methods.hero import HERO, SAM
+from bitsmith.methods.robust.hero import HERO, SAM
 
 
 def tiny() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:

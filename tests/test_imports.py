@@ -63,3 +63,29 @@ def test_the_modules_import_each_other_without_circles() -> None:
 def test_a_circle_is_found() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+FRONT_DOORS = {"bitsmith.cli", "bitsmith.cli_eval", "bitsmith.cli_scale", "bitsmith.tune", "bitsmith.sweep"}
+
+
+def family(module: str) -> str | None:
+    """The method family (``bitsmith.methods.FAMILY.*``) a module belongs to, or None for the core."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["bitsmith", "methods"] else None
+
+
+def test_families_meet_only_through_the_core() -> None:
+    """A family imports no other family; the core imports no family; a front door (the CLI, tuning, sweeps)
+    imports from one family at most. What two families need lives in the core."""
+    graph = import_graph()
+    crossings = []
+    for module, targets in graph.items():
+        families = {family(t) for t in targets} - {None, family(module)}
+        own = family(module)
+        if own is not None and families:
+            crossings.append(f"{module} (family {own}) imports family {sorted(families)}")
+        elif own is None and module not in FRONT_DOORS and families:
+            crossings.append(f"core module {module} imports family {sorted(families)}")
+        elif module in FRONT_DOORS and len(families) > 1:
+            crossings.append(f"{module} imports two families {sorted(families)}")
+    assert not crossings, crossings

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bitsmith import build_method, compress, load, model_cost, save
-from bitsmith.methods.liftquant import lift_gptq
+from bitsmith.methods.llm.liftquant import lift_gptq
 from bitsmith.quant.lattice import LiftCodebook, pack_signs, rate_pair, sign_table, unpack_signs
 from bitsmith.quant.lift import LiftQuantizer, rotate
 from conftest import make_llama, token_batches

@@ -13,8 +13,8 @@ from torch import nn
 
 from bitsmith import build_method, compress
 from bitsmith.eval.lm import windows
-from bitsmith.methods.awq import search_scales
-from bitsmith.methods.gptq import gptq_quantize
+from bitsmith.methods.llm.awq import search_scales
+from bitsmith.methods.llm.gptq import gptq_quantize
 from bitsmith.nn import QLinear
 from bitsmith.sequential import sequential
 from bitsmith.topology import topology_of
@@ -349,7 +349,7 @@ def test_smoothquant_smooths_decoder_blocks_in_place_and_keeps_the_float_model(m
 def test_mixed_scores_a_causal_lm_on_next_tokens_and_gptq_keeps_its_bits() -> None:
     """``mixed`` measures a decoder's sensitivity on its own objective (the HF next-token loss, not the
     model's argmax), and ``[mixed, gptq]`` is mixed-precision GPTQ: every layer keeps its allocated bits."""
-    from bitsmith.methods.mixed import MixedPrecision
+    from bitsmith.methods.ptq.mixed import MixedPrecision
 
     model = make_llama()
     calib = token_batches(count=2, batch=4, length=16)
@@ -412,7 +412,7 @@ def test_awq_scores_the_attention_group_on_the_attention_output(monkeypatch: pyt
     """q/k/v's scales are scored on what the attention module outputs (the official ``module2inspect``), so the
     attention itself runs inside the search, not only the three linears; the block's other linears (o_proj)
     compute in float there, as in the official search."""
-    from bitsmith.methods import awq
+    from bitsmith.methods.llm import awq
 
     calls: list[tuple[str, bool]] = []
     real = awq._call

@@ -131,7 +131,7 @@ def test_method_contract(name: str, tmp_path: Path, images: torch.Tensor, calib:
 
 
 def test_registry_rejects_duplicates_and_names_options() -> None:
-    from bitsmith.methods.ptq import PTQ
+    from bitsmith.methods.ptq.ptq import PTQ
 
     with pytest.raises(ValueError, match="already registered"):
         METHODS.register("ptq")(type("Other", (PTQ,), {}))

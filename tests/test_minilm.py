@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitsmith import compress
-from bitsmith.methods.ptq import PTQ
+from bitsmith.methods.ptq.ptq import PTQ
 from bitsmith.zoo.text import docstring_pairs, sentences
 
 minilm = pytest.importorskip("bitsmith.zoo.minilm")

@@ -12,9 +12,9 @@ from bitsmith import compress, model_cost
 from bitsmith.alloc import Budget, allocate
 from bitsmith.critical import critical_loss, critical_targets, merge_noncritical
 from bitsmith.eval.tasks import ClassificationTask
-from bitsmith.methods.fisher_reg import FisherTraceRegularizer
-from bitsmith.methods.mixed import MixedPrecision
-from bitsmith.methods.qat import QAT
+from bitsmith.methods.ptq.mixed import MixedPrecision
+from bitsmith.methods.qat.fisher_reg import FisherTraceRegularizer
+from bitsmith.methods.qat.qat import QAT
 from bitsmith.sensitivity import fisher_traces, hutchinson_traces, top_eigenvalues
 from conftest import make_cnn
 

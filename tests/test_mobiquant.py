@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from bitsmith import build_method, compress, load, save
+from bitsmith.methods.llm.routing import RoutedQLinear, average_bits, set_operating_point
 from bitsmith.quant.slices import SliceQuantizer
-from bitsmith.routing import RoutedQLinear, average_bits, set_operating_point
 from conftest import make_llama, token_batches
 from test_llm import BLOCKS
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from bitsmith import compress, load, model_cost, save
-from bitsmith.methods.bsq import BSQ
-from bitsmith.methods.msq import MSQ
+from bitsmith.methods.qat.bsq import BSQ
+from bitsmith.methods.qat.msq import MSQ
 from bitsmith.quant.roundclamp import RoundClampQuantizer
 from bitsmith.train import TrainConfig, accuracy, fit
 from conftest import make_cnn
@@ -61,7 +61,7 @@ def test_msq_lowers_bits_with_far_fewer_trainable_parameters_than_bsq(tmp_path: 
 
 
 def test_the_least_hessian_sensitive_layers_drop_several_lsbs_at_once(calib: list, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import bitsmith.methods.msq as msq_module
+    import bitsmith.methods.qat.msq as msq_module
 
     traces = {"stem": 3.0, "conv": 1.0, "fc1": 2.0, "fc2": 4.0}  # per weight: conv and fc1 are the flattest
     monkeypatch.setattr(

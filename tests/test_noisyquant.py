@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from bitsmith import compress, load, save, strip
-from bitsmith.methods.noisyquant import NoisyQuant, grid_search
-from bitsmith.methods.ptq import PTQ
-from bitsmith.methods.smoothquant import SmoothQuant
+from bitsmith.methods.ptq.noisyquant import NoisyQuant, grid_search
+from bitsmith.methods.ptq.ptq import PTQ
+from bitsmith.methods.ptq.smoothquant import SmoothQuant
 from bitsmith.nn import QLinear
 from bitsmith.quant.noisy import NoisyBias
 from bitsmith.quant.uniform import UniformQuantizer

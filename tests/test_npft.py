@@ -8,7 +8,7 @@ import copy
 import torch
 
 from bitsmith import build_method, compress
-from bitsmith.methods.npft import outlier_mask, outlier_noise
+from bitsmith.methods.llm.npft import outlier_mask, outlier_noise
 from conftest import make_llama, token_batches
 from test_llm import BLOCKS
 
@@ -62,7 +62,7 @@ def test_the_noise_is_seen_while_training_and_gone_afterwards() -> None:
 def test_the_noise_goes_where_the_fisher_information_is_largest(monkeypatch) -> None:  # noqa: ANN001
     """Each round's outliers are the top-``sensitivity`` % entries of that round's Fisher diagonal, layer by layer
     (not the largest weights)."""
-    from bitsmith.methods import npft
+    from bitsmith.methods.llm import npft
 
     fishers: list[dict[str, torch.Tensor]] = []
     masks: list[torch.Tensor] = []

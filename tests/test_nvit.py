@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bitsmith import compress
-from bitsmith.methods.nvit import NViT
+from bitsmith.methods.sparse.nvit import NViT
 from bitsmith.structure import EMB, dims, macs, remove_units, shrink_to, structure_counts, unit_sums
 from bitsmith.train import TrainConfig, fit
 from bitsmith.zoo.vision import ResNetCNN, ViT

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from bitsmith import compress
-from bitsmith.methods.noisyquant import NoisyQuant
-from bitsmith.methods.ptq import PTQ
-from bitsmith.methods.rtn import RTN
-from bitsmith.methods.smoothquant import SmoothQuant
+from bitsmith.methods.ptq.noisyquant import NoisyQuant
+from bitsmith.methods.ptq.ptq import PTQ
+from bitsmith.methods.ptq.rtn import RTN
+from bitsmith.methods.ptq.smoothquant import SmoothQuant
 from conftest import EXACT_W_BITS, bert_batch, make_bert, make_cnn, make_vit
 from test_noisyquant import make_model, tokens
 

@@ -71,7 +71,7 @@ def test_noisyquant_ignores_padding() -> None:
 
 
 def test_noisyquant_clip_candidates_span_all_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bitsmith.methods.noisyquant import NoisyQuant
+    from bitsmith.methods.ptq.noisyquant import NoisyQuant
 
     ranges: list[tuple[float, float]] = []
     real = NoisyQuant._clip

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bitsmith import build_method, compress
-from bitsmith.methods.pat import SharedMask
+from bitsmith.methods.sparse.pat import SharedMask
 from conftest import make_llama, token_batches
 
 
@@ -68,7 +68,7 @@ def dead_channel_model() -> tuple[torch.nn.Module, torch.Tensor]:
 def test_the_mask_sits_on_every_residual_writer_and_learns_from_the_lm_loss() -> None:
     """The next-token loss reaches the shared mask through every HSM: the logits of channels the model uses get
     gradient, those of the never-used channels get none."""
-    from bitsmith.methods.pat import HSM
+    from bitsmith.methods.sparse.pat import HSM
 
     model, live = dead_channel_model()
     method = build_method({"name": "pat", "target": 48, "steps": 10, "hsm_rank": 8})

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bitsmith import build_method, compress, load, save
-from bitsmith.methods.precision_routing import token_router
-from bitsmith.routing import average_bits, set_operating_point
+from bitsmith.methods.llm.precision_routing import token_router
+from bitsmith.methods.llm.routing import average_bits, set_operating_point
 from conftest import make_llama, token_batches
 from test_llm import BLOCKS
 

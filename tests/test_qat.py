@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bitsmith import compress, load, save
-from bitsmith.methods.qat import QAT
+from bitsmith.methods.qat.qat import QAT
 from bitsmith.quant.bnfold import BatchNormFolded, conv_bn_pairs
 from bitsmith.train import TrainConfig, accuracy, fit
 from conftest import make_cnn
@@ -68,7 +68,7 @@ def test_batchnorm_folding_can_be_turned_off() -> None:
 
 
 def test_batchnorm_pairs_are_found_after_another_method_swapped_the_layers() -> None:
-    from bitsmith.methods.bsq import BSQ
+    from bitsmith.methods.qat.bsq import BSQ
 
     model = make_cnn()
     x = toy_data(64)[0]

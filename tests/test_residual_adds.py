@@ -13,7 +13,7 @@ from torch import nn
 
 from bitsmith import compress
 from bitsmith.export.checkpoint import load, save
-from bitsmith.methods.ptq import PTQ
+from bitsmith.methods.ptq.ptq import PTQ
 from bitsmith.nn import QInput, QOutput
 from bitsmith.zoo.vision import ResNetCNN
 from conftest import EXACT_W_BITS, make_cnn

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bitsmith import build_method, compress
-from bitsmith.methods.clat import parameter_layers
+from bitsmith.methods.robust.clat import parameter_layers
 from bitsmith.sam import SharpnessStep
 from conftest import make_vit
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bitsmith import build_method, compress
-from bitsmith.methods.sharpbalance import flattest, per_sample_sharpness, sam_sets
+from bitsmith.methods.ensembles.sharpbalance import flattest, per_sample_sharpness, sam_sets
 from conftest import make_ensemble
 
 
@@ -80,7 +80,7 @@ def test_before_balance_every_member_trains_with_sam_on_all_samples() -> None:
 def test_the_sam_sets_come_from_each_members_own_per_sample_sharpness() -> None:
     """After balance_from, member i's SAM samples are the other members' flattest under their measured sharpness
     (random subsets of the same size would not match)."""
-    from bitsmith.methods.sharpbalance import per_sample_sharpness
+    from bitsmith.methods.ensembles.sharpbalance import per_sample_sharpness
 
     model = make_ensemble()
     x, y = batch()

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bitsmith import compress
-from bitsmith.methods.deephoyer import DeepHoyer
-from bitsmith.methods.prune import Prune
-from bitsmith.sparsity import (
+from bitsmith.methods.sparse.deephoyer import DeepHoyer
+from bitsmith.methods.sparse.prune import Prune
+from bitsmith.methods.sparse.sparsity import (
     REGULARIZERS,
     group_hoyer_square,
     hoyer_square,
@@ -95,7 +95,7 @@ def test_deephoyer_trains_prunes_to_exact_zeros_and_fine_tunes() -> None:
 @pytest.mark.parametrize("quantize", [False, True])
 def test_pruned_checkpoints_store_only_the_kept_weights(quantize: bool, tmp_path, calib: list) -> None:
     from bitsmith import load, model_cost, save
-    from bitsmith.methods.ptq import PTQ
+    from bitsmith.methods.ptq.ptq import PTQ
 
     model = make_cnn()
     methods = [Prune(sparsity=0.9, scope="layer"), *([PTQ(w_bits=4, a_bits=8)] if quantize else [])]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bitsmith import compress, load, save
-from bitsmith.methods.svd_train import SVDLayer, SVDTraining
+from bitsmith.methods.sparse.svd_train import SVDLayer, SVDTraining
 from bitsmith.nn import LowRankConv2d, LowRankLinear
 from bitsmith.train import TrainConfig, accuracy, fit
 from conftest import make_cnn
@@ -49,7 +49,7 @@ def test_svd_training_lowers_the_rank_and_round_trips(tmp_path: Path) -> None:
 
 
 def test_the_penalty_is_the_singular_value_sparsity_plus_the_orthogonality_term(calib: list) -> None:
-    from bitsmith.sparsity import REGULARIZERS
+    from bitsmith.methods.sparse.sparsity import REGULARIZERS
 
     model = make_cnn()
     method = SVDTraining(lam_s=0.2, lam_o=3.0, where={"types": ["Linear"]})

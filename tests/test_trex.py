@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bitsmith import build_method, compress
-from bitsmith.methods.trex import TRexLinear, intuition_prior, semantic_prior, trex_layers
+from bitsmith.methods.moe.trex import TRexLinear, intuition_prior, semantic_prior, trex_layers
 
 
 def randomized(layer: TRexLinear, seed: int = 0) -> TRexLinear:

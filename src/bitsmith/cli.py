@@ -76,10 +76,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from bitsmith.method import METHODS, methods_markdown
+    from bitsmith.method import METHODS, families_markdown, methods_markdown
 
     if args.markdown:
         print(methods_markdown())
+        return 0
+    if args.families:
+        print(families_markdown())
         return 0
     table = Table("method", "description", "hooks")
     for name, cls in METHODS.items():
@@ -220,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tasks", help="list the task kinds a recipe can name (task:)").set_defaults(func=cmd_tasks)
     methods = sub.add_parser("methods", help="list registered methods")
     methods.add_argument("--markdown", action="store_true", help="the README's methods table")
+    methods.add_argument("--families", action="store_true", help="the README's list of method families")
     methods.set_defaults(func=cmd_methods)
     sub.add_parser("zoo", help="list zoo models and datasets").set_defaults(func=cmd_zoo)
 

@@ -81,7 +81,7 @@ def _eval_attacks(args: argparse.Namespace, model: Any, task: Any) -> int:
 
 def _eval_precisions(args: argparse.Namespace, model: Any, task: Any) -> int:
     """One MoBiQuant checkpoint read at several fixed slice counts and router thresholds, never re-quantized."""
-    from bitsmith.routing import average_bits, set_operating_point
+    from bitsmith.methods.llm.routing import average_bits, set_operating_point
 
     points = [(f"{k} slices", {"slices": k}) for k in args.slices or []]
     points += [(f"router threshold {t:g}", {"threshold": t}) for t in args.threshold or []]

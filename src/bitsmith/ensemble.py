@@ -3,7 +3,7 @@
 :class:`Ensemble` returns the log of its members' mean softmax (DVERGE's ensemble prediction), so top-1,
 cross-entropy and every attack treat it as one classifier. Each member is an ordinary module under
 ``members.<i>``: a method's selection can compress one member differently from another
-(``where: {include: ["members.0.*"]}``). The ``ensemble`` method (``methods/deep_ensemble.py``) trains the
+(``where: {include: ["members.0.*"]}``). The ``ensemble`` method (``methods/ensembles/deep_ensemble.py``) trains the
 members independently; DVERGE, SharpBalance and HCE train them together with their own objectives.
 """
 

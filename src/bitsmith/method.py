@@ -142,6 +142,29 @@ def methods_markdown() -> str:
     return "\n".join(lines)
 
 
+def method_family(cls: type) -> str:
+    """The family package of a method class (``bitsmith.methods.FAMILY.module``), or ``plugin`` for one registered
+    from elsewhere."""
+    parts = cls.__module__.split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["bitsmith", "methods"] else "plugin"
+
+
+def families_markdown() -> str:
+    """The README's opening list (``bitsmith methods --families``): each family, named by the first words of its
+    package docstring, with its registered methods."""
+    import importlib
+
+    groups: dict[str, list[str]] = {}
+    for name, cls in METHODS.items():
+        groups.setdefault(method_family(cls), []).append(name)
+    lines = []
+    for family, names in sorted(groups.items()):
+        doc = importlib.import_module(f"bitsmith.methods.{family}").__doc__ or family if family != "plugin" else ""
+        title = doc.split(":")[0].strip() or "Plugins"
+        lines.append(f"- **{title}** (`methods/{family}/`): " + ", ".join(f"`{n}`" for n in names))
+    return "\n".join(lines)
+
+
 def build_method(entry: dict[str, Any]) -> Method:
     """Construct a method from a recipe entry ``{"name": ..., field: value, ...}``."""
     entry = dict(entry)

@@ -5,7 +5,7 @@ out-of-distribution class, on a shared trunk with one branch per subtask.
 runs over its classes *and* its OOD class), so arg-max classifies and the largest in-distribution probability over
 all branches is the OOD score (low when every branch calls the input "not mine"). ``class_groups`` clusters the
 classes by the class-mean features of a trained model; ``zoo.vision.split_cnn`` builds the zoo CNN's split version at
-the single model's MACs. The ``split-ensemble`` method trains it (``methods/split_ensemble.py``).
+the single model's MACs. The ``split-ensemble`` method trains it (``methods/ensembles/split_ensemble.py``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from bitsmith.data import concat_batches
 from bitsmith.eval.report import LOWER_IS_BETTER, quality
 from bitsmith.files import atomic_write_text, check_run, writable_folder
 from bitsmith.method import build_method
-from bitsmith.methods.ptq import PTQ
+from bitsmith.methods.ptq.ptq import PTQ
 from bitsmith.progress import log
 from bitsmith.recipe import Recipe, RecipeError, load_recipe
 from bitsmith.sweep import fingerprint_of, finished, run_on_ray, run_one

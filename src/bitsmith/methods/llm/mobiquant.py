@@ -3,7 +3,7 @@
 Spec: ``shared/methods/mobiquant.md`` (no official code). Each selected Linear stores ``slices`` residual
 slices of ``slice_bits`` bits per weight (default 4 x 2: one model read at 2, 4, 6 or 8 bits), floor-aligned so
 that reading fewer slices is dropping LSBs (``bitsmith.quant.slices``). A per-layer 2-layer MLP router picks,
-per token, how many slices that token reads (``bitsmith.routing``); its threshold is the runtime operating
+per token, how many slices that token reads (``bitsmith.methods.llm.routing``); its threshold is the runtime operating
 point. Calibration is layer by layer (decoder blocks through ``bitsmith.sequential``, each block fed by the
 quantized blocks before it; other models in one pass):
 
@@ -35,10 +35,10 @@ from torch import Tensor, nn
 
 from bitsmith.data import drop_padding
 from bitsmith.method import Method, eval_mode, register_method, run_forward
+from bitsmith.methods.llm.routing import RoutedQLinear
 from bitsmith.nn import as_linear
 from bitsmith.quant.layers import float_weights
 from bitsmith.quant.slices import SliceQuantizer
-from bitsmith.routing import RoutedQLinear
 from bitsmith.sequential import BlockInputs, run_block, sequential
 from bitsmith.swap import swap
 from bitsmith.topology import DecoderTopology, has_topology

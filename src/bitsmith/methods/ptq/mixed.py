@@ -51,7 +51,7 @@ from bitsmith.critical import critical_loss
 from bitsmith.data import concat_batches, drop_padding, first_example, real_tokens
 from bitsmith.eval.cost import measure_macs
 from bitsmith.method import eval_mode, output_logits, register_method, run_forward
-from bitsmith.methods.ptq import PTQ
+from bitsmith.methods.ptq.ptq import PTQ
 from bitsmith.quant.layers import attach, observe_inputs
 from bitsmith.sensitivity import Target, captured_inputs, fisher_traces, hutchinson_traces, top_eigenvalues
 

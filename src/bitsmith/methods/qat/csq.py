@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.method import register_method
-from bitsmith.methods.bsq import BitLevelMethod, layers_with
+from bitsmith.methods.qat.bsq import BitLevelMethod, layers_with
 from bitsmith.nn import QuantizedMixin
 from bitsmith.quant.csq import CSQQuantizer
 from bitsmith.quant.uniform import Bits

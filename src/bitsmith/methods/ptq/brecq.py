@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from bitsmith.method import register_method
-from bitsmith.methods.ptq import PTQ
+from bitsmith.methods.ptq.ptq import PTQ
 from bitsmith.quant.layers import observe_inputs
 from bitsmith.reconstruct import ReconstructionConfig, reconstruct
 

@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 from bitsmith.data import token_windows
 from bitsmith.method import Method, eval_mode, register_method
+from bitsmith.methods.llm.routing import TOKEN_SLICES, routed_layers
 from bitsmith.nn import register_compressed
 from bitsmith.progress import log
-from bitsmith.routing import TOKEN_SLICES, routed_layers
 from bitsmith.swap import set_submodule
 from bitsmith.topology import topology_of
 

@@ -24,8 +24,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.method import eval_mode, register_method
-from bitsmith.methods.adv_train import PGDSettings
-from bitsmith.methods.clat import SELECTION_IMAGES, parameter_layers, train_only
+from bitsmith.methods.robust.adv_train import PGDSettings
+from bitsmith.methods.robust.clat import SELECTION_IMAGES, parameter_layers, train_only
 from bitsmith.robust.attacks import pgd
 from bitsmith.sam import SharpnessStep
 

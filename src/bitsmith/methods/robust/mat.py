@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from bitsmith.method import eval_mode, register_method
-from bitsmith.methods.adv_train import PGDSettings
+from bitsmith.methods.robust.adv_train import PGDSettings
 from bitsmith.robust.attacks import pgd
 
 

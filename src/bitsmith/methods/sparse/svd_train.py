@@ -28,8 +28,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.method import Method, register_method
+from bitsmith.methods.sparse.sparsity import REGULARIZERS
 from bitsmith.nn import LowRankConv2d, LowRankLinear, as_linear, conv_args
-from bitsmith.sparsity import REGULARIZERS
 from bitsmith.swap import swap
 
 

@@ -1,7 +1,7 @@
 """DeepHoyer (Yang, Wen & Li, ICLR 2020): scale-invariant sparsity regularisers, then prune and fine-tune.
 
 Spec: ``shared/methods/deephoyer.md`` (code: yanghr/DeepHoyer). Training adds ``lam * sum_l R(W_l)``
-with ``R`` one of ``bitsmith.sparsity.REGULARIZERS``: ``hoyer-square`` (element-wise, the paper's) or
+with ``R`` one of ``bitsmith.methods.sparse.sparsity.REGULARIZERS``: ``hoyer-square`` (element-wise, the paper's) or
 ``group-hoyer-square`` (input and output channels), and the baselines ``l1``, ``hoyer``,
 ``transformed-l1``, ``group-lasso``. After ``epochs - finetune_epochs`` epochs (the ``schedule`` hook),
 or at ``finalize`` without training, the weights are pruned to exact zeros: element-wise
@@ -23,8 +23,8 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.method import Method, register_method
+from bitsmith.methods.sparse.sparsity import REGULARIZERS, STRUCTURED, group_norms, group_threshold_mask, threshold_mask
 from bitsmith.quant.layers import attach
-from bitsmith.sparsity import REGULARIZERS, STRUCTURED, group_norms, group_threshold_mask, threshold_mask
 
 Regularizer = Literal["hoyer-square", "group-hoyer-square", "l1", "hoyer", "transformed-l1", "group-lasso"]
 

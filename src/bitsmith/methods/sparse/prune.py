@@ -16,8 +16,8 @@ from pydantic import Field
 from torch import nn
 
 from bitsmith.method import Method, register_method
+from bitsmith.methods.sparse.sparsity import magnitude_masks, nm_mask
 from bitsmith.quant.layers import attach
-from bitsmith.sparsity import magnitude_masks, nm_mask
 
 
 @register_method("prune")

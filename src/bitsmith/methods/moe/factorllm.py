@@ -2,7 +2,7 @@
 Models"): a dense LLM's FFNs split into experts with a top-k router, trained against the dense teacher.
 
 Spec: ``shared/methods/factorllm.md``; official code ``zhenwuweihe/FactorLLM`` (``new_model_KD.py``,
-``loss.py``, ``train.py``). Each decoder block's FFN becomes a ``bitsmith.moe.MoEFeedForward``: ``experts``
+``loss.py``, ``train.py``). Each decoder block's FFN becomes a ``bitsmith.methods.moe.experts.MoEFeedForward``: ``experts``
 contiguous slices of its intermediate neurons (no new weights; all experts on = the dense FFN exactly), a
 linear router, the top ``top_k`` experts per token (default ``experts / 2``), output ``(E / k) * sum`` of the
 chosen experts. The Prior-Approximate (PA) loss: per token, the k experts whose own output is closest (MSE) to
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from bitsmith.data import token_windows
 from bitsmith.finetune import only_trainable
 from bitsmith.method import Method, register_method
-from bitsmith.moe import (
+from bitsmith.methods.moe.experts import (
     MoEFeedForward,
     balance_loss,
     check_moe_shape,

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from bitsmith.method import register_method
-from bitsmith.methods.brecq import BRECQ
+from bitsmith.methods.ptq.brecq import BRECQ
 from bitsmith.qdiffusion import concat_splits
 from bitsmith.quant.base import build_quantizer
 from bitsmith.quant.layers import observe_inputs

@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.method import eval_mode, frozen_norm_statistics, register_method
-from bitsmith.methods.adv_train import PGDSettings
+from bitsmith.methods.robust.adv_train import PGDSettings
 from bitsmith.robust.attacks import pgd
 
 SELECTION_IMAGES = 256  # calibration images kept for re-selection

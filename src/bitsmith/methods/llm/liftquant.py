@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from bitsmith.files import atomic_write
 from bitsmith.method import Method, register_method
-from bitsmith.methods.gptq import inverse_hessian_factor, layer_hessians, without_dead_columns
+from bitsmith.methods.llm.gptq import inverse_hessian_factor, layer_hessians, without_dead_columns
 from bitsmith.nn import QLinear
 from bitsmith.progress import log
 from bitsmith.quant.lattice import DEFAULT_PADDING_BITS, MAX_PADDING_BITS, LiftCodebook, rate_pair

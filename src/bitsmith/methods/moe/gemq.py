@@ -45,7 +45,7 @@ from bitsmith.alloc import AtLeast, Budget, allocate
 from bitsmith.data import token_windows
 from bitsmith.finetune import only_trainable
 from bitsmith.method import Method, build_method, register_method
-from bitsmith.moe import Expert, MoEFeedForward, selected_moe_layers
+from bitsmith.methods.moe.experts import Expert, MoEFeedForward, selected_moe_layers
 from bitsmith.progress import log
 from bitsmith.quant.layers import grouped_weight_quantizer
 from bitsmith.sequential import BlockInputs, module_inputs, sequential

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from bitsmith import distributed
 from bitsmith.method import eval_mode, register_method
-from bitsmith.methods.bsq import PrecisionSearch, layers_with
+from bitsmith.methods.qat.bsq import PrecisionSearch, layers_with
 from bitsmith.nn import QuantizedMixin
 from bitsmith.quant.roundclamp import RoundClampQuantizer
 from bitsmith.sensitivity import hutchinson_traces

@@ -1,0 +1,12 @@
+"""Quantization-aware training and bit-level precision search: QAT (STE / LSQ), BSQ, CSQ, MSQ, the Fisher-trace regulariser, bit-slice sparsity.
+
+Importing this package registers its methods."""
+
+from bitsmith.methods.qat import (  # noqa: F401  (imported to register)
+    bitslice,
+    bsq,
+    csq,
+    fisher_reg,
+    msq,
+    qat,
+)
