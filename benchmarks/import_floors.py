@@ -47,9 +47,9 @@ def walk(recipe: str, src: Path, floor_of: dict[str, int], first: int = 400) -> 
     """Trace ``bitsmith run recipe --smoke``: module-to-module calls, climbs (and those in the first ``first``
     calls), calls from other modules back into ``bitsmith.run``, and the most frequent climbs."""
     sys.path.insert(0, str(src))
-    from bitsmith.cli import main
-
     from collections import Counter
+
+    from bitsmith.cli import main
 
     calls, climbs, early, into_run = 0, 0, 0, 0
     pairs: Counter[tuple[str, str]] = Counter()
@@ -78,7 +78,9 @@ def walk(recipe: str, src: Path, floor_of: dict[str, int], first: int = 400) -> 
             main(["run", recipe, "--out", out, "--smoke"])
         finally:
             sys.setprofile(None)
-    top = ", ".join(f"{a.removeprefix('bitsmith.')}->{b.removeprefix('bitsmith.')} {n}" for (a, b), n in pairs.most_common(6))
+    top = ", ".join(
+        f"{a.removeprefix('bitsmith.')}->{b.removeprefix('bitsmith.')} {n}" for (a, b), n in pairs.most_common(6)
+    )
     return {"calls": calls, "climbs": climbs, f"climbs_in_first_{first}": early, "calls_back_into_run": into_run, "back_into_run": ", ".join(back),
             "top_climbs": top}  # fmt: skip
 
