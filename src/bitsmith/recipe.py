@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from bitsmith.eval.generative import GenerationSection
 from bitsmith.method import METHODS, Method
 from bitsmith.recipe_yaml import SHOWN, RecipeError, apply_overrides, find_recipe, read_recipe_file, short_repr
 from bitsmith.train import TrainConfig
@@ -182,20 +183,6 @@ class AttackSection(_Strict):
         from bitsmith.robust import attack_specs
 
         return attack_specs(list(self.attacks), self.eps, self.norm, self.steps, self.restarts)
-
-
-class GenerationSection(_Strict):
-    """The zoo DDPM's generation task: DDIM samples scored by FID / KID on zoo-CNN features, the noise error against
-    FP32, and calibration inputs from the FP32 sampler's trajectories."""
-
-    samples: int = Field(2000, ge=1, le=100_000, description="generated images scored against as many test images")
-    sampler_steps: int = Field(50, ge=1, le=1000, description="DDIM steps (the schedule has 1,000 time steps)")
-    seed: int = 0
-    calib_samples: int = Field(64, ge=1, le=10_000, description="FP32 trajectories the calibration inputs come from")
-    calib_steps: int = Field(20, ge=1, description="time steps kept per trajectory, spread over the sampler's steps")
-    calib_uniform: bool = Field(True, description="false: the single-step baseline (every input at calib_timestep)")
-    calib_timestep: int = Field(800, ge=0, le=999, description="the single-step baseline's time step (0..999)")
-    trajectories: int = Field(16, ge=1, le=1000, description="FP32 trajectories the per-step noise error is taken on")
 
 
 class Recipe(_Strict):

@@ -18,19 +18,15 @@ from bitsmith.data import subset
 from bitsmith.eval.cost import model_cost
 from bitsmith.eval.latency import time_forward
 from bitsmith.eval.report import run_report_writers
-from bitsmith.eval.tasks import Task, classification_task, embedding_task
+from bitsmith.eval.tasks import Task
 from bitsmith.export.checkpoint import save
 from bitsmith.files import MANIFEST, atomic_write_text, publish_run, run_lock, writable_folder
 from bitsmith.method import compress
 from bitsmith.progress import duration, log
-from bitsmith.recipe import GENERATIVE, GenerationSection, Recipe
-from bitsmith.tasks import SMOKE, load_task, task_kind
+from bitsmith.recipe import Recipe
+from bitsmith.tasks import SMOKE, SavedRun, load_task, saved_run_kind, task_kind
 from bitsmith.train import TrainConfig, fit, remove_training_states
 from bitsmith.zoo import (
-    HF_MODELS,
-    LLM_MODELS,
-    ZOO,
-    build_structure,
     structure_of,
 )
 
@@ -46,63 +42,14 @@ def load_checkpoint(
     """(compressed model, its FP32 original (timing; the reference of cosine or KL), task) of a checkpoint
     written by ``bitsmith run``; ``model_name`` (zoo name or HF directory) overrides the one the checkpoint
     names. An LLM is scored on ``windows`` text windows of ``window`` tokens (default: its recipe's ``eval_size``)."""
-    from bitsmith.export.checkpoint import load, read_meta
+    from bitsmith.export.checkpoint import read_meta
 
     meta = read_meta(path)
     name = model_name or meta.get("model")
     if name is None:
         raise ValueError(f"{path}: the checkpoint does not name its model; pass --model NAME")
-    data = meta.get("recipe", {}).get("data", {})
-    seed = data.get("seed", 0)
-    if name == GENERATIVE:  # scored against the zoo DDPM (the reference of the noise error)
-        from bitsmith.qdiffusion import generation_task
-        from bitsmith.zoo.diffusion import build_ddpm, pretrained_ddpm
-
-        fp32 = pretrained_ddpm(data_root, train_if_missing=False)
-        spec = GenerationSection(**meta.get("recipe", {}).get("generation") or {})
-        task = generation_task(fp32, spec, data_root)
-        task.set_reference(fp32)
-        return load(path, build_ddpm()).eval(), fp32, task
-    if name in ZOO:  # the FP32 model is only timed: the zoo architecture, untrained, times the same
-        task = classification_task(data_root, None, 1, 1, seed)
-        structure = meta.get("structure") if isinstance(meta.get("structure"), dict) else None
-        return load(path, build_structure(name, structure)).eval(), build_structure(name, structure).eval(), task
-    if model_name is None and name not in HF_MODELS and name not in LLM_MODELS:  # never open a path a file names
-        raise ValueError(
-            f"{path}: the checkpoint was made from the model directory {str(meta.get('source'))[:200]!r}; "
-            "pass --model DIR to load it (bitsmith does not open paths named inside a checkpoint)"
-        )
-    log.info(f"loading the float {str(name)[:200]} (the checkpoint's reference)")
-    if meta.get("task") == "language-model" or name in LLM_MODELS:
-        from bitsmith.eval.lm import language_model_task
-        from bitsmith.zoo.llm import load_llm
-
-        fp32, tokenizer = load_llm(name)
-        count = windows or min(int(data.get("eval_size") or 80), 10_000)
-        task: Task = language_model_task(tokenizer, count, 1, 1, seed, window, kl_windows=min(16, count))
-    else:
-        from bitsmith.zoo.minilm import load_hf_encoder, minilm_dir
-
-        fp32, tokenizer = load_hf_encoder(str(minilm_dir()) if model_name is None else model_name)
-        task = embedding_task(tokenizer, None, 1, 1, seed)
-    refuse_quantized_reference(fp32, name)
-    model = load(path, copy.deepcopy(fp32)).eval()  # a checkpoint that does not fit stops here, before any scoring
-    log.info(f"scoring the float {name} (the reference) on {task.eval_examples} examples")
-    task.evaluate(fp32)  # the FP32 model is the reference of cosine similarity / KL
-    return model, fp32, task
-
-
-def refuse_quantized_reference(model: nn.Module, name: str) -> None:
-    """The reference of KL, agreement and cosine must be a float model: an already-quantized directory (a
-    bitsmith HF export) would score a quantized checkpoint against itself (KL 0)."""
-    from bitsmith.nn import QuantizedMixin
-
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedMixin) and m.weight_q is not None]
-    if quantized:
-        raise ValueError(
-            f"--model {str(name)[:200]} is itself quantized ({len(quantized)} quantized layers, e.g. {quantized[0]!r}): "
-            "KL, agreement and cosine need the float model the checkpoint was made from; pass that directory"
-        )
+    saved = SavedRun(path, meta, str(name), model_name is not None, data_root, windows, window)
+    return saved_run_kind(saved).reload(saved)
 
 
 def measure_deployed(

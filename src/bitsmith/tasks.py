@@ -13,6 +13,7 @@ branches on dataset names. A third party registers a kind through the ``bitsmith
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
@@ -28,6 +29,35 @@ if TYPE_CHECKING:
 SMOKE = {"eval_size": 200, "text_eval_size": 32, "calib_size": 32, "latency_runs": 2, "latency_batch": 16,
          "train_examples": 256, "lm_eval_windows": 2, "lm_calib_windows": 1, "lm_window": 128, "lm_new_tokens": 4,
          "attack_examples": 64}  # fmt: skip
+
+
+@dataclass
+class SavedRun:
+    """A checkpoint written by ``bitsmith run`` to be scored again (``bitsmith eval``): its path and metadata, the
+    model name (the checkpoint's, or ``--model``), and how many text windows of how many tokens an LLM is scored on."""
+
+    path: str
+    meta: dict[str, Any]
+    name: str
+    given: bool  # the name came from --model, not from the file
+    data_root: str | None = None
+    windows: int | None = None
+    window: int = 512
+    data: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.data = self.meta.get("recipe", {}).get("data", {})
+
+    @property
+    def seed(self) -> int:
+        return int(self.data.get("seed", 0))
+
+    def refuse_named_directory(self, known: Any) -> None:
+        """bitsmith never opens a path a checkpoint names: a directory model needs ``--model DIR``."""
+        if not self.given and self.name not in known:
+            raise ValueError(f"{self.path}: the checkpoint was made from the model directory "
+                             f"{str(self.meta.get('source'))[:200]!r}; pass --model DIR to load it (bitsmith does not "
+                             "open paths named inside a checkpoint)")  # fmt: skip
 
 
 class TaskKind:
@@ -62,6 +92,36 @@ class TaskKind:
     def load(self, recipe: Recipe, smoke: bool, source: str) -> tuple[nn.Module, Task]:
         raise NotImplementedError
 
+    def reload(self, saved: SavedRun) -> tuple[nn.Module, nn.Module, Task]:
+        """(compressed model, its FP32 original, task) of a saved run, for ``bitsmith eval``."""
+        raise ValueError(f"{saved.path}: the {self.registered_name} task cannot score a saved run again")
+
+
+def refuse_quantized_reference(model: nn.Module, name: str) -> None:
+    """The reference of KL, agreement and cosine must be a float model: an already-quantized directory (a
+    bitsmith HF export) would score a quantized checkpoint against itself (KL 0)."""
+    from bitsmith.nn import QuantizedMixin
+
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedMixin) and m.weight_q is not None]
+    if quantized:
+        raise ValueError(
+            f"--model {str(name)[:200]} is itself quantized ({len(quantized)} quantized layers, e.g. {quantized[0]!r}): "
+            "KL, agreement and cosine need the float model the checkpoint was made from; pass that directory"
+        )
+
+
+def score_against_float(saved: SavedRun, fp32: nn.Module, task: Any) -> tuple[nn.Module, nn.Module, Any]:
+    """Load ``saved`` into a copy of the float model (refused when the float model is itself quantized: KL and
+    cosine need a float reference) and score the float model first, as the reference."""
+    from bitsmith.export.checkpoint import load
+    from bitsmith.progress import log
+
+    refuse_quantized_reference(fp32, saved.name)
+    model = load(saved.path, copy.deepcopy(fp32)).eval()  # a checkpoint that does not fit stops here
+    log.info(f"scoring the float {saved.name} (the reference) on {task.eval_examples} examples")
+    task.evaluate(fp32)
+    return model, fp32, task
+
 
 TASKS: Registry[TaskKind] = Registry("task", entry_point_group="bitsmith.tasks")
 register_task = TASKS.register
@@ -69,6 +129,19 @@ register_task = TASKS.register
 
 def task_names() -> list[str]:
     return TASKS.names()
+
+
+def saved_run_kind(saved: SavedRun) -> TaskKind:
+    """The kind a checkpoint records (``meta["task"]``); one written before kinds were recorded gets the kind
+    that claims its model name."""
+    if saved.meta.get("task") in TASKS:
+        return TASKS.get(saved.meta["task"])()
+    from types import SimpleNamespace
+
+    directory = saved.given and Path(saved.name).is_dir()
+    model = SimpleNamespace(name=None if directory else saved.name, path=saved.name if directory else None,
+                            factory=None)  # fmt: skip
+    return task_kind(SimpleNamespace(task=None, model=model))  # type: ignore[arg-type]
 
 
 def task_kind(recipe: Recipe) -> TaskKind:
@@ -115,6 +188,19 @@ class GenerationKind(TaskKind):
             model = pretrained_ddpm(recipe.data.root)
         return model, generation_task(model, recipe.generation, recipe.data.root, smoke)  # type: ignore[return-value]
 
+    def reload(self, saved: SavedRun) -> tuple[nn.Module, nn.Module, Task]:
+        """Scored against the zoo DDPM (the reference of the noise error)."""
+        from bitsmith.eval.generative import GenerationSection
+        from bitsmith.export.checkpoint import load
+        from bitsmith.qdiffusion import generation_task
+        from bitsmith.zoo.diffusion import build_ddpm, pretrained_ddpm
+
+        fp32 = pretrained_ddpm(saved.data_root, train_if_missing=False)
+        spec = GenerationSection(**saved.meta.get("recipe", {}).get("generation") or {})
+        task = generation_task(fp32, spec, saved.data_root)
+        task.set_reference(fp32)
+        return load(saved.path, build_ddpm()).eval(), fp32, task  # type: ignore[return-value]
+
 
 @register_task("classification")
 class ClassificationKind(TaskKind):
@@ -151,6 +237,21 @@ class ClassificationKind(TaskKind):
         splits = image_folder(data.path, data.image_size, data.channels, data.eval_share, data.seed)
         return model, labelled_task(splits.test, splits.train, eval_size, calib, data.calib_batch_size, data.seed,
                                     critical)  # fmt: skip
+
+    def reload(self, saved: SavedRun) -> tuple[nn.Module, nn.Module, Task]:
+        """A zoo classifier (its recorded structure: ensembles and splits rebuild); the FP32 model is only timed,
+        and the zoo architecture untrained times the same."""
+        from bitsmith.eval.tasks import classification_task
+        from bitsmith.export.checkpoint import load
+        from bitsmith.zoo import ZOO, build_structure
+
+        if saved.name not in ZOO:
+            raise ValueError(f"{saved.path}: {saved.name[:200]} is not a zoo classifier; a model of your own "
+                             "(model.factory) is scored again with the Python API: bitsmith.load(path, your_model)")  # fmt: skip
+        task = classification_task(saved.data_root, None, 1, 1, saved.seed)
+        structure = saved.meta.get("structure") if isinstance(saved.meta.get("structure"), dict) else None
+        model = load(saved.path, build_structure(saved.name, structure)).eval()
+        return model, build_structure(saved.name, structure).eval(), task
 
     def model(self, recipe: Recipe, smoke: bool) -> nn.Module:
         spec = recipe.model
@@ -220,6 +321,19 @@ class LanguageModelKind(TaskKind):
             task.new_tokens = SMOKE["lm_new_tokens"]
         return model, task
 
+    def reload(self, saved: SavedRun) -> tuple[nn.Module, nn.Module, Task]:
+        from bitsmith.eval.lm import language_model_task
+        from bitsmith.progress import log
+        from bitsmith.zoo import LLM_MODELS
+        from bitsmith.zoo.llm import load_llm
+
+        saved.refuse_named_directory(LLM_MODELS)
+        log.info(f"loading the float {saved.name[:200]} (the checkpoint's reference)")
+        fp32, tokenizer = load_llm(saved.name)
+        count = saved.windows or min(int(saved.data.get("eval_size") or 80), 10_000)
+        task = language_model_task(tokenizer, count, 1, 1, saved.seed, saved.window, kl_windows=min(16, count))
+        return score_against_float(saved, fp32, task)
+
 
 @register_task("embedding")
 class EmbeddingKind(TaskKind):
@@ -262,6 +376,17 @@ class EmbeddingKind(TaskKind):
         records = read_text_records(data.path, data.column, data.pair_column)
         return model, text_embedding_task(tokenizer, records, eval_size, calib, data.calib_batch_size, data.seed,
                                           data.eval_share)  # fmt: skip
+
+    def reload(self, saved: SavedRun) -> tuple[nn.Module, nn.Module, Task]:
+        from bitsmith.eval.tasks import embedding_task
+        from bitsmith.progress import log
+        from bitsmith.zoo import HF_MODELS
+        from bitsmith.zoo.minilm import load_hf_encoder, minilm_dir
+
+        saved.refuse_named_directory(HF_MODELS)
+        log.info(f"loading the float {saved.name[:200]} (the checkpoint's reference)")
+        fp32, tokenizer = load_hf_encoder(saved.name if saved.given else str(minilm_dir()))
+        return score_against_float(saved, fp32, embedding_task(tokenizer, None, 1, 1, saved.seed))
 
 
 def load_structured_classifier(recipe: Recipe, smoke: bool) -> nn.Module:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from scipy import linalg
 from torch import Tensor, nn
 
@@ -203,3 +204,20 @@ class GenerationTask:
         generated = sample(model, self.sample_count, self.sampler_steps, self.seed)
         self.last_per_step = noise_mse_per_step(self.reference, model, self.path or [])
         return {**generative_scores(generated, self.real).to_dict(), **noise_error_summary(self.last_per_step)}
+
+
+class GenerationSection(BaseModel):
+    """A recipe's ``generation`` section (no unknown fields): the zoo DDPM's generation task, DDIM samples scored by
+    FID / KID on zoo-CNN features, the noise error against FP32, and calibration inputs from the FP32 sampler's
+    trajectories."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(2000, ge=1, le=100_000, description="generated images scored against as many test images")
+    sampler_steps: int = Field(50, ge=1, le=1000, description="DDIM steps (the schedule has 1,000 time steps)")
+    seed: int = 0
+    calib_samples: int = Field(64, ge=1, le=10_000, description="FP32 trajectories the calibration inputs come from")
+    calib_steps: int = Field(20, ge=1, description="time steps kept per trajectory, spread over the sampler's steps")
+    calib_uniform: bool = Field(True, description="false: the single-step baseline (every input at calib_timestep)")
+    calib_timestep: int = Field(800, ge=0, le=999, description="the single-step baseline's time step (0..999)")
+    trajectories: int = Field(16, ge=1, le=1000, description="FP32 trajectories the per-step noise error is taken on")
