@@ -45,6 +45,7 @@ BITSMITH = [(method, grid) for grid in ("q4_0", "q4_1") for method in ("rtn", "g
 
 def rows_to_measure() -> list[tuple[str, dict[str, Any]]]:
     out = [("PyTorch FP32 (eager)", {"source": "pytorch", "type": "F32"}),
+           ("PyTorch RTN W4 g64 on the int4 CPU kernel (bf16 activations, eager)", {"source": "pytorch", "type": "INT4"}),
            ("llama.cpp F32 (written by bitsmith)", {"source": "llama.cpp", "type": "F32"})]  # fmt: skip
     out += [(f"llama.cpp {t}", {"source": "llama.cpp", "type": t}) for t in LLAMACPP_TYPES]
     out.append(("llama.cpp Q4_K_M + imatrix", {"source": "llama.cpp", "type": "Q4_K_M-imatrix"}))
@@ -122,6 +123,17 @@ def autoround_gguf(task: LanguageModelTask, iters: int, out: Path) -> float:
         return float(json.loads(Path(f"{tmp}/out/timing.json").read_text())["seconds"])
 
 
+def pytorch_int4(model: torch.nn.Module) -> torch.nn.Module:
+    """bitsmith's RTN W4 g64 on the decoder blocks, deployed on PyTorch's packed int4 CPU kernel (the reference row
+    of what runs in Python; ``docs/results/llm_speed.md`` has its other variants)."""
+    from bitsmith import build_method, compress
+    from bitsmith.export.int4_cpu import deploy_int4
+
+    quantized = copy.deepcopy(model)
+    compress(quantized, [build_method({"name": "rtn", "bits": 4, "group_size": 64, "where": BLOCKS})], [])
+    return deploy_int4(quantized)[0].eval()
+
+
 def file_of(key: dict[str, Any]) -> Path:
     return WORK / f"{key['source']}-{key.get('method', '')}-{key['type']}.gguf".replace("--", "-")
 
@@ -159,6 +171,11 @@ class Bench:
         return path
 
     def measure(self, key: dict[str, Any]) -> dict[str, Any]:
+        if key["source"] == "pytorch" and key["type"] == "INT4":
+            began = time.perf_counter()
+            fast = pytorch_int4(self.model)
+            seconds = time.perf_counter() - began
+            return {**self.task.evaluate(fast), "quant_seconds": round(seconds, 1)}
         if key["source"] == "pytorch":
             return {**self.fp32_metrics, "quant_seconds": 0.0}
         path = file_of(key)
@@ -219,11 +236,12 @@ def time_rows(rows: Rows, only: str | None) -> None:
     for row in list(rows.rows):
         if "error" in row or (only and only not in row["name"]) or row["source"] in ("build", "paired"):
             continue
-        if row["source"] == "pytorch":  # transformers' eager FP32 with its KV cache (benchmarks/llm_speed.py)
+        if row["source"] == "pytorch":  # transformers' eager generate with its KV cache (benchmarks/llm_speed.py)
             ids = torch.tensor([prompt])
-            eager = timed(model.eval(), ids, ids[:, :17])
+            timed_model = pytorch_int4(model) if row["type"] == "INT4" else model.eval()
+            eager = timed(timed_model, ids, ids[:, :17])
             measured = {"prefill_tokens_per_s": eager["prefill_tok_s"], "decode_tokens_per_s": eager["decode_tok_s"]}
-            rows.put({**row, **measured, **machine}, source="pytorch")
+            rows.put({**row, **measured, **machine}, source="pytorch", type=row["type"])
             print(row["name"], {k: round(v, 1) for k, v in measured.items()}, flush=True)
             continue
         key = {k: row[k] for k in ("source", "method", "type") if k in row}
@@ -297,7 +315,7 @@ def time_build(rows: Rows) -> None:
 
 
 def write_page(rows: list[dict[str, Any]]) -> None:
-    fp32 = next((r for r in rows if r["source"] == "pytorch"), None)
+    fp32 = next((r for r in rows if r["source"] == "pytorch" and r["type"] == "F32"), None)
     timed = [r for r in rows if "bandwidth_gb_s" in r]
     lines = [
         "# GGUF files inside llama.cpp",
@@ -313,9 +331,14 @@ def write_page(rows: list[dict[str, Any]]) -> None:
         "",
         "Read the Q4_1 rows with care: SmolLM2's float weights are de-quantized from the Q4_1 GGUF it ships as, so "
         "every block's minimum and maximum are already Q4_1 grid points and any Q4_1 re-quantization (llama.cpp's "
-        "or bitsmith's round-to-nearest) recovers them almost exactly. Q4_0 (a symmetric grid) and the K-quant mix "
+        "or bitsmith's round-to-nearest, GPTQ's and AWQ's too: their error is zero on weights already on the grid, "
+        "AWQ's search keeps scale 1) recovers them almost exactly. Q4_0 (a symmetric grid) and the K-quant mix "
         "are the informative rows. SmolLM2's widths (576) are not multiples of 256, so llama.cpp's Q4_K_M gives "
         "most of its tensors its fallback type Q5_0 (only `ffn_down`, 1,536 wide, gets Q4_K / Q6_K).",
+        "",
+        "AutoRound (PyPI `auto-round` 0.16.1, in its own venv `.venv-autoround`) writes `gguf:q4_k_m` itself, with "
+        "the same type per tensor as llama.cpp's Q4_K_M on SmolLM2, calibrated on the same windows: 0 iterations is "
+        "its optimised round-to-nearest (`enable_opt_rtn`), 200 its SignRound default.",
         "",
         "| row | ppl Persuasion | increase | ppl docs | increase | KL | top-1 % | file MiB | bits/weight | "
         "quantize s | prefill tok/s | decode tok/s | of bandwidth limit | load |",
