@@ -11,7 +11,6 @@ Used for issue 39's target (a recipe's walk goes down the floors); run it on two
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
 import sys
 import tempfile
@@ -19,19 +18,11 @@ from pathlib import Path
 
 
 def import_graph(src: Path) -> dict[str, set[str]]:
-    files = {".".join(f.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): f
-             for f in (src / "bitsmith").rglob("*.py")}  # fmt: skip
-    graph: dict[str, set[str]] = {name: set() for name in files}
-    for name, path in files.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-            else:
-                continue
-            graph[name] |= {t for t in targets if t in files and t != name}
-    return graph
+    """The import graph of ``src`` with packages (tests/test_imports.py builds it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_imports import import_graph as graph_of
+
+    return graph_of(src, packages=True)
 
 
 def floors(graph: dict[str, set[str]]) -> dict[str, int]:

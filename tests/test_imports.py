@@ -10,9 +10,11 @@ from pathlib import Path
 SRC = Path(__file__).parent.parent / "src"
 
 
-def import_graph() -> dict[str, set[str]]:
-    files = {".".join(f.relative_to(SRC).with_suffix("").parts): f for f in (SRC / "bitsmith").rglob("*.py")
-             if f.name != "__init__.py"}  # fmt: skip
+def import_graph(src: Path = SRC, packages: bool = False) -> dict[str, set[str]]:
+    """Module -> the bitsmith modules it imports (``packages``: the ``__init__`` modules too, named by their package;
+    ``benchmarks/import_floors.py`` uses it so)."""
+    files = {".".join(f.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (src / "bitsmith").rglob("*.py") if packages or f.name != "__init__.py"}  # fmt: skip
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
         tree = ast.parse(path.read_text())
