@@ -338,7 +338,8 @@ def write_page(rows: list[dict[str, Any]]) -> None:
         "",
         "AutoRound (PyPI `auto-round` 0.16.1, in its own venv `.venv-autoround`) writes `gguf:q4_k_m` itself, with "
         "the same type per tensor as llama.cpp's Q4_K_M on SmolLM2, calibrated on the same windows: 0 iterations is "
-        "its optimised round-to-nearest (`enable_opt_rtn`), 200 its SignRound default.",
+        "its optimised round-to-nearest (`enable_opt_rtn`), the mode AutoRound's README recommends for GGUF at every "
+        "width but 3 bits; 200 is its SignRound default (about 2.4 CPU-minutes per decoder block on 1 thread here).",
         "",
         "| row | ppl Persuasion | increase | ppl docs | increase | KL | top-1 % | file MiB | bits/weight | "
         "quantize s | prefill tok/s | decode tok/s | of bandwidth limit | load |",
@@ -380,7 +381,7 @@ def write_page(rows: list[dict[str, Any]]) -> None:
     for b in builds:
         lines += ["", "| one-time build | wall s | CPU s (compilers) | load before | load after |", "|---|---|---|---|---|",
                   f"| {b['name']} | {b['build_wall_s']} | {b['build_cpu_s']} | {b['load_before']} | {b['load']} |"]  # fmt: skip
-    lines += ["", "![perplexity vs file size](gguf.png)", ""]
+    lines += ["", "![perplexity and decode speed vs file size](gguf.png)", ""]
     (RESULTS / "gguf.md").write_text("\n".join(lines))
     plot(rows)
 
@@ -391,14 +392,19 @@ def plot(rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, speed_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
     for source, marker in (("llama.cpp", "s"), ("autoround", "^"), ("bitsmith", "o")):
         chosen = [r for r in rows if r["source"] == source and "error" not in r and "file_mib" in r]
         ax.scatter([r["file_mib"] for r in chosen], [r["perplexity"] for r in chosen], marker=marker, label=source)
         for r in chosen:
             ax.annotate(r["name"].replace(f"{source} ", ""), (r["file_mib"], r["perplexity"]), fontsize=6)
+        timed = [r for r in chosen if "decode_tokens_per_s" in r]
+        speed_ax.scatter([r["file_mib"] for r in timed], [r["decode_tokens_per_s"] for r in timed], marker=marker,
+                         label=source)  # fmt: skip
     ax.set(xlabel="file MiB", ylabel="perplexity, Persuasion (llama.cpp)", title="SmolLM2-135M GGUF files in llama.cpp")
+    speed_ax.set(xlabel="file MiB", ylabel="decode tokens/s (2 threads, one pass)", title="decode speed vs file size")
     ax.legend()
+    speed_ax.legend()
     save_figure(fig, "gguf.png")
 
 
