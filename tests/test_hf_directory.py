@@ -129,7 +129,7 @@ def test_a_good_directory_passes_the_checks_and_loads(tmp_path: Path) -> None:
 def test_a_quantized_directory_is_refused_as_the_float_reference() -> None:
     """KL of a quantized checkpoint against an already-quantized reference would read 0: refused in one line."""
     from bitsmith import build_method, compress
-    from bitsmith.tasks import refuse_quantized_reference
+    from bitsmith.saved_runs import refuse_quantized_reference
     from conftest import token_batches
 
     model = make_llama()

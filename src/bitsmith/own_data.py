@@ -114,11 +114,11 @@ def _dataset_columns(path: Path) -> Any:
 def _column(records: Any, columns: list[str], column: str, field: str, path: Path) -> list[str]:
     if column not in columns:
         raise DataError(f"data.{field}: {column!r} is not a column of {path}; its columns: {', '.join(columns)}")
-    values = [records[i][column] for i in range(len(records))] if not isinstance(records, dict) else records[column]
+    values = list(records[column])  # a dict of columns or a `datasets` Dataset: both read a column whole
     bad = next((v for v in values if not isinstance(v, str)), None)
     if bad is not None:
         raise DataError(f"data.{field}: column {column!r} of {path} holds {type(bad).__name__} values, not text")
-    return list(values)
+    return values
 
 
 def read_text_records(path: str | Path, column: str, pair_column: str | None = None) -> list[tuple[str, str]]:
@@ -205,4 +205,5 @@ def load_weights(model: nn.Module, path: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise DataError(f"model.weights: {path} does not fit the model ({str(exc).splitlines()[1][:160].strip()})") from None  # fmt: skip
+        detail = next(iter(str(exc).splitlines()[1:]), str(exc))  # the first mismatch, below torch's heading
+        raise DataError(f"model.weights: {path} does not fit the model ({detail[:160].strip()})") from None
