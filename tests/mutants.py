@@ -1753,6 +1753,22 @@ MUTANTS = [
         "        pass",
         "tests/test_own_data.py -k registered_task_kind",
     ),
+    M(
+        "mobiquant",
+        "a token reads every slice its gates allow, not only up to the first closed gate",
+        "methods/llm/routing.py",
+        "return 1 + torch.cumprod(above.long(), dim=-1).sum(-1)",
+        "return 1 + above.long().sum(-1)",
+        "tests/test_mobiquant.py tests/test_precision_routing.py",
+    ),
+    M(
+        "mobiquant",
+        "routed tokens all read the full slice stack",
+        "methods/llm/routing.py",
+        "out[rows] = F.linear(x[rows], q.read(weight, k) + (weight - weight.detach()), self.bias)",
+        "out[rows] = F.linear(x[rows], q.read(weight, q.slices) + (weight - weight.detach()), self.bias)",
+        "tests/test_mobiquant.py tests/test_precision_routing.py",
+    ),
 ]
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bitsmith import build_method, compress, load, save
-from bitsmith.methods.llm.routing import RoutedQLinear, average_bits, set_operating_point
+from bitsmith.methods.llm.routing import RoutedQLinear, SliceRouter, average_bits, set_operating_point
 from bitsmith.quant.slices import SliceQuantizer
 from conftest import make_llama, token_batches
 from test_llm import BLOCKS
@@ -151,3 +151,16 @@ def test_the_cost_of_a_sliced_layer_counts_its_parameters_as_stored() -> None:
     """model_cost's overhead of a slice quantizer is the bytes of the group parameters the checkpoint holds."""
     q = sliced(torch.randn(8, 64))
     assert q.overhead_bits() == 8 * sum(t.numel() * t.element_size() for t in (q.lo, q.step)) == 2 * 32 * 32
+
+
+def test_a_token_reads_slices_up_to_its_first_closed_gate() -> None:
+    """The router's gates are nested: slice k + 1 is read only when gates 1..k are all open, so a closed gate stops
+    the stack even where a later gate is open (open, closed, open -> 2 slices, not 3)."""
+    router = SliceRouter(in_features=2, slices=4, hidden=2)
+    with torch.no_grad():
+        for layer in (router.net[0], router.net[2]):
+            layer.weight.zero_()
+        router.net[2].bias.copy_(torch.tensor([5.0, -5.0, 5.0]))
+    assert router.slices_used(torch.zeros(3, 2)).tolist() == [2, 2, 2]
+    router.net[2].bias.data[1] = 5.0  # all gates open: the whole stack
+    assert router.slices_used(torch.zeros(1, 2)).tolist() == [4]
