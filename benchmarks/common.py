@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +100,26 @@ def train_cached(model: nn.Module, methods: list[dict[str, Any]], cfg: Any, x: A
     final.with_suffix(".json").write_text(json.dumps({"seconds": round(seconds, 1)}))
     state.unlink(missing_ok=True)
     return model.eval(), seconds
+
+
+@contextlib.contextmanager
+def peer_run(python: Path, script: str, model_dir: Path, task: Any, *args: str) -> Iterator[tuple[Path, dict]]:
+    """Run a peer toolkit's ``script`` in its own venv (``python``) as ``script MODEL_DIR CALIB OUT *args``, on the
+    task's calibration windows (saved as a safetensors file); yields the output folder and its ``timing.json``
+    while the temporary folder lives. A missing venv or a failed run is one line naming the peer."""
+    import torch
+    from safetensors.torch import save_file
+
+    peer = Path(script).stem
+    if not python.exists():
+        raise RuntimeError(
+            f"{peer}: its venv {python.parent.parent} is missing: run `make {python.parent.parent}/.installed`"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = torch.cat([batch["input_ids"] for batch in task.calibration])
+        save_file({"input_ids": ids.contiguous()}, f"{tmp}/calib.safetensors")
+        command = [str(python), script, str(model_dir), f"{tmp}/calib.safetensors", f"{tmp}/out", *args]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{peer} failed: {done.stderr.strip().splitlines()[-1][:200]}")
+        yield Path(tmp) / "out", json.loads((Path(tmp) / "out" / "timing.json").read_text())

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import RESULTS, Rows, bench_parser, save_figure
+from common import RESULTS, Rows, bench_parser, peer_run, save_figure
 from llm import BLOCKS, CALIB_BATCH, CALIB_WINDOWS, bench_threads, compress_quietly
 from llm_speed import timed
 
@@ -100,27 +100,17 @@ def mixed_methods(budget_file: Path) -> list[dict[str, Any]]:
 def autoround_gguf(task: LanguageModelTask, iters: int, out: Path) -> float:
     """AutoRound's GGUF export (``gguf:q4_k_m``) in its own venv on the task's calibration windows: the file is
     moved to ``out``; returns AutoRound's seconds."""
-    import json
     import shutil
-    import subprocess
-    import tempfile
-
-    from safetensors.torch import save_file
 
     from bitsmith.zoo.llm import llm_dir
 
-    if not AUTOROUND_PY.exists():
-        raise RuntimeError("AutoRound's venv is missing: run `make .venv-autoround/.installed`")
-    with tempfile.TemporaryDirectory() as tmp:
-        ids = torch.cat([batch["input_ids"] for batch in task.calibration])
-        save_file({"input_ids": ids.contiguous()}, f"{tmp}/calib.safetensors")
-        command = [str(AUTOROUND_PY), "benchmarks/peers/autoround_gguf.py", str(llm_dir("smollm2")),
-                   f"{tmp}/calib.safetensors", f"{tmp}/out", "gguf:q4_k_m", str(iters), str(bench_threads())]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"AutoRound failed: {done.stderr.strip().splitlines()[-1][:200]}")
-        shutil.move(next(Path(f"{tmp}/out").rglob("*.gguf")), out)
-        return float(json.loads(Path(f"{tmp}/out/timing.json").read_text())["seconds"])
+    script = "benchmarks/peers/autoround_gguf.py"
+    with peer_run(AUTOROUND_PY, script, llm_dir("smollm2"), task, "gguf:q4_k_m", str(iters), str(bench_threads())) as (
+        folder,
+        timing,
+    ):
+        shutil.move(next(folder.rglob("*.gguf")), out)
+        return float(timing["seconds"])
 
 
 def pytorch_int4(model: torch.nn.Module) -> torch.nn.Module:

@@ -13,16 +13,13 @@ Sizes of peer rows are those of bitsmith's packing of the same bits and groups (
 from __future__ import annotations
 
 import functools
-import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from common import Rows
+from common import Rows, peer_run
 from llm import BLOCKS, MODEL, ROWS, Entry, fill, reference, write
 from torch import nn
 
@@ -82,22 +79,11 @@ def evaluate_with(model: nn.Module, task: LanguageModelTask, weights: dict[str, 
 
 def llmcompressor_weights(model_dir: Path, task: LanguageModelTask, bits: int, group: int) -> tuple[dict, dict]:
     """llm-compressor GPTQ in its own venv on the task's calibration windows: decompressed weights, timing."""
-    from safetensors.torch import save_file
-
     from bitsmith.export.compressed_tensors import read_compressed_tensors
 
-    if not PEERS_PY.exists():
-        raise RuntimeError("llm-compressor's venv is missing: run `make .venv-peers/.installed`")
-    with tempfile.TemporaryDirectory() as tmp:
-        ids = torch.cat([batch["input_ids"] for batch in task.calibration])
-        save_file({"input_ids": ids.contiguous()}, f"{tmp}/calib.safetensors")
-        command = [str(PEERS_PY), "benchmarks/peers/llmcompressor_gptq.py", str(model_dir), f"{tmp}/calib.safetensors",
-                   f"{tmp}/out", str(bits), str(group)]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"llm-compressor failed: {done.stderr.strip().splitlines()[-1][:200]}")
-        timing = json.loads(Path(f"{tmp}/out/timing.json").read_text())
-        return read_compressed_tensors(f"{tmp}/out"), timing
+    script = "benchmarks/peers/llmcompressor_gptq.py"
+    with peer_run(PEERS_PY, script, model_dir, task, str(bits), str(group)) as (folder, timing):
+        return read_compressed_tensors(folder), timing
 
 
 def configurations() -> list[tuple[str, dict[str, Any]]]:
