@@ -12,8 +12,8 @@ candidate (vectors are processed in chunks of a bounded number of candidate entr
 pass that flips single bits of the winner while that lowers the error is added (cheap: ``n`` more decodes).
 
 The search examines all ``2^(n-m)`` paddings, as the official ``find_nearest_fast`` does; its cost doubles
-with each padding bit (measured on one core of an AVX-512 CPU: 8 µs per vector for 10to4, 32 µs for 16to8,
-0.3 ms for 20to8, 6 ms for 24to8), so ``rate_pair`` stays within ``max_padding`` bits (12 by default; up to
+with each padding bit (measured on one core of an AVX-512 CPU: 3 µs per vector for 10to4, 17 µs for 16to8,
+0.2 ms for 20to8, 6 ms for 24to8), so ``rate_pair`` stays within ``max_padding`` bits (12 by default; up to
 ``MAX_PADDING_BITS`` = 16 when asked).
 
 ``M`` is trained data-free on ``z ~ N(0, I_m)``: the soft-min distortion
@@ -35,7 +35,7 @@ MAX_PADDING_BITS = 16  # 2^16 candidates per vector: the official 24to8 (3 bits)
 DEFAULT_PADDING_BITS = 12  # 2^12 candidates: the official 20to8 (2.5 bits) and 18to6 (3 bits)
 MAX_GROUP = 16
 SOFTMIN_CANDIDATES = 64  # training's soft-min runs over each vector's nearest 64 candidates (all, if fewer)
-CHUNK_ENTRIES = 1 << 22  # candidate entries (vectors x candidates x n) held at once while searching: 16 MiB
+CHUNK_ENTRIES = 1 << 20  # candidate entries (vectors x candidates x n) held at once while searching: 4 MiB
 
 
 def sign_table(k: int) -> Tensor:
@@ -105,7 +105,7 @@ class LiftCodebook:
     def candidates(self, z: Tensor) -> Tensor:
         """``(batch, 2^(n-m), n)`` sign vectors: ``sign([M; N]^-1 [z; p]) = sign(A z + B p)`` for every padding."""
         lifted = (z @ self.inverse()[:, : self.m].T.to(z))[:, None, :] + self.padding_offsets().to(z)[None]
-        return torch.where(lifted < 0, -1.0, 1.0).to(z)
+        return torch.copysign(torch.ones((), dtype=z.dtype), lifted)  # 2.5x faster than a where on two scalars
 
     @torch.no_grad()
     def nearest_candidates(self, z: Tensor, count: int) -> Tensor:
@@ -130,7 +130,7 @@ class LiftCodebook:
         out = []
         for part in z.split(self.vectors_per_chunk()):
             y = self.candidates(part)
-            error = (part[:, None, :] - self.decode(y)).pow(2).sum(-1)
+            error = self.decode(y).sub_(part[:, None, :]).pow_(2).sum(-1)
             best = y[torch.arange(part.shape[0]), error.argmin(1)]
             out.append(self._flip_while_better(part, best) if refine else best)
         return torch.cat(out) if out else torch.empty(0, self.n)
