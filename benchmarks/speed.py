@@ -91,17 +91,20 @@ def file_size(path: Path | str | None) -> int | None:
     return None if path is None else Path(path).stat().st_size
 
 
-def bitsmith_model(name: str, base: nn.Module, task: Task, residual_adds: str = "none") -> nn.Module:
+def bitsmith_model(
+    name: str, base: nn.Module, task: Task, residual_adds: str = "none", smooth_layers: str = "all"
+) -> nn.Module:
     """W8A8 (the recipe ``minilm-smoothquant-w8a8-deploy.yaml`` for MiniLM, plain PTQ for CNN / ViT; with
     ``residual_adds`` the CNN's residual adds get quantized inputs too, and with ``both`` (for ONNX Runtime) its
-    pool's input)."""
+    pool's input). ``smooth_layers``: SmoothQuant's ``layers`` for MiniLM (``norm-fed``: the paper's, no run-time
+    division after the GELU, so the int8 fc1 runs the GELU in its epilogue; ``all``: the recipe's)."""
     model = copy.deepcopy(base)
     if name != "minilm":
         method = PTQ(w_bits=8, a_bits=8, residual_adds=residual_adds, pool_inputs=residual_adds == "both")
         compress(model, method, task.calibration)
         return model
     encoder, tables = {"include": ["encoder.*"]}, {"types": ["Embedding"], "include": ["embeddings.*"]}
-    methods = [SmoothQuant(alpha=0.85, layers="all", where=encoder),
+    methods = [SmoothQuant(alpha=0.85, layers=smooth_layers, where=encoder),
                PTQ(w_bits=8, a_bits=8, where={"include": ["encoder.*", "pooler.*"]}),
                PTQ(w_bits=8, a_bits=None, where=tables)]  # fmt: skip
     compress(model, methods, task.calibration)

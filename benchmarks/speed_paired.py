@@ -3,7 +3,8 @@
 ``speed.py`` times each path after the previous one, minutes apart, and on this kind of machine a path's
 latency drifts by up to about 20% over minutes, more than some of the differences it compares. Here the
 paths of one backend are built first and then timed in turns: ``ROUNDS`` rounds, each running every path
-``PER_ROUND`` times (mean per forward), so drift hits them alike. A comparison is the median over rounds of the
+``PER_ROUND`` times (mean per forward), so drift hits them alike; each round runs the paths in a new random order
+(seeded), so no path always runs right after FP32 eager, whose float working set evicts the others' from the caches. A comparison is the median over rounds of the
 ratio within the round (paired), not a ratio of medians: the latencies here are often bimodal. ONNX
 Runtime and torch paths are timed in separate groups (ONNX Runtime's threads keep spinning after a run and
 slow whatever runs next). Groups: torch (FP32 eager, bitsmith W8A8 -> torchao, torchao's PT2E flow) and ONNX
@@ -17,6 +18,7 @@ model and group in ``speed-paired.json``); writes ``docs/results/speed-paired.md
 
 from __future__ import annotations
 
+import random
 import statistics
 import sys
 import time
@@ -41,6 +43,7 @@ from bitsmith.files import atomic_write_text
 
 ROUNDS, PER_ROUND = 20, 3
 RESIDUAL = {"torchao": "shortcut", "onnxruntime": "both"}  # the CNN's residual adds, per backend
+NORM_FED = "bitsmith W8A8, SmoothQuant norm-fed -> torchao PT2E"
 
 
 def interleaved(runners: dict[str, Any], example: Any) -> dict[str, list[float]]:
@@ -50,8 +53,10 @@ def interleaved(runners: dict[str, Any], example: Any) -> dict[str, list[float]]
     with torch.no_grad():
         for runner in runners.values():  # warm-up
             call(runner), call(runner)
-        for _ in range(ROUNDS):
-            for name, runner in runners.items():
+        order = random.Random(0)
+        for _ in range(ROUNDS):  # a new order each round: no path always runs right after the same one
+            for name in order.sample(list(runners), len(runners)):
+                runner = runners[name]
                 start = time.perf_counter()
                 for _ in range(PER_ROUND):
                     call(runner)
@@ -64,11 +69,19 @@ def ours(name: str, base: Any, task: Any, example: Any, backend: str) -> Any:
     return deploy(model, example, backend, SCRATCH / f"paired-{backend}", num_threads=THREADS).model
 
 
+def torch_runners(name: str, base: Any, task: Any, example: Any) -> dict[str, Any]:
+    """FP32 eager, bitsmith on torchao (MiniLM also with SmoothQuant's ``norm-fed`` layers) and the peer's flow."""
+    runners = {"FP32 torch eager": base, "bitsmith W8A8 -> torchao PT2E": ours(name, base, task, example, "torchao")}
+    if name == "minilm":
+        model = bitsmith_model(name, base, task, smooth_layers="norm-fed")
+        runners[NORM_FED] = deploy(model, example, "torchao", SCRATCH / "paired-norm-fed", num_threads=THREADS).model
+    return {**runners, "torchao PT2E X86Inductor (static)": torchao_pt2e(base, task, name, example)}
+
+
 def groups(name: str, base: Any, task: Any, example: Any) -> dict[str, Any]:
     """Per group, a function building its runners (built only when the group is measured)."""
     return {
-        "torch": lambda: {"FP32 torch eager": base, "bitsmith W8A8 -> torchao PT2E": ours(name, base, task, example,
-                          "torchao"), "torchao PT2E X86Inductor (static)": torchao_pt2e(base, task, name, example)},
+        "torch": lambda: torch_runners(name, base, task, example),
         "onnxruntime": lambda: {"bitsmith W8A8 -> ONNX Runtime": ours(name, base, task, example, "onnxruntime"),
                                 "ONNX Runtime static QDQ per-channel": ort_static(base, task, example)[0]},
     }  # fmt: skip
@@ -77,19 +90,21 @@ def groups(name: str, base: Any, task: Any, example: Any) -> dict[str, Any]:
 def run(models: list[str]) -> None:
     torch.set_num_threads(THREADS)
     rows = Rows(RESULTS / "speed-paired.json")
+    here = machine()  # rows of another kind of CPU are kept (their own table) and measured again here
     for name in models:
-        if all(rows.done(model=name, group=group) for group in ("torch", "onnxruntime")):
+        if all(rows.done(model=name, group=group, **here) for group in ("torch", "onnxruntime")):
             continue
         base, task = load(name)
         task.evaluate(base)
         example = latency_example(name, task)
         for group, build in groups(name, base, task, example).items():
-            if rows.done(model=name, group=group):
+            if rows.done(model=name, group=group, **here):
                 continue
-            times = interleaved(build(), example)
-            for path, rounds in times.items():
+            runners = build()
+            times = interleaved(runners, example)
+            for path, rounds in times.items():  # quality after the timing: it is the same for every round
                 rows.add({"model": name, "group": group, "path": path, "median_ms": statistics.median(rounds),
-                          "rounds_ms": rounds, **machine()})  # fmt: skip
+                          "rounds_ms": rounds, "quality": task.evaluate(runners[path]), **machine()})  # fmt: skip
                 print(name, group, path, f"{statistics.median(rounds):.1f} ms", flush=True)
     write(rows.rows)
 
@@ -100,12 +115,19 @@ def paired(reference: dict[str, Any], row: dict[str, Any]) -> str:
     return f"{statistics.median(ratios):.2f}x"
 
 
-def write(rows: list[dict[str, Any]]) -> None:
-    doc = (__doc__ or "").split("\n\n")
-    lines = ["# Paired timing: bitsmith against the peer on the same backend (2 threads)", "",
-             " ".join(doc[0:2]).replace("\n", " "), "", doc[2].replace("\n", " "), "", machine_line(rows), "",
-             "| model | group | path | median ms | vs FP32 eager | vs the peer | spread of rounds ms |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+def quality(row: dict[str, Any]) -> str:
+    """MiniLM: cosine of the embeddings to FP32; CNN / ViT: top-1 % on the 10,000 test images (rows before
+    quality was recorded: blank)."""
+    scores = row.get("quality") or {}
+    if "cosine" in scores:
+        return f"cosine {scores['cosine']:.4f}"
+    return f"top-1 {100 * scores['accuracy']:.2f}" if "accuracy" in scores else ""
+
+
+def machine_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The table of one kind of CPU."""
+    lines = [machine_line(rows), "", "| model | group | path | median ms | vs FP32 eager | vs the peer | spread of rounds ms "
+             "| quality |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name in BATCH:
         mine = [r for r in rows if r["model"] == name]
         for r in mine:
@@ -115,8 +137,18 @@ def write(rows: list[dict[str, Any]]) -> None:
             path = f"**{r['path']}**" if r["path"].startswith("bitsmith") else r["path"]
             lines.append(f"| {name} | {r['group']} | {path} | {r['median_ms']:.1f} | "
                          f"{paired(fp32, r) if fp32 else '-'} | {paired(peer, r)} | "
-                         f"{min(r['rounds_ms']):.1f} - {max(r['rounds_ms']):.1f} |")  # fmt: skip
-    lines += ["", "*vs FP32 eager*, *vs the peer*: the median over rounds of (their time / this path's time) in the same",
+                         f"{min(r['rounds_ms']):.1f} - {max(r['rounds_ms']):.1f} | {quality(r)} |")  # fmt: skip
+    return lines
+
+
+def write(rows: list[dict[str, Any]]) -> None:
+    doc = (__doc__ or "").split("\n\n")
+    lines = ["# Paired timing: bitsmith against the peer on the same backend (2 threads)", "",
+             " ".join(doc[0:2]).replace("\n", " "), "", doc[2].replace("\n", " "), ""]  # fmt: skip
+    kinds = sorted({(r.get("cpu", ""), r.get("vnni", True)) for r in rows}, key=lambda k: (not k[1], k[0]))
+    for cpu, vnni in kinds:  # the machine with VNNI first
+        lines += [*machine_table([r for r in rows if (r.get("cpu", ""), r.get("vnni", True)) == (cpu, vnni)]), ""]
+    lines += ["*vs FP32 eager*, *vs the peer*: the median over rounds of (their time / this path's time) in the same",
               "round; above 1 is faster.", ""]  # fmt: skip
     atomic_write_text(RESULTS / "speed-paired.md", "\n".join(lines))
 

@@ -62,6 +62,13 @@ def int8_pairs_saturate() -> bool:
     return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+INT8_SDPA_MISSING = {
+    "onnxruntime": "ONNX Runtime's CPU provider has no integer attention kernel for a QDQ graph",
+    "torchao": "torchao's int8 attention takes per-tensor static scales, where bitsmith's grids are per token and "
+    "per channel, and it runs only as an AMX template or as torchao's C++ CPU op, which the PyPI wheel lacks",
+}
+
+
 def _build(model: nn.Module, example: Any, backend: str, out: Path, num_threads: int | None) -> Deployment:
     deployment = _export(model, example, backend, out, num_threads)
     if backend != "torch":
@@ -75,8 +82,8 @@ def _build(model: nn.Module, example: Any, backend: str, out: Path, num_threads:
                           "here", stacklevel=3)  # fmt: skip
     if backend != "torch" and uses_int8_attention(model):
         warnings.warn(f"{backend}: int8 attention is exported as its fake-quant grids computed with float kernels "
-                      "(same results; bitsmith has no integer attention kernel for this backend), so it adds time "
-                      "here: set int8_attention: false for speed", stacklevel=3)  # fmt: skip
+                      f"(same results; {INT8_SDPA_MISSING[backend]}), so it adds time here: set int8_attention: "
+                      "false for speed", stacklevel=3)  # fmt: skip
     return deployment
 
 
