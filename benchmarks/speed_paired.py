@@ -1,16 +1,18 @@
 """Paired timing: bitsmith's deployed W8A8 against the peer on the same backend, the runs interleaved.
 
-``speed.py`` times each path after the previous one, minutes apart, and on this kind of machine a path's
-latency drifts by up to about 20% over minutes, more than some of the differences it compares. Here the
-paths of one backend are built first and then timed in turns: ``ROUNDS`` rounds, each running every path
-``PER_ROUND`` times (mean per forward), so drift hits them alike; each round runs the paths in a new random order
-(seeded), so no path always runs right after FP32 eager, whose float working set evicts the others' from the caches. A comparison is the median over rounds of the
-ratio within the round (paired), not a ratio of medians: the latencies here are often bimodal. ONNX
-Runtime and torch paths are timed in separate groups (ONNX Runtime's threads keep spinning after a run and
-slow whatever runs next). Groups: torch (FP32 eager, bitsmith W8A8 -> torchao, torchao's PT2E flow) and ONNX
-Runtime (bitsmith W8A8 -> ONNX Runtime, ONNX Runtime's ``quantize_static``), with the bitsmith settings of
+``speed.py`` times each path after the previous one, minutes apart, and on this kind of machine a path's latency
+drifts by up to about 20% over minutes, more than some of the differences it compares. Here the paths of one
+backend are built first and then timed in turns: ``ROUNDS`` rounds, each running every path ``PER_ROUND`` times
+(mean per forward), so drift hits them alike; each round runs the paths in a new random order (seeded), so no path
+always runs right after FP32 eager, whose float working set evicts the others' from the caches. A comparison is the
+median over rounds of the ratio within the round (paired), not a ratio of medians: the latencies here are often
+bimodal. ONNX Runtime and torch paths are timed in separate groups (ONNX Runtime's threads keep spinning after a
+run and slow whatever runs next; within the ONNX Runtime group each path waits ``SETTLE_S`` before its turn, so the
+previous session's threads have stopped spinning). Groups: torch (FP32 eager, bitsmith W8A8 -> torchao, torchao's PT2E flow)
+and ONNX Runtime (bitsmith W8A8 -> ONNX Runtime, ONNX Runtime's ``quantize_static``), with the bitsmith settings of
 ``speed.py`` (the CNN with PTQ's ``residual_adds``: ``shortcut`` on torchao, ``both`` and ``pool_inputs`` on ONNX
-Runtime).
+Runtime). Each group also times the peer built a second time (*A/A control*): its ratio to the first build is what
+two equal graphs differ by here, the noise floor of every other ratio in the group.
 
 Regenerate: ``python benchmarks/speed_paired.py [minilm cnn vit]`` on an otherwise idle machine (rows resume per
 model and group in ``speed-paired.json``); writes ``docs/results/speed-paired.md``.
@@ -42,11 +44,13 @@ from bitsmith.deploy import deploy
 from bitsmith.files import atomic_write_text
 
 ROUNDS, PER_ROUND = 20, 3
+SETTLE_S = 0.2  # idle time before each ONNX Runtime path's turn
 RESIDUAL = {"torchao": "shortcut", "onnxruntime": "both"}  # the CNN's residual adds, per backend
 NORM_FED = "bitsmith W8A8, SmoothQuant norm-fed -> torchao PT2E"
+CONTROL = ", built again (A/A control)"  # the peer against itself: how far apart two equal graphs time
 
 
-def interleaved(runners: dict[str, Any], example: Any) -> dict[str, list[float]]:
+def interleaved(runners: dict[str, Any], example: Any, settle: float = 0.0) -> dict[str, list[float]]:
     """Milliseconds per forward of each runner in each round; every runner runs once per round, in turn."""
     call = (lambda m: m(**example)) if isinstance(example, dict) else (lambda m: m(example))
     times: dict[str, list[float]] = {name: [] for name in runners}
@@ -57,6 +61,7 @@ def interleaved(runners: dict[str, Any], example: Any) -> dict[str, list[float]]
         for _ in range(ROUNDS):  # a new order each round: no path always runs right after the same one
             for name in order.sample(list(runners), len(runners)):
                 runner = runners[name]
+                time.sleep(settle)  # the previous path's spinning threads (ONNX Runtime's) go to sleep first
                 start = time.perf_counter()
                 for _ in range(PER_ROUND):
                     call(runner)
@@ -75,16 +80,22 @@ def torch_runners(name: str, base: Any, task: Any, example: Any) -> dict[str, An
     if name == "minilm":
         model = bitsmith_model(name, base, task, smooth_layers="norm-fed")
         runners[NORM_FED] = deploy(model, example, "torchao", SCRATCH / "paired-norm-fed", num_threads=THREADS).model
-    return {**runners, "torchao PT2E X86Inductor (static)": torchao_pt2e(base, task, name, example)}
+    peer = "torchao PT2E X86Inductor (static)"
+    return {**runners, peer: torchao_pt2e(base, task, name, example),
+            peer + CONTROL: torchao_pt2e(base, task, name, example)}  # fmt: skip
+
+
+def ort_runners(name: str, base: Any, task: Any, example: Any) -> dict[str, Any]:
+    """bitsmith on ONNX Runtime, ONNX Runtime's static quantization and its second build."""
+    peer = "ONNX Runtime static QDQ per-channel"
+    return {"bitsmith W8A8 -> ONNX Runtime": ours(name, base, task, example, "onnxruntime"),
+            peer: ort_static(base, task, example)[0], peer + CONTROL: ort_static(base, task, example)[0]}  # fmt: skip
 
 
 def groups(name: str, base: Any, task: Any, example: Any) -> dict[str, Any]:
     """Per group, a function building its runners (built only when the group is measured)."""
-    return {
-        "torch": lambda: torch_runners(name, base, task, example),
-        "onnxruntime": lambda: {"bitsmith W8A8 -> ONNX Runtime": ours(name, base, task, example, "onnxruntime"),
-                                "ONNX Runtime static QDQ per-channel": ort_static(base, task, example)[0]},
-    }  # fmt: skip
+    return {"torch": lambda: torch_runners(name, base, task, example),
+            "onnxruntime": lambda: ort_runners(name, base, task, example)}  # fmt: skip
 
 
 def run(models: list[str]) -> None:
@@ -101,7 +112,7 @@ def run(models: list[str]) -> None:
             if rows.done(model=name, group=group, **here):
                 continue
             runners = build()
-            times = interleaved(runners, example)
+            times = interleaved(runners, example, SETTLE_S if group == "onnxruntime" else 0.0)
             for path, rounds in times.items():  # quality after the timing: it is the same for every round
                 rows.add({"model": name, "group": group, "path": path, "median_ms": statistics.median(rounds),
                           "rounds_ms": rounds, "quality": task.evaluate(runners[path]), **machine()})  # fmt: skip

@@ -8,7 +8,8 @@ Self CPU time per forward is split into int8 GEMMs / convolutions (oneDNN ``qlin
 else*: quantize / dequantize, SmoothQuant scaling, norms, activations, layout copies, the compiled graph's call
 overhead. That split does not depend on how fast a machine's int8 GEMMs are, so the comparison of the two graphs'
 *everything else* holds on any CPU. The op-by-op table names every op that bitsmith's graph runs more often than
-the peer's (counted inside the fused kernels) with the time of the kernels that contain it.
+the peer's (counted inside the fused kernels) with the time of the kernels that contain it. The peer is profiled a
+second time from a second build (*A/A control*): its difference from the first is the noise of one profile.
 
 The ONNX Runtime paths (bitsmith's QDQ file vs ONNX Runtime's own static quantization, and the FP32 file) are
 profiled with ONNX Runtime's profiler, each node's kernel time grouped by operator: integer kernels, float
@@ -48,6 +49,7 @@ from bitsmith.export.pt2e import CompiledModel
 from bitsmith.files import atomic_write_text
 
 RUNS = 20
+CONTROL = ", built again (A/A control)"  # the peer profiled twice: how far apart two equal graphs' times are
 GROUPS = {"int8 GEMM / conv": ("onednn::q",), "attention": ("scaled_dot_product",),
           "float GEMM / conv": ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "mkldnn_convolution")}  # fmt: skip
 ELSE = "everything else"
@@ -141,10 +143,12 @@ def extra_ops(ours: dict[str, list[float]], peer: dict[str, list[float]]) -> lis
 
 def torch_paths(name: str, base: Any, task: Any, example: Any) -> dict[str, Any]:
     """Builders of the profiled torch paths (built one at a time)."""
+    peer = "torchao PT2E X86Inductor (static)"
     paths = {
         "FP32 torch eager": lambda: base,
         "bitsmith W8A8 -> torchao PT2E": lambda: CompiledModel.from_model(bitsmith_model(name, base, task), example),
-        "torchao PT2E X86Inductor (static)": lambda: torchao_pt2e(base, task, name, example),
+        peer: lambda: torchao_pt2e(base, task, name, example),
+        peer + CONTROL: lambda: torchao_pt2e(base, task, name, example),
     }
     if name == "minilm":
         paths["bitsmith W8A8, SmoothQuant norm-fed -> torchao PT2E"] = lambda: CompiledModel.from_model(
@@ -227,7 +231,8 @@ def run(models: list[str]) -> None:
 
 
 def is_ours(row: dict[str, Any]) -> bool:
-    return row["path"].startswith("bitsmith")
+    """bitsmith's paths and the A/A control: the rows compared with the peer."""
+    return row["path"].startswith("bitsmith") or row["path"].endswith(CONTROL)
 
 
 def peer_of(rows: list[dict[str, Any]], row: dict[str, Any]) -> dict[str, Any] | None:
