@@ -63,6 +63,7 @@ PATHS = ["FP32 torch eager", "bitsmith W8A8 -> ONNX Runtime", "bitsmith W8A8 -> 
          "torchao PT2E X86Inductor (static)", "ONNX Runtime static QDQ per-channel", "ONNX Runtime dynamic per-channel",
          "torch dynamic int8 (Linear)"]  # fmt: skip
 SCRATCH = Path(tempfile.mkdtemp(prefix="bitsmith-speed-"))
+CONTROL = ", built again (A/A control)"  # the peer built twice: how far apart two equal graphs time (paired, profile)
 
 
 def machine() -> dict[str, Any]:

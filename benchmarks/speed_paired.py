@@ -30,6 +30,7 @@ import torch
 from common import RESULTS, Rows, load
 from speed import (
     BATCH,
+    CONTROL,
     SCRATCH,
     THREADS,
     bitsmith_model,
@@ -47,7 +48,6 @@ ROUNDS, PER_ROUND = 20, 3
 SETTLE_S = 0.2  # idle time before each ONNX Runtime path's turn
 RESIDUAL = {"torchao": "shortcut", "onnxruntime": "both"}  # the CNN's residual adds, per backend
 NORM_FED = "bitsmith W8A8, SmoothQuant norm-fed -> torchao PT2E"
-CONTROL = ", built again (A/A control)"  # the peer against itself: how far apart two equal graphs time
 
 
 def interleaved(runners: dict[str, Any], example: Any, settle: float = 0.0) -> dict[str, list[float]]:

@@ -33,6 +33,7 @@ import torch
 from common import RESULTS, Rows, load
 from speed import (
     BATCH,
+    CONTROL,
     SCRATCH,
     THREADS,
     bitsmith_model,
@@ -49,7 +50,6 @@ from bitsmith.export.pt2e import CompiledModel
 from bitsmith.files import atomic_write_text
 
 RUNS = 20
-CONTROL = ", built again (A/A control)"  # the peer profiled twice: how far apart two equal graphs' times are
 GROUPS = {"int8 GEMM / conv": ("onednn::q",), "attention": ("scaled_dot_product",),
           "float GEMM / conv": ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "mkldnn_convolution")}  # fmt: skip
 ELSE = "everything else"
