@@ -27,7 +27,7 @@ def test_every_module_has_a_place_in_the_api_reference() -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("mkdocstrings") is None, reason="extra 'dev' not installed (mkdocs)")
 def test_the_api_reference_builds_strictly(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
                           cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     page = (tmp_path / "site" / "methods" / "index.html").read_text()
