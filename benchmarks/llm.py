@@ -117,15 +117,16 @@ def measure(model: torch.nn.Module, task: LanguageModelTask, methods: list[dict[
     quantized = copy.deepcopy(model)
     reset_peak_rss()
     rss_before = peak_rss()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     compress_quietly(quantized, methods, task)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = peak_rss()
     cost = model_cost(quantized, task.first(task.example(1)))
     metrics = task.evaluate(quantized)
     samples = task.samples(quantized)
     del quantized
-    return {**metrics, "quant_seconds": round(seconds, 1), "calib_extra_mib": round((peak - rss_before) / 2**20),
+    return {**metrics, "quant_seconds": round(seconds, 1), "quant_cpu_seconds": round(cpu_seconds, 1),
+            "calib_extra_mib": round((peak - rss_before) / 2**20),
             "size_mib": round(cost.totals["size_bytes"] / 2**20, 1), "avg_weight_bits": cost.totals["avg_weight_bits"],
             "samples": samples, "threads": torch.get_num_threads()}  # fmt: skip
 
