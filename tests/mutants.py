@@ -832,6 +832,22 @@ MUTANTS = [
     ),
     M(
         "liftquant",
+        "candidates' signs inverted: the search examines the mirror images",
+        "quant/lattice.py",
+        "torch.copysign(torch.ones((), dtype=z.dtype), lifted)",
+        "torch.copysign(torch.ones((), dtype=z.dtype), -lifted)",
+        "tests/test_liftquant.py",
+    ),
+    M(
+        "liftquant",
+        "encoding keeps the farthest candidate",
+        "quant/lattice.py",
+        "best = y[torch.arange(part.shape[0]), error.argmin(1)]",
+        "best = y[torch.arange(part.shape[0]), error.argmax(1)]",
+        "tests/test_liftquant.py",
+    ),
+    M(
+        "liftquant",
         "training's soft-min over the farthest candidates",
         "quant/lattice.py",
         "topk(count, dim=1, largest=False)",
