@@ -8,10 +8,10 @@ always runs right after FP32 eager, whose float working set evicts the others' f
 median over rounds of the ratio within the round (paired), not a ratio of medians: the latencies here are often
 bimodal. ONNX Runtime and torch paths are timed in separate groups (ONNX Runtime's threads keep spinning after a
 run and slow whatever runs next; within the ONNX Runtime group each path waits ``SETTLE_S`` before its turn, so the
-previous session's threads have stopped spinning). Groups: torch (FP32 eager, bitsmith W8A8 -> torchao, torchao's PT2E flow)
-and ONNX Runtime (bitsmith W8A8 -> ONNX Runtime, ONNX Runtime's ``quantize_static``), with the bitsmith settings of
-``speed.py`` (the CNN with PTQ's ``residual_adds``: ``shortcut`` on torchao, ``both`` and ``pool_inputs`` on ONNX
-Runtime). Each group also times the peer built a second time (*A/A control*): its ratio to the first build is what
+previous session's threads have stopped spinning). Groups: torch (FP32 eager, bitsmith W8A8 -> torchao, torchao's
+PT2E flow) and ONNX Runtime (bitsmith W8A8 -> ONNX Runtime, ONNX Runtime's ``quantize_static``), with the bitsmith
+settings of ``speed.py`` (the CNN with PTQ's ``residual_adds``: ``shortcut`` on torchao, ``both`` and
+``pool_inputs`` on ONNX Runtime). Each group also times the peer built a second time (*A/A control*): its ratio to the first build is what
 two equal graphs differ by here, the noise floor of every other ratio in the group.
 
 Regenerate: ``python benchmarks/speed_paired.py [minilm cnn vit]`` on an otherwise idle machine (rows resume per
@@ -70,9 +70,9 @@ def interleaved(runners: dict[str, Any], example: Any, settle: float = 0.0) -> d
     return times
 
 
-def ours(name: str, base: Any, task: Any, example: Any, backend: str) -> Any:
-    model = bitsmith_model(name, base, task, RESIDUAL[backend] if name == "cnn" else "none")
-    return deploy(model, example, backend, SCRATCH / f"paired-{backend}", num_threads=THREADS).model
+def ours(name: str, base: Any, task: Any, example: Any, backend: str, smooth_layers: str = "all") -> Any:
+    model = bitsmith_model(name, base, task, RESIDUAL[backend] if name == "cnn" else "none", smooth_layers)
+    return deploy(model, example, backend, SCRATCH / f"paired-{backend}-{smooth_layers}", num_threads=THREADS).model
 
 
 def torch_runners(name: str, base: Any, task: Any, example: Any) -> dict[str, Any]:
@@ -81,8 +81,7 @@ def torch_runners(name: str, base: Any, task: Any, example: Any) -> dict[str, An
     runners = {"FP32 torch eager": base, "bitsmith W8A8 -> torchao PT2E": ours(name, base, task, example, "torchao")}
     if name == "minilm":
         for label, layers in ((NORM_FED, "norm-fed"), (EARLY_FC2, "all-but-late-fc2")):
-            model = bitsmith_model(name, base, task, smooth_layers=layers)
-            runners[label] = deploy(model, example, "torchao", SCRATCH / f"paired-{layers}", num_threads=THREADS).model
+            runners[label] = ours(name, base, task, example, "torchao", layers)
     peer = "torchao PT2E X86Inductor (static)"
     return {**runners, peer: torchao_pt2e(base, task, name, example),
             peer + CONTROL: torchao_pt2e(base, task, name, example)}  # fmt: skip
