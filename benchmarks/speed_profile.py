@@ -143,21 +143,21 @@ def extra_ops(ours: dict[str, list[float]], peer: dict[str, list[float]]) -> lis
 
 def torch_paths(name: str, base: Any, task: Any, example: Any) -> dict[str, Any]:
     """Builders of the profiled torch paths (built one at a time)."""
+
+    def ours(**settings: Any) -> Any:
+        return lambda: CompiledModel.from_model(bitsmith_model(name, base, task, **settings), example)
+
     peer = "torchao PT2E X86Inductor (static)"
     paths = {
         "FP32 torch eager": lambda: base,
-        "bitsmith W8A8 -> torchao PT2E": lambda: CompiledModel.from_model(bitsmith_model(name, base, task), example),
+        "bitsmith W8A8 -> torchao PT2E": ours(),
         peer: lambda: torchao_pt2e(base, task, name, example),
         peer + CONTROL: lambda: torchao_pt2e(base, task, name, example),
     }
     if name == "minilm":
-        paths["bitsmith W8A8, SmoothQuant norm-fed -> torchao PT2E"] = lambda: CompiledModel.from_model(
-            bitsmith_model(name, base, task, smooth_layers="norm-fed"), example
-        )
+        paths["bitsmith W8A8, SmoothQuant norm-fed -> torchao PT2E"] = ours(smooth_layers="norm-fed")
     if name == "cnn":
-        paths["bitsmith W8A8 + residual adds (shortcut) -> torchao PT2E"] = lambda: CompiledModel.from_model(
-            bitsmith_model(name, base, task, residual_adds="shortcut"), example
-        )
+        paths["bitsmith W8A8 + residual adds (shortcut) -> torchao PT2E"] = ours(residual_adds="shortcut")
     return paths
 
 
