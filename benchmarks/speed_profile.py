@@ -128,7 +128,7 @@ def op_counts(ops: dict[str, list[float]]) -> tuple[Counter[str], Counter[str]]:
     for name, (calls, ms) in ops.items():
         if name.startswith(BOOKKEEPING):
             continue
-        for op in set(fused_ops(name)) if name.startswith("cpp_fused") else {name}:
+        for op in dict.fromkeys(fused_ops(name)) if name.startswith("cpp_fused") else [name]:
             count[op] += calls
             time[op] += ms
     return count, time
@@ -138,7 +138,7 @@ def extra_ops(ours: dict[str, list[float]], peer: dict[str, list[float]]) -> lis
     """Ops bitsmith runs more often than the peer: (op, our calls, the peer's calls, ms of our kernels with it)."""
     (count, time), (peer_count, _) = op_counts(ours), op_counts(peer)
     rows = [(op, count[op], peer_count[op], time[op]) for op in count if count[op] > peer_count[op] + 1e-9]
-    return sorted((r for r in rows if r[0].split("::")[-1] not in META_OPS), key=lambda r: -r[3])
+    return sorted((r for r in rows if r[0].split("::")[-1] not in META_OPS), key=lambda r: (-r[3], r[0]))
 
 
 def torch_paths(name: str, base: Any, task: Any, example: Any) -> dict[str, Any]:
