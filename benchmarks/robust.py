@@ -10,6 +10,7 @@ same images) at eps 0.1 to the training and compressed rows.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -67,9 +68,10 @@ def train(methods: list[dict[str, Any]], cfg: TrainConfig = CONFIG, start: str =
 
 AT_BASE = [{"name": "adv-train", "eps": 0.1, "steps": TRAIN_STEPS}]
 TUNE = TrainConfig(epochs=1, batch_size=128, optimizer="adamw", lr=5e-4, weight_decay=0.0)
+TUNE_BUDGETS = (1, 2, 4)  # CLAT / SAFER and their full PGD-AT baselines at 1x, 2x, 4x the fine-tune epochs
 CONTINUED = [  # from the PGD-AT eps 0.1 CNN, one more epoch
-    ("full PGD-AT, 1 more epoch", [{"name": "adv-train", "eps": 0.1, "steps": TRAIN_STEPS}]),
-    ("CLAT (5 % of parameters), 1 more epoch", [{"name": "clat", "eps": 0.1, "steps": TRAIN_STEPS, "budget": 0.05}]),
+    ("full PGD-AT", [{"name": "adv-train", "eps": 0.1, "steps": TRAIN_STEPS}]),
+    ("CLAT (5 % of parameters)", [{"name": "clat", "eps": 0.1, "steps": TRAIN_STEPS, "budget": 0.05}]),
 ]
 VIT_EXAMPLES = 5_000
 VIT_TUNING = [  # from the shipped ViT
@@ -107,10 +109,31 @@ def trainable_share(methods: list[dict[str, Any]], start: str) -> float:
     return sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
 
 
-def tuned_row(methods: list[dict[str, Any]], start: str, examples: int) -> dict[str, Any]:
-    model, seconds = train(methods, TUNE, start, examples)
+def tuned_row(methods: list[dict[str, Any]], start: str, examples: int, epochs: int = TUNE.epochs) -> dict[str, Any]:
+    model, seconds = train(methods, dataclasses.replace(TUNE, epochs=epochs), start, examples)
     row = sweep(model, SWEEP[:4] if start == "vit" else SWEEP)
-    return {**row, "train_seconds": round(seconds, 1), "trainable": trainable_share(methods, start)}
+    return {**row, "train_seconds": round(seconds, 1), "trainable": trainable_share(methods, start), "epochs": epochs}
+
+
+def tuned_label(name: str, start: str, scale: int) -> str:
+    """The row's label (and key): the 1x rows keep the labels they were measured under."""
+    epochs = TUNE.epochs * scale
+    if start == "vit":
+        return name if scale == 1 else f"{name}, {epochs} epochs"
+    return f"{name}, {epochs} more epoch" + "s" * (epochs > 1)
+
+
+def tuned_entries() -> list[Entry]:
+    """CLAT and SAFER against full PGD-AT fine-tuning at 1x, 2x and 4x the fine-tune epochs (the budget curve)."""
+    out: list[Entry] = []
+    for scale in TUNE_BUDGETS:
+        for section, start, examples, tunings in (("continued", "at-0.1", TRAIN_EXAMPLES, CONTINUED),
+                                                  ("vit", "vit", VIT_EXAMPLES, VIT_TUNING)):  # fmt: skip
+            for name, methods in tunings:
+                label = tuned_label(name, start, scale)
+                out.append((label, {"section": section, "variant": label}, {"methods": methods, "budget": scale},
+                            functools.partial(tuned_row, methods, start, examples, TUNE.epochs * scale)))  # fmt: skip
+    return out
 
 
 def compressed_row(methods: list[dict[str, Any]]) -> dict[str, Any]:
@@ -233,11 +256,7 @@ def entries() -> list[Entry]:
              functools.partial(compressed_row, methods)) for label, methods in COMPRESSED]  # fmt: skip
     out.append((f"parallel MAT: ensemble of the PGD-AT {STRENGTHS} models", {"section": "training",
                 "variant": "parallel MAT"}, {}, parallel_mat_row))  # fmt: skip
-    out += [(label, {"section": "continued", "variant": label}, {"methods": methods},
-             functools.partial(tuned_row, methods, "at-0.1", TRAIN_EXAMPLES)) for label, methods in CONTINUED]  # fmt: skip
-    out += [(label, {"section": "vit", "variant": label}, {"methods": methods},
-             functools.partial(tuned_row, methods, "vit", VIT_EXAMPLES)) for label, methods in VIT_TUNING]  # fmt: skip
-    return out
+    return out + tuned_entries()
 
 
 def write(rows: list[dict[str, Any]]) -> None:
@@ -279,7 +298,9 @@ def write(rows: list[dict[str, Any]]) -> None:
         if tuned:
             eps = [e for e in SWEEP[1:] if str(e) in tuned[0]["pgd"]]
             lines += ["", f"## {title}", "", f"From {start} (AdamW lr 5e-4, training attack PGD-{TRAIN_STEPS} eps 0.1); "
-                      f"evaluation as above; mean over eps in {{0, {', '.join(str(e) for e in eps)}}}.", "",
+                      f"evaluation as above; mean over eps in {{0, {', '.join(str(e) for e in eps)}}}. The budget curve: "
+                      f"both rows again at {' and '.join(f'{b}x' for b in TUNE_BUDGETS[1:])} the fine-tune epochs (the "
+                      "gap plotted against budget in [budget curves](budget-curves.md)).", "",
                       f"| fine-tuning | trainable params % | clean | {' | '.join(f'PGD {e}' for e in eps)} | PGD mean | "
                       "train s | load |", "|---|---|---|" + "---|" * len(eps) + "---|---|---|"]  # fmt: skip
             lines += [f"| {r['name']} | {100 * r['trainable']:.1f} | {100 * r['clean']:.2f} | "
