@@ -115,6 +115,7 @@ bench-llm-gemma: install-gemma data
 bench-llm-methods: $(STAMP) data
 	$(PY) benchmarks/lift_codebooks.py
 	$(PY) benchmarks/llm_methods.py
+	$(PY) benchmarks/budget_curves.py
 
 # GGUF files inside llama.cpp (issue 45): quality rows share the cores; the speed rows run alone afterwards.
 bench-gguf: $(LLAMACPP) $(AUTOROUND) data
@@ -127,11 +128,13 @@ bench-robust: $(STAMP) data
 	$(PY) benchmarks/robust.py
 	$(PY) benchmarks/robust_ensembles.py
 	$(PY) benchmarks/robust.py --speed
+	$(PY) benchmarks/budget_curves.py
 
 # FactorLLM / GEMQ rows share the cores with anything; the speed rows run alone afterwards.
 bench-moe: $(STAMP) data
 	$(PY) benchmarks/moe.py
 	$(PY) benchmarks/moe.py --speed
+	$(PY) benchmarks/budget_curves.py
 
 bench-scale: $(STAMP) data
 	$(PY) benchmarks/scale.py
