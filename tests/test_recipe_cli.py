@@ -114,6 +114,10 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: py
         ({"model": {"name": "cnn", "split": 3}}, "model.split: a Split-Ensemble is trained from scratch; add a train"),
         ({"model": {"name": "cnn", "split": [[0, 1], [1, 2]]}, "train": {}}, "model.split: the groups must partition"),
         ({"model": {"name": "cnn", "split": 3, "members": 2}, "train": {}}, "give members (an Ensemble) or split"),
+        ({"model": {"name": "cnn"}, "crossbar": {"noise": [-0.1]}}, "crossbar noise -0.1: a noise level is >= 0"),
+        ({"model": {"name": "cnn"}, "crossbar": {"cell_bits": 3}}, "cell_bits 3 does not divide weight_bits 8"),
+        ({"model": {"name": "cnn"}, "crossbar": {"adc_bits": 0}}, "crossbar.adc_bits"),
+        ({"model": {"name": "minilm"}, "crossbar": {}}, "crossbar: accuracy under crossbar noise is measured on"),
     ],
 )
 def test_bad_recipes_name_field_value_and_allowed(raw: dict, message: str) -> None:
@@ -213,7 +217,12 @@ def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
         assert "checkpoint file (KB)" in (out / "report.md").read_text()
     # a smoke run trains one tiny epoch: too little for SVD training's rank cut to pay off yet; MAT hardens only
     size, baseline_size = report["compressed"]["metrics"]["size_bytes"], report["baseline"]["metrics"]["size_bytes"]
-    uncompressed = ("cnn-svd-train", "cnn-mat", "cnn-split-ensemble")  # the split model is the baseline too
+    uncompressed = (
+        "cnn-svd-train",
+        "cnn-mat",
+        "cnn-split-ensemble",
+        "cnn-resna",
+    )  # the split model is the baseline too
     assert size <= baseline_size if recipe.stem in uncompressed else size < baseline_size
     if report["recipe"]["model"].get("members") or report["recipe"]["model"].get("split"):
         from bitsmith.run import load_checkpoint  # an ensemble / split checkpoint rebuilds its own structure
@@ -227,6 +236,13 @@ def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
         robust = report["robustness"]
         assert robust["compressed"]["results"][0]["transfer_accuracy"] is not None
         assert "## Robustness" in (out / "report.md").read_text()
+    if report["recipe"].get("crossbar"):  # both models on noisy crossbars, every level, spread over draws
+        levels = report["crossbar"]["levels"]
+        assert [lv["noise"] for lv in levels] == report["recipe"]["crossbar"]["noise"]
+        assert all(
+            len(lv[side]["draws"]) == report["crossbar"]["draws"] for lv in levels for side in ("fp32", "compressed")
+        )
+        assert "## On ReRAM crossbars" in (out / "report.md").read_text()
     assert report["recipe"]["methods"][0]["name"]
     for name in ("report.md", "layers.png", "recipe.resolved.yaml", "model.safetensors"):
         assert (out / name).is_file(), name

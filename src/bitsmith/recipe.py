@@ -185,6 +185,24 @@ class AttackSection(_Strict):
         return attack_specs(list(self.attacks), self.eps, self.norm, self.steps, self.restarts)
 
 
+class CrossbarSection(_Strict):
+    """Accuracy of the FP32 and the compressed model run on ReRAM crossbars under sampled read noise."""
+
+    noise: list[float] = Field([0.05], min_length=1, description="read-noise levels (fractions of the conductance "
+                               "range), each evaluated")  # fmt: skip
+    draws: int = Field(20, ge=1, description="independent noise draws per level (mean and spread reported)")
+    rows: int = Field(128, ge=1, description="crossbar size: inputs summed per bit line")
+    cell_bits: int = Field(2, ge=1, le=8)
+    weight_bits: int = Field(8, ge=1, le=16)
+    adc_bits: int | None = Field(None, ge=1, description="ADC resolution per bit line (null: ideal)")
+    subset: int | None = Field(2000, ge=1, description="a seeded subset of the test images (all when null)")
+
+    def crossbars(self) -> list[Any]:
+        from bitsmith.crossbar import Crossbar
+
+        return [Crossbar(self.rows, self.cell_bits, self.weight_bits, level, self.adc_bits) for level in self.noise]
+
+
 class Recipe(_Strict):
     task: str | None = Field(None, description="the task kind (`bitsmith tasks`); default: the kind that claims the "
                              "model")  # fmt: skip
@@ -195,6 +213,7 @@ class Recipe(_Strict):
     eval: EvalSpec = EvalSpec()
     export: ExportSpec = ExportSpec()
     attack: AttackSection | None = None
+    crossbar: CrossbarSection | None = None
     generation: GenerationSection | None = None
 
     def build_methods(self) -> list[Method]:
@@ -332,6 +351,13 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
             raise RecipeError("attack: robust evaluation attacks image classifiers (classification task); remove it")
         try:
             recipe.attack.specs()
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+    if recipe.crossbar is not None:
+        if not kind.labelled:
+            raise RecipeError("crossbar: accuracy under crossbar noise is measured on classifiers; remove it")
+        try:
+            recipe.crossbar.crossbars()
         except ValueError as err:
             raise RecipeError(str(err)) from None
     check_generation(recipe)

@@ -115,6 +115,30 @@ def robust_section(recipe: Recipe, fp32: nn.Module, model: nn.Module, task: Task
             "robustbench": comp.robustbench_entry(str(recipe.model.name), recipe.model_dump(mode="json"))}  # fmt: skip
 
 
+def crossbar_section(recipe: Recipe, fp32: nn.Module, model: nn.Module, task: Task, smoke: bool) -> dict[str, Any]:
+    """Top-1 of the FP32 and the compressed model on the recipe's crossbars, per noise level: mean, spread and
+    every draw (``bitsmith.crossbar.accuracy_under_noise``)."""
+    from bitsmith.crossbar import accuracy_under_noise, input_ranges
+
+    section = recipe.crossbar
+    assert section is not None
+    size = min(section.subset or SMOKE["attack_examples"], SMOKE["attack_examples"]) if smoke else section.subset
+    images, labels = subset(*task.test, size, seed=recipe.data.seed)
+    draws = min(section.draws, 2) if smoke else section.draws
+    calib = [batch[0] if isinstance(batch, (tuple, list)) else batch for batch in task.calibration]
+    out: dict[str, Any] = {"examples": len(labels), "draws": draws, "design": section.model_dump(), "levels": []}
+    for crossbar in section.crossbars():
+        log.info(f"crossbar noise {crossbar.noise:g}: {draws} draws on {len(labels)} test images")
+        level: dict[str, Any] = {"noise": crossbar.noise}
+        for key, net in (("fp32", fp32), ("compressed", model)):
+            limits = input_ranges(net, calib) if crossbar.adc_bits is not None else None
+            accs = accuracy_under_noise(net, images, labels, crossbar, draws, recipe.data.seed, limits)
+            mean = sum(accs) / len(accs)
+            level[key] = {"mean": mean, "std": (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5, "draws": accs}
+        out["levels"].append(level)
+    return out
+
+
 def float_twin(model: nn.Module) -> nn.Module:
     """``model``'s own (quantized, masked) weights as a plain float model: the transfer source of the same
     training, whose gradients no fake quantizer or input rounding hides."""
@@ -158,7 +182,7 @@ def _run_recipe(
     log.info(f"measuring the FP32 baseline on {task.eval_examples} examples")
     baseline = measure(model, task, recipe, smoke) if at.main else {}
     methods = recipe.build_methods()
-    fp32 = copy.deepcopy(model) if recipe.attack is not None else None
+    fp32 = copy.deepcopy(model) if recipe.attack is not None or recipe.crossbar is not None else None
     start = time.perf_counter()
     train_cfg = recipe.train_config()
     trains = train_cfg is not None and task_kind(recipe).labelled
@@ -188,7 +212,8 @@ def _run_recipe(
     compressed["metrics"]["compress_seconds"] = round(compress_seconds, 3)
     calibration_stats = {m.registered_name: m._stats for m in methods if isinstance(getattr(m, "_stats", None), dict)}
     samples = task.samples(model) if hasattr(task, "samples") else None
-    robustness = robust_section(recipe, fp32, model, task, smoke) if fp32 is not None else None
+    robustness = robust_section(recipe, fp32, model, task, smoke) if recipe.attack is not None else None
+    crossbar = crossbar_section(recipe, fp32, model, task, smoke) if recipe.crossbar is not None else None
     deployed = None
     if recipe.export.deploy != "none":
         example = task.example(SMOKE["latency_batch"] if smoke else recipe.eval.latency_batch)
@@ -209,6 +234,7 @@ def _run_recipe(
         "training": history,
         "deployed": deployed,
         "robustness": robustness,
+        "crossbar": crossbar,
         "calibration": calibration_stats,
         "samples": samples,
         "recipe": resolved,

@@ -212,6 +212,7 @@ def run_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     md += robustness_lines(report.get("robustness"))
+    md += crossbar_lines(report.get("crossbar"))
     if report.get("samples"):
         md += ["## Greedy generations", "", "| prompt | FP32 | compressed |", "|---|---|---|"]
         md += [f"| {cell(s['prompt'])} | {cell(s['fp32'])} | {cell(s['compressed'])} |" for s in report["samples"]]
@@ -252,6 +253,22 @@ def robustness_lines(robust: dict[str, Any] | None) -> list[str]:
         md += [f"| **strongest attack** L{norm} eps {eps:g} | {worst(base['results'], eps, norm)} | "
                f"{worst(comp['results'], eps, norm)} | |" for eps, norm in strengths]  # fmt: skip
     return md + [""] + [f"**Warning:** {flag}" for flag in comp["flags"]] + [""]
+
+
+def crossbar_lines(crossbar: dict[str, Any] | None) -> list[str]:
+    """The accuracy-under-crossbar-noise table of a run with a ``crossbar`` section (percent top-1)."""
+    if not crossbar:
+        return []
+    d = crossbar["design"]
+    adc = f"{d['adc_bits']}-bit ADC" if d["adc_bits"] else "ideal ADC"
+    md = ["## On ReRAM crossbars", "", f"Top-1 % on {crossbar['examples']} test images, mean +- spread over "
+          f"{crossbar['draws']} read-noise draws; crossbars of {d['rows']} rows, {d['cell_bits']}-bit cells, "
+          f"{d['weight_bits']}-bit weights, {adc}.", "", "| read noise | FP32 | compressed |", "|---|---|---|"]  # fmt: skip
+    for level in crossbar["levels"]:
+        f, c = level["fp32"], level["compressed"]
+        md.append(f"| {level['noise']:g} | {100 * f['mean']:.2f} +- {100 * f['std']:.2f} | "
+                  f"{100 * c['mean']:.2f} +- {100 * c['std']:.2f} |")  # fmt: skip
+    return md + [""]
 
 
 def cell(text: str) -> str:

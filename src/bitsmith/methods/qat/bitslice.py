@@ -14,12 +14,12 @@ Training adds the official normalisation, one mean over all slices of all select
 
 ``regularizer: l1`` is the plain-L1 baseline on the same scale, ``alpha * sum_l sum |W_l| / step_l / #W``
 (the code's L1 on the weights, in code units so one alpha compares the two). ``slice_sparsity``
-reports the fraction of zero entries per slice over all selected weights.
+reports the fraction of zero entries per slice over all selected weights. The mapping (step, code, slices) is
+``bitsmith.crossbar``'s, the ReRAM crossbar model ReSNA trains against.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -27,37 +27,12 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith.crossbar import bit_slices, power_of_two_step
 from bitsmith.method import Method, register_method
 from bitsmith.quant.layers import attach
 from bitsmith.quant.uniform import UniformQuantizer
 
 MAGNITUDE_BITS = 8  # four full 2-bit slices
-
-
-def power_of_two_step(weight: Tensor, bits: int = MAGNITUDE_BITS) -> float:
-    """``2^(ceil(log2 max|W|) - bits)``: the step of a ``bits``-bit magnitude covering ``W``."""
-    peak = float(weight.detach().abs().max().clamp(min=1e-12))
-    return 2.0 ** (math.ceil(math.log2(peak)) - bits)
-
-
-def _ste(hard: Tensor, soft: Tensor) -> Tensor:
-    return soft + (hard - soft).detach()
-
-
-def bit_slices(weight: Tensor, step: float, slice_bits: int = 2, bits: int = MAGNITUDE_BITS) -> list[Tensor]:
-    """The magnitude code's slices, most significant first; ``sum_k slice_k * 2^(slice_bits * (K-1-k))``
-    equals the code ``clamp(round(|w| / step), 0, 2^bits - 1)`` exactly."""
-    levels = 2**bits - 1
-    scaled = weight.abs() / step
-    code = _ste(torch.round(scaled).clamp(0, levels), scaled)
-    count = math.ceil(bits / slice_bits)
-    slices, rest = [], code
-    for k in range(count):
-        unit = 2 ** (slice_bits * (count - 1 - k))
-        value = _ste(torch.floor(rest / unit), rest / unit)
-        slices.append(value)
-        rest = rest - unit * value.detach()
-    return slices
 
 
 @register_method("bitslice")
