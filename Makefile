@@ -15,7 +15,7 @@ LLAMACPP         := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: docs install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-gguf bench-moe bench-robust bench-scale bench-diffusion clean
+.PHONY: docs install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-gguf bench-moe bench-robust bench-hardware bench-scale bench-diffusion clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -129,6 +129,10 @@ bench-robust: $(STAMP) data
 	$(PY) benchmarks/robust_ensembles.py
 	$(PY) benchmarks/robust.py --speed
 	$(PY) benchmarks/budget_curves.py
+
+# ReSNA on the zoo CNN under crossbar read noise (issue 43): accuracy rows, they share the cores with anything.
+bench-hardware: $(STAMP) data
+	$(PY) benchmarks/hardware.py
 
 # FactorLLM / GEMQ rows share the cores with anything; the speed rows run alone afterwards.
 bench-moe: $(STAMP) data
