@@ -65,6 +65,16 @@ CURVES: tuple[Curve, ...] = (
           "fine-tune epochs from the shipped ViT (5,000 images)", "tens of epochs on CIFAR / ImageNet", PGD_MEAN, False,
           vit_points("ViT: SAFER (3 sharpest layers, rho 0.05)", "ViT: full PGD-AT eps 0.1"),
           "python benchmarks/robust.py"),
+    Curve("NPFT, then RTN W4, at least LoRA, then RTN W4 on Persuasion (SmolLM2, equal steps)", "llm-methods.json",
+          "fine-tune steps (one 512-token window each)", "fine-tuning on C4 for thousands of steps", PPL, True,
+          tuple((n, f"NPFT, then RTN W4 g64 ({n} steps)", f"LoRA, then RTN W4 g64 ({n} steps)") for n in (120, 240, 480)),
+          'python benchmarks/llm_methods.py --only "W4 g64 ("'),
+    Curve("SharpBalance: higher corrupted accuracy than the SAM ensemble (3 CNNs, Fashion-MNIST; the stronger of its two "
+          "baselines at 5 epochs)", "ensembles.json", "training epochs from scratch (20,000 images)", "200 epochs on CIFAR",
+          (("corrupted.noise", "Gaussian noise"), ("corrupted.blur", "blur")), False,
+          ((5, "SharpBalance (rho 0.05, flat ratio 0.5; SAM epochs 1-2, balanced 3-5)", "SAM ensemble (rho 0.05)"),
+           *((n, f"SharpBalance at {n} epochs (rho 0.05)", f"SAM ensemble at {n} epochs (rho 0.05)") for n in (10, 20))),
+          'python benchmarks/robust_ensembles.py'),
     Curve("LiftQuant at m = 8 (16to8) at least m = 4 (8to4) at 2.0 b/w (SmolLM2)", "llm-methods.json",
           "codebook training steps x restarts (the m = 4 baseline's codebook unchanged)", "3000 steps x 5 restarts",
           PPL, True, tuple((steps * restarts, f"LiftQuant 2.0 b/w (16to8, codebook {steps} steps x {restarts}, Hadamard 64, "
@@ -74,9 +84,6 @@ CURVES: tuple[Curve, ...] = (
 )  # fmt: skip
 
 PENDING: tuple[tuple[str, str], ...] = (  # claims called missed whose budget curve is not measured yet
-    ("SharpBalance: higher corrupted accuracy than the deep and the SAM ensemble (ensembles.md)",
-     "training epochs from scratch (5 here)"),
-    ("NPFT, then RTN W4: at least LoRA, then RTN W4 on *Persuasion* (llm-methods.md)", "fine-tune steps (120 here)"),
     ("Q-Diffusion W4A8: FID near FP32's (diffusion.md)", "reconstruction iterations per block"),
     ("MoBiQuant at 4 bits (2 of 4 slices): near a 4-bit GPTQ model (llm-methods.md)", "slice training steps"),
     ("Token routing: lower perplexity than a static mix at equal routed bits (llm-methods.md)", "router training steps"),
@@ -87,6 +94,13 @@ def rows_by_name(results: str) -> dict[str, dict[str, Any]]:
     path = RESULTS / results
     rows = json.loads(path.read_text()) if path.is_file() else []
     return {r["name"]: r for r in rows if "error" not in r and "name" in r}
+
+
+def field(row: dict[str, Any], path: str) -> float:
+    """A row's value at a dotted path (``corrupted.noise``)."""
+    for part in path.split("."):
+        row = row[part]
+    return float(row)  # type: ignore[arg-type]
 
 
 def gap(method: float, baseline: float, lower_is_better: bool) -> float:
@@ -101,8 +115,8 @@ def measured(curve: Curve) -> list[dict[str, Any]]:
     out = []
     for budget, method, baseline in curve.points:
         if method in rows and baseline in rows:
-            values = {field: (rows[method][field], rows[baseline][field]) for field, _ in curve.metrics}
-            gaps = {field: gap(m, b, curve.lower_is_better) for field, (m, b) in values.items()}
+            values = {f: (field(rows[method], f), field(rows[baseline], f)) for f, _ in curve.metrics}
+            gaps = {f: gap(m, b, curve.lower_is_better) for f, (m, b) in values.items()}
             out.append({"budget": budget, "values": values, "gaps": gaps})
     return out
 

@@ -52,6 +52,7 @@ CURVE_WINDOWS = 20  # the router curves: many operating points, each scored on f
 THRESHOLDS = (0.2, 0.4, 0.6, 0.8)
 FRACTIONS = (0.25, 0.5, 0.75)
 NPFT_STEPS = 120
+NPFT_BUDGETS = (1, 2, 4)  # NPFT and LoRA (then RTN W4) at 1x, 2x, 4x the steps
 MOBI = {"name": "mobiquant", "group_size": 64, "where": BLOCKS}
 
 
@@ -107,11 +108,13 @@ def at_point(prepared: Prepared, key: str, methods: list[dict[str, Any]], point:
     return score(model, prepared.task, seconds, point=point)
 
 
-def after_finetune(prepared: Prepared, tune: str, quantize: list[dict[str, Any]]) -> dict[str, Any]:
+def after_finetune(
+    prepared: Prepared, tune: str, quantize: list[dict[str, Any]], steps: int = NPFT_STEPS
+) -> dict[str, Any]:
     """RTN (or nothing) after no fine-tune, plain LoRA or NPFT with the same steps."""
-    tunes = {"none": [], "lora": [{"name": "npft", "noise": False, "steps": NPFT_STEPS, "where": BLOCKS}],
-             "npft": [{"name": "npft", "steps": NPFT_STEPS, "where": BLOCKS}]}  # fmt: skip
-    tuned, seconds = prepared.get(tune, tunes[tune])
+    tunes = {"none": [], "lora": [{"name": "npft", "noise": False, "steps": steps, "where": BLOCKS}],
+             "npft": [{"name": "npft", "steps": steps, "where": BLOCKS}]}  # fmt: skip
+    tuned, seconds = prepared.get(tune if steps == NPFT_STEPS else f"{tune}-{steps}", tunes[tune])
     model = copy.deepcopy(tuned)
     compress(model, [build_method(m) for m in quantize], prepared.task.calibration)
     return score(model, prepared.task, seconds)
@@ -136,6 +139,12 @@ def point_entries(model: str, prepared: Prepared, curve: Prepared) -> list[Entry
                 f"{f', then RTN W{bits} g64' if bits else ' (no quantization)'} ({NPFT_STEPS} steps)",
                 {"method": f"finetune-{tune}", "bits": bits or 32, "variant": ""},
                 functools.partial(after_finetune, prepared, tune, rtn))  # fmt: skip
+    for scale in NPFT_BUDGETS[1:]:  # the budget curve: does NPFT's gap to LoRA on Persuasion (W4) close with steps?
+        steps = NPFT_STEPS * scale
+        rtn = [{"name": "rtn", "bits": 4, "group_size": 64, "where": BLOCKS}]
+        for tune, label in (("lora", "LoRA"), ("npft", "NPFT")):
+            add(f"{label}, then RTN W4 g64 ({steps} steps)", {"method": f"finetune-{tune}", "bits": 4,
+                "variant": f"steps-{steps}"}, functools.partial(after_finetune, prepared, tune, rtn, steps))  # fmt: skip
     for k in (1, 2, 3, 4):
         add(
             f"curve: {k} slices",

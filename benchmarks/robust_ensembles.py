@@ -7,6 +7,7 @@ docs/results/ensembles.{json,md,png}; rows resume (a training killed mid-way res
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -80,9 +81,21 @@ ENSEMBLES: dict[str, tuple[list[dict[str, Any]], str | None]] = {  # label: (met
 }
 
 
-def ensemble(label: str) -> tuple[torch.nn.Module, float]:
+BUDGETS = (1, 2, 4)  # the deep, SAM and SharpBalance ensembles at 1x, 2x, 4x the epochs (SharpBalance's budget curve)
+BUDGET_ROWS = ("deep ensemble", "SAM ensemble (rho 0.05)", "SharpBalance (rho 0.05, flat ratio 0.5; SAM epochs 1-2, "
+               "balanced 3-5)")  # fmt: skip
+
+
+def budget_label(label: str, scale: int) -> str:
+    """A budget-curve row's label: SharpBalance's SAM share stays a third of the epochs."""
+    epochs = SCRATCH.epochs * scale
+    return f"{label.split(' (')[0]} at {epochs} epochs" + (" (rho 0.05)" if "(rho" in label else "")
+
+
+def ensemble(label: str, scale: int = 1) -> tuple[torch.nn.Module, float]:
     methods, start = ENSEMBLES[label]
-    return trained(label, members(0), methods, SCRATCH if start is None else TUNE, start)
+    cfg = SCRATCH if start is None else TUNE
+    return trained(label, members(0), methods, dataclasses.replace(cfg, epochs=cfg.epochs * scale), start)
 
 
 STARTS: dict[str, Callable[[], torch.nn.Module]] = {"deep ensemble": lambda: ensemble("deep ensemble")[0]}
@@ -94,8 +107,8 @@ def surrogate() -> torch.nn.Module:
     return trained("surrogate", members(100), [{"name": "ensemble"}], SCRATCH)[0]
 
 
-def ensemble_row(label: str) -> dict[str, Any]:
-    model, seconds = ensemble(label)
+def ensemble_row(label: str, scale: int = 1) -> dict[str, Any]:
+    model, seconds = ensemble(label, scale)
     _, _, xt, yt = data()
     parts = list(model.members)
     spec = AttackSpec(eps=TRANSFER_EPS, steps=10)
@@ -176,6 +189,9 @@ def entries() -> list[Entry]:
     out += [(label, {"section": "ensembles", "variant": label}, {"methods": ENSEMBLES[label][0]},
              functools.partial(ensemble_row, label)) for label in ENSEMBLES]  # fmt: skip
     out += [(label, {"section": "hce", "variant": label}, {}, functools.partial(hce_row, label)) for label in HCE_ROWS]
+    out += [(budget_label(label, scale), {"section": "ensembles", "variant": label, "budget": scale},
+             {"methods": ENSEMBLES[label][0]}, functools.partial(ensemble_row, label, scale))
+            for scale in BUDGETS[1:] for label in BUDGET_ROWS]  # fmt: skip
     return out
 
 
@@ -236,7 +252,7 @@ def write(rows: list[dict[str, Any]]) -> None:
     if ens:
         lines += ["", "![member-to-member transferability](ensembles.png)"]
     (RESULTS / "ensembles.md").write_text("\n".join(lines) + "\n")
-    plot(ens)
+    plot([r for r in ens if r.get("budget", 1) == 1])
 
 
 def plot(rows: list[dict[str, Any]]) -> None:
