@@ -28,7 +28,7 @@ class Curve:
     budget: str  # what one budget unit is
     paper: str  # the paper's own budget, for scale
     metrics: tuple[tuple[str, str], ...]  # (row field, label)
-    lower_is_better: bool  # perplexity; otherwise an accuracy stored as a fraction
+    lower_is_better: bool  # perplexity, FID; otherwise an accuracy stored as a fraction
     points: tuple[tuple[int, str, str], ...]  # (budget in units, method row, baseline row)
     command: str
 
@@ -75,6 +75,12 @@ CURVES: tuple[Curve, ...] = (
           ((5, "SharpBalance (rho 0.05, flat ratio 0.5; SAM epochs 1-2, balanced 3-5)", "SAM ensemble (rho 0.05)"),
            *((n, f"SharpBalance at {n} epochs (rho 0.05)", f"SAM ensemble at {n} epochs (rho 0.05)") for n in (10, 20))),
           'python benchmarks/robust_ensembles.py'),
+    Curve("Q-Diffusion W4A8: FID near FP32's (the zoo DDPM, 50 DDIM steps)", "diffusion.json",
+          "block-reconstruction iterations per unit", "20,000 iterations per block (and 5,000 for the activation steps)",
+          (("fid_zoo_cnn", "FID (zoo-CNN features)"),), True,
+          ((1000, "W4A8 Q-Diffusion (uniform + split + block reconstruction)", "FP32"),
+           *((n, f"W4A8 Q-Diffusion, {n} iterations per unit (budget curve)", "FP32") for n in (2000, 4000))),
+          'python benchmarks/diffusion.py'),
     Curve("LiftQuant at m = 8 (16to8) at least m = 4 (8to4) at 2.0 b/w (SmolLM2)", "llm-methods.json",
           "codebook training steps x restarts (the m = 4 baseline's codebook unchanged)", "3000 steps x 5 restarts",
           PPL, True, tuple((steps * restarts, f"LiftQuant 2.0 b/w (16to8, codebook {steps} steps x {restarts}, Hadamard 64, "
@@ -84,7 +90,6 @@ CURVES: tuple[Curve, ...] = (
 )  # fmt: skip
 
 PENDING: tuple[tuple[str, str], ...] = (  # claims called missed whose budget curve is not measured yet
-    ("Q-Diffusion W4A8: FID near FP32's (diffusion.md)", "reconstruction iterations per block"),
     ("MoBiQuant at 4 bits (2 of 4 slices): near a 4-bit GPTQ model (llm-methods.md)", "slice training steps"),
     ("Token routing: lower perplexity than a static mix at equal routed bits (llm-methods.md)", "router training steps"),
 )  # fmt: skip
@@ -104,8 +109,8 @@ def field(row: dict[str, Any], path: str) -> float:
 
 
 def gap(method: float, baseline: float, lower_is_better: bool) -> float:
-    """How far the method is ahead of its baseline (negative: behind): perplexity as % of the baseline's, accuracy
-    in points."""
+    """How far the method is ahead of its baseline (negative: behind): a lower-is-better metric (perplexity, FID) as
+    % of the baseline's value, accuracy in points."""
     return 100 * (baseline - method) / baseline if lower_is_better else 100 * (method - baseline)
 
 
@@ -142,13 +147,13 @@ def cell(value: float, lower_is_better: bool) -> str:
 
 
 def write() -> None:
-    unit = {True: "gap = (baseline - method) / baseline, % of the baseline's perplexity",
+    unit = {True: "gap = (baseline - method) / baseline, % of the baseline's value",
             False: "gap = method - baseline, points of top-1 %"}  # fmt: skip
     lines = ["# Budget curves", "",
              "Regenerate: `python benchmarks/budget_curves.py` (reads the stored rows; each curve names the command "
              "that measures them). For every target a closing note called missed: the method and its baseline at "
              "1x, 2x and 4x our budget, and the gap between them. A positive gap means the method is ahead; "
-             f"perplexity: {unit[True]}; accuracy: {unit[False]}. One seed per row: the seed-to-seed spread is not "
+             f"perplexity and FID (lower is better): {unit[True]}; accuracy: {unit[False]}. One seed per row: the seed-to-seed spread is not "
              "measured, so a change of the gap smaller than a point or two is not a trend.", ""]  # fmt: skip
     plotted = []
     for curve in CURVES:
@@ -192,7 +197,7 @@ def plot(curves: list[tuple[Curve, list[dict[str, Any]]]]) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_xlabel(curve.budget.split(" (")[0], fontsize=8)
-        ax.set_ylabel("% of baseline ppl" if curve.lower_is_better else "points of top-1", fontsize=8)
+        ax.set_ylabel("% of the baseline's value" if curve.lower_is_better else "points of top-1", fontsize=8)
         ax.set_title(curve.claim.split(" (")[0], fontsize=8, wrap=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
