@@ -65,6 +65,14 @@ def make_vit(seed: int = 0) -> nn.Module:
     return ViT(patch=4, dim=16, depth=2, heads=2, mlp_dim=32, image=12).eval()
 
 
+def make_restorer(seed: int = 0) -> nn.Module:
+    """The zoo's U-Net-style restorer, narrow (its bottleneck holds two FeedForward blocks; 12x12 images fit)."""
+    from bitsmith.zoo.restorer import Restorer
+
+    torch.manual_seed(seed)
+    return Restorer(width=8, blocks=2).eval()
+
+
 def make_ddpm(seed: int = 0) -> nn.Module:
     """A two-resolution diffusers U-Net noise predictor (8 / 16 channels) for 28x28 images."""
     from bitsmith.zoo.diffusion import UNetConfig, build_ddpm

@@ -1825,6 +1825,38 @@ MUTANTS = [
         "stored = cells[:, chunk]",
         "tests/test_resna.py",
     ),
+    M(
+        "mofme",
+        "experts not modulated (the shared block alone)",
+        "methods/moe/mofme.py",
+        "modulated = self.act(self.gamma[chosen] * h[:, None, :] + self.beta[chosen])  # tokens x k x hidden",
+        "modulated = self.act(h[:, None, :].expand(-1, self.router.top_k, -1))",
+        "tests/test_mofme.py",
+    ),
+    M(
+        "mofme",
+        "chosen experts mixed uniformly instead of by the router's weights",
+        "methods/moe/mofme.py",
+        "mixed = (weights.gather(-1, chosen)[..., None] * modulated).sum(1)",
+        "mixed = modulated.mean(1)",
+        "tests/test_mofme.py",
+    ),
+    M(
+        "mofme",
+        "top-k weights not renormalised",
+        "methods/moe/mofme.py",
+        "return weights / weights.sum(-1, keepdim=True)",
+        "return weights",
+        "tests/test_mofme.py",
+    ),
+    M(
+        "mofme",
+        "the uncertainty router keeps one dropout sample",
+        "methods/moe/mofme.py",
+        "return torch.stack(draws).mean(0)",
+        "return draws[0]",
+        "tests/test_mofme.py",
+    ),
 ]
 
 

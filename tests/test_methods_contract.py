@@ -18,6 +18,7 @@ from conftest import (
     make_ddpm,
     make_ensemble,
     make_llama,
+    make_restorer,
     make_split_ensemble,
     make_vit,
     noisy_batches,
@@ -66,6 +67,7 @@ MODELS = {
     "split-ensemble": make_split_ensemble,
     "safer": make_vit,
     "q-diffusion": make_ddpm,
+    "mofme": make_restorer,
 }  # methods that need another architecture
 DECODER_LMS = {
     "gptq",
