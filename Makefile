@@ -15,7 +15,7 @@ LLAMACPP         := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: docs install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-gguf bench-moe bench-robust bench-hardware bench-scale bench-diffusion clean
+.PHONY: docs install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-gguf bench-moe bench-robust bench-hardware bench-restoration bench-scale bench-diffusion clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -133,6 +133,11 @@ bench-robust: $(STAMP) data
 # ReSNA on the zoo CNN under crossbar read noise (issue 43): accuracy rows, they share the cores with anything.
 bench-hardware: $(STAMP) data
 	$(PY) benchmarks/hardware.py
+
+# MoFME on multi-weather restoration (issue 43): training rows share the cores; the forward timings run alone after.
+bench-restoration: $(STAMP) data
+	$(PY) benchmarks/restoration.py
+	$(PY) benchmarks/restoration.py --time
 
 # FactorLLM / GEMQ rows share the cores with anything; the speed rows run alone afterwards.
 bench-moe: $(STAMP) data
