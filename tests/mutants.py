@@ -1857,6 +1857,38 @@ MUTANTS = [
         "return draws[0]",
         "tests/test_mofme.py",
     ),
+    M(
+        "privacy attacks",
+        "DLG's distance ignores the shared gradient",
+        "privacy/inversion.py",
+        "distance = sum(((g - s) ** 2).sum() for g, s in zip(grads, shared, strict=True))",
+        "distance = sum((g**2).sum() for g, s in zip(grads, shared, strict=True))",
+        "tests/test_privacy.py",
+    ),
+    M(
+        "privacy attacks",
+        "iDLG picks the row that sums highest",
+        "privacy/inversion.py",
+        "return int(last_weight_gradient.sum(-1).argmin())",
+        "return int(last_weight_gradient.sum(-1).argmax())",
+        "tests/test_privacy.py",
+    ),
+    M(
+        "privacy attacks",
+        "the gradient-similarity attack maximises the cosine distance",
+        "privacy/inversion.py",
+        "return 1 - dot / norm.clamp(min=1e-12)",
+        "return 1 + dot / norm.clamp(min=1e-12)",
+        "tests/test_privacy.py",
+    ),
+    M(
+        "privacy attacks",
+        "reconstructions scored in the attacker's order (no matching)",
+        "privacy/inversion.py",
+        "order = torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]",
+        "order = torch.arange(len(cols))",
+        "tests/test_privacy.py",
+    ),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Every Python example in the README and the method pages runs; their prose quotes only numbers that are in
+"""Every Python example in the README, the method pages and the privacy guide runs; their prose quotes only numbers that are in
 a results table."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs" / "methods").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "docs" / "privacy.md", *sorted((ROOT / "docs" / "methods").glob("*.md"))]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
