@@ -1826,6 +1826,22 @@ MUTANTS = [
         "tests/test_resna.py",
     ),
     M(
+        "resna",
+        "the crossbar cost ignores the weight slices",
+        "crossbar_cost.py",
+        "arrays = math.ceil(weight.shape[1] / crossbar.rows) * math.ceil(2 * slices * weight.shape[0] / crossbar.rows)",
+        "arrays = math.ceil(weight.shape[1] / crossbar.rows) * math.ceil(2 * weight.shape[0] / crossbar.rows)",
+        "tests/test_resna.py",
+    ),
+    M(
+        "resna",
+        "the crossbar cost reads one input phase",
+        "crossbar_cost.py",
+        "reads = 2 * positions.get(name, 0)  # two input phases per output position",
+        "reads = positions.get(name, 0)",
+        "tests/test_resna.py",
+    ),
+    M(
         "mofme",
         "experts not modulated (the shared block alone)",
         "methods/moe/mofme.py",

@@ -109,3 +109,30 @@ def test_noise_aware_training_beats_the_same_training_without_noise_on_a_noisy_c
     crossbar = Crossbar(rows=32, noise=0.4)
     plain, aware = (sum(accuracy_under_noise(trained(level), x, y, crossbar, draws=10)) / 10 for level in (0.0, 0.4))
     assert aware > plain + 0.05  # measured over 4 seeds: 0.85-0.86 plain, 0.95 noise-aware
+
+
+def test_the_crossbar_cost_counts_arrays_reads_and_adc_scaling() -> None:
+    from bitsmith.crossbar_cost import (
+        ADC8_AREA_MM2,
+        ADC8_ENERGY_PJ,
+        ADC8_SECONDS,
+        ARRAY128_AREA_MM2,
+        ARRAY128_READ_PJ,
+        crossbar_cost,
+    )
+
+    linear = nn.Sequential(nn.Linear(200, 10))  # 200 inputs: 2 row blocks; 2 x 4 slices x 10 = 80 columns: 1 block
+    cost = crossbar_cost(linear, torch.rand(1, 200), Crossbar(rows=128))
+    assert cost.crossbars == 2
+    assert cost.area_mm2 == pytest.approx(2 * (ADC8_AREA_MM2 + ARRAY128_AREA_MM2))
+    assert cost.energy_nj == pytest.approx(2 * 2 * (128 * ADC8_ENERGY_PJ + ARRAY128_READ_PJ) / 1e3)  # 2 input phases
+    assert cost.latency_us == pytest.approx(2 * 128 * ADC8_SECONDS * 1e6)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))  # 27 inputs, 32 columns: one array, read at 64 positions
+    assert crossbar_cost(conv, torch.rand(1, 3, 8, 8), Crossbar(rows=128)).latency_us == pytest.approx(
+        2 * 64 * 128 * ADC8_SECONDS * 1e6
+    )
+    wide = nn.Sequential(nn.Linear(128, 64))
+    two_bit, four_bit = (crossbar_cost(wide, torch.rand(1, 128), Crossbar(cell_bits=c)) for c in (2, 4))
+    assert (two_bit.crossbars, four_bit.crossbars) == (4, 2)  # 2 x 4 x 64 = 512 columns vs 2 x 2 x 64 = 256
+    six, eight = (crossbar_cost(wide, torch.rand(1, 128), Crossbar(), adc_bits=b) for b in (6, 8))
+    assert six.energy_nj < eight.energy_nj and six.area_mm2 < eight.area_mm2 and six.latency_us < eight.latency_us
