@@ -98,16 +98,14 @@ def bitsmith_model(
     """W8A8 (the recipe ``minilm-smoothquant-w8a8-deploy.yaml`` for MiniLM, plain PTQ for CNN / ViT; with
     ``residual_adds`` the CNN's residual adds get quantized inputs too, and with ``both`` (for ONNX Runtime) its
     pool's input). ``smooth_layers``: SmoothQuant's ``layers`` for MiniLM (``norm-fed``: the paper's, no run-time
-    division after the GELU, so the int8 fc1 runs the GELU in its epilogue; ``all``: the recipe's;
-    ``all-but-late-fc2``: ``all`` without fc2 in layers 3-5, whose smoothing buys no cosine)."""
+    division after the GELU, so the int8 fc1 runs the GELU in its epilogue; ``all``: the recipe's; ``outliers``:
+    fc2's run-time scale only where its input's largest channel stands out, layers 0-2 on MiniLM)."""
     model = copy.deepcopy(base)
     if name != "minilm":
         method = PTQ(w_bits=8, a_bits=8, residual_adds=residual_adds, pool_inputs=residual_adds == "both")
         compress(model, method, task.calibration)
         return model
     encoder, tables = {"include": ["encoder.*"]}, {"types": ["Embedding"], "include": ["embeddings.*"]}
-    if smooth_layers == "all-but-late-fc2":  # fc2's run-time scale only in the first three layers
-        smooth_layers, encoder = "all", {**encoder, "exclude": [f"encoder.layer.{i}.output.dense" for i in (3, 4, 5)]}
     methods = [SmoothQuant(alpha=0.85, layers=smooth_layers, where=encoder),
                PTQ(w_bits=8, a_bits=8, where={"include": ["encoder.*", "pooler.*"]}),
                PTQ(w_bits=8, a_bits=None, where=tables)]  # fmt: skip

@@ -48,7 +48,7 @@ ROUNDS, PER_ROUND = 20, 3
 SETTLE_S = 0.2  # idle time before each ONNX Runtime path's turn
 RESIDUAL = {"torchao": "shortcut", "onnxruntime": "both"}  # the CNN's residual adds, per backend
 NORM_FED = "bitsmith W8A8, SmoothQuant norm-fed -> torchao PT2E"
-EARLY_FC2 = "bitsmith W8A8, SmoothQuant all but fc2 of layers 3-5 -> torchao PT2E"
+OUTLIERS = "bitsmith W8A8, SmoothQuant outliers (fc2 scaled where max/median >= 8) -> torchao PT2E"
 
 
 def interleaved(runners: dict[str, Any], example: Any, settle: float = 0.0) -> dict[str, list[float]]:
@@ -76,11 +76,11 @@ def ours(name: str, base: Any, task: Any, example: Any, backend: str, smooth_lay
 
 
 def torch_runners(name: str, base: Any, task: Any, example: Any) -> dict[str, Any]:
-    """FP32 eager, bitsmith on torchao (MiniLM also with SmoothQuant's ``norm-fed`` layers and with fc2's run-time
-    scale in the first three layers only) and the peer's flow."""
+    """FP32 eager, bitsmith on torchao (MiniLM also with SmoothQuant's ``norm-fed`` layers and with ``outliers``:
+    fc2's run-time scale only where its input has an outlier channel) and the peer's flow."""
     runners = {"FP32 torch eager": base, "bitsmith W8A8 -> torchao PT2E": ours(name, base, task, example, "torchao")}
     if name == "minilm":
-        for label, layers in ((NORM_FED, "norm-fed"), (EARLY_FC2, "all-but-late-fc2")):
+        for label, layers in ((NORM_FED, "norm-fed"), (OUTLIERS, "outliers")):
             runners[label] = ours(name, base, task, example, "torchao", layers)
     peer = "torchao PT2E X86Inductor (static)"
     return {**runners, peer: torchao_pt2e(base, task, name, example),

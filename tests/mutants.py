@@ -1842,6 +1842,14 @@ MUTANTS = [
         "tests/test_resna.py",
     ),
     M(
+        "smoothquant",
+        "layers: outliers keeps the division where the input has no outlier",
+        "methods/ptq/smoothquant.py",
+        "if not kept and ratio < self.outlier_ratio:  # a run-time division its outliers do not pay for",
+        "if not kept and ratio >= self.outlier_ratio:",
+        "tests/test_ptq_methods.py",
+    ),
+    M(
         "mofme",
         "experts not modulated (the shared block alone)",
         "methods/moe/mofme.py",

@@ -70,6 +70,25 @@ def test_smoothquant_folds_the_attention_output_division_into_the_value_projecti
         assert torch.allclose(model(**batch).last_hidden_state, before, atol=1e-4)
 
 
+def test_smoothquant_outliers_keeps_a_run_time_division_only_where_an_input_channel_stands_out() -> None:
+    pytest.importorskip("transformers")
+    model, batch = make_bert(layers=2, seed=None), bert_batch(8, 12, seed=0)
+    with torch.no_grad():  # layer 0's fc1 makes one GELU output channel 40x larger: an outlier fc2 must absorb
+        model.encoder.layer[0].intermediate.dense.weight[3] *= 40.0
+        model.encoder.layer[0].intermediate.dense.bias[3] = 40.0
+        before = model(**batch).last_hidden_state
+    smooth = build_method({"name": "smoothquant", "layers": "outliers", "outlier_ratio": 8.0,
+                           "where": {"include": ["encoder.*"]}})  # fmt: skip
+    compress(model, smooth, [batch])
+    fc2 = [model.encoder.layer[i].output.dense for i in range(2)]
+    ratios = [smooth.report[f"encoder.layer.{i}.output.dense"]["outlier_ratio"] for i in range(2)]
+    assert ratios[0] >= 8.0 > ratios[1]
+    assert fc2[0].smooth is not None and fc2[1].smooth is None  # the division stays where the outlier is
+    assert model.encoder.layer[1].attention.output.dense.smooth is None  # folded into V, as with `all`
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).last_hidden_state, before, atol=5e-3)  # float function unchanged
+
+
 def test_rtn_refuses_a_group_that_does_not_divide_a_layer_unless_told_to_fall_back() -> None:
     with pytest.raises(ValueError, match=r"rtn: group_size 128 does not divide the 8 inputs of layer '2'"):
         compress(linear_model(), build_method({"name": "rtn", "bits": 4, "group_size": 128}))

@@ -13,7 +13,9 @@ the division stays in the layer, where a deployed model fuses it into the activa
 output, fc2) — an extension; the paper smooths only norm-fed layers (the default). Their division is
 folded into the Linear that produces their input where that is exact, again checked on a probe batch:
 the attention output's into the value projection's rows (attention mixes tokens, not channels), a layer
-after a ReLU into the one before it; after a GELU (fc2) it stays a run-time division.
+after a ReLU into the one before it; after a GELU (fc2) it stays a run-time division. ``layers: outliers``
+is ``all`` except that such a run-time division is kept only where the input's largest channel stands out
+(max |x_j| over the median channel's ``>= outlier_ratio``): the layers whose outliers pay for the extra kernel.
 
 Decoder LLMs (a ``bitsmith.topology`` adapter: Llama, Gemma) are smoothed block by block through
 ``bitsmith.sequential``, so only one block's activations are held: the maxima are observed on the block's
@@ -82,7 +84,8 @@ class SmoothQuant(Method):
     description = "SmoothQuant: migrate activation outliers into the weights (folded into LayerNorm when exact)"
 
     alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
-    layers: Literal["norm-fed", "all"] = "norm-fed"
+    layers: Literal["norm-fed", "all", "outliers"] = "norm-fed"
+    outlier_ratio: Annotated[float, Field(ge=1.0)] = 8.0
     fold: bool = True
 
     def __post_init__(self) -> None:
@@ -140,9 +143,15 @@ class SmoothQuant(Method):
                     for layer in layers:
                         layer.set_smooth(scale)
                     feeder = self._fold_into_feeder(model, names, scale, probe, reference) if self.fold else None
+                ratio = outlier_ratio(act_max[names[0]])
+                kept = folded or feeder is not None or norm_name is not None or self.layers != "outliers"
+                if not kept and ratio < self.outlier_ratio:  # a run-time division its outliers do not pay for
+                    for layer in layers:
+                        _unsmooth(layer)
                 for name in names:
                     self.report[name] = {"norm": norm_name, "folded": folded or feeder is not None, "feeder": feeder,
-                                         "max_scale": float(scale.max())}  # fmt: skip
+                                         "max_scale": float(scale.max()), "outlier_ratio": ratio,
+                                         "smoothed": kept or ratio >= self.outlier_ratio}  # fmt: skip
 
     @torch.no_grad()
     def _block(self, name: str, block: nn.Module, inputs: BlockInputs, topo: DecoderTopology) -> None:
@@ -244,6 +253,18 @@ class SmoothQuant(Method):
             for layer, s in zip(layers, smooth, strict=True):
                 layer.smooth = s
         return None
+
+
+def outlier_ratio(act_max: Tensor) -> float:
+    """How far the largest input channel stands out: its max |x| over the median channel's."""
+    return float(act_max.max() / act_max.median().clamp(min=1e-8))
+
+
+@torch.no_grad()
+def _unsmooth(layer: nn.Module) -> None:
+    """Undo ``set_smooth``: the weight's input columns divided back, no run-time division."""
+    layer.weight.div_(layer.smooth[None, :])
+    layer.smooth = None
 
 
 def _divide_outputs(module: nn.Module, scale: Tensor) -> tuple[Tensor, Tensor | None]:
