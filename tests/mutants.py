@@ -1850,6 +1850,22 @@ MUTANTS = [
         "tests/test_ptq_methods.py",
     ),
     M(
+        "dpatch",
+        "the untargeted patch descends the detector's loss",
+        "robust/dpatch.py",
+        "patch += (lr if target is None else -lr) * grad.sign()  # ascend (untargeted), descend (targeted)",
+        "patch += (-lr if target is None else -lr) * grad.sign()",
+        "tests/test_dpatch.py",
+    ),
+    M(
+        "dpatch",
+        "the targeted patch ascends the target's loss",
+        "robust/dpatch.py",
+        "patch += (lr if target is None else -lr) * grad.sign()  # ascend (untargeted), descend (targeted)",
+        "patch += (lr if target is None else lr) * grad.sign()",
+        "tests/test_dpatch.py",
+    ),
+    M(
         "mofme",
         "experts not modulated (the shared block alone)",
         "methods/moe/mofme.py",
