@@ -15,7 +15,7 @@ LLAMACPP         := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: docs install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-gguf bench-moe bench-robust bench-hardware bench-restoration bench-scale bench-diffusion clean
+.PHONY: docs install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-gguf bench-moe bench-robust bench-hardware bench-restoration bench-dpatch bench-scale bench-diffusion clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -138,6 +138,10 @@ bench-hardware: $(STAMP) data
 bench-restoration: $(STAMP) data
 	$(PY) benchmarks/restoration.py
 	$(PY) benchmarks/restoration.py --time
+
+# DPatch on detectors trained from scratch on Fashion-MNIST scenes (issue 43): rows share the cores.
+bench-dpatch: $(STAMP) data
+	$(PY) benchmarks/dpatch.py
 
 # FactorLLM / GEMQ rows share the cores with anything; the speed rows run alone afterwards.
 bench-moe: $(STAMP) data
