@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
 from typing import Any
 
 import torch
-from common import RESULTS, Rows, bench_parser, save_figure
-from llm import Entry, bench_threads, fill
+from common import RESULTS, save_figure
+from llm import Entry, run_rows
 
 from bitsmith import load, save
 from bitsmith.robust.dpatch import paste, train_dpatch
@@ -162,9 +161,4 @@ def plot(rows: dict[str, dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    args = bench_parser(__doc__).parse_args()
-    if args.write_only:
-        write(json.loads(ROWS.read_text()))
-        sys.exit(0)
-    torch.set_num_threads(bench_threads())
-    fill(Rows(ROWS), [e for e in entries() if args.only is None or args.only in e[0]], write)
+    run_rows(__doc__, ROWS, lambda args: entries(), write)

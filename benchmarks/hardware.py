@@ -12,12 +12,11 @@ import functools
 import hashlib
 import json
 import statistics
-import sys
 from typing import Any
 
 import torch
-from common import RESULTS, Rows, bench_parser, save_figure, train_cached
-from llm import Entry, bench_threads, fill
+from common import RESULTS, save_figure, train_cached
+from llm import Entry, run_rows
 
 from bitsmith.crossbar import Crossbar, accuracy_under_noise
 from bitsmith.data import subset
@@ -115,10 +114,4 @@ def plot(rows: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    args = bench_parser(__doc__).parse_args()
-    if args.write_only:
-        write(json.loads(ROWS.read_text()))
-        sys.exit(0)
-    torch.set_num_threads(bench_threads())
-    todo = [e for e in entries() if args.only is None or args.only in e[0]]
-    fill(Rows(ROWS), todo, write)
+    run_rows(__doc__, ROWS, lambda args: entries(), write)

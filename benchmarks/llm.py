@@ -13,17 +13,20 @@ inputs unevenly): the tables use groups of 64 and 32 where the issue names 128 a
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
+import json
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, Rows, save_figure
+from common import RESULTS, Rows, bench_parser, save_figure
 
 from bitsmith.eval.cost import model_cost
 from bitsmith.eval.lm import LanguageModelTask, language_model_task
@@ -167,6 +170,23 @@ def fill(rows: Rows, entries: list[Entry], write: Callable[[list[dict[str, Any]]
         print(f"  { ({k: v for k, v in rows.rows[-1].items() if k not in ('samples', 'methods')}) }", flush=True)
         write(rows.rows)
     write(rows.rows)
+
+
+def run_rows(
+    doc: str,
+    path: Path,
+    entries: Callable[[argparse.Namespace], list[Entry]],
+    write: Callable[[list[dict[str, Any]]], None],
+    parser: argparse.ArgumentParser | None = None,
+) -> None:
+    """A resumable benchmark's command line: ``--write-only`` rewrites the page from ``path``; otherwise the
+    missing rows of ``entries(args)`` (those whose label contains ``--only``) are measured at the bench threads."""
+    args = (parser or bench_parser(doc)).parse_args()
+    if args.write_only:
+        write(json.loads(path.read_text()))
+        return
+    torch.set_num_threads(bench_threads())
+    fill(Rows(path), [e for e in entries(args) if args.only is None or args.only in e[0]], write)
 
 
 def run() -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import sys
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, Rows, bench_parser, save_figure
-from llm import Entry, bench_threads, fill
+from common import RESULTS, bench_parser, save_figure
+from llm import Entry, run_rows
 
 from bitsmith import build_method, compress, load, save
 from bitsmith.data import subset
@@ -179,10 +178,4 @@ def plot(rows: list[dict[str, Any]]) -> None:
 if __name__ == "__main__":
     parser = bench_parser(__doc__)
     parser.add_argument("--time", action="store_true", help="time the forward passes (alone, on an idle machine)")
-    args = parser.parse_args()
-    if args.write_only:
-        write(json.loads(ROWS.read_text()))
-        sys.exit(0)
-    torch.set_num_threads(bench_threads())
-    todo = [e for e in entries(args.time) if args.only is None or args.only in e[0]]
-    fill(Rows(ROWS), todo, write)
+    run_rows(__doc__, ROWS, lambda args: entries(args.time), write, parser)
