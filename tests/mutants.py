@@ -1866,6 +1866,14 @@ MUTANTS = [
         "tests/test_dpatch.py",
     ),
     M(
+        "attention sparsity",
+        "the mass of the first keys instead of the top keys",
+        "eval/attention.py",
+        "mass = probs.topk(top_k, -1).values.sum(-1)",
+        "mass = probs[..., :top_k].sum(-1)",
+        "tests/test_attention_stats.py",
+    ),
+    M(
         "mofme",
         "experts not modulated (the shared block alone)",
         "methods/moe/mofme.py",
