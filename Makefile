@@ -15,7 +15,7 @@ LLAMACPP         := $(VENV)/.llamacpp-$(LLAMACPP_VERSION)
 FMNIST := /usr/share/datasets/fashion-mnist
 RUNS   := runs
 
-.PHONY: docs install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-gguf bench-moe bench-robust bench-hardware bench-restoration bench-dpatch bench-scale bench-diffusion clean
+.PHONY: docs install install-gemma install-llamacpp data demo test test-heavy lint mutants bench bench-ptq bench-noisyquant bench-mixed bench-bit-level bench-hero bench-sparsity bench-speed bench-llm bench-llm-gemma bench-llm-methods bench-gguf bench-moe bench-robust bench-hardware bench-restoration bench-dpatch bench-attention bench-scale bench-diffusion clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -142,6 +142,10 @@ bench-restoration: $(STAMP) data
 # DPatch on detectors trained from scratch on Fashion-MNIST scenes (issue 43): rows share the cores.
 bench-dpatch: $(STAMP) data
 	$(PY) benchmarks/dpatch.py
+
+# Cheaper attention and fewer tokens (issue 41): attention sparsity per layer so far.
+bench-attention: $(STAMP) data
+	$(PY) benchmarks/attention.py
 
 # FactorLLM / GEMQ rows share the cores with anything; the speed rows run alone afterwards.
 bench-moe: $(STAMP) data
