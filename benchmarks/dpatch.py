@@ -105,13 +105,38 @@ def row(kind: str, on: str) -> dict[str, Any]:
 def _hit(found: dict[str, torch.Tensor], box: torch.Tensor) -> bool:
     """Whether a detection of the target class overlaps the pasted patch (IoU >= 0.5)."""
     chosen = found["boxes"][found["labels"] == TARGET]
-    if not len(chosen):
-        return False
-    lo, hi = torch.maximum(chosen[:, :2], box[:2]), torch.minimum(chosen[:, 2:], box[2:])
-    inter = (hi - lo).clamp(min=0).prod(1)
-    union = (chosen[:, 2:] - chosen[:, :2]).prod(1) + (box[2:] - box[:2]).prod() - inter
-    return bool((inter / union >= 0.5).any())
+    return bool(len(chosen) and (_iou(chosen, box) >= 0.5).any())
 
+
+def locality_row(kind: str) -> dict[str, Any]:
+    """Recall (a same-class detection with IoU >= 0.5) of the held-out objects near the patch (centre within
+    ``NEAR`` pixels of the patch's centre) and far from it, on detector A: does the patch act beyond its
+    neighbourhood?"""
+    _, test = scenes()
+    model, _ = detector("A")
+    the_patch, _ = patch(kind)
+    images, boxes = paste(test.images, the_patch, torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        found = model(images)
+    counts = {"near": [0, 0], "far": [0, 0]}
+    for f, truth, labels, box in zip(found, test.boxes, test.labels, boxes, strict=True):
+        centre = (box[:2] + box[2:]) / 2
+        for t, label in zip(truth, labels, strict=True):
+            side = "near" if float(((t[:2] + t[2:]) / 2 - centre).norm()) <= NEAR else "far"
+            counts[side][1] += 1
+            same = f["boxes"][f["labels"] == label]
+            counts[side][0] += int(len(same) > 0 and bool((_iou(same, t) >= 0.5).any()))
+    return {f"recall_{k}": v[0] / max(v[1], 1) for k, v in counts.items()} | {
+        f"objects_{k}": v[1] for k, v in counts.items()} | {"threads": torch.get_num_threads()}  # fmt: skip
+
+
+def _iou(boxes: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    lo, hi = torch.maximum(boxes[:, :2], box[:2]), torch.minimum(boxes[:, 2:], box[2:])
+    inter = (hi - lo).clamp(min=0).prod(1)
+    return inter / ((boxes[:, 2:] - boxes[:, :2]).prod(1) + (box[2:] - box[:2]).prod() - inter)
+
+
+NEAR = 24  # pixels between centres: the patch's half-width plus an item's
 
 LABELS = {("clean", "A"): "detector A, clean", ("random", "A"): f"detector A, random {PATCH}x{PATCH} patch",
           ("untargeted", "A"): "detector A, untargeted DPatch (white-box)",
@@ -121,8 +146,10 @@ LABELS = {("clean", "A"): "detector A, clean", ("random", "A"): f"detector A, ra
 
 
 def entries() -> list[Entry]:
-    return [(label, {"variant": f"{kind}-{on}"}, {}, functools.partial(row, kind, on))
-            for (kind, on), label in LABELS.items()]  # fmt: skip
+    out = [(label, {"variant": f"{kind}-{on}"}, {}, functools.partial(row, kind, on))
+           for (kind, on), label in LABELS.items()]  # fmt: skip
+    return out + [(f"detector A, recall near / far from a {kind} patch", {"variant": f"locality-{kind}"}, {},
+                   functools.partial(locality_row, kind)) for kind in ("random", "untargeted")]  # fmt: skip
 
 
 def write(rows: list[dict[str, Any]]) -> None:
@@ -138,9 +165,18 @@ def write(rows: list[dict[str, Any]]) -> None:
              "target class covers the patch (IoU >= 0.5).", "",
              "| row | mAP@0.5 | target hit % | detector train s | patch train s | load |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in done:
+        if r["variant"].startswith("locality-"):
+            continue
         hit = f"{100 * r['target_hit']:.1f}" if "target_hit" in r else ""
         lines.append(f"| {r['name']} | {r['map50']:.3f} | {hit} | {r['detector_seconds']:.0f} | {r['patch_seconds']:.0f} | "
                      f"{r['load'][0]:.1f} |")  # fmt: skip
+    local = [r for r in done if r["variant"].startswith("locality-")]
+    if local:
+        lines += ["", f"Where the patch acts (detector A): recall of the held-out objects whose centre is within {NEAR} "
+                  "pixels of the patch's centre (near) or farther (far).", "",
+                  "| patch | recall near | objects near | recall far | objects far |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['variant'].split('-', 1)[1]} | {100 * r['recall_near']:.1f} | {r['objects_near']} | "
+                  f"{100 * r['recall_far']:.1f} | {r['objects_far']} |" for r in local]  # fmt: skip
     lines += ["", "![the patches and a patched scene](dpatch.png)", ""]
     (RESULTS / "dpatch.md").write_text("\n".join(lines))
     plot({r["variant"]: r for r in done})
