@@ -11,14 +11,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import statistics
 from typing import Any
 
 import torch
 from common import RESULTS, save_figure, train_cached
 from llm import Entry, run_rows
 
-from bitsmith.crossbar import Crossbar, accuracy_under_noise
+from bitsmith.crossbar import Crossbar, accuracy_under_noise, draw_summary
 from bitsmith.data import subset
 from bitsmith.train import TrainConfig, accuracy
 from bitsmith.zoo import cache_dir, pretrained
@@ -56,8 +55,8 @@ def row(methods: list[dict[str, Any]] | None) -> dict[str, Any]:
     out: dict[str, Any] = {"clean": accuracy(model, xt, yt), "train_seconds": round(seconds, 1), "noisy": {},
                            "threads": torch.get_num_threads(), "design": DESIGN, "draws": DRAWS}  # fmt: skip
     for level in LEVELS:
-        draws = accuracy_under_noise(model, xt, yt, Crossbar(**DESIGN, noise=level), DRAWS, seed=0)
-        out["noisy"][str(level)] = {"mean": statistics.fmean(draws), "std": statistics.pstdev(draws), "draws": draws}
+        out["noisy"][str(level)] = draw_summary(accuracy_under_noise(model, xt, yt, Crossbar(**DESIGN, noise=level),
+                                                                     DRAWS, seed=0))  # fmt: skip
     return out
 
 

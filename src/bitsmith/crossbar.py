@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,17 +102,21 @@ class Crossbar:
         return step * self.levels * self.noise * math.sqrt(2 * sum(p * p for p in self.places))
 
 
+def _conv_output_size(layer: nn.Conv2d, height: int, width: int) -> tuple[int, int]:
+    """The convolution's output height and width for an input of ``height x width``."""
+    return tuple(  # type: ignore[return-value]
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(
+            (height, width), layer.kernel_size, layer.stride, layer.padding, layer.dilation, strict=True
+        )
+    )
+
+
 def _unrolled(layer: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """The layer's inputs as rows of its unrolled weight (``M x D``) and the output shape before the channel moves."""
     if isinstance(layer, nn.Conv2d):
         cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # N x D x P
-        h = (x.shape[2] + 2 * layer.padding[0] - layer.dilation[0] * (layer.kernel_size[0] - 1) - 1) // layer.stride[
-            0
-        ] + 1
-        w = (x.shape[3] + 2 * layer.padding[1] - layer.dilation[1] * (layer.kernel_size[1] - 1) - 1) // layer.stride[
-            1
-        ] + 1
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1]), (x.shape[0], h, w)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]), (x.shape[0], *_conv_output_size(layer, *x.shape[2:]))
     return x.reshape(-1, x.shape[-1]), tuple(x.shape[:-1])
 
 
@@ -136,23 +142,21 @@ def crossbar_forward(layer: nn.Module, x: Tensor, crossbar: Crossbar, input_max:
         inputs, shape = _unrolled(layer, x)
         weight = layer.weight.reshape(layer.weight.shape[0], -1)  # out x D
         out = _folded(layer, _quantized_reads(weight, inputs, crossbar, input_max, generator), shape)
-        bias = layer.bias
     else:  # the ideal ADC: the layer's own op on the mapped weight, plus the reads' summed noise in closed form
         mapped = crossbar.mapped_weight(layer.weight)
         if isinstance(layer, nn.Conv2d):
             conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
-            out = F.conv2d(x, mapped, layer.bias, **conv)
+            out = F.conv2d(x, mapped, **conv)
             ones = x.new_ones(1, 1, *layer.kernel_size)
             square_norm = F.conv2d(x.detach().pow(2).sum(1, keepdim=True), ones, **conv)  # N x 1 x H x W
         else:
-            out = F.linear(x, mapped, layer.bias)
+            out = F.linear(x, mapped)
             square_norm = x.detach().pow(2).sum(-1, keepdim=True)
         if crossbar.noise > 0:
             std = crossbar.noise_per_input_norm(layer.weight) * square_norm.clamp(min=0).sqrt()
             out = out + std * torch.randn(out.shape, generator=generator, dtype=out.dtype)
-        return out
-    if bias is not None:
-        out = out + (bias.view(1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else bias)
+    if layer.bias is not None:
+        out = out + (layer.bias.view(1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else layer.bias)
     return out
 
 
@@ -235,19 +239,18 @@ def on_crossbars(model: nn.Module, crossbar: Crossbar, names: Iterable[str] | No
 def accuracy_under_noise(model: nn.Module, x: Tensor, y: Tensor, crossbar: Crossbar, draws: int = 20, seed: int = 0,
                          input_max: dict[str, float] | None = None, batch_size: int = 500) -> list[float]:  # fmt: skip
     """Top-1 accuracy of ``model`` on ``crossbar`` for each of ``draws`` independent noise draws (seeded)."""
+    from bitsmith.train import accuracy
+
     if draws < 1:
         raise ValueError(f"draws {draws}: evaluate at least one noise draw")
     out = []
-    was_training = model.training
-    model.eval()
-    try:
-        for draw in range(draws):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + draw)
-            correct = 0
-            with on_crossbars(model, crossbar, input_max=input_max, generator=generator):
-                for i in range(0, len(y), batch_size):
-                    correct += int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
-            out.append(correct / len(y))
-    finally:
-        model.train(was_training)
+    for draw in range(draws):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + draw)
+        with on_crossbars(model, crossbar, input_max=input_max, generator=generator):
+            out.append(accuracy(model, x, y, batch_size))
     return out
+
+
+def draw_summary(accuracies: list[float]) -> dict[str, Any]:
+    """Mean, spread (population standard deviation) and every draw's accuracy, as reports and benchmarks keep them."""
+    return {"mean": statistics.fmean(accuracies), "std": statistics.pstdev(accuracies), "draws": accuracies}

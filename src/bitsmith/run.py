@@ -118,23 +118,23 @@ def robust_section(recipe: Recipe, fp32: nn.Module, model: nn.Module, task: Task
 def crossbar_section(recipe: Recipe, fp32: nn.Module, model: nn.Module, task: Task, smoke: bool) -> dict[str, Any]:
     """Top-1 of the FP32 and the compressed model on the recipe's crossbars, per noise level: mean, spread and
     every draw (``bitsmith.crossbar.accuracy_under_noise``)."""
-    from bitsmith.crossbar import accuracy_under_noise, input_ranges
+    from bitsmith.crossbar import accuracy_under_noise, draw_summary, input_ranges
 
     section = recipe.crossbar
     assert section is not None
     size = min(section.subset or SMOKE["attack_examples"], SMOKE["attack_examples"]) if smoke else section.subset
     images, labels = subset(*task.test, size, seed=recipe.data.seed)
     draws = min(section.draws, 2) if smoke else section.draws
+    nets = {"fp32": fp32, "compressed": model}
     calib = [batch[0] if isinstance(batch, (tuple, list)) else batch for batch in task.calibration]
+    limits = {key: input_ranges(net, calib) if section.adc_bits is not None else None for key, net in nets.items()}
     out: dict[str, Any] = {"examples": len(labels), "draws": draws, "design": section.model_dump(), "levels": []}
     for crossbar in section.crossbars():
         log.info(f"crossbar noise {crossbar.noise:g}: {draws} draws on {len(labels)} test images")
         level: dict[str, Any] = {"noise": crossbar.noise}
-        for key, net in (("fp32", fp32), ("compressed", model)):
-            limits = input_ranges(net, calib) if crossbar.adc_bits is not None else None
-            accs = accuracy_under_noise(net, images, labels, crossbar, draws, recipe.data.seed, limits)
-            mean = sum(accs) / len(accs)
-            level[key] = {"mean": mean, "std": (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5, "draws": accs}
+        for key, net in nets.items():
+            level[key] = draw_summary(accuracy_under_noise(net, images, labels, crossbar, draws, recipe.data.seed,
+                                                           limits[key]))  # fmt: skip
         out["levels"].append(level)
     return out
 
