@@ -131,6 +131,8 @@ def test_the_crossbar_cost_counts_arrays_reads_and_adc_scaling() -> None:
     assert crossbar_cost(conv, torch.rand(1, 3, 8, 8), Crossbar(rows=128)).latency_us == pytest.approx(
         2 * 64 * 128 * ADC8_SECONDS * 1e6
     )
+    tokens = crossbar_cost(linear, torch.rand(1, 5, 200), Crossbar(rows=128))  # one read per token
+    assert tokens.latency_us == pytest.approx(5 * cost.latency_us)
     wide = nn.Sequential(nn.Linear(128, 64))
     two_bit, four_bit = (crossbar_cost(wide, torch.rand(1, 128), Crossbar(cell_bits=c)) for c in (2, 4))
     assert (two_bit.crossbars, four_bit.crossbars) == (4, 2)  # 2 x 4 x 64 = 512 columns vs 2 x 2 x 64 = 256

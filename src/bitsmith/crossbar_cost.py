@@ -43,11 +43,15 @@ class CrossbarCost:
 
 
 def layer_positions(model: nn.Module, example: Tensor, names: list[str]) -> dict[str, int]:
-    """Output positions per example of each named layer (1 for a Linear on a vector, ``H x W`` for a Conv2d)."""
+    """Output positions per example of each named layer: ``H x W`` for a Conv2d, the tokens for a Linear (1 on a
+    vector)."""
     positions: dict[str, int] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(
-        lambda m, a, out, n=n: positions.__setitem__(n, out[0].numel() // out.shape[1] if out.dim() > 1 else 1))
-        for n in names]  # fmt: skip
+
+    def record(name: str, layer: nn.Module, out: Tensor) -> None:
+        channels = out.shape[1] if isinstance(layer, nn.Conv2d) else out.shape[-1]
+        positions[name] = out[0].numel() // channels
+
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: record(n, m, out)) for n in names]
     try:
         with torch.no_grad():
             model(example[:1])
