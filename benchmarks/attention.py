@@ -1,6 +1,7 @@
-"""Cheaper attention and fewer tokens (issue 41). So far: how sparse each layer's attention is on real inputs, the
-zoo ViT on Fashion-MNIST test images and all-MiniLM-L6-v2 on the docstring sentences (bitsmith.eval.attention).
-Writes docs/results/attention.{json,md,png}; rows resume.
+"""Cheaper attention and fewer tokens (issue 41): how sparse each layer's attention is on real inputs, the zoo ViT on
+Fashion-MNIST test images and all-MiniLM-L6-v2 on the docstring sentences (bitsmith.eval.attention); FAR's rows
+(far_rows.py). Writes docs/results/attention.{json,md,png}; rows resume. Time the FAR models (``--only latency``) on
+an otherwise idle machine, after their rows.
 
 Usage: python benchmarks/attention.py [--only TEXT] [--write-only]
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import far_rows
 from common import RESULTS, load, save_figure
 from llm import Entry, run_rows
 
@@ -26,8 +28,13 @@ def sparsity_row(name: str) -> dict[str, Any]:
 
 
 def entries() -> list[Entry]:
-    return [(f"attention sparsity: {name}", {"section": "sparsity", "model": name}, {},
-             functools.partial(sparsity_row, name)) for name in ("vit", "minilm")]  # fmt: skip
+    out: list[Entry] = [(f"attention sparsity: {name}", {"section": "sparsity", "model": name}, {},
+                         functools.partial(sparsity_row, name)) for name in ("vit", "minilm")]  # fmt: skip
+    out += [(f"far vit: {label}", {"section": "far", "model": "vit", "variant": label}, {},
+             functools.partial(far_rows.vit_row, label)) for label in far_rows.VIT_CONFIGS]  # fmt: skip
+    out += [(f"far minilm: {label}", {"section": "far", "model": "minilm", "variant": label}, {},
+             functools.partial(far_rows.minilm_row, label)) for label in far_rows.MINILM_CONFIGS]  # fmt: skip
+    return [*out, ("far latency", {"section": "far-latency"}, {}, far_rows.latency_row)]
 
 
 def write(rows: list[dict[str, Any]]) -> None:
@@ -44,6 +51,7 @@ def write(rows: list[dict[str, Any]]) -> None:
         for layer, s in r["layers"].items():
             lines.append(f"| {r['model']} | {layer} | {s['entropy']:.3f} | {s['top_mass']:.3f} | {r['top_k']} |")
     lines += ["", "![attention sparsity per layer](attention.png)", ""]
+    lines += far_rows.page(rows)
     (RESULTS / "attention.md").write_text("\n".join(lines))
     plot(done)
 

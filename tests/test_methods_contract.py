@@ -47,9 +47,11 @@ TINY_CONFIG: dict[str, dict] = {
     "mat": {"steps": 2},
     "brecq": {"iters": 5},
     "q-diffusion": {"iters": 5},
+    "far": {"distill_steps": 3, "joint_steps": 2, "keep": 0.8},
 }
 MODELS = {
     "nvit": make_vit,
+    "far": make_vit,
     "gptq": make_llama,
     "awq": make_llama,
     "liftquant": make_llama,

@@ -1,6 +1,7 @@
 """Compressed modules: ``QLinear`` / ``QConv2d`` / ``QEmbedding`` (quantizers + mask around the float weight,
 :mod:`bitsmith.nn.quantized`), ``LowRankLinear`` / ``LowRankConv2d`` (two factors, :mod:`bitsmith.nn.low_rank`),
 ``QOutput`` / ``QInput`` (activation quantizers around a layer without weights, :mod:`bitsmith.nn.activation`),
+``LSTMAttention`` (FAR's multi-head LSTM in place of an attention block, :mod:`bitsmith.nn.recurrent`),
 plus ``strip()`` back to plain torch modules and the registry that rebuilds them from a checkpoint."""
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from bitsmith.nn.activation import QInput, QOutput, QuantizedActivation
 from bitsmith.nn.base import COMPRESSED, as_linear, conv_args, embedding_args, is_hf_conv1d, register_compressed
 from bitsmith.nn.low_rank import LowRankConv2d, LowRankLinear, LowRankMixin
 from bitsmith.nn.quantized import QConv2d, QEmbedding, QLinear, QuantizedMixin
+from bitsmith.nn.recurrent import LSTMAttention
 from bitsmith.swap import set_submodule
 
 __all__ = [
-    "COMPRESSED", "LowRankConv2d", "LowRankLinear", "LowRankMixin", "QConv2d", "QEmbedding", "QInput", "QLinear",
+    "COMPRESSED", "LSTMAttention", "LowRankConv2d", "LowRankLinear", "LowRankMixin", "QConv2d", "QEmbedding", "QInput", "QLinear",
     "QOutput", "QuantizedActivation", "QuantizedMixin", "as_linear", "build_compressed", "compressed_layers",
     "conv_args", "embedding_args", "is_compressed", "is_hf_conv1d", "register_compressed", "strip",
 ]  # fmt: skip

@@ -1,0 +1,150 @@
+"""FAR rows of the attention benchmark (issue 41): attention blocks of the zoo ViT and of all-MiniLM-L6-v2 replaced by
+multi-head BiLSTMs (``far``), distilled block by block, the ViT then fine-tuned end to end (and pruned); accuracy or
+cosine / recall, parameters, and (``--only latency``, alone on the machine) the forward latency of every cached model
+against the original in one run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import load
+
+from bitsmith import build_method, compress, save
+from bitsmith import load as load_checkpoint
+from bitsmith.eval.latency import time_forward
+from bitsmith.train import TrainConfig, accuracy, fit
+from bitsmith.zoo import cache_dir, pretrained
+from bitsmith.zoo.data import load_fashion_mnist
+
+VIT_TRAIN = TrainConfig(epochs=2, batch_size=128, optimizer="adamw", lr=5e-4, weight_decay=0.05, warmup_epochs=0.2,
+                        label_smoothing=0.1)  # fmt: skip
+VIT_CALIB = 1024  # training images the block-wise distillation sees (8 batches of 128)
+VIT_CONFIGS: dict[str, dict[str, Any]] = {
+    **{f"block {i}": {"blocks": [i]} for i in range(4)},
+    "blocks 0-1 (half)": {"blocks": [0, 1]},
+    "all 4 blocks": {"blocks": "all"},
+    "all 4 blocks, pruned to 50 % of the LSTM parameters": {"blocks": "all", "keep": 0.5},
+    "all 4 blocks, pruned to 25 %": {"blocks": "all", "keep": 0.25},
+}
+MINILM_TEXTS = 1024  # distillation sentences from the Python library docs (the evaluation pairs are docstrings)
+MINILM_CONFIGS: dict[str, dict[str, Any]] = {
+    "block 5": {"blocks": [5], "distill_steps": 200, "joint_steps": 50},
+    "blocks 3-5 (half)": {"blocks": [3, 4, 5], "distill_steps": 200, "joint_steps": 50},
+    "all 6 blocks": {"blocks": "all", "distill_steps": 200, "joint_steps": 50},
+}
+LATENCY_BATCH = {"vit": 64, "minilm": 32}
+
+
+def cached(name: str, config: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps([name, config, VIT_TRAIN.__dict__], sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / "bench" / f"far-{name}-{digest}.safetensors"
+
+
+def params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def vit_row(label: str) -> dict[str, Any]:
+    config = {"name": "far", **VIT_CONFIGS[label]}
+    x, y = load_fashion_mnist("train")
+    xt, yt = load_fashion_mnist("test")
+    model = pretrained("vit")
+    fp32 = {"accuracy": accuracy(model, xt, yt), "params": params(model)}
+    began = time.perf_counter()
+    far = build_method(config)
+    compress(model, [far], [(x[i : i + 128], y[i : i + 128]) for i in range(0, VIT_CALIB, 128)], finalize=False)
+    distilled = accuracy(model, xt, yt)
+    distill_seconds = time.perf_counter() - began
+    path = cached("vit", config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fit(model, x, y, VIT_TRAIN, [far], checkpoint=path.with_suffix(".pt"))
+    far.finalize(model)
+    seconds = time.perf_counter() - began
+    save(model, path)
+    path.with_suffix(".pt").unlink(missing_ok=True)
+    return {"fp32_accuracy": fp32["accuracy"], "fp32_params": fp32["params"], "distilled_accuracy": distilled,
+            "accuracy": accuracy(model, xt, yt), "params": params(model), "distill_seconds": round(distill_seconds, 1),
+            "train_seconds": round(seconds, 1), "epochs": VIT_TRAIN.epochs, "config": config}  # fmt: skip
+
+
+def docs_batches(tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    from bitsmith.zoo.minilm import tokenize
+    from bitsmith.zoo.prose import python_docs
+
+    paragraphs = [" ".join(p.split()) for p in python_docs("library").split("\n\n")]
+    texts = [p for p in paragraphs if len(p) >= 60][:MINILM_TEXTS]
+    return [tokenize(tokenizer, texts[i : i + 32], max_length=64) for i in range(0, len(texts), 32)]
+
+
+def minilm_row(label: str) -> dict[str, Any]:
+    config = {"name": "far", **MINILM_CONFIGS[label]}
+    model, task = load("minilm")
+    fp32 = task.evaluate(model)
+    began = time.perf_counter()
+    compress(model, [build_method(config)], docs_batches(task.tokenizer))
+    seconds = time.perf_counter() - began
+    path = cached("minilm", config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(model, path)
+    return {**task.evaluate(model), "fp32_retrieval": fp32.get("retrieval"), "params": params(model),
+            "fp32_params": params(load("minilm")[0]), "distill_seconds": round(seconds, 1), "config": config,
+            "texts": MINILM_TEXTS}  # fmt: skip
+
+
+def latency_row() -> dict[str, Any]:
+    """Every cached FAR model and its original, one forward each in turn (2 threads; run alone)."""
+    out: dict[str, Any] = {}
+    for name, configs in (("vit", VIT_CONFIGS), ("minilm", MINILM_CONFIGS)):
+        original, task = load(name)
+        example = task.example(LATENCY_BATCH[name])
+        models = {"original": original}
+        for label, entry in configs.items():
+            path = cached(name, {"name": "far", **entry})
+            if path.is_file():
+                models[label] = load_checkpoint(path, load(name)[0]).eval()
+        out[name] = {label: time_forward(m, example, runs=20, num_threads=2).median_ms for label, m in models.items()}
+    return {"latency_ms": out, "threads": 2, "batch": LATENCY_BATCH}
+
+
+def page(rows: list[dict[str, Any]]) -> list[str]:
+    """The FAR section of attention.md."""
+    far = [r for r in rows if r.get("section") == "far"]
+    timing = next((r for r in rows if r.get("section") == "far-latency" and "error" not in r), None)
+    latency = timing["latency_ms"] if timing else {}
+    lines = ["## FAR: attention replaced by multi-head LSTMs", "",
+             "`far` (docs/methods/far.md): the chosen attention blocks become bidirectional LSTMs per head (units per "
+             "head = the head width), distilled block by block (300 steps per block, then 100 joint steps on the "
+             f"block-output loss). Zoo ViT: distilled on {VIT_CALIB:,} training images, then fine-tuned end to end "
+             f"{VIT_TRAIN.epochs} epochs on the 60,000 (AdamW, lr {VIT_TRAIN.lr}, cross-entropy plus the block-output "
+             "loss; pruning after epoch 1); top-1 on the 10,000 test images. MiniLM: distilled on "
+             f"{MINILM_TEXTS:,} paragraphs of the Python library docs (64 tokens at most; 200 steps per block, 50 "
+             "joint), no fine-tuning (the embedding task has no labels); cosine to the FP32 embeddings and recall@1 "
+             "on the docstring pairs. Parameters: the whole model. Latency: one forward of a batch "
+             f"({LATENCY_BATCH['vit']} images / {LATENCY_BATCH['minilm']} sentences), torch eager, 2 threads, every "
+             "model and its original in one run, alone on the machine (`--only latency`).", "",
+             "| model | replaced | after distillation | after fine-tuning | FP32 | params (FP32) | latency ms "
+             "(original) | train s | load |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in far:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | error: {r['error']} | | | | | | |")
+            continue
+        ms = latency.get(r["model"], {})
+        timed = f"{ms[r['variant']]:.1f} ({ms['original']:.1f})" if r["variant"] in ms else "not timed"
+        if r["model"] == "vit":
+            quality = (f"top-1 {100 * r['distilled_accuracy']:.2f}", f"top-1 {100 * r['accuracy']:.2f}",
+                       f"{100 * r['fp32_accuracy']:.2f}")  # fmt: skip
+            seconds = r["train_seconds"]
+        else:
+            quality = (f"cosine {r['cosine']:.4f}, recall@1 {r['retrieval']:.4f}", "—",
+                       f"recall@1 {r['fp32_retrieval']:.4f}")  # fmt: skip
+            seconds = r["distill_seconds"]
+        lines.append(f"| {r['model']} | {r['variant']} | {quality[0]} | {quality[1]} | {quality[2]} | "
+                     f"{r['params']:,} ({r['fp32_params']:,}) | {timed} | {seconds} | {r['load'][0]:.2f} |")  # fmt: skip
+    if timing:
+        lines += ["", f"Latency run: load {timing['load'][0]:.2f} (1-minute average when it started)."]
+    return [*lines, ""]
