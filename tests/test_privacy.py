@@ -88,3 +88,15 @@ def test_the_device_is_readable_from_raw_pixels_and_independent_of_the_garment()
 def test_a_style_out_of_range_is_one_line() -> None:
     with pytest.raises(ValueError, match="styles: one device per image, in 0..3"):
         render(torch.rand(2, 1, 28, 28), torch.tensor([0, 4]))
+
+
+def test_adversaries_leave_the_callers_random_stream_alone() -> None:
+    """A seeded adversary does not reseed the global RNG (a caller's later draws stay its own)."""
+    from bitsmith.privacy.adversaries import attribute_inference
+
+    features, attribute = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    attribute_inference(features, attribute, features, attribute, epochs=1, hidden=4, seed=0)
+    assert torch.equal(torch.rand(3), expected)

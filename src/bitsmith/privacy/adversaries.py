@@ -45,10 +45,11 @@ def attribute_inference(train_features: Tensor, train_attribute: Tensor, test_fe
                         seed: int = 0) -> float:  # fmt: skip
     """Test accuracy of a fresh classifier that reads the private attribute from released features."""
     _check(train_features, train_attribute, test_features, test_attribute)
-    torch.manual_seed(seed)
-    x, xt = train_features.detach().flatten(1), test_features.detach().flatten(1)
-    classes = int(max(train_attribute.max(), test_attribute.max())) + 1
-    head = _train(_mlp(x.shape[1], classes, hidden), x, train_attribute, F.cross_entropy, epochs, lr, seed)
+    with torch.random.fork_rng():  # seeded; the caller's random stream is left as it was
+        torch.manual_seed(seed)
+        x, xt = train_features.detach().flatten(1), test_features.detach().flatten(1)
+        classes = int(max(train_attribute.max(), test_attribute.max())) + 1
+        head = _train(_mlp(x.shape[1], classes, hidden), x, train_attribute, F.cross_entropy, epochs, lr, seed)
     with torch.no_grad():
         return float((head(xt).argmax(-1) == test_attribute).float().mean())
 
@@ -60,11 +61,13 @@ def reconstruction_attack(train_features: Tensor, train_images: Tensor, test_fea
     from bitsmith.privacy.inversion import ssim
 
     _check(train_features, train_images, test_features, test_images)
-    torch.manual_seed(seed)
-    x, xt = train_features.detach().flatten(1), test_features.detach().flatten(1)
-    shape = train_images.shape[1:]
-    decoder = nn.Sequential(_mlp(x.shape[1], train_images[0].numel(), hidden), nn.Sigmoid(), nn.Unflatten(1, shape))
-    _train(decoder, x, train_images, F.mse_loss, epochs, lr, seed)
+    with torch.random.fork_rng():  # seeded; the caller's random stream is left as it was
+        torch.manual_seed(seed)
+        x, xt = train_features.detach().flatten(1), test_features.detach().flatten(1)
+        shape = train_images.shape[1:]
+        decoder = nn.Sequential(_mlp(x.shape[1], train_images[0].numel(), hidden), nn.Sigmoid(),
+                                nn.Unflatten(1, shape))  # fmt: skip
+        _train(decoder, x, train_images, F.mse_loss, epochs, lr, seed)
     with torch.no_grad():
         recon = decoder(xt)
     mse = (recon - test_images).pow(2).flatten(1).mean(1)

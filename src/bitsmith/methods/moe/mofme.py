@@ -66,8 +66,9 @@ class UncertaintyRouter(nn.Module):
 def _router(
     dim: int, experts: int, top_k: int, kind: str, samples: int, dropout: float, seed: int
 ) -> UncertaintyRouter:
-    torch.manual_seed(seed)
-    return UncertaintyRouter(dim, experts, top_k, samples if kind == "uncertainty" else 1, dropout, seed)
+    with torch.random.fork_rng():  # seeded weights; the caller's random stream is left as it was
+        torch.manual_seed(seed)
+        return UncertaintyRouter(dim, experts, top_k, samples if kind == "uncertainty" else 1, dropout, seed)
 
 
 class _Mixture(nn.Module):
