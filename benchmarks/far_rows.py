@@ -32,10 +32,11 @@ VIT_CONFIGS: dict[str, dict[str, Any]] = {
     "all 4 blocks, pruned to 25 %": {"blocks": "all", "keep": 0.25},
 }
 MINILM_TEXTS = 1024  # distillation sentences from the Python library docs (the evaluation pairs are docstrings)
+MINILM_STEPS = {"distill_steps": 200, "joint_steps": 50}
 MINILM_CONFIGS: dict[str, dict[str, Any]] = {
-    "block 5": {"blocks": [5], "distill_steps": 200, "joint_steps": 50},
-    "blocks 3-5 (half)": {"blocks": [3, 4, 5], "distill_steps": 200, "joint_steps": 50},
-    "all 6 blocks": {"blocks": "all", "distill_steps": 200, "joint_steps": 50},
+    **{f"block {i}": {"blocks": [i], **MINILM_STEPS} for i in range(6)},
+    "blocks 3-5 (half)": {"blocks": [3, 4, 5], **MINILM_STEPS},
+    "all 6 blocks": {"blocks": "all", **MINILM_STEPS},
 }
 LATENCY_BATCH = {"vit": 64, "minilm": 32}
 
