@@ -148,4 +148,67 @@ def page(rows: list[dict[str, Any]]) -> list[str]:
                      f"{r['params']:,} ({r['fp32_params']:,}) | {timed} | {seconds} | {r['load'][0]:.2f} |")  # fmt: skip
     if timing:
         lines += ["", f"Latency run: load {timing['load'][0]:.2f} (1-minute average when it started)."]
-    return [*lines, ""]
+    plot_points(rows)
+    return [*lines, "", *correlation_lines(rows)]
+
+
+def single_block_points(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float, float]]]:
+    """Per model, ``(layer, sparsity, drop)`` of every single-block replacement: sparsity ``1 -`` the layer's
+    normalised attention entropy (the sparsity rows), drop the FP32 top-1 minus the distilled top-1 (ViT, before
+    fine-tuning: the fixed budget) or ``1 -`` cosine to FP32 (MiniLM)."""
+    entropy = {r["model"]: [v["entropy"] for v in r["layers"].values()]
+               for r in rows if r.get("section") == "sparsity" and "error" not in r}  # fmt: skip
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    for r in rows:
+        if (
+            r.get("section") != "far"
+            or "error" in r
+            or not r["variant"].startswith("block ")
+            or r["model"] not in entropy
+        ):
+            continue
+        layer = int(r["variant"].split()[1])
+        drop = r["fp32_accuracy"] - r["distilled_accuracy"] if r["model"] == "vit" else 1 - r["cosine"]
+        out.setdefault(r["model"], []).append((layer, 1 - entropy[r["model"]][layer], drop))
+    return {model: sorted(points) for model, points in out.items()}
+
+
+def correlation_lines(rows: list[dict[str, Any]]) -> list[str]:
+    from scipy.stats import spearmanr
+
+    points = single_block_points(rows)
+    if not points:
+        return []
+    lines = ["### Sparser layers, cheaper replacements? (issue 41, item 2)", "",
+             "One block replaced at a time, the same distillation budget for every layer: the layer's attention "
+             "sparsity (1 - normalised entropy, table above) against the drop it causes (ViT: FP32 top-1 minus "
+             "top-1 after distillation, before fine-tuning; MiniLM: 1 - cosine to FP32). The paper's claim: "
+             "sparser layers cost less, a negative Spearman coefficient between sparsity and drop.", "",
+             "| model | layer | sparsity | drop |", "|---|---|---|---|"]  # fmt: skip
+    for model, pts in points.items():
+        lines += [f"| {model} | {layer} | {sparsity:.3f} | {drop:.4f} |" for layer, sparsity, drop in pts]
+    lines.append("")
+    for model, pts in points.items():
+        if len(pts) >= 3:
+            rho = spearmanr([p[1] for p in pts], [p[2] for p in pts]).statistic
+            lines.append(f"- {model}: Spearman coefficient (sparsity, drop) **{rho:.2f}** over {len(pts)} layers.")
+    return [*lines, "", "![drop against sparsity per layer](attention-far.png)", ""]
+
+
+def plot_points(rows: list[dict[str, Any]]) -> None:
+    import matplotlib.pyplot as plt
+    from common import save_figure
+
+    points = single_block_points(rows)
+    if not points:
+        return
+    fig, axes = plt.subplots(1, len(points), figsize=(4.5 * len(points), 3.5), squeeze=False)
+    for ax, (model, pts) in zip(axes[0], points.items(), strict=True):
+        ax.scatter([p[1] for p in pts], [p[2] for p in pts])
+        for layer, sparsity, drop in pts:
+            ax.annotate(str(layer), (sparsity, drop), fontsize=8)
+        ax.set_xlabel("attention sparsity (1 - normalised entropy)")
+        ax.set_ylabel("top-1 drop after distillation" if model == "vit" else "1 - cosine to FP32")
+        ax.set_title(f"{model}: one block replaced by FAR", fontsize=9)
+        ax.grid(alpha=0.3)
+    save_figure(fig, "attention-far.png")

@@ -1993,6 +1993,38 @@ MUTANTS = [
         "gate_rows = torch.cat([rows for g in range(4)])",
         "tests/test_far.py",
     ),
+    M(
+        "distill-qat",
+        "the feature term compares the student with itself",
+        "methods/qat/distill_qat.py",
+        "sum(relative_mse(student[n], teacher[n]) for n in self._features)",
+        "sum(relative_mse(student[n], student[n].detach()) for n in self._features)",
+        "tests/test_distill_qat.py",
+    ),
+    M(
+        "distill-qat",
+        "no gradient through the student's logits",
+        "distill.py",
+        "log_student = torch.log_softmax(student_logits / temperature, dim=-1)",
+        "log_student = torch.log_softmax(student_logits.detach() / temperature, dim=-1)",
+        "tests/test_distill_qat.py",
+    ),
+    M(
+        "distill-qat",
+        "the teacher is the student itself, not a frozen FP32 copy",
+        "methods/qat/distill_qat.py",
+        "self._teacher = copy.deepcopy(model).eval().requires_grad_(False)",
+        "self._teacher = model",
+        "tests/test_distill_qat.py",
+    ),
+    M(
+        "distill-qat",
+        "the soft-label loss without its T^2 factor",
+        "distill.py",
+        "return kl * temperature**2",
+        "return kl",
+        "tests/test_distill_qat.py",
+    ),
 ]
 
 

@@ -48,6 +48,7 @@ TINY_CONFIG: dict[str, dict] = {
     "brecq": {"iters": 5},
     "q-diffusion": {"iters": 5},
     "far": {"distill_steps": 3, "joint_steps": 2, "keep": 0.8},
+    "distill-qat": {"features": ["conv"], "representation": "fc1"},
 }
 MODELS = {
     "nvit": make_vit,

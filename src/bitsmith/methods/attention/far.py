@@ -44,15 +44,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.data import padding_mask
+from bitsmith.distill import OutputRecorder, first, teacher_outputs
 from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn.recurrent import LSTMAttention, lstm_attention_params, real_lengths
 from bitsmith.swap import set_submodule
 from bitsmith.topology.attention import AttentionSite, attention_sites
-
-
-def first(output: Any) -> Tensor:
-    """A block's or attention module's output tensor (Hugging Face modules return tuples)."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 def cosine_loss(student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
@@ -112,41 +108,22 @@ class FAR(Method):
                 self._full_params += sum(p.numel() for p in mixer.parameters())
                 specs[site.site] = mixer.spec()
         self._hidden = {site.site: model.get_submodule(site.site).hidden for site in self._sites}
-        self._student_out: dict[int, Tensor] = {}
-        self._hooks = [model.get_submodule(site.block).register_forward_hook(self._recorder(site.index))
-                       for site in self._sites]  # fmt: skip
+        self._student = OutputRecorder(model, [site.block for site in self._sites])
         return specs
-
-    def _recorder(self, index: int) -> Any:
-        def record(module: nn.Module, args: Any, output: Any) -> None:
-            if torch.is_grad_enabled():  # a training forward: the block loss needs this output's graph
-                self._student_out[index] = first(output)
-
-        return record
 
     def mixers(self, model: nn.Module) -> list[LSTMAttention]:
         return [model.get_submodule(site.site) for site in self._sites]  # type: ignore[misc]
 
     # -- the block loss -------------------------------------------------------------------------
-    @torch.no_grad()
-    def teacher_outputs(self, batch: Any) -> dict[int, Tensor]:
-        outputs: dict[int, Tensor] = {}
-        hooks = [self._teacher.get_submodule(site.block).register_forward_hook(
-                     lambda m, a, out, i=site.index: outputs.__setitem__(i, first(out)))
-                 for site in self._sites]  # fmt: skip
-        try:
-            run_forward(self._teacher, batch)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return outputs
-
     def block_loss(self, batch: Any) -> Tensor:
         """Sum over replaced blocks of the per-token ``1 - cos`` between the last training forward's block outputs
-        and the teacher's on ``batch``."""
-        teacher = self.teacher_outputs(batch)
+        and the teacher's on ``batch`` (zero when no training forward was recorded)."""
+        student = self._student.take()
+        if not student:
+            return torch.zeros(())
+        teacher, _ = teacher_outputs(self._teacher, list(student), batch)
         mask = padding_mask(batch)
-        return sum((cosine_loss(self._student_out[i], teacher[i], mask) for i in teacher), torch.zeros(()))
+        return sum((cosine_loss(student[name], teacher[name], mask) for name in student), torch.zeros(()))
 
     # -- calibration: block-wise distillation, then all replacements together --------------------
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
@@ -207,16 +184,13 @@ class FAR(Method):
         finally:
             for p in frozen:
                 p.requires_grad_(True)
-            self._student_out.clear()
 
     # -- training -----------------------------------------------------------------------------------
     def penalty(self, model: nn.Module, batch: Any) -> Tensor:
-        loss = (
-            self.block_weight * self.block_loss(batch) if self.block_weight and self._student_out else torch.zeros(())
-        )
+        loss = self.block_weight * self.block_loss(batch) if self.block_weight else torch.zeros(())
         if self.keep < 1 and not self._pruned and self.decay:
             loss = loss + self.decay * sum((hoyer_square(m.unit_groups()) for m in self.mixers(model)), torch.zeros(()))
-        self._student_out.clear()
+        self._student.take()
         return loss
 
     def schedule(self, model: nn.Module, epoch: int, epochs: int) -> bool:
@@ -235,9 +209,7 @@ class FAR(Method):
     def finalize(self, model: nn.Module) -> None:
         if self.keep < 1 and not self._pruned:
             self.prune(model)
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._student.remove()
 
     # -- pruning ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -267,5 +239,5 @@ class FAR(Method):
         self._pruned = True
 
     def state_dict(self) -> dict[str, Any]:
-        skip = ("_teacher", "_student_out", "_hooks", "_sites")
+        skip = ("_teacher", "_student", "_sites")
         return {k: v for k, v in super().state_dict().items() if k not in skip}

@@ -1,4 +1,4 @@
-"""Quantization-aware training and bit-level precision search: QAT (STE / LSQ), BSQ, CSQ, MSQ, the Fisher-trace regulariser, bit-slice sparsity.
+"""Quantization-aware training and bit-level precision search: QAT (STE / LSQ), its QD-BEV-style distillation, BSQ, CSQ, MSQ, the Fisher-trace regulariser, bit-slice sparsity.
 
 Importing this package registers its methods."""
 
@@ -6,6 +6,7 @@ from bitsmith.methods.qat import (  # noqa: F401  (imported to register)
     bitslice,
     bsq,
     csq,
+    distill_qat,
     fisher_reg,
     msq,
     qat,
