@@ -146,6 +146,7 @@ bench-dpatch: $(STAMP) data
 # Cheaper attention and fewer tokens (issue 41): attention sparsity per layer so far.
 bench-attention: $(STAMP) data
 	$(PY) benchmarks/attention.py
+	$(PY) benchmarks/distill_qat.py
 
 # FactorLLM / GEMQ rows share the cores with anything; the speed rows run alone afterwards.
 bench-moe: $(STAMP) data
