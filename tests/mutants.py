@@ -2025,6 +2025,14 @@ MUTANTS = [
         "return kl",
         "tests/test_distill_qat.py",
     ),
+    M(
+        "sparse-attention-replace",
+        "the densest layers replaced instead of the sparsest",
+        "methods/attention/far.py",
+        'ranked = sorted(range(len(entropy)), key=lambda i: entropy[i], reverse=self.blocks == "densest")',
+        'ranked = sorted(range(len(entropy)), key=lambda i: entropy[i], reverse=self.blocks != "densest")',
+        "tests/test_far.py",
+    ),
 ]
 
 

@@ -198,3 +198,28 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match=r"methods\.0\.keep"):
         validate_method({"name": "far", "keep": 1.5}, "methods.0")
     assert [s.index for s in attention_sites(make_vit())] == [0, 1]
+
+
+def sharpened(block: int) -> torch.nn.Module:
+    """The tiny ViT with one block's queries and keys scaled up: its attention is far sparser than the other's."""
+    model = make_vit()
+    with torch.no_grad():
+        qkv = model.blocks[block].attn.qkv
+        rows = 2 * qkv.out_features // 3
+        qkv.weight[:rows] *= 8.0
+        qkv.bias[:rows] *= 8.0
+    return model
+
+
+@pytest.mark.parametrize("sharp", [0, 1])
+def test_sparse_attention_replace_picks_the_sparsest_layer(sharp: int) -> None:
+    """Calibration measures each layer's attention entropy and replaces the sparsest (``densest``: the other)."""
+    for order, expected in (("sparsest", sharp), ("densest", 1 - sharp)):
+        model = sharpened(sharp)
+        method = build_method({"name": "sparse-attention-replace", "blocks": order, "count": 1, "distill_steps": 1,
+                               "joint_steps": 0})  # fmt: skip
+        compress(model, [method], batches(2))
+        replaced = [i for i, b in enumerate(model.blocks) if isinstance(b.attn, LSTMAttention)]
+        assert replaced == [expected], (order, method._entropy)
+    with pytest.raises(ValueError, match="count 3"):
+        build_method({"name": "sparse-attention-replace", "count": 3}).prepare(make_vit())

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from bitsmith.data import padding_mask
 from bitsmith.distill import OutputRecorder, first, teacher_outputs
+from bitsmith.eval.attention import attention_sparsity
 from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn.recurrent import LSTMAttention, lstm_attention_params, real_lengths
 from bitsmith.swap import set_submodule
@@ -70,7 +71,8 @@ class FAR(Method):
 
     description = "FAR: attention replaced by multi-head BiLSTMs (block-wise distillation, global unit pruning)"
 
-    blocks: list[int] | Literal["all"] = "all"
+    blocks: list[int] | Literal["all", "sparsest", "densest"] = "all"
+    count: Annotated[int, Field(ge=1)] = 1
     hidden: Annotated[int, Field(ge=1)] | None = None
     distill_steps: Annotated[int, Field(ge=0)] = 300
     joint_steps: Annotated[int, Field(ge=0)] = 100
@@ -83,9 +85,15 @@ class FAR(Method):
 
     # -- replacement ----------------------------------------------------------------------------
     def chosen_sites(self, model: nn.Module) -> list[AttentionSite]:
+        """The sites named by ``blocks`` (none yet for ``sparsest`` / ``densest``: calibration measures them)."""
         sites = attention_sites(model)
         if self.blocks == "all":
             return sites
+        if self.blocks in ("sparsest", "densest"):
+            if self.count > len(sites):
+                raise ValueError(f"far: count {self.count} — the model has {len(sites)} attention blocks; "
+                                 f"choose 1..{len(sites)}")  # fmt: skip
+            return []
         bad = [i for i in self.blocks if not 0 <= i < len(sites)]
         if bad or not self.blocks:
             raise ValueError(f"far: blocks {self.blocks} — the model has {len(sites)} attention blocks; "
@@ -93,10 +101,13 @@ class FAR(Method):
         return [sites[i] for i in sorted(set(self.blocks))]
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
-        self._sites = self.chosen_sites(model)
         self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self._pruned = False
-        self._full_params = 0
+        return self.replace(model, self.chosen_sites(model))
+
+    def replace(self, model: nn.Module, sites: list[AttentionSite]) -> dict[str, dict[str, Any]]:
+        """Put a fresh ``LSTMAttention`` in place of each of ``sites``."""
+        self._sites, self._full_params = sites, 0
         specs = {}
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
@@ -128,11 +139,22 @@ class FAR(Method):
     # -- calibration: block-wise distillation, then all replacements together --------------------
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
         batches = list(batches)
+        if self.blocks in ("sparsest", "densest") and not self._sites:
+            self.replace(model, self.by_sparsity(model, batches))
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             for site in self._sites:
                 self.distill_block(model, site, batches)
             self.distill_jointly(model, batches)
+
+    def by_sparsity(self, model: nn.Module, batches: list[Any]) -> list[AttentionSite]:
+        """The ``count`` sites whose attention is sparsest (lowest normalised entropy on ``batches``; ``densest``:
+        highest), in block order."""
+        entropy = [layer["entropy"] for layer in attention_sparsity(model, batches).values()]
+        ranked = sorted(range(len(entropy)), key=lambda i: entropy[i], reverse=self.blocks == "densest")
+        self._entropy = entropy
+        sites = attention_sites(model)
+        return [sites[i] for i in sorted(ranked[: self.count])]
 
     def distill_block(self, model: nn.Module, site: AttentionSite, batches: list[Any]) -> None:
         mixer = model.get_submodule(site.site)
