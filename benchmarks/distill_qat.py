@@ -38,9 +38,9 @@ CONFIGS: dict[str, list[dict[str, Any]]] = {
 TRAIN = {"epochs": 1, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0}
 SETTINGS: dict[str, dict[str, Any]] = {  # model, activation bits, learning rate
     "ViT W4A4": {"model": "vit", "a_bits": 4, "lr": 1e-3},
-    "ViT W4A6": {"model": "vit", "a_bits": 6, "lr": 1e-3},
     "ViT W4A4, lr x5 (stress)": {"model": "vit", "a_bits": 4, "lr": 5e-3},
     "CNN W4A4": {"model": "cnn", "a_bits": 4, "lr": 1e-3},
+    "ViT W4A6": {"model": "vit", "a_bits": 6, "lr": 1e-3},
     "CNN W4A6": {"model": "cnn", "a_bits": 6, "lr": 1e-3},
 }
 
