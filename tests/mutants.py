@@ -2033,6 +2033,30 @@ MUTANTS = [
         'ranked = sorted(range(len(entropy)), key=lambda i: entropy[i], reverse=self.blocks != "densest")',
         "tests/test_far.py",
     ),
+    M(
+        "token-prune",
+        "pruned tokens merged with equal weights instead of by importance",
+        "nn/tokens.py",
+        "weight = scores.softmax(dim=1)  # (b, n) importance",
+        "weight = torch.ones_like(scores)  # (b, n) importance",
+        "tests/test_token_prune.py",
+    ),
+    M(
+        "token-prune",
+        "the lowest-scored tokens kept",
+        "nn/tokens.py",
+        "kept_index = scores.topk(keep, dim=1).indices.sort(dim=1).values  # (b, keep)",
+        "kept_index = scores.topk(keep, dim=1, largest=False).indices.sort(dim=1).values  # (b, keep)",
+        "tests/test_token_prune.py",
+    ),
+    M(
+        "token-prune",
+        "the scorer distilled towards uniform importance",
+        "methods/attention/token_prune.py",
+        'out.append((seen["x"][:, 1:], weight / weight.sum(-1, keepdim=True)))',
+        'out.append((seen["x"][:, 1:], torch.full_like(weight, 1.0 / weight.shape[-1])))',
+        "tests/test_token_prune.py",
+    ),
 ]
 
 

@@ -50,11 +50,13 @@ TINY_CONFIG: dict[str, dict] = {
     "far": {"distill_steps": 3, "joint_steps": 2, "keep": 0.8},
     "distill-qat": {"features": ["conv"], "representation": "fc1"},
     "sparse-attention-replace": {"count": 1, "distill_steps": 3, "joint_steps": 2},
+    "token-prune": {"distill_steps": 3},
 }
 MODELS = {
     "nvit": make_vit,
     "far": make_vit,
     "sparse-attention-replace": make_vit,
+    "token-prune": make_vit,
     "gptq": make_llama,
     "awq": make_llama,
     "liftquant": make_llama,

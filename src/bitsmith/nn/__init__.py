@@ -2,6 +2,7 @@
 :mod:`bitsmith.nn.quantized`), ``LowRankLinear`` / ``LowRankConv2d`` (two factors, :mod:`bitsmith.nn.low_rank`),
 ``QOutput`` / ``QInput`` (activation quantizers around a layer without weights, :mod:`bitsmith.nn.activation`),
 ``LSTMAttention`` (FAR's multi-head LSTM in place of an attention block, :mod:`bitsmith.nn.recurrent`),
+``PrunedBlock`` (a token scorer and merge in front of a block, :mod:`bitsmith.nn.tokens`),
 plus ``strip()`` back to plain torch modules and the registry that rebuilds them from a checkpoint."""
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from bitsmith.nn.base import COMPRESSED, as_linear, conv_args, embedding_args, i
 from bitsmith.nn.low_rank import LowRankConv2d, LowRankLinear, LowRankMixin
 from bitsmith.nn.quantized import QConv2d, QEmbedding, QLinear, QuantizedMixin
 from bitsmith.nn.recurrent import LSTMAttention
+from bitsmith.nn.tokens import PrunedBlock
 from bitsmith.swap import set_submodule
 
 __all__ = [
     "COMPRESSED", "LSTMAttention", "LowRankConv2d", "LowRankLinear", "LowRankMixin", "QConv2d", "QEmbedding", "QInput", "QLinear",
-    "QOutput", "QuantizedActivation", "QuantizedMixin", "as_linear", "build_compressed", "compressed_layers",
+    "PrunedBlock", "QOutput", "QuantizedActivation", "QuantizedMixin", "as_linear", "build_compressed", "compressed_layers",
     "conv_args", "embedding_args", "is_compressed", "is_hf_conv1d", "register_compressed", "strip",
 ]  # fmt: skip
 

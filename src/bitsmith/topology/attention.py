@@ -74,3 +74,12 @@ def attention_sites(model: nn.Module) -> list[AttentionSite]:
             "(encoder.layer[i].attention.self)"
         )
     return sites
+
+
+def vit_patch_tokens(model: nn.Module) -> int:
+    """The number of patch tokens of a zoo ViT (its position table less the class token); a ``ValueError`` otherwise."""
+    pos = getattr(model, "pos_embed", None)
+    if not _vit_sites(model) or pos is None:
+        raise ValueError(f"{type(model).__name__}: token pruning needs a ViT laid out like bitsmith.zoo.vision.ViT "
+                         "(patch_embed, cls_token, pos_embed, blocks[i].attn)")  # fmt: skip
+    return int(pos.shape[1]) - 1
