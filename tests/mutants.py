@@ -2057,6 +2057,22 @@ MUTANTS = [
         'out.append((seen["x"][:, 1:], torch.full_like(weight, 1.0 / weight.shape[-1])))',
         "tests/test_token_prune.py",
     ),
+    M(
+        "token-prune",
+        "ToMe-style merging forgets the merged tokens' sizes",
+        "nn/tokens.py",
+        "size = torch.cat([size_a.gather(1, stay), mass], dim=1)",
+        "size = torch.ones_like(torch.cat([size_a.gather(1, stay), mass], dim=1))",
+        "tests/test_token_prune.py",
+    ),
+    M(
+        "token-prune",
+        "EViT-style fusion keeps the least attended tokens",
+        "nn/tokens.py",
+        "order = attention.argsort(dim=1, descending=True)",
+        "order = attention.argsort(dim=1, descending=False)",
+        "tests/test_token_prune.py",
+    ),
 ]
 
 

@@ -89,3 +89,27 @@ def test_bad_input_is_named() -> None:
         validate_method({"name": "token-prune", "keep": 1.5}, "methods.0")
     with pytest.raises(ValueError, match="token pruning needs a ViT"):
         build_method({"name": "token-prune"}).prepare(make_cnn())
+
+
+def test_the_baselines_reduce_to_the_same_count() -> None:
+    """EViT-style fusion keeps the most attended tokens plus one attention-weighted fusion of the rest; ToMe-style
+    matching merges the most similar pairs (size-weighted) until the count is reached."""
+    from bitsmith.nn.tokens import bipartite_merge, fuse_inattentive
+
+    patches = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0]]])
+    attention = torch.tensor([[0.1, 0.6, 0.2, 0.1]])
+    fused = fuse_inattentive(patches, attention, keep=3)  # tokens 1 and 2 stay; 0 and 3 fuse equally
+    torch.testing.assert_close(fused[0], torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.5, 1.5]]))
+    same = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]])
+    torch.testing.assert_close(bipartite_merge(same, keep=2)[0].sort(dim=0).values,
+                               torch.tensor([[0.0, 0.0], [1.0, 1.0]]))  # fmt: skip
+    three_to_one = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    weighted = bipartite_merge(three_to_one, keep=1)  # round 1 makes a token of size 3 and one of size 1
+    torch.testing.assert_close(weighted[0, 0], torch.tensor([0.75, 0.25]))  # sizes carried between rounds
+    for mode in ("attention", "merge"):
+        model = make_vit()
+        compress(model, [build_method({"name": "token-prune", "keep": 0.5, "mode": mode})], batches(1))
+        shapes: list[int] = []
+        model.blocks[1].register_forward_pre_hook(lambda m, args, out=shapes: out.append(args[0].shape[1]))
+        model(torch.rand(2, 1, 12, 12))
+        assert shapes == [1 + round(0.5 * 9)], mode

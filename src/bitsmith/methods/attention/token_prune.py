@@ -11,8 +11,9 @@ so every block sees a fixed, shorter sequence (the class token always stays).
 
 Deviations, stated: PaceVGGT prunes the frame tokens of VGGT (3D reconstruction) with an importance from its global
 attention; here a classifier's patch tokens, with the class token's attention as importance (EViT's measure). The
-merge assignment is cosine similarity of the embeddings. The in-block baselines (EViT-style, ToMe-style) and the
-accuracy-latency rows of issue 41 are not done yet.
+merge assignment is cosine similarity of the embeddings. ``mode: attention`` (EViT-style: the class token's attention in the block the
+pruner precedes, inattentive tokens fused into one) and ``mode: merge`` (ToMe-style bipartite soft matching) are the
+baselines, at the same kept-token count and place (``at``, default before the first block).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -41,6 +42,8 @@ class TokenPrune(Method):
     description = "Token pruning before the first block (PaceVGGT-style scorer distilled from attention, merging)"
 
     keep: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    mode: Literal["scorer", "attention", "merge"] = "scorer"
+    at: Annotated[int, Field(ge=0)] = 0
     hidden: Annotated[int, Field(ge=1)] | None = None
     distill_steps: Annotated[int, Field(ge=0)] = 300
     lr: Annotated[float, Field(gt=0.0)] = 1e-3
@@ -48,12 +51,18 @@ class TokenPrune(Method):
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
         tokens = vit_patch_tokens(model)
-        site = attention_sites(model)[0]
+        sites = attention_sites(model)
+        if self.at >= len(sites):
+            raise ValueError(
+                f"token-prune: at {self.at} — the model has {len(sites)} blocks; choose 0..{len(sites) - 1}"
+            )
+        site = sites[self.at]
         self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self._first = site.block
+        keep = max(2 if self.mode == "attention" else 1, round(self.keep * tokens))
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
-            pruner = TokenPruner(site.dim, max(1, round(self.keep * tokens)), self.hidden or max(site.dim // 4, 1))
+            pruner = TokenPruner(site.dim, keep, self.hidden or max(site.dim // 4, 1), self.mode)
         wrapped = PrunedBlock(model.get_submodule(site.block), pruner)
         set_submodule(model, site.block, wrapped)
         return {site.block: wrapped.spec()}
@@ -85,6 +94,8 @@ class TokenPrune(Method):
         return out
 
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:
+        if self.mode != "scorer":  # the baselines have nothing to learn
+            return
         targets = self.importance(list(batches))
         pruner = self.pruner(model)
         optimizer = torch.optim.Adam(pruner.scorer.parameters(), lr=self.lr)
