@@ -12,6 +12,7 @@ import functools
 from typing import Any
 
 import far_rows
+import token_rows
 from common import RESULTS, load, save_figure
 from llm import Entry, run_rows
 
@@ -34,7 +35,13 @@ def entries() -> list[Entry]:
              functools.partial(far_rows.vit_row, label)) for label in far_rows.VIT_CONFIGS]  # fmt: skip
     out += [(f"far minilm: {label}", {"section": "far", "model": "minilm", "variant": label}, {},
              functools.partial(far_rows.minilm_row, label)) for label in far_rows.MINILM_CONFIGS]  # fmt: skip
-    return [*out, ("far latency", {"section": "far-latency"}, {}, far_rows.latency_row)]
+    out += [(f"tokens: {label}", {"section": "tokens", "model": "vit", "variant": label}, {},
+             functools.partial(token_rows.row, label)) for label in token_rows.CONFIGS]  # fmt: skip
+
+    def latency() -> dict[str, Any]:  # the cached models as they are when it runs
+        return far_rows.latency_row(token_rows.cached_models())
+
+    return [*out, ("far and token latency", {"section": "far-latency"}, {}, latency)]
 
 
 def write(rows: list[dict[str, Any]]) -> None:
@@ -51,7 +58,7 @@ def write(rows: list[dict[str, Any]]) -> None:
         for layer, s in r["layers"].items():
             lines.append(f"| {r['model']} | {layer} | {s['entropy']:.3f} | {s['top_mass']:.3f} | {r['top_k']} |")
     lines += ["", "![attention sparsity per layer](attention.png)", ""]
-    lines += far_rows.page(rows)
+    lines += far_rows.page(rows) + token_rows.page(rows)
     (RESULTS / "attention.md").write_text("\n".join(lines))
     plot(done)
 

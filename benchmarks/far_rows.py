@@ -97,17 +97,25 @@ def minilm_row(label: str) -> dict[str, Any]:
             "texts": MINILM_TEXTS}  # fmt: skip
 
 
-def latency_row() -> dict[str, Any]:
-    """Every cached FAR model and its original, one forward each in turn (2 threads; run alone)."""
+def cached_models(name: str) -> dict[str, Path]:
+    """The saved FAR model of every row measured so far, by label."""
+    configs = VIT_CONFIGS if name == "vit" else MINILM_CONFIGS
+    paths = {label: cached(name, {"name": "far", **entry}) for label, entry in configs.items()}
+    return {label: path for label, path in paths.items() if path.is_file()}
+
+
+def latency_row(extra_vit: dict[str, Path]) -> dict[str, Any]:
+    """Every cached model (FAR's, and ``extra_vit``: other ViT rows' by label) and its original, one forward of each
+    in turn (2 threads; run alone)."""
     out: dict[str, Any] = {}
-    for name, configs in (("vit", VIT_CONFIGS), ("minilm", MINILM_CONFIGS)):
+    for name in ("vit", "minilm"):
         original, task = load(name)
         example = task.example(LATENCY_BATCH[name])
-        models = {"original": original}
-        for label, entry in configs.items():
-            path = cached(name, {"name": "far", **entry})
-            if path.is_file():
-                models[label] = load_checkpoint(path, load(name)[0]).eval()
+        paths = {**cached_models(name), **(extra_vit if name == "vit" else {})}
+        models = {
+            "original": original,
+            **{label: load_checkpoint(p, load(name)[0]).eval() for label, p in paths.items()},
+        }
         out[name] = {label: time_forward(m, example, runs=20, num_threads=2).median_ms for label, m in models.items()}
     return {"latency_ms": out, "threads": 2, "batch": LATENCY_BATCH}
 
