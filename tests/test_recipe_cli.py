@@ -223,7 +223,9 @@ def test_every_recipe_runs_under_smoke(recipe: Path, tmp_path: Path) -> None:
         "cnn-split-ensemble",
         "cnn-resna",
     )  # the split model is the baseline too
-    assert size <= baseline_size if recipe.stem in uncompressed else size < baseline_size
+    fewer_tokens = ("vit-token-prune",)  # its scorer adds parameters; the saving is the shorter sequence
+    if recipe.stem not in fewer_tokens:
+        assert size <= baseline_size if recipe.stem in uncompressed else size < baseline_size
     if report["recipe"]["model"].get("members") or report["recipe"]["model"].get("split"):
         from bitsmith.run import load_checkpoint  # an ensemble / split checkpoint rebuilds its own structure
 
