@@ -147,6 +147,7 @@ bench-dpatch: $(STAMP) data
 bench-attention: $(STAMP) data
 	$(PY) benchmarks/attention.py
 	$(PY) benchmarks/distill_qat.py
+	$(PY) benchmarks/budget_curves.py
 
 # FactorLLM / GEMQ rows share the cores with anything; the speed rows run alone afterwards.
 bench-moe: $(STAMP) data

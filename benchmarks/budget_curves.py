@@ -31,6 +31,7 @@ class Curve:
     lower_is_better: bool  # perplexity, FID; otherwise an accuracy stored as a fraction
     points: tuple[tuple[int, str, str], ...]  # (budget in units, method row, baseline row)
     command: str
+    baseline_field: str = ""  # the baseline's value is this field of the method's own row (e.g. its FP32 accuracy)
 
 
 def clat_points(method: str, baseline: str, epochs: str) -> tuple[tuple[int, str, str], ...]:
@@ -87,6 +88,11 @@ CURVES: tuple[Curve, ...] = (
                             "error feedback)", "LiftQuant 2.0 b/w (m=4, Hadamard 64, error feedback)")
                            for steps, restarts in ((1000, 1), (3000, 5))),
           'python benchmarks/llm_methods.py --only "16to8"'),
+    Curve("FAR: every attention block of the zoo ViT replaced, top-1 within 1 point of the original (Fashion-MNIST)",
+          "attention.json", "fine-tune epochs on the 60,000 training images", "300 epochs of DeiT training on ImageNet",
+          (("accuracy", "top-1"),), False,
+          tuple((n, "far vit: all 4 blocks" + f", {n} epochs" * (n > 2), "the original") for n in (2, 4, 8)),
+          'python benchmarks/attention.py --only "far vit: all 4 blocks"', baseline_field="fp32_accuracy"),
 )  # fmt: skip
 
 PENDING: tuple[tuple[str, str], ...] = (  # claims called missed whose budget curve is not measured yet
@@ -119,8 +125,9 @@ def measured(curve: Curve) -> list[dict[str, Any]]:
     rows = rows_by_name(curve.results)
     out = []
     for budget, method, baseline in curve.points:
-        if method in rows and baseline in rows:
-            values = {f: (field(rows[method], f), field(rows[baseline], f)) for f, _ in curve.metrics}
+        if method in rows and (baseline in rows or curve.baseline_field):
+            base = rows[method] if curve.baseline_field else rows[baseline]
+            values = {f: (field(rows[method], f), field(base, curve.baseline_field or f)) for f, _ in curve.metrics}
             gaps = {f: gap(m, b, curve.lower_is_better) for f, (m, b) in values.items()}
             out.append({"budget": budget, "values": values, "gaps": gaps})
     return out
