@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -112,10 +114,13 @@ def cached_models(name: str) -> dict[str, Path]:
     return {label: path for label, path in paths.items() if path.is_file()}
 
 
-def latency_row(extra_vit: dict[str, Path]) -> dict[str, Any]:
-    """Every cached model (FAR's, and ``extra_vit``: other ViT rows' by label) and its original, one forward of each
-    in turn (2 threads; run alone)."""
+def latency_row(extra_vit: dict[str, Path], rounds: int = 7) -> dict[str, Any]:
+    """Every cached model (FAR's, and ``extra_vit``: other ViT rows' by label) and its original, timed in interleaved
+    rounds (each model once per round, in a fresh random order; 5 forwards each, 2 threads; run alone): the median
+    over rounds, so that drift during the run does not favour the models timed early."""
     out: dict[str, Any] = {}
+    spread: dict[str, Any] = {}
+    order = random.Random(0)
     for name in ("vit", "minilm"):
         original, task = load(name)
         example = task.example(LATENCY_BATCH[name])
@@ -124,8 +129,15 @@ def latency_row(extra_vit: dict[str, Path]) -> dict[str, Any]:
             "original": original,
             **{label: load_checkpoint(p, load(name)[0]).eval() for label, p in paths.items()},
         }
-        out[name] = {label: time_forward(m, example, runs=20, num_threads=2).median_ms for label, m in models.items()}
-    return {"latency_ms": out, "threads": 2, "batch": LATENCY_BATCH}
+        times: dict[str, list[float]] = {label: [] for label in models}
+        for _ in range(rounds):
+            labels = list(models)
+            order.shuffle(labels)
+            for label in labels:
+                times[label].append(time_forward(models[label], example, runs=5, warmup=1, num_threads=2).median_ms)
+        out[name] = {label: statistics.median(t) for label, t in times.items()}
+        spread[name] = {label: (max(t) - min(t)) / statistics.median(t) for label, t in times.items()}
+    return {"latency_ms": out, "range_over_median": spread, "rounds": rounds, "threads": 2, "batch": LATENCY_BATCH}
 
 
 def page(rows: list[dict[str, Any]]) -> list[str]:
@@ -143,7 +155,8 @@ def page(rows: list[dict[str, Any]]) -> list[str]:
              "joint), no fine-tuning (the embedding task has no labels); cosine to the FP32 embeddings and recall@1 "
              "on the docstring pairs. Parameters: the whole model. Latency: one forward of a batch "
              f"({LATENCY_BATCH['vit']} images / {LATENCY_BATCH['minilm']} sentences), torch eager, 2 threads, every "
-             "model and its original in one run, alone on the machine (`--only latency`).", "",
+             "model and its original in one run, alone on the machine (`--only latency`): 7 interleaved rounds (each "
+             "model once per round in a random order, the median of 5 forwards), the median over rounds.", "",
              "| model | replaced | after distillation | after fine-tuning | FP32 | params (FP32) | latency ms "
              "(original) | train s | load |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in far:
