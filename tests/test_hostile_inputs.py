@@ -227,3 +227,10 @@ def test_debug_shows_the_traceback_wherever_it_stands(position: int, tmp_path: P
     argv.insert(position if position == 0 else len(argv), "--debug")
     with pytest.raises(RecipeError, match="batch_size must be >= 1"):
         main(argv)
+
+
+def test_an_unknown_field_with_a_newline_stays_on_one_line() -> None:
+    """Found by the generated-recipes test: a field name holding a newline is quoted, not printed raw."""
+    with pytest.raises(RecipeError, match=r"train\.'\\n': unknown field") as caught:
+        parse_recipe({"model": {"name": "cnn"}, "train": {"\n": None}})
+    assert "\n" not in str(caught.value)

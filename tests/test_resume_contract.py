@@ -27,6 +27,7 @@ RESUME_CONFIG: dict[str, dict[str, Any]] = {
     "svd-train": {"finetune_epochs": 1, "energy": 0.2},
     "prune": {"gradual": True, "sparsity": 0.6},
     "nvit": {"interval": 2, "per_step": 2, "macs_target": 0.6, "min_units": {"emb": 4, "qk": 2, "v": 2, "mlp": 4}},
+    "distill-qat": {"features": ["conv"], "representation": "fc1"},
 }
 TRAINING = [name for name in METHODS.names() if METHODS.get(name).trains()]
 EPOCHS = 3

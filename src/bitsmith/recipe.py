@@ -238,7 +238,10 @@ def _validate(cls: type, data: dict[str, Any], prefix: str) -> Any:
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise RecipeError(f"{prefix}.{unknown[0][:SHOWN]}: unknown field; allowed: {', '.join(sorted(allowed))}")
+        name = (
+            unknown[0] if unknown[0].isprintable() else short_repr(unknown[0])
+        )  # a name with a newline stays on one line
+        raise RecipeError(f"{prefix}.{name[:SHOWN]}: unknown field; allowed: {', '.join(sorted(allowed))}")
     _reject_bools(cls, data, prefix)
     try:
         return TypeAdapter(cls).validate_python(data)
