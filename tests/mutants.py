@@ -2013,7 +2013,7 @@ MUTANTS = [
         "distill-qat",
         "the teacher is the student itself, not a frozen FP32 copy",
         "methods/qat/distill_qat.py",
-        "self._teacher = copy.deepcopy(model).eval().requires_grad_(False)",
+        "self._teacher = frozen_copy(model)",
         "self._teacher = model",
         "tests/test_distill_qat.py",
     ),

@@ -4,12 +4,13 @@ distill-qat's features, representation and logits)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bitsmith.method import run_forward
+from bitsmith.method import forward_with_hooks
 
 
 def first(output: Any) -> Tensor:
@@ -43,19 +44,20 @@ class OutputRecorder:
         self._handles, self.outputs = [], {}
 
 
-@torch.no_grad()
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A teacher: a copy of ``model`` as it is now, in eval mode, with no trainable parameters."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 def teacher_outputs(teacher: nn.Module, names: list[str], batch: Any) -> tuple[dict[str, Tensor], Any]:
     """The outputs of ``names`` in ``teacher`` on ``batch``, and the teacher's own output."""
     outputs: dict[str, Tensor] = {}
-    handles = [teacher.get_submodule(name).register_forward_hook(
-                   lambda m, a, out, name=name: outputs.__setitem__(name, first(out)))
-               for name in names]  # fmt: skip
-    try:
-        result = run_forward(teacher, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return outputs, result
+    named: dict[nn.Module, list[str]] = {}  # (one hook per module, whatever names it goes by)
+    for name in names:
+        named.setdefault(teacher.get_submodule(name), []).append(name)
+    hooks = {module: lambda m, a, out, these=these: outputs.update(dict.fromkeys(these, first(out)))
+             for module, these in named.items()}  # fmt: skip
+    return outputs, forward_with_hooks(teacher, batch, hooks)
 
 
 def relative_mse(student: Tensor, teacher: Tensor) -> Tensor:

@@ -34,7 +34,6 @@ with no schedule in calibration (official: AdamW, cosine schedule, ImageNet epoc
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -44,7 +43,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from bitsmith.data import padding_mask
-from bitsmith.distill import OutputRecorder, first, teacher_outputs
+from bitsmith.distill import OutputRecorder, first, frozen_copy, teacher_outputs
 from bitsmith.eval.attention import attention_sparsity
 from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn.recurrent import LSTMAttention, lstm_attention_params, real_lengths
@@ -101,7 +100,7 @@ class FAR(Method):
         return [sites[i] for i in sorted(set(self.blocks))]
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
-        self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self._teacher = frozen_copy(model)
         self._pruned = False
         return self.replace(model, self.chosen_sites(model))
 
@@ -112,15 +111,18 @@ class FAR(Method):
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             for site in self._sites:
-                width = site.dim // site.heads
-                mixer = LSTMAttention(site.dim, site.heads, [self.hidden or width] * site.heads, site.out_dim,
-                                      site.returns_tuple)  # fmt: skip
+                mixer = self.mixer(site, [self.hidden or site.dim // site.heads] * site.heads)
                 set_submodule(model, site.site, mixer)
                 self._full_params += sum(p.numel() for p in mixer.parameters())
                 specs[site.site] = mixer.spec()
         self._hidden = {site.site: model.get_submodule(site.site).hidden for site in self._sites}
         self._student = OutputRecorder(model, [site.block for site in self._sites])
         return specs
+
+    @staticmethod
+    def mixer(site: AttentionSite, hidden: list[int]) -> LSTMAttention:
+        """A fresh ``LSTMAttention`` for ``site`` with ``hidden`` units per head."""
+        return LSTMAttention(site.dim, site.heads, hidden, site.out_dim, site.returns_tuple)
 
     def mixers(self, model: nn.Module) -> list[LSTMAttention]:
         return [model.get_submodule(site.site) for site in self._sites]  # type: ignore[misc]
@@ -225,8 +227,7 @@ class FAR(Method):
         for site in self._sites:  # the widths the run had reached (weights load next)
             hidden = self._hidden[site.site]
             if model.get_submodule(site.site).hidden != hidden:
-                set_submodule(model, site.site, LSTMAttention(site.dim, site.heads, hidden, site.out_dim,
-                                                              site.returns_tuple))  # fmt: skip
+                set_submodule(model, site.site, self.mixer(site, hidden))
 
     def finalize(self, model: nn.Module) -> None:
         if self.keep < 1 and not self._pruned:

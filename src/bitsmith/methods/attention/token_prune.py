@@ -18,7 +18,6 @@ baselines, at the same kept-token count and place (``at``, default before the fi
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -27,8 +26,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from bitsmith.distill import frozen_copy
 from bitsmith.eval.attention import vit_attention_probs
-from bitsmith.method import Method, eval_mode, register_method, run_forward
+from bitsmith.method import Method, eval_mode, forward_with_hooks, register_method
 from bitsmith.nn.tokens import PrunedBlock, TokenPruner
 from bitsmith.swap import set_submodule
 from bitsmith.topology.attention import attention_sites, vit_patch_tokens
@@ -57,7 +57,7 @@ class TokenPrune(Method):
                 f"token-prune: at {self.at} — the model has {len(sites)} blocks; choose 0..{len(sites) - 1}"
             )
         site = sites[self.at]
-        self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self._teacher = frozen_copy(model) if self.mode == "scorer" else None  # only the scorer distils
         self._first = site.block
         keep = max(2 if self.mode == "attention" else 1, round(self.keep * tokens))
         with torch.random.fork_rng():
@@ -70,27 +70,21 @@ class TokenPrune(Method):
     def pruner(self, model: nn.Module) -> TokenPruner:
         return model.get_submodule(self._first).pruner  # type: ignore[return-value]
 
-    @torch.no_grad()
     def importance(self, batches: list[Any]) -> list[tuple[Tensor, Tensor]]:
         """Per batch, the patch embeddings the pruner sees and the unpruned model's importance of each patch (the
         class token's attention to it, averaged over heads and blocks, normalised to sum to 1)."""
         teacher, out = self._teacher, []
         seen: dict[str, Tensor] = {}
         maps: list[Tensor] = []
-        hooks = [teacher.get_submodule(self._first).register_forward_pre_hook(
-            lambda m, args: seen.__setitem__("x", args[0]))]  # fmt: skip
-        hooks += [teacher.get_submodule(s.site).register_forward_pre_hook(
-            lambda m, args: maps.append(vit_attention_probs(m, args[0])[:, :, 0, 1:].mean(1)))
-            for s in attention_sites(teacher)]  # fmt: skip
-        try:
-            for batch in batches:
-                maps.clear()
-                run_forward(teacher, batch)
-                weight = torch.stack(maps).mean(0)  # (batch, n)
-                out.append((seen["x"][:, 1:], weight / weight.sum(-1, keepdim=True)))
-        finally:
-            for hook in hooks:
-                hook.remove()
+        hooks = {teacher.get_submodule(self._first): lambda m, args, output: seen.__setitem__("x", args[0])}
+        hooks |= {teacher.get_submodule(s.site): lambda m, args, output: maps.append(
+                      vit_attention_probs(m, args[0])[:, :, 0, 1:].mean(1))
+                  for s in attention_sites(teacher)}  # fmt: skip
+        for batch in batches:
+            maps.clear()
+            forward_with_hooks(teacher, batch, hooks)
+            weight = torch.stack(maps).mean(0)  # (batch, n)
+            out.append((seen["x"][:, 1:], weight / weight.sum(-1, keepdim=True)))
         return out
 
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> None:

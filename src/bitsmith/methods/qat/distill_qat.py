@@ -23,7 +23,6 @@ every token; CNN: ``layer2`` and the pooled features) and ``features`` / ``repre
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -31,7 +30,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from bitsmith.distill import OutputRecorder, relative_mse, soft_kl, teacher_outputs
+from bitsmith.distill import OutputRecorder, frozen_copy, relative_mse, soft_kl, teacher_outputs
 from bitsmith.method import Method, output_logits, register_method
 from bitsmith.nn import is_compressed
 
@@ -73,7 +72,7 @@ class DistillQAT(Method):
         if unknown:
             raise ValueError(f"distill-qat: {unknown} are not modules of the model (e.g. {list(names)[1:6]})")
         self._features, self._representation = list(features), representation
-        self._teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self._teacher = frozen_copy(model)
         sites = [*self._features, *([representation] if representation else []), ""]  # "": the logits
         self._student = OutputRecorder(model, sites)
         return {}
