@@ -50,14 +50,19 @@ def cached(name: str, config: dict[str, Any], train: TrainConfig = VIT_TRAIN) ->
     return cache_dir() / "bench" / f"far-{name}-{digest}.safetensors"
 
 
+def far_config(entry: dict[str, Any]) -> tuple[dict[str, Any], TrainConfig]:
+    """A row's ``far`` recipe entry and its training (an ``epochs`` key overrides ``VIT_TRAIN``'s)."""
+    fields = {k: v for k, v in entry.items() if k != "epochs"}
+    epochs = entry.get("epochs", VIT_TRAIN.epochs)
+    return {"name": "far", **fields}, TrainConfig(**{**VIT_TRAIN.__dict__, "epochs": epochs})
+
+
 def params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def vit_row(label: str) -> dict[str, Any]:
-    entry = dict(VIT_CONFIGS[label])
-    train = TrainConfig(**{**VIT_TRAIN.__dict__, "epochs": entry.pop("epochs", VIT_TRAIN.epochs)})
-    config = {"name": "far", **entry}
+    config, train = far_config(VIT_CONFIGS[label])
     x, y = load_fashion_mnist("train")
     xt, yt = load_fashion_mnist("test")
     model = pretrained("vit")
@@ -89,9 +94,9 @@ def docs_batches(tokenizer: Any) -> list[dict[str, torch.Tensor]]:
 
 
 def minilm_row(label: str) -> dict[str, Any]:
-    config = {"name": "far", **MINILM_CONFIGS[label]}
+    config, _ = far_config(MINILM_CONFIGS[label])
     model, task = load("minilm")
-    fp32 = task.evaluate(model)
+    fp32, fp32_params = task.evaluate(model), params(model)
     began = time.perf_counter()
     compress(model, [build_method(config)], docs_batches(task.tokenizer))
     seconds = time.perf_counter() - began
@@ -99,18 +104,14 @@ def minilm_row(label: str) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     save(model, path)
     return {**task.evaluate(model), "fp32_retrieval": fp32.get("retrieval"), "params": params(model),
-            "fp32_params": params(load("minilm")[0]), "distill_seconds": round(seconds, 1), "config": config,
+            "fp32_params": fp32_params, "distill_seconds": round(seconds, 1), "config": config,
             "texts": MINILM_TEXTS}  # fmt: skip
 
 
 def cached_models(name: str) -> dict[str, Path]:
     """The saved FAR model of every row measured so far, by label."""
     configs = VIT_CONFIGS if name == "vit" else MINILM_CONFIGS
-    paths = {}
-    for label, entry in configs.items():
-        fields = {k: v for k, v in entry.items() if k != "epochs"}
-        epochs = entry.get("epochs", VIT_TRAIN.epochs)
-        paths[label] = cached(name, {"name": "far", **fields}, TrainConfig(**{**VIT_TRAIN.__dict__, "epochs": epochs}))
+    paths = {label: cached(name, *far_config(entry)) for label, entry in configs.items()}
     return {label: path for label, path in paths.items() if path.is_file()}
 
 
