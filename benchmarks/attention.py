@@ -1,6 +1,6 @@
 """Cheaper attention and fewer tokens (issue 41): how sparse each layer's attention is on real inputs, the zoo ViT on
 Fashion-MNIST test images and all-MiniLM-L6-v2 on the docstring sentences (bitsmith.eval.attention); FAR's rows
-(far_rows.py). Writes docs/results/attention.{json,md,png}; rows resume. Time the FAR models (``--only latency``) on
+(far_rows.py), token pruning's (token_rows.py) and SQAP's (sqap_rows.py). Writes docs/results/attention.{json,md,png}; rows resume. Time the FAR models (``--only latency``) on
 an otherwise idle machine, after their rows.
 
 Usage: python benchmarks/attention.py [--only TEXT] [--write-only]
@@ -12,6 +12,7 @@ import functools
 from typing import Any
 
 import far_rows
+import sqap_rows
 import token_rows
 from common import RESULTS, load, save_figure
 from llm import Entry, run_rows
@@ -41,6 +42,9 @@ def entries() -> list[Entry]:
     def latency() -> dict[str, Any]:  # the cached models as they are when it runs
         return far_rows.latency_row(token_rows.cached_models())
 
+    out += [(f"sqap: {label}", {"section": "sqap", "model": "vit", "variant": label}, {},
+             functools.partial(sqap_rows.row, label)) for label in sqap_rows.CONFIGS]  # fmt: skip
+    out.append(("sqap latency", {"section": "sqap-latency"}, {}, sqap_rows.latency_row))
     return [*out, ("far and token latency", {"section": "far-latency"}, {}, latency)]
 
 
@@ -58,7 +62,7 @@ def write(rows: list[dict[str, Any]]) -> None:
         for layer, s in r["layers"].items():
             lines.append(f"| {r['model']} | {layer} | {s['entropy']:.3f} | {s['top_mass']:.3f} | {r['top_k']} |")
     lines += ["", "![attention sparsity per layer](attention.png)", ""]
-    lines += far_rows.page(rows) + token_rows.page(rows)
+    lines += far_rows.page(rows) + token_rows.page(rows) + sqap_rows.page(rows)
     (RESULTS / "attention.md").write_text("\n".join(lines))
     plot(done)
 

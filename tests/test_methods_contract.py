@@ -57,6 +57,7 @@ MODELS = {
     "far": make_vit,
     "sparse-attention-replace": make_vit,
     "token-prune": make_vit,
+    "sqap": make_vit,
     "gptq": make_llama,
     "awq": make_llama,
     "liftquant": make_llama,

@@ -3,6 +3,7 @@
 ``QOutput`` / ``QInput`` (activation quantizers around a layer without weights, :mod:`bitsmith.nn.activation`),
 ``LSTMAttention`` (FAR's multi-head LSTM in place of an attention block, :mod:`bitsmith.nn.recurrent`),
 ``PrunedBlock`` (a token scorer and merge in front of a block, :mod:`bitsmith.nn.tokens`),
+``RotatedLinear`` (a linear layer behind a Hadamard rotation of its input, :mod:`bitsmith.nn.rotated`),
 plus ``strip()`` back to plain torch modules and the registry that rebuilds them from a checkpoint."""
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from bitsmith.nn.base import COMPRESSED, as_linear, conv_args, embedding_args, i
 from bitsmith.nn.low_rank import LowRankConv2d, LowRankLinear, LowRankMixin
 from bitsmith.nn.quantized import QConv2d, QEmbedding, QLinear, QuantizedMixin
 from bitsmith.nn.recurrent import LSTMAttention
+from bitsmith.nn.rotated import RotatedLinear
 from bitsmith.nn.tokens import PrunedBlock
 from bitsmith.swap import set_submodule
 
 __all__ = [
     "COMPRESSED", "LSTMAttention", "LowRankConv2d", "LowRankLinear", "LowRankMixin", "QConv2d", "QEmbedding", "QInput", "QLinear",
-    "PrunedBlock", "QOutput", "QuantizedActivation", "QuantizedMixin", "as_linear", "build_compressed", "compressed_layers",
+    "PrunedBlock", "QOutput", "RotatedLinear", "QuantizedActivation", "QuantizedMixin", "as_linear", "build_compressed", "compressed_layers",
     "conv_args", "embedding_args", "is_compressed", "is_hf_conv1d", "register_compressed", "strip",
 ]  # fmt: skip
 

@@ -3,7 +3,8 @@ token, the ``keep`` best stay, and every other token is merged into the kept tok
 importance, so the backbone sees a fixed shorter sequence and no token's content is simply dropped.
 
 ``TokenPruner`` is the scorer and the merge; ``PrunedBlock`` runs it in front of a block (the first one), which is how
-a checkpoint records it."""
+a checkpoint records it. The same pruner also drops tokens inside the network by the class token's attention in the
+block it precedes (``top``: the most attended; ``sqap``: SQAP-VLA's quantization-aware rule, :func:`sqap_index`)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,42 @@ def merge_tokens(patches: Tensor, scores: Tensor, keep: int) -> Tensor:
     return total / mass[..., None].clamp(min=1e-12)
 
 
+def top_index(attention: Tensor, keep: int) -> Tensor:
+    """The ``keep`` most attended patches per image (``attention``: batch x n), in their original order."""
+    return attention.topk(keep, dim=1).indices.sort(dim=1).values
+
+
+def sqap_index(attention: Tensor, keep: int, preserve: float, protect: tuple[int, ...] = ()) -> Tensor:
+    """SQAP-VLA's quantization-aware selection of ``keep`` patches per image (in their original order):
+
+    1. the ``protect`` patches always stay (the robot-aware protection: positions known to matter, whatever the
+       attention says);
+    2. *quantization-insensitive preservation*: the ``round(preserve * keep)`` most attended of the rest stay — under
+       quantization only the order of the top of the attention survives;
+    3. *spatially-aware sampling*: the rest of the budget is spread evenly over the remaining patches in raster order
+       (rank ``floor((i + 1/2) * remaining / needed)``), so the kept set covers the image instead of following the
+       scattered, shifted middle of a quantized attention map."""
+    b, n = attention.shape
+    taken = torch.zeros(b, n, dtype=torch.bool, device=attention.device)
+    if protect:
+        taken[:, list(protect)] = True
+    room = keep - len(protect)
+    top = min(room, round(preserve * keep))
+    if top > 0:
+        score = attention.masked_fill(taken, float("-inf"))
+        taken.scatter_(1, score.topk(top, dim=1).indices, True)
+    needed = room - top
+    if needed > 0:
+        position = torch.arange(n, device=attention.device).expand(b, -1)
+        free = torch.where(taken, position + n, position).sort(dim=1).values[:, : n - keep + needed]  # free, in order
+        ranks = ((torch.arange(needed, device=attention.device) + 0.5) * free.shape[1] / needed).long()
+        taken.scatter_(1, free[:, ranks], True)
+    return taken.nonzero()[:, 1].reshape(b, keep)
+
+
+SELECTIONS = {"top", "sqap"}
+
+
 class TokenPruner(nn.Module):
     """Reduces the patch tokens of ``x`` (batch x (1 + n) x d, class token first) to ``keep`` by ``mode``:
 
@@ -42,15 +79,23 @@ class TokenPruner(nn.Module):
       attention (so ``keep`` includes that token);
     * ``merge`` (ToMe-style baseline): rounds of bipartite soft matching (alternate tokens are the two sets; each
       token of the first set is merged into its most similar token of the second, the most similar pairs first,
-      by size-weighted mean) until ``keep`` tokens remain.
+      by size-weighted mean) until ``keep`` tokens remain;
+    * ``top`` / ``sqap`` (training-free, inside the network): the class token's attention in the block this pruner
+      precedes picks the ``keep`` patches (:func:`top_index` / :func:`sqap_index` with ``preserve`` and
+      ``protect``); the others are dropped. No scorer is built.
     """
 
-    def __init__(self, dim: int, keep: int, hidden: int, mode: str = "scorer") -> None:
+    def __init__(
+        self, dim: int, keep: int, hidden: int, mode: str = "scorer", preserve: float = 1.0,
+        protect: tuple[int, ...] = (),
+    ) -> None:  # fmt: skip
         super().__init__()
-        if mode not in ("scorer", "attention", "merge"):
-            raise ValueError(f"token pruner mode {mode!r}: choose scorer, attention or merge")
+        if mode not in ("scorer", "attention", "merge", *sorted(SELECTIONS)):
+            raise ValueError(f"token pruner mode {mode!r}: choose scorer, attention, merge, top or sqap")
         self.dim, self.keep, self.hidden, self.mode = dim, keep, hidden, mode
-        self.scorer = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.preserve, self.protect = preserve, tuple(protect)
+        if mode not in SELECTIONS:
+            self.scorer = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def scores(self, patches: Tensor) -> Tensor:
         return self.scorer(patches).squeeze(-1)  # (batch, n)
@@ -59,9 +104,15 @@ class TokenPruner(nn.Module):
         cls, patches = x[:, :1], x[:, 1:]
         if self.keep >= patches.shape[1]:
             return x
-        if self.mode == "attention":
-            if block is None:
-                raise ValueError("the attention pruner needs the block it precedes")
+        if self.mode in ("attention", *SELECTIONS) and block is None:
+            raise ValueError(f"the {self.mode} pruner needs the block it precedes")
+        if self.mode in SELECTIONS:
+            attention = class_attention(block, x)
+            index = (top_index(attention, self.keep) if self.mode == "top" else
+                     sqap_index(attention, self.keep, self.preserve, self.protect))  # fmt: skip
+            self.last_index = index  # the patches kept in the last call (an analysis read, not state)
+            reduced = patches.gather(1, index[..., None].expand(-1, -1, patches.shape[-1]))
+        elif self.mode == "attention":
             reduced = fuse_inattentive(patches, class_attention(block, x), self.keep)
         elif self.mode == "merge":
             reduced = bipartite_merge(patches, self.keep)
@@ -115,22 +166,36 @@ def bipartite_merge(patches: Tensor, keep: int) -> Tensor:
 
 @register_compressed
 class PrunedBlock(nn.Module):
-    """``block(pruner(x))``: the token pruner in front of a transformer block."""
+    """``block(pruner(x))``: the token pruner in front of a transformer block. An attention-reading pruner reads the
+    block's own attention, or that of ``criterion_block`` when one is set (an analysis hook, not saved: e.g. the FP32
+    copy of a quantized block, to see which tokens the unquantized criterion would keep)."""
 
     def __init__(self, block: nn.Module, pruner: TokenPruner) -> None:
         super().__init__()
         self.pruner, self.block = pruner, block
+        self._criterion: tuple[nn.Module, ...] = ()
+
+    @property
+    def criterion_block(self) -> nn.Module | None:
+        return self._criterion[0] if self._criterion else None
+
+    @criterion_block.setter
+    def criterion_block(self, block: nn.Module | None) -> None:
+        self._criterion = (block,) if block is not None else ()  # a tuple: not a submodule, never saved
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.block(self.pruner(x, self.block))
+        return self.block(self.pruner(x, self.criterion_block or self.block))
 
     def spec(self) -> dict[str, Any]:
         p = self.pruner
-        return {"type": type(self).__name__, "dim": p.dim, "keep": p.keep, "hidden": p.hidden, "mode": p.mode}
+        spec = {"type": type(self).__name__, "dim": p.dim, "keep": p.keep, "hidden": p.hidden, "mode": p.mode}
+        return spec | ({"preserve": p.preserve, "protect": list(p.protect)} if p.mode in SELECTIONS else {})
 
     @classmethod
     def from_spec(cls, module: nn.Module, spec: dict[str, Any]) -> PrunedBlock:
-        pruner = TokenPruner(int(spec["dim"]), int(spec["keep"]), int(spec["hidden"]), str(spec.get("mode", "scorer")))
+        protect = tuple(int(i) for i in spec.get("protect", []))
+        pruner = TokenPruner(int(spec["dim"]), int(spec["keep"]), int(spec["hidden"]), str(spec.get("mode", "scorer")),
+                             float(spec.get("preserve", 1.0)), protect)  # fmt: skip
         return cls(module, pruner)
 
     def to_float(self) -> nn.Module:

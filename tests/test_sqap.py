@@ -1,0 +1,125 @@
+"""sqap (quantization-aware token pruning) and hadamard (its quantizer change): which tokens the selection keeps,
+that the pruner reads the (quantized) block's own class attention, that the rotation leaves the float function alone
+while cutting the 4-bit error of an outlier column, the checkpoints, and the checks on the input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bitsmith import build_method, compress, load, save
+from bitsmith.eval.attention import vit_attention_probs
+from bitsmith.nn import strip
+from bitsmith.nn.tokens import sqap_index, top_index
+from bitsmith.quant.functional import fake_quant
+from bitsmith.recipe import validate_method
+from conftest import make_cnn, make_vit
+
+
+def test_selection_preserves_the_top_and_spreads_the_rest_evenly() -> None:
+    """16 patches, 4 kept. All by sampling: ranks 2, 6, 10, 14 whatever the attention. Half preserved: the two most
+    attended (0, 1), then two of the 14 others at ranks 3 and 10 (patches 5 and 12). All preserved: the top four."""
+    attention = torch.tensor([[16.0, 15.0, *range(14, 0, -1)]]).softmax(-1)
+    assert sqap_index(attention, 4, preserve=0.0).tolist() == [[2, 6, 10, 14]]
+    assert sqap_index(attention, 4, preserve=0.5).tolist() == [[0, 1, 5, 12]]
+    assert sqap_index(attention, 4, preserve=1.0).tolist() == top_index(attention, 4).tolist() == [[0, 1, 2, 3]]
+    flipped = attention.flip(-1)  # the most attended last: preservation follows the attention, sampling does not
+    assert sqap_index(flipped, 4, preserve=0.5).tolist() == [[3, 10, 14, 15]]
+
+
+def test_protected_patches_stay_whatever_their_attention() -> None:
+    attention = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    kept = sqap_index(attention, 3, preserve=1.0, protect=(7,))
+    assert kept.tolist() == [[0, 1, 7]]  # 7 (no attention) stays; the two most attended fill the rest
+    batch = torch.rand(5, 8)
+    assert all(7 in row for row in sqap_index(batch, 4, preserve=0.5, protect=(7,)).tolist())
+
+
+def batches(count: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, None]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(16, 1, 12, 12, generator=g), None) for _ in range(count)]
+
+
+def test_the_pruner_reads_its_own_blocks_class_attention_and_drops_the_rest() -> None:
+    """criterion top at block 1: the kept patches are the top of block 1's class attention on block 1's input, and
+    block 1 computes on exactly those token vectors (dropped, not merged)."""
+    model = make_vit()
+    compress(model, [build_method({"name": "sqap", "keep": 0.5, "at": 1, "criterion": "top"})], batches(1))
+    x = torch.rand(4, 1, 12, 12)
+    seen: dict[str, torch.Tensor] = {}
+    model.blocks[1].register_forward_pre_hook(lambda m, args: seen.__setitem__("in", args[0]))
+    model.blocks[1].block.register_forward_pre_hook(lambda m, args: seen.__setitem__("kept", args[0]))
+    with torch.no_grad():
+        model(x)
+        block = model.blocks[1].block
+        probs = vit_attention_probs(block.attn, block.norm1(seen["in"]))  # batch x heads x tokens x tokens
+        expected = probs[:, :, 0, 1:].mean(1).topk(4, dim=1).indices.sort(dim=1).values  # round(4.5) = 4 kept
+    assert torch.equal(model.blocks[1].pruner.last_index, expected)
+    gathered = seen["in"][:, 1:].gather(1, expected[..., None].expand(-1, -1, seen["in"].shape[-1]))
+    assert torch.equal(seen["kept"], torch.cat([seen["in"][:, :1], gathered], 1))
+
+
+def outlier_layer() -> nn.Linear:
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(64, 32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(32, 64, generator=g) * 0.1)
+        layer.weight[:, 5] *= 40.0  # one outlier input column: every row's 4-bit step is set by it
+    return layer
+
+
+def test_the_rotation_keeps_the_function_and_spreads_an_outlier_column() -> None:
+    """hadamard: the same outputs in float; the rotated weight's per-row 4-bit error (mapped back) is far below the
+    plain weight's, because the outlier column no longer sets every row's step."""
+    plain = nn.Sequential(outlier_layer())
+    rotated = copy.deepcopy(plain)
+    compress(rotated, [build_method({"name": "hadamard"})], [(torch.randn(8, 64), None)])
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(rotated(x), plain(x), atol=1e-5, rtol=1e-5)
+    layer = rotated[0]
+    assert layer.block == 64
+
+    def error(weight: torch.Tensor) -> torch.Tensor:
+        scale = weight.abs().amax(1, keepdim=True) / 7
+        return fake_quant(weight, scale, torch.zeros_like(scale), -8, 7) - weight
+
+    direct = error(plain[0].weight).pow(2).sum()
+    back = strip(copy.deepcopy(rotated))[0].weight  # R^T folded back: the layer's own weight again
+    torch.testing.assert_close(back, plain[0].weight, atol=1e-5, rtol=1e-5)
+    through = error(layer.linear.weight).pow(2).sum()  # R is orthonormal: mapping back keeps the error's norm
+    assert through < 0.3 * direct
+
+
+def test_rotated_quantized_pruned_model_round_trips(tmp_path) -> None:
+    model = make_vit()
+    methods = [{"name": "hadamard"}, {"name": "ptq", "w_bits": 4, "a_bits": 8}, {"name": "sqap", "keep": 0.5}]
+    compress(model, [build_method(m) for m in methods], batches())
+    x = torch.rand(3, 1, 12, 12)
+    reloaded = load(save(model, tmp_path / "sqap.safetensors"), make_vit())
+    assert torch.equal(reloaded(x), model(x))
+    assert type(reloaded.blocks[0].attn.qkv).__name__ == "RotatedLinear"
+    assert type(reloaded.blocks[0].attn.qkv.linear).__name__ == "QLinear"
+
+
+def test_bad_input_is_named() -> None:
+    with pytest.raises(ValueError, match="methods.0.keep"):
+        validate_method({"name": "sqap", "keep": 0.0}, "methods.0")
+    with pytest.raises(ValueError, match="methods.0.preserve"):
+        validate_method({"name": "sqap", "preserve": 1.5}, "methods.0")
+    with pytest.raises(ValueError, match="token pruning needs a ViT"):
+        build_method({"name": "sqap"}).prepare(make_cnn())
+    with pytest.raises(ValueError, match="at 5 — the model has 2 blocks"):
+        build_method({"name": "sqap", "at": 5}).prepare(make_vit())
+    with pytest.raises(ValueError, match=r"protect \[9\] — give distinct patch indices in 0..8"):
+        build_method({"name": "sqap", "protect": [9]}).prepare(make_vit())
+    with pytest.raises(ValueError, match="block 48: a Hadamard block is a power of two"):
+        build_method({"name": "hadamard", "block": 48}).prepare(make_vit())
+    with pytest.raises(ValueError, match="block 32 does not divide layer 'blocks.0.attn.qkv'"):
+        build_method({"name": "hadamard", "block": 32}).prepare(make_vit())
+    quantized = make_vit()
+    compress(quantized, [build_method({"name": "ptq", "w_bits": 8})], batches(1))
+    with pytest.raises(ValueError, match="list hadamard before the quantizing method"):
+        build_method({"name": "hadamard"}).prepare(quantized)
