@@ -61,7 +61,9 @@ CONFIGS |= {f"W4A8, keep {k}: {v}": config("W4A8", v, keep=k)
 def build(methods: list[dict[str, Any]]) -> torch.nn.Module:
     x, y = load_fashion_mnist("train")
     model = pretrained("vit")
-    compress(model, [build_method(m) for m in methods], [(x[i : i + 128], y[i : i + 128]) for i in range(0, CALIB, 128)])
+    compress(
+        model, [build_method(m) for m in methods], [(x[i : i + 128], y[i : i + 128]) for i in range(0, CALIB, 128)]
+    )
     return model.eval()
 
 
