@@ -12,6 +12,7 @@ import functools
 from typing import Any
 
 import far_rows
+import sparse_teacher_rows
 import sqap_rows
 import token_rows
 from common import RESULTS, load, save_figure
@@ -45,6 +46,8 @@ def entries() -> list[Entry]:
     out += [(f"sqap: {label}", {"section": "sqap", "model": "vit", "variant": label}, {},
              functools.partial(sqap_rows.row, label)) for label in sqap_rows.CONFIGS]  # fmt: skip
     out.append(("sqap latency", {"section": "sqap-latency"}, {}, sqap_rows.latency_row))
+    out += [(f"sparse teacher: keep {keep}", {"section": "sparse-teacher", "model": "vit", "variant": f"keep {keep}"}, {},
+             functools.partial(sparse_teacher_rows.row, keep)) for keep in sparse_teacher_rows.RETAIN]  # fmt: skip
     return [*out, ("far and token latency", {"section": "far-latency"}, {}, latency)]
 
 
@@ -63,6 +66,7 @@ def write(rows: list[dict[str, Any]]) -> None:
             lines.append(f"| {r['model']} | {layer} | {s['entropy']:.3f} | {s['top_mass']:.3f} | {r['top_k']} |")
     lines += ["", "![attention sparsity per layer](attention.png)", ""]
     lines += far_rows.page(rows) + token_rows.page(rows) + sqap_rows.page(rows)
+    lines += sparse_teacher_rows.page(rows)
     (RESULTS / "attention.md").write_text("\n".join(lines))
     plot(done)
 

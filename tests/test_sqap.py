@@ -123,3 +123,21 @@ def test_bad_input_is_named() -> None:
     compress(quantized, [build_method({"name": "ptq", "w_bits": 8})], batches(1))
     with pytest.raises(ValueError, match="list hadamard before the quantizing method"):
         build_method({"name": "hadamard"}).prepare(quantized)
+
+
+def test_far_replaces_blocks_behind_a_pruner_but_not_the_one_whose_attention_chooses() -> None:
+    """A sparser teacher (tokens dropped before block 0 by block 0's attention): FAR replaces block 1, which sees the
+    retained tokens only; replacing block 0 would remove the attention that chooses them, and is refused."""
+    x = torch.rand(8, 1, 12, 12)
+    model = make_vit()
+    compress(model, [build_method({"name": "sqap", "criterion": "top", "at": 0, "keep": 0.5})], [(x, None)])
+    compress(model, [build_method({"name": "far", "blocks": [1], "distill_steps": 2, "joint_steps": 1})], [(x, None)])
+    assert type(model.blocks[1].attn).__name__ == "LSTMAttention"
+    seen: list[int] = []
+    model.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    model(x)
+    assert seen == [1 + 4]
+    chooser = make_vit()
+    compress(chooser, [build_method({"name": "sqap", "criterion": "top", "at": 0, "keep": 0.5})], [(x, None)])
+    with pytest.raises(ValueError, match="far: block 0's attention chooses the tokens its pruner keeps"):
+        compress(chooser, [build_method({"name": "far", "blocks": [0], "distill_steps": 1})], [(x, None)])

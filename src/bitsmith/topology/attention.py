@@ -1,7 +1,7 @@
 """Where a transformer's self-attention sits (FAR and the other methods that replace or prune attention ask here):
 per block, the block module, the attention module to replace, its width and heads, and how it is called.
 
-Two families: the zoo ViT (``blocks.{i}.attn``, called with the normed tokens, returns a tensor) and Hugging Face
+Two families: the zoo ViT (``blocks.{i}.attn``, or ``blocks.{i}.block.attn`` behind a token pruner; called with the normed tokens, returns a tensor) and Hugging Face
 BERT-style encoders (``encoder.layer.{i}.attention.self``, called with the hidden states and the attention mask,
 returns a tuple whose first item is the per-head context that ``attention.output`` projects)."""
 
@@ -32,10 +32,11 @@ class AttentionSite:
 def _vit_sites(model: nn.Module) -> list[AttentionSite]:
     sites = []
     for i, block in enumerate(getattr(model, "blocks", [])):
-        attn = getattr(block, "attn", None)
+        inner = "block." if hasattr(block, "pruner") else ""  # a token pruner in front (PrunedBlock): its block
+        attn = getattr(block.block if inner else block, "attn", None)
         if attn is None or not hasattr(attn, "qkv") or not hasattr(attn, "heads"):
             return []
-        sites.append(AttentionSite(i, f"blocks.{i}", f"blocks.{i}.attn", attn.qkv.in_features,
+        sites.append(AttentionSite(i, f"blocks.{i}", f"blocks.{i}.{inner}attn", attn.qkv.in_features,
                                    attn.proj.out_features, attn.heads, False))  # fmt: skip
     return sites
 

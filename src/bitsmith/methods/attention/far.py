@@ -47,6 +47,7 @@ from bitsmith.distill import OutputRecorder, first, frozen_copy, teacher_outputs
 from bitsmith.eval.attention import attention_sparsity
 from bitsmith.method import Method, eval_mode, register_method, run_forward
 from bitsmith.nn.recurrent import LSTMAttention, lstm_attention_params, real_lengths
+from bitsmith.nn.tokens import SELECTIONS
 from bitsmith.swap import set_submodule
 from bitsmith.topology.attention import AttentionSite, attention_sites
 
@@ -106,6 +107,11 @@ class FAR(Method):
 
     def replace(self, model: nn.Module, sites: list[AttentionSite]) -> dict[str, dict[str, Any]]:
         """Put a fresh ``LSTMAttention`` in place of each of ``sites``."""
+        for site in sites:
+            pruner = getattr(model.get_submodule(site.block), "pruner", None)
+            if pruner is not None and pruner.mode in ("attention", *SELECTIONS):
+                raise ValueError(f"far: block {site.index}'s attention chooses the tokens its pruner keeps (mode "
+                                 f"{pruner.mode!r}); replace blocks after it")  # fmt: skip
         self._sites, self._full_params = sites, 0
         specs = {}
         with torch.random.fork_rng():
