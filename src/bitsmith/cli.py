@@ -115,6 +115,9 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from bitsmith.zoo.diffusion import DESCRIPTION, ddpm_path
 
     table.add_row("ddpm", DESCRIPTION, str(ddpm_path()) if ddpm_path().is_file() else "(bitsmith train ddpm)")
+    from bitsmith.zoo import RESTORER, RESTORER_DESCRIPTION
+
+    table.add_row(RESTORER, RESTORER_DESCRIPTION, "(trained by the recipe: e.g. bitsmith run restorer-mofme)")
     console.print(table)
     datasets = Table("dataset", "description")
     for name, description in DATASETS.items():

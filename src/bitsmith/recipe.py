@@ -15,7 +15,7 @@ from bitsmith.eval.generative import GenerationSection
 from bitsmith.method import METHODS, Method
 from bitsmith.recipe_yaml import SHOWN, RecipeError, apply_overrides, find_recipe, read_recipe_file, short_repr
 from bitsmith.train import TrainConfig
-from bitsmith.zoo import GENERATIVE, HF_MODELS, LLM_MODELS, ZOO
+from bitsmith.zoo import GENERATIVE, HF_MODELS, LLM_MODELS, RESTORER, ZOO
 
 
 class _Strict(BaseModel):
@@ -313,7 +313,7 @@ def parse_recipe(raw: dict[str, Any]) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError("; ".join(_format(e, "") for e in exc.errors())) from None
-    known = [*ZOO, GENERATIVE, *HF_MODELS, *LLM_MODELS]
+    known = [*ZOO, GENERATIVE, RESTORER, *HF_MODELS, *LLM_MODELS]
     if recipe.model.name is not None and recipe.model.name not in known:
         raise RecipeError(
             f"model.name: unknown model {recipe.model.name!r}; zoo models: {', '.join(known)} (or give 'path')"

@@ -200,7 +200,16 @@ def _run_recipe(
         if restart:
             remove_training_states(state)
         log.info(f"training {train_cfg.epochs} epoch(s) on {images.shape[0]} examples (resumable: {state})")
-        history = fit(model, images, labels, train_cfg, methods, checkpoint=state, fingerprint=fingerprint)
+        history = fit(
+            model,
+            images,
+            labels,
+            train_cfg,
+            methods,
+            checkpoint=state,
+            fingerprint=fingerprint,
+            loss_fn=getattr(task, "loss", None),
+        )
         if not at.main:
             return {}
         remove_training_states(state)

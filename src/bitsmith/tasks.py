@@ -143,6 +143,55 @@ class GenerationKind(TaskKind):
         return load(saved.path, build_ddpm()).eval(), fp32, task  # type: ignore[return-value]
 
 
+RESTORER_ARCH = {"width": 24, "blocks": 4, "ffn_ratio": 4}
+RESTORATION_TRAIN = 20_000  # weathered training images
+
+
+@register_task("restoration")
+class RestorationKind(TaskKind):
+    """PSNR of an image restorer on weathered Fashion-MNIST (noise, blur, contrast, streaks; several at once): the
+    zoo restorer, built fresh from ``data.seed`` and trained from scratch by the recipe's ``train`` section (MSE to the
+    clean image), or a model of the user's (``model.factory`` with ``task: restoration``)."""
+
+    order = 15
+    labelled = True  # (weathered, clean) pairs: train allowed; attacks are refused by the robust section's check
+    data_names = ("fashion-mnist-weathered",)
+    own_data = False
+    summary = "PSNR of an image restorer on weathered Fashion-MNIST (zoo restorer or model.factory); train allowed"
+
+    def claims(self, recipe: Recipe) -> bool:
+        from bitsmith.zoo import RESTORER
+
+        return recipe.model.name == RESTORER
+
+    def check(self, recipe: Recipe) -> None:
+        super().check(recipe)
+        if recipe.attack is not None:
+            refuse("attack: adversarial attacks evaluate classifiers; remove the attack section for restoration")
+
+    def load(self, recipe: Recipe, smoke: bool, source: str) -> tuple[nn.Module, Task]:
+        from bitsmith.eval.restoration import restoration_task
+        from bitsmith.zoo import RESTORER
+
+        spec, data = recipe.model, recipe.data
+        if spec.factory is not None:
+            from bitsmith.own_data import build_model
+
+            model = build_model(spec.factory, spec.kwargs, spec.weights)
+        elif spec.name == RESTORER:
+            from bitsmith.zoo.restorer import Restorer
+
+            with torch.random.fork_rng():
+                torch.manual_seed(data.seed)
+                model = Restorer(**RESTORER_ARCH).eval()
+        else:
+            refuse(f"model: the restoration task takes the zoo {RESTORER!r} or a model.factory, not {source[:200]}")
+        eval_size = SMOKE["eval_size"] if smoke else (data.eval_size or 10_000)
+        train_size = SMOKE["train_examples"] if smoke else RESTORATION_TRAIN
+        calib = calib_count(recipe, smoke, SMOKE["calib_size"])
+        return model, restoration_task(data.root, eval_size, train_size, calib, data.calib_batch_size, data.seed)  # type: ignore[return-value]
+
+
 @register_task("classification")
 class ClassificationKind(TaskKind):
     """Top-1 accuracy of an image classifier: a zoo classifier (or an ensemble of them) on Fashion-MNIST, or a

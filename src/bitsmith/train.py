@@ -246,9 +246,11 @@ def fit(
     checkpoint: str | os.PathLike[str] | None = None,
     callbacks: list[EpochCallback] | None = None,
     fingerprint: str | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on in-memory data; methods' ``perturb``, ``penalty`` and ``after_backward`` hooks
-    join every step, their ``schedule`` hook every epoch.
+    join every step, their ``schedule`` hook every epoch. The task loss is cross-entropy on class ``labels``, or
+    ``loss_fn(output, target)`` (e.g. MSE to a clean image for restoration; no training top-1 is counted then).
 
     With ``checkpoint``, the training state is written there atomically after every epoch, and a run
     that finds the file resumes after its last finished epoch and ends where an uninterrupted run
@@ -293,7 +295,8 @@ def fit(
                     break
             if loss is None:
                 logits = model(x)
-                loss = nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                loss = (loss_fn(logits, y) if loss_fn is not None else
+                        nn.functional.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing))  # fmt: skip
             for method in methods:
                 loss = loss + method.penalty(model, batch)
             if not torch.isfinite(loss):
@@ -315,19 +318,22 @@ def fit(
                     method.after_step(model)
             state.step += 1
             loss_sum += loss.item() * y.shape[0]
-            if logits is None:  # an objective replaced the task loss: training top-1 of the model's own output,
-                with torch.no_grad(), eval_mode(model):  # in eval mode (batch norm statistics not updated again)
-                    logits = model(x)
-            correct += int((logits.argmax(1) == y).sum())
+            if loss_fn is None and logits is None:  # an objective replaced the task loss: training top-1 of the
+                with torch.no_grad(), eval_mode(model):  # model's own output, in eval mode (batch norm statistics
+                    logits = model(x)  # not updated again)
+            if loss_fn is None:
+                correct += int((logits.argmax(1) == y).sum())
             seen += y.shape[0]
         loss_sum, correct, seen = distributed.sum_counts([loss_sum, correct, seen])
         if at.size > 1:
             distributed.check_in_step(model)
         state.epoch = epoch + 1
-        state.history.append({"epoch": epoch + 1, "loss": loss_sum / seen, "train_accuracy": correct / seen})
+        top1 = {"train_accuracy": correct / seen} if loss_fn is None else {}
+        state.history.append({"epoch": epoch + 1, "loss": loss_sum / seen, **top1})
         elapsed = time.perf_counter() - started
         left = elapsed / (epoch + 1 - first_epoch) * (cfg.epochs - epoch - 1)
-        log.info(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / seen:.4f}, train top-1 {100 * correct / seen:.2f}%, "
+        shown = f", train top-1 {100 * correct / seen:.2f}%" if loss_fn is None else ""
+        log.info(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / seen:.4f}{shown}, "
                  f"{duration(elapsed)} elapsed, about {duration(left)} left")  # fmt: skip
         replaced = [method.schedule(model, state.epoch, cfg.epochs) for method in methods]
         if any(replaced):  # parameters changed shape or identity: a fresh optimizer sees the new ones

@@ -16,6 +16,7 @@ from bitsmith.files import atomic_write, atomic_write_text, check_run  # noqa: E
 
 METRIC_COLUMNS = [
     ("accuracy", "top-1 %", lambda v: f"{100 * v:.2f}"),
+    ("psnr", "PSNR dB", lambda v: f"{v:.2f}"),
     ("cosine", "cosine to FP32", lambda v: f"{v:.4f}"),
     ("retrieval", "recall@1 %", lambda v: f"{100 * v:.2f}"),
     ("critical_accuracy", "critical top-1 %", lambda v: f"{100 * v:.2f}"),
@@ -40,6 +41,7 @@ METRIC_COLUMNS = [
 
 HEADLINE = {
     "accuracy",
+    "psnr",
     "cosine",
     "retrieval",
     "perplexity",
@@ -62,7 +64,7 @@ LOWER_IS_BETTER = {"perplexity", "FID (zoo-CNN features)"}  # quality labels whe
 
 
 def quality(metrics: dict[str, Any]) -> tuple[str, float]:
-    """The headline quality metric of a run, as (label, percent): top-1, else retrieval recall@1."""
+    """The headline quality metric of a run, as (label, value): top-1, perplexity, FID, PSNR, else recall@1."""
     if metrics.get("accuracy") is not None:
         return "top-1 %", 100 * metrics["accuracy"]
     for key in ("perplexity", "perplexity_own"):  # the built-in text, or the user's (data.path)
@@ -70,6 +72,8 @@ def quality(metrics: dict[str, Any]) -> tuple[str, float]:
             return "perplexity", metrics[key]
     if metrics.get("fid_zoo_cnn") is not None:
         return "FID (zoo-CNN features)", metrics["fid_zoo_cnn"]
+    if metrics.get("psnr") is not None:
+        return "PSNR dB", metrics["psnr"]
     if metrics.get("retrieval") is None:  # an encoder on a single text column: no pairs to retrieve
         return "cosine to FP32 %", 100 * metrics["cosine"]
     return "recall@1 %", 100 * metrics["retrieval"]
@@ -170,15 +174,19 @@ def run_report_writers(report: dict[str, Any]) -> dict[str, Callable[[Path], Any
 
 
 def plot_training(history: list[dict[str, Any]], path: Path, title: str) -> Path:
-    """Loss and training top-1 per epoch."""
+    """Loss and (for classifiers) training top-1 per epoch."""
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    top1 = all("train_accuracy" in row for row in history)
+    fig, axes = plt.subplots(1, 2 if top1 else 1, figsize=(9 if top1 else 4.5, 3.5), squeeze=False)
+    ax_loss = axes[0, 0]
     ax_loss.plot(epochs, [row["loss"] for row in history], "o-")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss (with penalties)")
-    ax_acc.plot(epochs, [100 * row["train_accuracy"] for row in history], "o-", color="tab:green")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("training top-1 %")
+    if top1:
+        ax_acc = axes[0, 1]
+        ax_acc.plot(epochs, [100 * row["train_accuracy"] for row in history], "o-", color="tab:green")
+        ax_acc.set_xlabel("epoch")
+        ax_acc.set_ylabel("training top-1 %")
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)
@@ -224,7 +232,9 @@ def run_markdown(report: dict[str, Any]) -> str:
     if report.get("training"):
         md += ["## Training", "", "| epoch | loss | training top-1 % |", "|---|---|---|"]
         md += [
-            f"| {row['epoch']} | {row['loss']:.4f} | {100 * row['train_accuracy']:.2f} |" for row in report["training"]
+            f"| {row['epoch']} | {row['loss']:.4f} | "
+            + (f"{100 * row['train_accuracy']:.2f} |" if "train_accuracy" in row else "— |")
+            for row in report["training"]
         ]
         md += ["", "![training](training.png)", ""]
     return "\n".join(md)

