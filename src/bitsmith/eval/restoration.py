@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bitsmith.data import first_example
+from bitsmith.eval.tasks import ImageBatches
 from bitsmith.method import eval_mode
 from bitsmith.zoo.weather import psnr
 
 
 @dataclass
-class RestorationTask:
+class RestorationTask(ImageBatches):
     """PSNR on ``test`` (weathered, clean); calibration batches of weathered images; ``train`` pairs for training."""
 
     test: tuple[Tensor, Tensor]
@@ -27,20 +27,6 @@ class RestorationTask:
     def loss(restored: Tensor, clean: Tensor) -> Tensor:
         """The training loss: mean squared error to the clean image."""
         return nn.functional.mse_loss(restored, clean)
-
-    @property
-    def eval_examples(self) -> int:
-        return int(self.test[0].shape[0])
-
-    @property
-    def calib_examples(self) -> int:
-        return sum(int(x.shape[0]) for x in self.calibration)
-
-    def example(self, batch_size: int) -> Tensor:
-        return self.test[0][:batch_size]
-
-    def first(self, batch: Tensor) -> Tensor:
-        return first_example(batch)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 250) -> dict[str, float]:

@@ -21,8 +21,29 @@ from bitsmith.method import eval_mode
 from bitsmith.train import predict
 
 
+class ImageBatches:
+    """What image tasks share: ``test`` is (inputs, targets), ``calibration`` a list of input batches."""
+
+    test: tuple[Tensor, Tensor]
+    calibration: list[Tensor]
+
+    @property
+    def eval_examples(self) -> int:
+        return int(self.test[0].shape[0])
+
+    @property
+    def calib_examples(self) -> int:
+        return sum(int(x.shape[0]) for x in self.calibration)
+
+    def example(self, batch_size: int) -> Tensor:
+        return self.test[0][:batch_size]
+
+    def first(self, batch: Tensor) -> Tensor:
+        return first_example(batch)
+
+
 @dataclass
-class ClassificationTask:
+class ClassificationTask(ImageBatches):
     """Top-1 accuracy on ``test``; calibration batches of images; ``train`` for training methods."""
 
     test: tuple[Tensor, Tensor]
@@ -38,20 +59,6 @@ class ClassificationTask:
         if self.calib_labels is None:
             raise ValueError("this task was built without calibration labels")
         return list(zip(self.calibration, self.calib_labels.split([x.shape[0] for x in self.calibration]), strict=True))
-
-    @property
-    def eval_examples(self) -> int:
-        return int(self.test[0].shape[0])
-
-    @property
-    def calib_examples(self) -> int:
-        return sum(int(x.shape[0]) for x in self.calibration)
-
-    def example(self, batch_size: int) -> Tensor:
-        return self.test[0][:batch_size]
-
-    def first(self, batch: Tensor) -> Tensor:
-        return first_example(batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         images, labels = self.test
