@@ -76,9 +76,9 @@ def row(label: str) -> dict[str, Any]:
     if wrapped is not None and any(m["name"] == "ptq" for m in methods):
         reference = copy.deepcopy(pretrained("vit").blocks[AT]).eval()  # the FP32 block: the unquantized criterion
         out["kept_overlap"] = kept_overlap(model, reference, xt[:2000])
-        wrapped.criterion_block = reference
+        wrapped.read_criterion_from(reference)
         out["accuracy_fp32_criterion"] = accuracy(model, xt, yt)
-        wrapped.criterion_block = None
+        wrapped.read_criterion_from(None)
     return out
 
 

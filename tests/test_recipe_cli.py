@@ -98,7 +98,10 @@ def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: py
         ({"model": {"name": "cnn"}, "train": {"epochs": -1.5}}, "train.epochs"),
         ({"model": {}}, "give one of a zoo model 'name'"),
         ({"model": {"name": "cnn", "path": "."}}, "give one of a zoo model 'name'"),
-        ({"model": {"name": "resnet50"}}, "model.name: unknown model 'resnet50'; zoo models: cnn, vit, ddpm, restorer, minilm"),
+        (
+            {"model": {"name": "resnet50"}},
+            "model.name: unknown model 'resnet50'; zoo models: cnn, vit, ddpm, restorer, minilm",
+        ),
         (
             {"model": {"name": "minilm"}, "data": {"name": "fashion-mnist"}},
             "data.name: the embedding task of minilm reads 'docst",

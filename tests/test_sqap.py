@@ -141,3 +141,22 @@ def test_far_replaces_blocks_behind_a_pruner_but_not_the_one_whose_attention_cho
     compress(chooser, [build_method({"name": "sqap", "criterion": "top", "at": 0, "keep": 0.5})], [(x, None)])
     with pytest.raises(ValueError, match="far: block 0's attention chooses the tokens its pruner keeps"):
         compress(chooser, [build_method({"name": "far", "blocks": [0], "distill_steps": 1})], [(x, None)])
+
+
+def test_the_criterion_can_be_read_from_another_block() -> None:
+    """kept_overlap: the same block as reference keeps the same patches (overlap 1); a block whose class token
+    attends the other way (query weights negated) keeps other patches, and the model's own block is restored."""
+    from bitsmith.methods.attention.sqap import kept_overlap
+
+    model = make_vit()
+    compress(model, [build_method({"name": "sqap", "keep": 0.5, "at": 1, "criterion": "top"})], batches(1))
+    x = torch.rand(16, 1, 12, 12)
+    own = copy.deepcopy(model.blocks[1].block)
+    assert kept_overlap(model, own, x) == 1.0
+    flipped = copy.deepcopy(own)
+    with torch.no_grad():
+        flipped.attn.qkv.weight[:16] *= -1  # q rows negated: q.k flips sign, the most attended become the least
+        flipped.attn.qkv.bias[:16] *= -1
+    assert kept_overlap(model, flipped, x) < 0.5
+    before = model(x)
+    assert torch.equal(model(x), before) and not list(model.blocks[1]._criterion)

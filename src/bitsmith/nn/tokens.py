@@ -167,24 +167,20 @@ def bipartite_merge(patches: Tensor, keep: int) -> Tensor:
 @register_compressed
 class PrunedBlock(nn.Module):
     """``block(pruner(x))``: the token pruner in front of a transformer block. An attention-reading pruner reads the
-    block's own attention, or that of ``criterion_block`` when one is set (an analysis hook, not saved: e.g. the FP32
-    copy of a quantized block, to see which tokens the unquantized criterion would keep)."""
+    block's own attention, or that of the block given to :meth:`read_criterion_from` (an analysis hook, not saved:
+    e.g. the FP32 copy of a quantized block, to see which tokens the unquantized criterion would keep)."""
 
     def __init__(self, block: nn.Module, pruner: TokenPruner) -> None:
         super().__init__()
         self.pruner, self.block = pruner, block
-        self._criterion: tuple[nn.Module, ...] = ()
+        self._criterion: tuple[nn.Module, ...] = ()  # a tuple: not a submodule, never saved
 
-    @property
-    def criterion_block(self) -> nn.Module | None:
-        return self._criterion[0] if self._criterion else None
-
-    @criterion_block.setter
-    def criterion_block(self, block: nn.Module | None) -> None:
-        self._criterion = (block,) if block is not None else ()  # a tuple: not a submodule, never saved
+    def read_criterion_from(self, block: nn.Module | None) -> None:
+        """Read the pruning criterion from ``block`` (None: the wrapped block again)."""
+        self._criterion = (block,) if block is not None else ()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.block(self.pruner(x, self.criterion_block or self.block))
+        return self.block(self.pruner(x, self._criterion[0] if self._criterion else self.block))
 
     def spec(self) -> dict[str, Any]:
         p = self.pruner

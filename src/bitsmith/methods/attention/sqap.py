@@ -70,13 +70,14 @@ def kept_overlap(model: nn.Module, reference: nn.Module, images: torch.Tensor) -
     attention and reading ``reference``'s (e.g. the FP32 copy of that block): how far quantization moved the choice."""
     wrapped = next(m for m in model.modules() if isinstance(m, PrunedBlock))
     chosen = []
-    with torch.no_grad():
-        for criterion in (None, reference):
-            wrapped.criterion_block = criterion
-            model(images)
-            chosen.append(
-                nn.functional.one_hot(wrapped.pruner.last_index, int(model.pos_embed.shape[1]) - 1).sum(1).bool()
-            )
-    wrapped.criterion_block = None
+    try:
+        with torch.no_grad():
+            for criterion in (None, reference):
+                wrapped.read_criterion_from(criterion)
+                model(images)
+                kept = nn.functional.one_hot(wrapped.pruner.last_index, int(model.pos_embed.shape[1]) - 1)
+                chosen.append(kept.sum(1).bool())
+    finally:
+        wrapped.read_criterion_from(None)
     both, either = (chosen[0] & chosen[1]).sum(-1), (chosen[0] | chosen[1]).sum(-1)
     return float((both / either).mean())
