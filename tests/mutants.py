@@ -2114,6 +2114,14 @@ MUTANTS = [
         "tests/test_sqap.py",
     ),
     M(
+        "sqap",
+        "the criterion always read from the wrapped block",
+        "nn/tokens.py",
+        "return self.block(self.pruner(x, self._criterion[0] if self._criterion else self.block))",
+        "return self.block(self.pruner(x, self.block))",
+        "tests/test_sqap.py",
+    ),
+    M(
         "hadamard",
         "the weight left unrotated (the input still rotated)",
         "nn/rotated.py",
