@@ -119,6 +119,10 @@ def page(rows: list[dict[str, Any]]) -> list[str]:
                      f"{r['sparsity']['top_mass']:.3f} | {100 * r['distilled_accuracy']:.2f} | "
                      f"{100 * r['distilled_gap']:.2f} | {100 * r['student_accuracy']:.2f} | {100 * r['gap']:.2f} | "
                      f"{r['teacher_seconds']} + {r['student_seconds']} | {r['load'][0]:.2f} |")  # fmt: skip
+    rho = rank_correlation(rows)
+    if rho is not None:
+        lines += ["", f"Spearman's rho between the teacher's entropy and the fine-tuned gap: {rho:+.2f} (positive: the "
+                  "sparser the teacher, the smaller the gap)."]  # fmt: skip
     return [*lines, ""]
 
 

@@ -85,7 +85,7 @@ def row(label: str) -> dict[str, Any]:
 LATENCY_VARIANTS = ("W4A8: unpruned", "W4A8: quantize-then-prune (top attention)", "W4A8: SQAP (Hadamard + criteria)")
 
 
-def latency_row(rounds: int = 7, batch: int = 64) -> dict[str, Any]:
+def latency_row(rounds: int = 15, batch: int = 64) -> dict[str, Any]:
     """The W4A8 models stripped to float kernels (what eager PyTorch runs; the rotation folded back), unpruned and
     pruned, timed in interleaved rounds (each once per round in a random order; 5 forwards, 2 threads; run alone)."""
     models = {label: strip(build(CONFIGS[label])) for label in LATENCY_VARIANTS}
@@ -99,7 +99,7 @@ def latency_row(rounds: int = 7, batch: int = 64) -> dict[str, Any]:
             times[label].append(time_forward(models[label], example, runs=5, warmup=1, num_threads=2).median_ms)
     return {"latency_ms": {label: statistics.median(t) for label, t in times.items()},
             "range_over_median": {label: (max(t) - min(t)) / statistics.median(t) for label, t in times.items()},
-            "rounds": rounds, "threads": 2, "batch": batch}  # fmt: skip
+            "rounds": rounds, "threads": 2, "batch": batch, "cpu": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
 
 
 def page(rows: list[dict[str, Any]]) -> list[str]:
@@ -127,7 +127,8 @@ def page(rows: list[dict[str, Any]]) -> list[str]:
     if timing:
         lines += ["", f"Latency (`--only \"sqap latency\"`, alone): one forward of {timing['batch']} test images, the "
                   "W4A8 models stripped to float kernels (eager PyTorch has no 4-bit kernels here; the rotation folded "
-                  f"back), {timing['threads']} threads, {timing['rounds']} interleaved rounds, the median.", "",
+                  f"back), {timing['threads']} threads, {timing['rounds']} interleaved rounds, the median; CPU kernels "
+                  f"{timing.get('cpu', 'not recorded')}, 1-minute load {timing['load'][0]:.2f}.", "",
                   "| model | latency ms | speed-up | range / median |", "|---|---|---|---|"]  # fmt: skip
         ms = timing["latency_ms"]
         base = ms[LATENCY_VARIANTS[0]]
