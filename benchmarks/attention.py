@@ -45,6 +45,8 @@ def entries() -> list[Entry]:
 
     out += [(f"sqap: {label}", {"section": "sqap", "model": "vit", "variant": label}, {},
              functools.partial(sqap_rows.row, label)) for label in sqap_rows.CONFIGS]  # fmt: skip
+    out += [(f"sqap: {label}", {"section": "sqap-minilm", "model": "minilm", "variant": label}, {},
+             functools.partial(sqap_rows.minilm_row, label)) for label in sqap_rows.MINILM_CONFIGS]  # fmt: skip
     out.append(("sqap latency", {"section": "sqap-latency"}, {}, sqap_rows.latency_row))
     out += [(f"sparse teacher: keep {keep}", {"section": "sparse-teacher", "model": "vit", "variant": f"keep {keep}"}, {},
              functools.partial(sparse_teacher_rows.row, keep)) for keep in sparse_teacher_rows.RETAIN]  # fmt: skip

@@ -82,21 +82,59 @@ def row(label: str) -> dict[str, Any]:
     return out
 
 
+MINILM_AT = 2  # tokens dropped before layer 2 of 6
+MINILM_ROTATE = {"name": "hadamard", "where": {"include": ["*.attention.self.query", "*.attention.self.key",
+                                                           "*.attention.self.value"]}}  # fmt: skip
+
+
+def minilm_config(bits: str, variant: str) -> list[dict[str, Any]]:
+    methods = config(bits, variant)
+    for m in methods:
+        if m["name"] == "sqap":
+            m["at"] = MINILM_AT
+    return [MINILM_ROTATE if m["name"] == "hadamard" else m for m in methods]
+
+
+MINILM_CONFIGS: dict[str, list[dict[str, Any]]] = {
+    f"MiniLM {bits}: {variant}": minilm_config(bits, variant)
+    for bits in ("FP32", "W8A8")
+    for variant in VARIANTS
+    if BITS[bits] or not VARIANTS[variant][0]
+}
+
+
+def minilm_row(label: str) -> dict[str, Any]:
+    from common import load
+
+    model, task = load("minilm")
+    fp32 = task.evaluate(model)  # the first model evaluated is the cosine's FP32 reference
+    compress(model, [build_method(m) for m in MINILM_CONFIGS[label]], task.calibration)
+    return {**task.evaluate(model.eval()), "fp32_retrieval": fp32["retrieval"], "config": MINILM_CONFIGS[label]}
+
+
 LATENCY_VARIANTS = ("W4A8: unpruned", "W4A8: quantize-then-prune (top attention)", "W4A8: SQAP (Hadamard + criteria)")
+MINILM_LATENCY = ("MiniLM W8A8: unpruned", "MiniLM W8A8: SQAP (Hadamard + criteria)")
 
 
 def latency_row(rounds: int = 15, batch: int = 64) -> dict[str, Any]:
     """The W4A8 models stripped to float kernels (what eager PyTorch runs; the rotation folded back), unpruned and
     pruned, timed in interleaved rounds (each once per round in a random order; 5 forwards, 2 threads; run alone)."""
+    from common import load
+
     models = {label: strip(build(CONFIGS[label])) for label in LATENCY_VARIANTS}
-    example = load_fashion_mnist("test")[0][:batch]
+    examples = {label: load_fashion_mnist("test")[0][:batch] for label in LATENCY_VARIANTS}
+    for label in MINILM_LATENCY:
+        model, task = load("minilm")
+        compress(model, [build_method(m) for m in MINILM_CONFIGS[label]], task.calibration)
+        models[label], examples[label] = strip(model.eval()), task.example(32)
     times: dict[str, list[float]] = {label: [] for label in models}
     order = random.Random(0)
     for _ in range(rounds):
         labels = list(models)
         order.shuffle(labels)
         for label in labels:
-            times[label].append(time_forward(models[label], example, runs=5, warmup=1, num_threads=2).median_ms)
+            timing = time_forward(models[label], examples[label], runs=5, warmup=1, num_threads=2)
+            times[label].append(timing.median_ms)
     return {"latency_ms": {label: statistics.median(t) for label, t in times.items()},
             "range_over_median": {label: (max(t) - min(t)) / statistics.median(t) for label, t in times.items()},
             "rounds": rounds, "threads": 2, "batch": batch, "cpu": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
@@ -124,14 +162,26 @@ def page(rows: list[dict[str, Any]]) -> list[str]:
         fp = f"{100 * r['accuracy_fp32_criterion']:.2f}" if "accuracy_fp32_criterion" in r else "—"
         overlap = f"{r['kept_overlap']:.3f}" if "kept_overlap" in r else "—"
         lines.append(f"| {r['variant']} | {100 * r['accuracy']:.2f} | {fp} | {overlap} | {r['load'][0]:.2f} |")
+    text = [r for r in rows if r.get("section") == "sqap-minilm"]
+    if text:
+        lines += ["", f"all-MiniLM-L6-v2 (`ptq` calibrated on 128 docstring sentences): {KEEP:.0%} of the tokens after "
+                  f"[CLS] dropped before layer {MINILM_AT} of 6 by the [CLS] query's attention there (`PrunedEncoder`; "
+                  "the Hadamard rotation on the query / key / value inputs); mean pooling over the kept tokens. Cosine "
+                  "to the FP32 embeddings and recall@1 on the docstring pairs.", "",
+                  "| variant | cosine | recall@1 | load |", "|---|---|---|---|"]  # fmt: skip
+        for r in text:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | error: {r['error']} | | |")
+                continue
+            lines.append(f"| {r['variant']} | {r['cosine']:.4f} | {r['retrieval']:.4f} | {r['load'][0]:.2f} |")
     if timing:
         lines += ["", f"Latency (`--only \"sqap latency\"`, alone): one forward of {timing['batch']} test images, the "
                   "W4A8 models stripped to float kernels (eager PyTorch has no 4-bit kernels here; the rotation folded "
                   f"back), {timing['threads']} threads, {timing['rounds']} interleaved rounds, the median; CPU kernels "
-                  f"{timing.get('cpu', 'not recorded')}, 1-minute load {timing['load'][0]:.2f}.", "",
+                  f"{timing.get('cpu', 'not recorded')}; MiniLM: one forward of 32 sentences; 1-minute load {timing['load'][0]:.2f}.", "",
                   "| model | latency ms | speed-up | range / median |", "|---|---|---|---|"]  # fmt: skip
         ms = timing["latency_ms"]
-        base = ms[LATENCY_VARIANTS[0]]
         for label, value in ms.items():
+            base = ms[MINILM_LATENCY[0] if label.startswith("MiniLM") else LATENCY_VARIANTS[0]]
             lines.append(f"| {label} | {value:.1f} | {base / value:.2f}x | {timing['range_over_median'][label]:.2f} |")
     return [*lines, ""]

@@ -2122,6 +2122,22 @@ MUTANTS = [
         "tests/test_sqap.py",
     ),
     M(
+        "sqap",
+        "a text encoder's dropped positions filled with zeros instead of the kept tokens' mean",
+        "nn/encoder_tokens.py",
+        "out = mean.expand_as(full).clone()",
+        "out = torch.zeros_like(full)",
+        "tests/test_sqap.py",
+    ),
+    M(
+        "sqap",
+        "a text encoder's criterion read from the last token's query instead of [CLS]'s",
+        "nn/encoder_tokens.py",
+        "q = attention.query(hidden[:, :1]).view(b, 1, heads, size).transpose(1, 2)",
+        "q = attention.query(hidden[:, -1:]).view(b, 1, heads, size).transpose(1, 2)",
+        "tests/test_sqap.py",
+    ),
+    M(
         "hadamard",
         "the weight left unrotated (the input still rotated)",
         "nn/rotated.py",

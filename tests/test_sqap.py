@@ -109,7 +109,7 @@ def test_bad_input_is_named() -> None:
         validate_method({"name": "sqap", "keep": 0.0}, "methods.0")
     with pytest.raises(ValueError, match="methods.0.preserve"):
         validate_method({"name": "sqap", "preserve": 1.5}, "methods.0")
-    with pytest.raises(ValueError, match="token pruning needs a ViT"):
+    with pytest.raises(ValueError, match="TinyCNN .* has no self-attention blocks"):
         build_method({"name": "sqap"}).prepare(make_cnn())
     with pytest.raises(ValueError, match="at 5 — the model has 2 blocks"):
         build_method({"name": "sqap", "at": 5}).prepare(make_vit())
@@ -160,3 +160,53 @@ def test_the_criterion_can_be_read_from_another_block() -> None:
     assert kept_overlap(model, flipped, x) < 0.5
     before = model(x)
     assert torch.equal(model(x), before) and not list(model.blocks[1]._criterion)
+
+
+def test_a_text_encoder_drops_tokens_and_pools_only_the_kept_ones(tmp_path) -> None:
+    """MiniLM-style encoder (tiny BERT): the layers after ``at`` run on [CLS] plus the kept tokens (chosen among the
+    real ones, padding last); the masked mean over the returned sequence is the mean over the kept real tokens; the
+    checkpoint rebuilds the wrapper. With ``keep: 1`` the encoder computes exactly what it did unwrapped."""
+    pytest.importorskip("transformers")
+    from conftest import bert_batch, make_bert
+
+    batch = bert_batch(3, 12, seed=0)
+    batch["attention_mask"][1, 5:] = 0  # a padded sequence: 4 real tokens after [CLS], fewer than the 6 kept
+    full = make_bert(layers=3)
+    reference = full(**batch).last_hidden_state
+    same = make_bert(layers=3)
+    compress(same, [build_method({"name": "sqap", "keep": 1.0, "at": 1})], [batch])
+    torch.testing.assert_close(same(**batch).last_hidden_state, reference, atol=1e-5, rtol=1e-5)
+
+    model = make_bert(layers=3)
+    compress(model, [build_method({"name": "sqap", "keep": 0.5, "at": 1, "criterion": "top"})], [batch])
+    lengths: list[int] = []
+    model.encoder.encoder.layer[2].register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    out = model(**batch).last_hidden_state
+    assert lengths == [1 + round(0.5 * 11)] and out.shape == reference.shape
+    index = model.encoder.last_index
+    assert (index[:, 0] == 0).all() and index[1, 1:].tolist() == [1, 2, 3, 4, 5, 6]  # the 4 real ones, then padding
+    assert len(set(index[0].tolist())) == 7  # unpadded: [CLS] and 6 of the 11 others; the other 5 hold the mean
+    torch.testing.assert_close(out[0].mean(0), out[0][index[0]].mean(0))
+    assert not torch.allclose(out[0][index[0]].mean(0), reference[0].mean(0), atol=1e-3)  # pruning changed it
+    reloaded = load(save(model, tmp_path / "bert.safetensors"), make_bert(layers=3))
+    assert torch.equal(reloaded(**batch).last_hidden_state, out)
+
+
+def test_the_encoder_criterion_is_the_cls_querys_attention() -> None:
+    """criterion top keeps the tokens the [CLS] query of layer ``at`` attends most (computed here independently)."""
+    pytest.importorskip("transformers")
+    from conftest import bert_batch, make_bert
+
+    batch = bert_batch(2, 10, seed=3)
+    model = make_bert(layers=2)
+    seen: dict[str, torch.Tensor] = {}
+    model.encoder.layer[1].register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+    model(**batch)
+    attn = model.encoder.layer[1].attention.self
+    q = attn.query(seen["x"][:, :1]).view(2, 1, 2, 16).transpose(1, 2)
+    k = attn.key(seen["x"]).view(2, 10, 2, 16).transpose(1, 2)
+    weights = ((q @ k.transpose(-1, -2)) / 4.0).softmax(-1).mean(1)[:, 0, 1:]  # (2, 9) after [CLS]
+    expected = weights.topk(4, dim=1).indices.sort(dim=1).values + 1
+    compress(model, [build_method({"name": "sqap", "keep": 0.5, "at": 1, "criterion": "top"})], [batch])
+    model(**batch)
+    assert torch.equal(model.encoder.last_index[:, 1:], expected)

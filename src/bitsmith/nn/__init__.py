@@ -2,7 +2,8 @@
 :mod:`bitsmith.nn.quantized`), ``LowRankLinear`` / ``LowRankConv2d`` (two factors, :mod:`bitsmith.nn.low_rank`),
 ``QOutput`` / ``QInput`` (activation quantizers around a layer without weights, :mod:`bitsmith.nn.activation`),
 ``LSTMAttention`` (FAR's multi-head LSTM in place of an attention block, :mod:`bitsmith.nn.recurrent`),
-``PrunedBlock`` (a token scorer and merge in front of a block, :mod:`bitsmith.nn.tokens`),
+``PrunedBlock`` (a token scorer and merge in front of a block, :mod:`bitsmith.nn.tokens`), ``PrunedEncoder``
+(tokens dropped inside a BERT-style encoder, :mod:`bitsmith.nn.encoder_tokens`),
 ``RotatedLinear`` (a linear layer behind a Hadamard rotation of its input, :mod:`bitsmith.nn.rotated`),
 plus ``strip()`` back to plain torch modules and the registry that rebuilds them from a checkpoint."""
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from bitsmith.nn.activation import QInput, QOutput, QuantizedActivation
 from bitsmith.nn.base import COMPRESSED, as_linear, conv_args, embedding_args, is_hf_conv1d, register_compressed
+from bitsmith.nn.encoder_tokens import PrunedEncoder
 from bitsmith.nn.low_rank import LowRankConv2d, LowRankLinear, LowRankMixin
 from bitsmith.nn.quantized import QConv2d, QEmbedding, QLinear, QuantizedMixin
 from bitsmith.nn.recurrent import LSTMAttention
@@ -24,7 +26,7 @@ from bitsmith.swap import set_submodule
 
 __all__ = [
     "COMPRESSED", "LSTMAttention", "LowRankConv2d", "LowRankLinear", "LowRankMixin", "QConv2d", "QEmbedding", "QInput", "QLinear",
-    "PrunedBlock", "QOutput", "RotatedLinear", "QuantizedActivation", "QuantizedMixin", "as_linear", "build_compressed", "compressed_layers",
+    "PrunedBlock", "PrunedEncoder", "QOutput", "RotatedLinear", "QuantizedActivation", "QuantizedMixin", "as_linear", "build_compressed", "compressed_layers",
     "conv_args", "embedding_args", "is_compressed", "is_hf_conv1d", "register_compressed", "strip",
 ]  # fmt: skip
 

@@ -30,6 +30,7 @@ from pydantic import Field
 from torch import nn
 
 from bitsmith.method import Method, register_method
+from bitsmith.nn.encoder_tokens import PrunedEncoder
 from bitsmith.nn.tokens import PrunedBlock, TokenPruner
 from bitsmith.swap import set_submodule
 from bitsmith.topology.attention import attention_sites, vit_patch_tokens
@@ -41,6 +42,7 @@ class SQAP(Method):
     """Training-free token pruning inside a (quantized) ViT by quantization-aware attention criteria."""
 
     description = "SQAP-VLA: quantization-aware token pruning (top attention preserved, the rest sampled evenly)"
+    # a ViT's patch tokens (PrunedBlock) or a BERT-style encoder's tokens (PrunedEncoder)
 
     keep: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
     at: Annotated[int, Field(ge=0)] = 1
@@ -49,10 +51,12 @@ class SQAP(Method):
     protect: list[Annotated[int, Field(ge=0)]] = field(default_factory=list)
 
     def prepare(self, model: nn.Module) -> dict[str, dict[str, Any]]:
-        tokens = vit_patch_tokens(model)
         sites = attention_sites(model)
         if self.at >= len(sites):
             raise ValueError(f"sqap: at {self.at} — the model has {len(sites)} blocks; choose 0..{len(sites) - 1}")
+        if sites[0].returns_tuple:  # a Hugging Face encoder: its layers run behind a pruning wrapper
+            return self.prepare_encoder(model, sites[0].block.rsplit(".layer.", 1)[0])
+        tokens = vit_patch_tokens(model)
         keep = max(1, round(self.keep * tokens))
         bad = [i for i in self.protect if i >= tokens]
         if bad or len(set(self.protect)) != len(self.protect) or len(self.protect) > keep:
@@ -63,6 +67,14 @@ class SQAP(Method):
         wrapped = PrunedBlock(model.get_submodule(site.block), pruner)
         set_submodule(model, site.block, wrapped)
         return {site.block: wrapped.spec()}
+
+    def prepare_encoder(self, model: nn.Module, name: str) -> dict[str, dict[str, Any]]:
+        if self.protect:
+            raise ValueError(f"sqap: protect {self.protect[:8]} — fixed positions mean patches; a text encoder's "
+                             "sequences differ in length: remove protect")  # fmt: skip
+        wrapped = PrunedEncoder(model.get_submodule(name), self.at, self.keep, self.criterion, self.preserve)
+        set_submodule(model, name, wrapped)
+        return {name: wrapped.spec()}
 
 
 def kept_overlap(model: nn.Module, reference: nn.Module, images: torch.Tensor) -> float:
