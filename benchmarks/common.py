@@ -8,7 +8,7 @@ import json
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +123,13 @@ def peer_run(python: Path, script: str, model_dir: Path, task: Any, *args: str) 
         if done.returncode != 0:
             raise RuntimeError(f"{peer} failed: {done.stderr.strip().splitlines()[-1][:200]}")
         yield Path(tmp) / "out", json.loads((Path(tmp) / "out" / "timing.json").read_text())
+
+
+def table_rows(rows: list[dict[str, Any]], cells: Callable[[dict[str, Any]], list[str]], width: int) -> list[str]:
+    """Markdown table rows: ``cells(r)`` for a measured row; for a failed one its ``variant`` and its error, padded
+    to ``width`` columns."""
+    out = []
+    for r in rows:
+        values = [r["variant"], f"error: {r['error']}", *[""] * (width - 2)] if "error" in r else cells(r)
+        out.append("| " + " | ".join(values) + " |")
+    return out

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import torch
+from common import table_rows
 
 from bitsmith import build_method, compress, save
 from bitsmith import load as load_checkpoint
@@ -111,14 +112,11 @@ def page(rows: list[dict[str, Any]]) -> list[str]:
              "student top-1 (points), after distillation and after fine-tuning.", "",
              "| retained | teacher top-1 | entropy | top-4 mass | student distilled | gap | student fine-tuned | gap | "
              "train s (teacher + student) | load |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in done:
-        if "error" in r:
-            lines.append(f"| {r['variant']} | error: {r['error']} | | | | | | | | |")
-            continue
-        lines.append(f"| {r['keep']:.0%} | {100 * r['teacher_accuracy']:.2f} | {r['sparsity']['entropy']:.3f} | "
-                     f"{r['sparsity']['top_mass']:.3f} | {100 * r['distilled_accuracy']:.2f} | "
-                     f"{100 * r['distilled_gap']:.2f} | {100 * r['student_accuracy']:.2f} | {100 * r['gap']:.2f} | "
-                     f"{r['teacher_seconds']} + {r['student_seconds']} | {r['load'][0]:.2f} |")  # fmt: skip
+    lines += table_rows(done, lambda r: [
+        f"{r['keep']:.0%}", f"{100 * r['teacher_accuracy']:.2f}", f"{r['sparsity']['entropy']:.3f}",
+        f"{r['sparsity']['top_mass']:.3f}", f"{100 * r['distilled_accuracy']:.2f}", f"{100 * r['distilled_gap']:.2f}",
+        f"{100 * r['student_accuracy']:.2f}", f"{100 * r['gap']:.2f}", f"{r['teacher_seconds']} + {r['student_seconds']}",
+        f"{r['load'][0]:.2f}"], 10)  # fmt: skip
     rho = rank_correlation(rows)
     if rho is not None:
         lines += ["", f"Spearman's rho between the teacher's entropy and the fine-tuned gap: {rho:+.2f} (positive: the "

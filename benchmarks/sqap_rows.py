@@ -14,6 +14,7 @@ import statistics
 from typing import Any
 
 import torch
+from common import table_rows
 
 from bitsmith import build_method, compress
 from bitsmith.eval.latency import time_forward
@@ -155,13 +156,10 @@ def page(rows: list[dict[str, Any]]) -> list[str]:
              "by the FP32 block's attention; *overlap*: Jaccard overlap of the quantized and FP32 criteria's kept sets "
              "(first 2,000 test images). Top-1 on the 10,000 test images.", "",
              "| variant | top-1 | top-1, FP32 criterion | kept overlap | load |", "|---|---|---|---|---|"]  # fmt: skip
-    for r in done:
-        if "error" in r:
-            lines.append(f"| {r['variant']} | error: {r['error']} | | | |")
-            continue
-        fp = f"{100 * r['accuracy_fp32_criterion']:.2f}" if "accuracy_fp32_criterion" in r else "—"
-        overlap = f"{r['kept_overlap']:.3f}" if "kept_overlap" in r else "—"
-        lines.append(f"| {r['variant']} | {100 * r['accuracy']:.2f} | {fp} | {overlap} | {r['load'][0]:.2f} |")
+    lines += table_rows(done, lambda r: [
+        r["variant"], f"{100 * r['accuracy']:.2f}",
+        f"{100 * r['accuracy_fp32_criterion']:.2f}" if "accuracy_fp32_criterion" in r else "—",
+        f"{r['kept_overlap']:.3f}" if "kept_overlap" in r else "—", f"{r['load'][0]:.2f}"], 5)  # fmt: skip
     text = [r for r in rows if r.get("section") == "sqap-minilm"]
     if text:
         lines += ["", f"all-MiniLM-L6-v2 (`ptq` calibrated on 128 docstring sentences): {KEEP:.0%} of the tokens after "
@@ -169,11 +167,8 @@ def page(rows: list[dict[str, Any]]) -> list[str]:
                   "the Hadamard rotation on the query / key / value inputs); mean pooling over the kept tokens. Cosine "
                   "to the FP32 embeddings and recall@1 on the docstring pairs.", "",
                   "| variant | cosine | recall@1 | load |", "|---|---|---|---|"]  # fmt: skip
-        for r in text:
-            if "error" in r:
-                lines.append(f"| {r['variant']} | error: {r['error']} | | |")
-                continue
-            lines.append(f"| {r['variant']} | {r['cosine']:.4f} | {r['retrieval']:.4f} | {r['load'][0]:.2f} |")
+        lines += table_rows(text, lambda r: [r["variant"], f"{r['cosine']:.4f}", f"{r['retrieval']:.4f}",
+                                             f"{r['load'][0]:.2f}"], 4)  # fmt: skip
     if timing:
         lines += ["", f"Latency (`--only \"sqap latency\"`, alone): one forward of {timing['batch']} test images, the "
                   "W4A8 models stripped to float kernels (eager PyTorch has no 4-bit kernels here; the rotation folded "
