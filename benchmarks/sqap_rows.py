@@ -88,8 +88,8 @@ MINILM_ROTATE = {"name": "hadamard", "where": {"include": ["*.attention.self.que
                                                            "*.attention.self.value"]}}  # fmt: skip
 
 
-def minilm_config(bits: str, variant: str) -> list[dict[str, Any]]:
-    methods = config(bits, variant)
+def minilm_config(bits: str, variant: str, preserve: float = PRESERVE) -> list[dict[str, Any]]:
+    methods = config(bits, variant, preserve=preserve)
     for m in methods:
         if m["name"] == "sqap":
             m["at"] = MINILM_AT
@@ -102,6 +102,8 @@ MINILM_CONFIGS: dict[str, list[dict[str, Any]]] = {
     for variant in VARIANTS
     if BITS[bits] or not VARIANTS[variant][0]
 }
+MINILM_CONFIGS |= {f"MiniLM W8A8: SQAP, preserve {p}": minilm_config("W8A8", "SQAP (Hadamard + criteria)", p)
+                   for p in (0.5, 0.75)}  # fmt: skip
 
 
 def minilm_row(label: str) -> dict[str, Any]:
