@@ -210,3 +210,17 @@ def test_the_encoder_criterion_is_the_cls_querys_attention() -> None:
     compress(model, [build_method({"name": "sqap", "keep": 0.5, "at": 1, "criterion": "top"})], [batch])
     model(**batch)
     assert torch.equal(model.encoder.last_index[:, 1:], expected)
+
+
+def test_far_refuses_a_token_pruned_text_encoder() -> None:
+    """The encoder's layers are found behind the pruning wrapper, and FAR refuses them by name."""
+    pytest.importorskip("transformers")
+    from bitsmith.topology.attention import attention_sites
+    from conftest import bert_batch, make_bert
+
+    batch = bert_batch(2, 10, seed=1)
+    model = make_bert(layers=3)
+    compress(model, [build_method({"name": "sqap", "keep": 0.5, "at": 1, "criterion": "top"})], [batch])
+    assert [s.site for s in attention_sites(model)][2] == "encoder.encoder.layer.2.attention.self"
+    with pytest.raises(ValueError, match="far: this text encoder drops tokens"):
+        compress(model, [build_method({"name": "far", "blocks": [2], "distill_steps": 1})], [batch])

@@ -2,7 +2,7 @@
 per block, the block module, the attention module to replace, its width and heads, and how it is called.
 
 Two families: the zoo ViT (``blocks.{i}.attn``, or ``blocks.{i}.block.attn`` behind a token pruner; called with the normed tokens, returns a tensor) and Hugging Face
-BERT-style encoders (``encoder.layer.{i}.attention.self``, called with the hidden states and the attention mask,
+BERT-style encoders (``encoder.layer.{i}.attention.self``, or ``encoder.encoder.layer`` behind a token pruner; called with the hidden states and the attention mask,
 returns a tuple whose first item is the per-head context that ``attention.output`` projects)."""
 
 from __future__ import annotations
@@ -45,14 +45,22 @@ def _encoder_sites(model: nn.Module) -> list[AttentionSite]:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in ENCODER_TYPES:
         return []
-    prefix = next((p for p in ("", "bert.", "roberta.", "model.") if _has(model, p + "encoder.layer")), None)
-    if prefix is None:
+    layers = next(
+        (
+            p + e
+            for p in ("", "bert.", "roberta.", "model.")
+            for e in ("encoder.layer", "encoder.encoder.layer")
+            if _has(model, p + e)
+        ),
+        None,
+    )  # fmt: skip  (encoder.encoder: behind a token-pruning wrapper)
+    if layers is None:
         return []
     sites = []
-    for i, layer in enumerate(model.get_submodule(prefix + "encoder.layer")):
+    for i, layer in enumerate(model.get_submodule(layers)):
         attn = layer.attention.self
-        sites.append(AttentionSite(i, f"{prefix}encoder.layer.{i}", f"{prefix}encoder.layer.{i}.attention.self",
-                                   attn.query.in_features, attn.all_head_size, attn.num_attention_heads, True))  # fmt: skip
+        sites.append(AttentionSite(i, f"{layers}.{i}", f"{layers}.{i}.attention.self", attn.query.in_features,
+                                   attn.all_head_size, attn.num_attention_heads, True))  # fmt: skip
     return sites
 
 

@@ -46,6 +46,7 @@ from bitsmith.data import padding_mask
 from bitsmith.distill import OutputRecorder, first, frozen_copy, teacher_outputs
 from bitsmith.eval.attention import attention_sparsity
 from bitsmith.method import Method, eval_mode, register_method, run_forward
+from bitsmith.nn.encoder_tokens import PrunedEncoder
 from bitsmith.nn.recurrent import LSTMAttention, lstm_attention_params, real_lengths
 from bitsmith.nn.tokens import SELECTIONS
 from bitsmith.swap import set_submodule
@@ -107,6 +108,9 @@ class FAR(Method):
 
     def replace(self, model: nn.Module, sites: list[AttentionSite]) -> dict[str, dict[str, Any]]:
         """Put a fresh ``LSTMAttention`` in place of each of ``sites``."""
+        if any(isinstance(m, PrunedEncoder) for m in model.modules()):
+            raise ValueError("far: this text encoder drops tokens (sqap); distilling its layers behind the pruning is "
+                             "not supported (the block loss masks by the full sentences): prune after FAR, or a ViT")  # fmt: skip
         for site in sites:
             pruner = getattr(model.get_submodule(site.block), "pruner", None)
             if pruner is not None and pruner.mode in ("attention", *SELECTIONS):
