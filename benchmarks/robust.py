@@ -167,8 +167,9 @@ def autoattack_fields(
     """The standard AutoAttack and PGD-20 at ``AA_EPS`` on the same first ``AA_EXAMPLES`` test images, and the
     strongest (least accuracy) of the two: the robust number a table should quote. The images are attacked in chunks
     of ``AA_CHUNK``; each finished chunk (robust count, seconds) is saved through ``save`` and skipped when ``done``
-    (the row so far) already holds it, so an interrupted run resumes (a chunk's AutoAttack takes about 15 minutes of
-    one core)."""
+    (the row so far) already holds it, so an interrupted run resumes (a chunk's AutoAttack took 25 minutes of a shared
+    core). The bench cache does not outlive a session here, so chunks of different sessions attack the model trained
+    again from the same recipe and seed; each chunk records its clean count to show they agree."""
     _, _, xt, yt = data()
     out: dict[str, Any] = {k: v for k, v in done.items() if k.startswith("aa_")}
     for name in ("autoattack", "pgd"):
@@ -184,6 +185,7 @@ def autoattack_fields(
             chunks[str(start)] = {
                 "robust": round(robust * x.shape[0]),
                 "seconds": round(time.perf_counter() - began, 1),
+                "clean": round(accuracy(model, x, y) * x.shape[0]),
             }
             print(f"  {name} images {start}-{start + x.shape[0] - 1}: {chunks[str(start)]}", flush=True)
             save(out)
@@ -343,7 +345,13 @@ def write(rows: list[dict[str, Any]]) -> None:
 
 
 def aa_cells(r: dict[str, Any]) -> str:
+    """The AutoAttack, PGD and strongest cells; a row whose AutoAttack is under way shows its finished chunks."""
     keys = ("aa_subset_autoattack", "aa_subset_pgd", "aa_subset_strongest")
+    chunks = r.get("aa_chunks_autoattack", {})
+    if "aa_subset_autoattack" not in r and chunks:
+        robust = sum(c["robust"] for c in chunks.values())
+        return (f"not finished: {robust} of the first {len(chunks) * AA_CHUNK} robust ({len(chunks)} of "
+                f"{AA_EXAMPLES // AA_CHUNK} chunks) | |")  # fmt: skip
     return " | ".join(f"{100 * r[k]:.2f}" if k in r else "" for k in keys)
 
 
