@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from bitsmith.nn.base import register_compressed
-from bitsmith.nn.tokens import sqap_index, top_index
+from bitsmith.nn.tokens import SELECTIONS, select_index
 
 
 def real_tokens(mask: Tensor | None, hidden: Tensor) -> Tensor:
@@ -47,7 +47,7 @@ def choose(attention: Tensor, real: Tensor, keep: float, mode: str, preserve: fl
         length = int(real[row, 1:].sum())  # real tokens after [CLS] (right padding)
         take = min(count, length)
         scores = attention[row : row + 1, 1 : 1 + length]
-        picked = (top_index(scores, take) if mode == "top" else sqap_index(scores, take, preserve))[0] + 1
+        picked = select_index(scores, take, mode, preserve)[0] + 1
         pads = torch.arange(1 + length, 1 + length + count - take, device=attention.device)
         rows.append(torch.cat([torch.zeros(1, dtype=torch.long, device=attention.device), picked, pads]))
     return torch.stack(rows)  # (b, 1 + count)
@@ -70,8 +70,8 @@ class PrunedEncoder(nn.Module):
 
     def __init__(self, encoder: nn.Module, at: int, keep: float, mode: str = "sqap", preserve: float = 0.25) -> None:
         super().__init__()
-        if mode not in ("top", "sqap"):
-            raise ValueError(f"encoder token pruning mode {mode!r}: choose top or sqap")
+        if mode not in SELECTIONS:
+            raise ValueError(f"encoder token pruning mode {mode!r}: choose {' or '.join(sorted(SELECTIONS))}")
         self.encoder, self.at, self.keep, self.mode, self.preserve = encoder, at, keep, mode, preserve
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None,

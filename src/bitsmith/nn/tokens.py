@@ -70,6 +70,12 @@ def sqap_index(attention: Tensor, keep: int, preserve: float, protect: tuple[int
 SELECTIONS = {"top", "sqap"}
 
 
+def select_index(attention: Tensor, keep: int, mode: str, preserve: float, protect: tuple[int, ...] = ()) -> Tensor:
+    """The ``keep`` positions per row that ``mode`` chooses from ``attention``: :func:`top_index` (``top``) or
+    :func:`sqap_index` (``sqap``, with ``preserve`` and ``protect``)."""
+    return top_index(attention, keep) if mode == "top" else sqap_index(attention, keep, preserve, protect)
+
+
 class TokenPruner(nn.Module):
     """Reduces the patch tokens of ``x`` (batch x (1 + n) x d, class token first) to ``keep`` by ``mode``:
 
@@ -107,9 +113,7 @@ class TokenPruner(nn.Module):
         if self.mode in ("attention", *SELECTIONS) and block is None:
             raise ValueError(f"the {self.mode} pruner needs the block it precedes")
         if self.mode in SELECTIONS:
-            attention = class_attention(block, x)
-            index = (top_index(attention, self.keep) if self.mode == "top" else
-                     sqap_index(attention, self.keep, self.preserve, self.protect))  # fmt: skip
+            index = select_index(class_attention(block, x), self.keep, self.mode, self.preserve, self.protect)
             self.last_index = index  # the patches kept in the last call (an analysis read, not state)
             reduced = patches.gather(1, index[..., None].expand(-1, -1, patches.shape[-1]))
         elif self.mode == "attention":
