@@ -318,10 +318,10 @@ def fit(
                     method.after_step(model)
             state.step += 1
             loss_sum += loss.item() * y.shape[0]
-            if loss_fn is None and logits is None:  # an objective replaced the task loss: training top-1 of the
-                with torch.no_grad(), eval_mode(model):  # model's own output, in eval mode (batch norm statistics
-                    logits = model(x)  # not updated again)
-            if loss_fn is None:
+            if loss_fn is None:  # a classifier: training top-1
+                if logits is None:  # an objective replaced the task loss: the model's own output, in eval mode
+                    with torch.no_grad(), eval_mode(model):  # (batch norm statistics not updated again)
+                        logits = model(x)
                 correct += int((logits.argmax(1) == y).sum())
             seen += y.shape[0]
         loss_sum, correct, seen = distributed.sum_counts([loss_sum, correct, seen])

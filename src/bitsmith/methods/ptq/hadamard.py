@@ -46,7 +46,7 @@ class Hadamard(Method):
             if isinstance(module, QuantizedMixin):
                 raise ValueError(f"hadamard: layer {name!r} is already quantized; list hadamard before the "
                                  "quantizing method in `methods` (e.g. [hadamard, ptq])")  # fmt: skip
-            if type(module) is not nn.Linear or isinstance(module, RotatedLinear):
+            if type(module) is not nn.Linear:  # convolutions, and layers already rotated, stay
                 return module
             block = int(overrides.get("block", self.block)) or default_block(module.in_features)
             if block & (block - 1):
