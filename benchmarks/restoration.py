@@ -27,12 +27,12 @@ from bitsmith.eval.latency import time_forward
 from bitsmith.files import atomic_write_text
 from bitsmith.zoo import cache_dir
 from bitsmith.zoo.data import load_fashion_mnist
-from bitsmith.zoo.restorer import Restorer
+from bitsmith.zoo.restorer import ZOO_ARCH, Restorer
 from bitsmith.zoo.weather import WEATHERS, psnr, weathered
 
 ROWS = RESULTS / "restoration.json"
 TRAIN_EXAMPLES, EVAL_EXAMPLES, EPOCHS, BATCH, LR = 20_000, 2_000, 6, 128, 2e-3
-ARCH = {"width": 24, "blocks": 4, "ffn_ratio": 4}
+ARCH = ZOO_ARCH  # the restoration task's restorer too
 MOE = {"experts": 8, "top_k": 2}
 VARIANTS: dict[str, list[dict[str, Any]]] = {
     "dense FFN": [],

@@ -143,7 +143,6 @@ class GenerationKind(TaskKind):
         return load(saved.path, build_ddpm()).eval(), fp32, task  # type: ignore[return-value]
 
 
-RESTORER_ARCH = {"width": 24, "blocks": 4, "ffn_ratio": 4}
 RESTORATION_TRAIN = 20_000  # weathered training images
 
 
@@ -154,7 +153,7 @@ class RestorationKind(TaskKind):
     clean image), or a model of the user's (``model.factory`` with ``task: restoration``)."""
 
     order = 15
-    labelled = True  # (weathered, clean) pairs: train allowed; attacks are refused by the robust section's check
+    labelled = True  # (weathered, clean) pairs: train allowed; check() refuses attacks
     data_names = ("fashion-mnist-weathered",)
     own_data = False
     summary = "PSNR of an image restorer on weathered Fashion-MNIST (zoo restorer or model.factory); train allowed"
@@ -179,11 +178,11 @@ class RestorationKind(TaskKind):
 
             model = build_model(spec.factory, spec.kwargs, spec.weights)
         elif spec.name == RESTORER:
-            from bitsmith.zoo.restorer import Restorer
+            from bitsmith.zoo.restorer import ZOO_ARCH, Restorer
 
             with torch.random.fork_rng():
                 torch.manual_seed(data.seed)
-                model = Restorer(**RESTORER_ARCH).eval()
+                model = Restorer(**ZOO_ARCH).eval()
         else:
             refuse(f"model: the restoration task takes the zoo {RESTORER!r} or a model.factory, not {source[:200]}")
         eval_size = SMOKE["eval_size"] if smoke else (data.eval_size or 10_000)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+ZOO_ARCH = {"width": 24, "blocks": 4, "ffn_ratio": 4}  # the zoo restorer's size (the restoration task, the benchmark)
+
 
 class FeedForward(nn.Module):
     """``fc2(GELU(fc1(x)))`` over the last dimension: the block MoE methods swap."""
